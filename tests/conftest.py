@@ -1,0 +1,53 @@
+"""Session-wide real parts: one Kafka broker and one PAPI simulator process per test session."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import SimControl, write_accounts
+from worker.devstack import Broker, Process, start_broker, start_sim
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cancel-worker-tests-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def accounts_file(session_dir: Path) -> Path:
+    return write_accounts(session_dir / "secrets")
+
+
+@pytest.fixture(scope="session")
+def broker(session_dir: Path) -> Iterator[Broker]:
+    b = start_broker(session_dir / "kafka")
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def sim_process(accounts_file: Path) -> Iterator[tuple[Process, str]]:
+    proc, url = start_sim(accounts_file)
+    try:
+        yield proc, url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def sim(sim_process: tuple[Process, str]) -> Iterator[SimControl]:
+    control = SimControl(sim_process[1])
+    try:
+        yield control
+    finally:
+        control.configure(um_conditional_enabled=True, clock_skew_ms=0)
+        control.close()

@@ -1,0 +1,157 @@
+"""Helpers shared by the integration and end-to-end tests (no fakes: real broker, real sim)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from worker.contracts import result_validator
+from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
+from worker.timeutil import now_ms
+
+HMAC_ACCOUNTS = {f"desk-{i}": (f"key-desk-{i}-" + "k" * 40, f"secret-desk-{i}-" + "s" * 40)
+                 for i in range(5)}
+
+
+def write_accounts(directory: Path) -> Path:
+    """Five HMAC accounts, one Ed25519 and one RSA account (keys generated here)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    for alias, (key, secret) in HMAC_ACCOUNTS.items():
+        lines += [f"[accounts.{alias}]", f'api_key = "{key}"', f'secret = "{secret}"', ""]
+    ed = ed25519.Ed25519PrivateKey.generate()
+    rs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for alias, key in (("desk-ed", ed), ("desk-rsa", rs)):
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        (directory / f"{alias}.pem").write_bytes(pem)
+        (directory / f"{alias}.apikey").write_text(f"key-{alias}-" + "k" * 40 + "\n")
+        lines += [f"[accounts.{alias}]", f'api_key_file = "{alias}.apikey"',
+                  f'private_key_file = "{alias}.pem"', ""]
+    path = directory / "accounts.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+class SimControl:
+    """The simulator's /_sim control plane."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._http = httpx.Client(base_url=url, timeout=10)
+
+    def seed(self, orders: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        r = self._http.post("/_sim/orders", content=orjson.dumps({"orders": list(orders)}))
+        r.raise_for_status()
+        created: list[dict[str, Any]] = r.json()["orders"]
+        return created
+
+    def requests(self, since: int = 0) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self._http.get("/_sim/requests",
+                                                   params={"since": since}).json()["requests"]
+        return out
+
+    def last_seq(self) -> int:
+        last: int = self._http.get("/_sim/requests", params={"since": 1 << 62}).json()["last"]
+        return last
+
+    def cancels(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = self._http.get("/_sim/cancels").json()["cancels"]
+        return out
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        r = self._http.post("/_sim/config", content=orjson.dumps(changes))
+        r.raise_for_status()
+        out: dict[str, Any] = r.json()
+        return out
+
+    def close(self) -> None:
+        self._http.close()
+
+
+@dataclass
+class Topics:
+    commands: str
+    results: str
+    deadletter: str
+
+
+async def fresh_topics(bootstrap: str, partitions: int = 3) -> Topics:
+    tag = uuid.uuid4().hex[:10]
+    topics = Topics(f"cmd-{tag}", f"res-{tag}", f"dlq-{tag}")
+    await ensure_topics(bootstrap, {topics.commands: partitions, topics.results: partitions,
+                                    topics.deadletter: 1})
+    return topics
+
+
+def command(account: str, order: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A valid command cancelling a seeded order (as returned by SimControl.seed)."""
+    cmd: dict[str, Any] = {"command_id": extra.pop("command_id", f"c-{uuid.uuid4().hex[:20]}"),
+                           "account": account, "issued_at": now_ms()}
+    if order["kind"] == "algo":
+        cmd.update(market="UM", algo_id=order["algo_id"])
+    else:
+        cmd.update(market=order["market"], symbol=order["symbol"],
+                   strategy_id=order["strategy_id"])
+    cmd.update(extra)
+    return cmd
+
+
+async def produce(bootstrap: str, topic: str,
+                  records: Iterable[tuple[bytes | None, bytes | None]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                max_request_size=MAX_RECORD_BYTES, linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+async def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
+                  *, validate: bool = True) -> list[Any]:
+    """Read records from the start of ``topic`` until ``expected`` arrived (or time runs out)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, isolation_level="read_committed",
+                                max_partition_fetch_bytes=MAX_RECORD_BYTES)
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expected and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    if validate and topic.startswith("res-"):
+        validator = result_validator()
+        for record in out:
+            event = orjson.loads(record.value)
+            errors = list(validator.iter_errors(event))
+            assert not errors, f"result violates the schema: {errors[0].message} in {event}"
+    return out
+
+
+def events_of(records: Sequence[Any]) -> list[dict[str, Any]]:
+    return [orjson.loads(r.value) for r in records]
+
+
+def cancel_requests(sim: SimControl, since: int) -> list[dict[str, Any]]:
+    return [r for r in sim.requests(since) if r["method"] == "DELETE"]

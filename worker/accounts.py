@@ -1,0 +1,127 @@
+"""Per-account credentials from ``CANCEL_WORKER_ACCOUNTS_FILE`` (TOML).
+
+::
+
+    [accounts.desk-a]
+    api_key = "..."              # or api_key_file = "/run/secrets/desk-a/api_key"
+    secret = "..."               # HMAC; or secret_file = "..."
+
+    [accounts.desk-b]
+    api_key_file = "/run/secrets/desk-b/api_key"
+    private_key_file = "/run/secrets/desk-b/key.pem"   # Ed25519 or RSA, PKCS#8 PEM
+    private_key_passphrase_file = "/run/secrets/desk-b/pass"   # optional
+
+Values read from files are stripped of surrounding whitespace, so Kubernetes secret
+mounts work as they are. Secrets never appear in ``repr`` or in error messages.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+
+from worker.signing import Ed25519Signer, HmacSigner, RsaSigner, Signer
+
+
+class AccountsError(ValueError):
+    """The accounts file is missing, malformed or names a key that cannot be loaded."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    alias: str
+    api_key: str = field(repr=False)
+    signer: Signer
+    # Verification material, for the simulator: the HMAC secret or the public key.
+    hmac_secret: str | None = field(default=None, repr=False)
+    public_key: Ed25519PublicKey | RSAPublicKey | None = field(default=None, repr=False)
+
+    @property
+    def key_kind(self) -> str:
+        return self.signer.kind
+
+
+def _value(alias: str, entry: dict[str, Any], name: str, base: Path) -> str | None:
+    inline = entry.get(name)
+    from_file = entry.get(f"{name}_file")
+    if inline is not None and from_file is not None:
+        raise AccountsError(f"account {alias!r}: give {name} or {name}_file, not both")
+    if inline is not None:
+        if not isinstance(inline, str) or not inline.strip():
+            raise AccountsError(f"account {alias!r}: {name} must be a non-empty string")
+        return inline.strip()
+    if from_file is not None:
+        return _read(alias, name, base, from_file).decode("utf-8").strip()
+    return None
+
+
+def _read(alias: str, name: str, base: Path, path_value: object) -> bytes:
+    if not isinstance(path_value, str):
+        raise AccountsError(f"account {alias!r}: {name}_file must be a path string")
+    path = (base / path_value).expanduser()
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise AccountsError(f"account {alias!r}: cannot read {name}_file {path}: {exc.strerror}") from exc
+
+
+def _private_key_signer(
+    alias: str, pem: bytes, passphrase: str | None
+) -> tuple[Signer, Ed25519PublicKey | RSAPublicKey]:
+    try:
+        key = serialization.load_pem_private_key(
+            pem, password=passphrase.encode("utf-8") if passphrase else None
+        )
+    except (ValueError, TypeError) as exc:
+        # The library's message names the problem (bad decrypt, unsupported), never key bytes.
+        raise AccountsError(f"account {alias!r}: private key cannot be loaded: {exc}") from None
+    if isinstance(key, Ed25519PrivateKey):
+        return Ed25519Signer(key), key.public_key()
+    if isinstance(key, RSAPrivateKey):
+        return RsaSigner(key), key.public_key()
+    raise AccountsError(f"account {alias!r}: private key must be Ed25519 or RSA")
+
+
+def parse_accounts(data: dict[str, Any], base: Path) -> dict[str, Credentials]:
+    """Build credentials from parsed TOML; ``base`` resolves relative file paths."""
+    accounts = data.get("accounts")
+    if not isinstance(accounts, dict) or not accounts:
+        raise AccountsError("accounts file has no [accounts.<alias>] tables")
+    result: dict[str, Credentials] = {}
+    for alias, entry in accounts.items():
+        if not isinstance(entry, dict):
+            raise AccountsError(f"account {alias!r} must be a table")
+        api_key = _value(alias, entry, "api_key", base)
+        if not api_key:
+            raise AccountsError(f"account {alias!r}: api_key is required")
+        secret = _value(alias, entry, "secret", base)
+        pem_path = entry.get("private_key_file")
+        if (secret is None) == (pem_path is None):
+            raise AccountsError(f"account {alias!r}: give exactly one of secret or private_key_file")
+        if secret is not None:
+            result[alias] = Credentials(alias, api_key, HmacSigner(secret), hmac_secret=secret)
+            continue
+        pem = _read(alias, "private_key", base, pem_path)
+        passphrase = _value(alias, entry, "private_key_passphrase", base)
+        signer, public = _private_key_signer(alias, pem, passphrase)
+        result[alias] = Credentials(alias, api_key, signer, public_key=public)
+    return result
+
+
+def load_accounts(path: Path) -> dict[str, Credentials]:
+    """Read and parse the accounts file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AccountsError(f"cannot read accounts file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise AccountsError(f"accounts file {path} is not valid TOML: {exc}") from exc
+    return parse_accounts(data, path.parent)

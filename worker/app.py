@@ -1,0 +1,168 @@
+"""Wiring: settings → accounts → PAPI client → executor → Kafka → pipeline, with signals.
+
+Exit codes (``ExitCode``): 0 clean stop, 1 fatal runtime error (e.g. results could not be
+published), 2 configuration error, 3 forced stop (second signal during shutdown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+from collections.abc import Mapping
+
+from prometheus_client import start_http_server
+
+from worker.accounts import AccountsError, Credentials, load_accounts
+from worker.executor import CancelExecutor, RetryPolicy
+from worker.kafka_io import (
+    AtLeastOnceSink,
+    ConsumerSource,
+    PipelineRebalanceListener,
+    make_consumer,
+    make_producer,
+    missing_topics,
+)
+from worker.papi import PapiClient
+from worker.pipeline import Pipeline
+from worker.processor import CommandProcessor
+from worker.settings import Settings
+from worker.timeutil import now_ms
+
+log = logging.getLogger(__name__)
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FATAL = 1
+    CONFIG = 2
+    FORCED = 3
+
+
+class ConfigError(RuntimeError):
+    pass
+
+
+def policy_from(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        max_attempts=settings.max_attempts,
+        backoff_initial_s=settings.backoff_initial_s,
+        backoff_max_s=settings.backoff_max_s,
+        default_deadline_ms=settings.default_deadline_ms,
+        recv_window_ms=settings.recv_window_ms,
+    )
+
+
+def load_worker_accounts(settings: Settings) -> dict[str, Credentials]:
+    if settings.accounts_file is None:
+        raise ConfigError("CANCEL_WORKER_ACCOUNTS_FILE is not set")
+    try:
+        return load_accounts(settings.accounts_file)
+    except AccountsError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+class Worker:
+    """The running worker. ``async with Worker(...)`` starts Kafka and HTTP; ``run`` serves."""
+
+    def __init__(self, settings: Settings, accounts: Mapping[str, Credentials]) -> None:
+        self.settings = settings
+        self._accounts = accounts
+        self._client = PapiClient(
+            settings.papi_url, clock=now_ms, timeout_s=settings.http_timeout_s,
+            connect_timeout_s=settings.http_connect_timeout_s,
+            max_connections=settings.http_max_connections,
+        )
+        executor = CancelExecutor(self._client, accounts, policy_from(settings), now_ms)
+        self._processor = CommandProcessor(
+            executor, results_topic=settings.results_topic,
+            deadletter_topic=settings.deadletter_topic,
+            max_command_bytes=settings.max_command_bytes, clock=now_ms,
+        )
+        self._consumer = make_consumer(settings)
+        self._producer = make_producer(settings)
+        self.pipeline = Pipeline(
+            ConsumerSource(self._consumer), AtLeastOnceSink(self._producer, self._consumer),
+            self._processor, max_in_flight=settings.max_in_flight,
+            commit_interval_s=settings.commit_interval_ms / 1000,
+            shutdown_grace_s=settings.shutdown_grace_s,
+        )
+
+    async def __aenter__(self) -> Worker:
+        await self._producer.start()
+        try:
+            await self._consumer.start()
+            wanted = [self.settings.commands_topic, self.settings.results_topic,
+                      self.settings.deadletter_topic]
+            absent = await missing_topics(self._consumer, wanted)
+            if absent:
+                raise ConfigError(f"topic(s) missing on {self.settings.bootstrap_servers}: "
+                                  f"{', '.join(absent)} (create them, or run 'cancel-worker "
+                                  "check --create-topics')")
+            self._consumer.subscribe([self.settings.commands_topic],
+                                     listener=PipelineRebalanceListener(self.pipeline))
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        # Shutdown order: the pipeline has drained and committed in run(); close the
+        # consumer (leaves the group), then the producer (flushes), then HTTP.
+        with contextlib.suppress(Exception):
+            await self._consumer.stop()
+        with contextlib.suppress(Exception):
+            await self._producer.stop()
+        await self._client.aclose()
+
+    async def run(self) -> None:
+        await self.pipeline.run()
+
+    def stop(self) -> None:
+        self.pipeline.stop()
+
+
+async def serve(settings: Settings) -> ExitCode:
+    """Run until SIGTERM/SIGINT; a second signal exits at once with ``ExitCode.FORCED``."""
+    try:
+        accounts = load_worker_accounts(settings)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return ExitCode.CONFIG
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1")
+    loop = asyncio.get_running_loop()
+    try:
+        async with Worker(settings, accounts) as worker:
+            signals = 0
+
+            def on_signal(signame: str) -> None:
+                nonlocal signals
+                signals += 1
+                if signals == 1:
+                    log.info("%s: stopping (fetch stops, in-flight finish, commit)", signame)
+                    worker.stop()
+                else:
+                    log.error("%s again: exiting at once with code %d", signame, ExitCode.FORCED)
+                    os._exit(ExitCode.FORCED)
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal, sig.name)
+            log.info("worker started: group=%s commands=%s results=%s papi=%s accounts=%d",
+                     settings.group_id, settings.commands_topic, settings.results_topic,
+                     settings.papi_url, len(accounts))
+            await worker.run()
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return ExitCode.CONFIG
+    except Exception:
+        log.exception("worker stopped on a fatal error")
+        return ExitCode.FATAL
+    log.info("worker stopped cleanly")
+    return ExitCode.OK

@@ -1,0 +1,174 @@
+"""``cancel-worker``: run | sim | send | demo | check.
+
+Only this module configures logging handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from worker.settings import Settings, SettingsError, load_settings
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
+                                 "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def configure_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiokafka is chatty at INFO about routine group coordination.
+    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(os.environ, config, **overrides)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+config_option = click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+                             help="TOML settings file (environment variables override it).")
+
+
+@click.group()
+@click.version_option(package_name="cancel-worker")
+def cli() -> None:
+    """Cancel Binance Portfolio Margin conditional and algo orders from Kafka commands."""
+
+
+@cli.command()
+@config_option
+def run(config: Path | None) -> None:
+    """Run the worker until SIGTERM/SIGINT (a second signal exits at once, code 3)."""
+    from worker.app import serve  # noqa: PLC0415 - keeps `sim`/`send` start-up light
+
+    settings = _settings(config)
+    configure_logging(settings.log_level, settings.log_format)
+    sys.exit(int(asyncio.run(serve(settings))))
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int, help="0 picks a free port.")
+@click.option("--accounts", "accounts_file", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Accounts TOML (same format as the worker's): API keys and verification keys.")
+@click.option("--retire-um-conditional", is_flag=True,
+              help="Answer 404 on /papi/v1/um/conditional/*, as a retired route does.")
+@click.option("--clock-skew-ms", default=0, type=int, help="Simulator clock minus local clock.")
+@click.option("--log-level", default="INFO")
+def sim(host: str, port: int, accounts_file: Path, retire_um_conditional: bool,
+        clock_skew_ms: int, log_level: str) -> None:
+    """Serve the PAPI simulator."""
+    from worker.accounts import AccountsError  # noqa: PLC0415
+    from worker.sim.app import SimConfig  # noqa: PLC0415
+    from worker.sim.server import serve_forever  # noqa: PLC0415
+
+    configure_logging(log_level)
+    config = SimConfig(um_conditional_enabled=not retire_um_conditional,
+                       clock_skew_ms=clock_skew_ms)
+    try:
+        asyncio.run(serve_forever(accounts_file, host, port, config))
+    except AccountsError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command()
+@config_option
+@click.option("--json", "payload", help="The command as JSON (sent as given, even if invalid).")
+@click.option("--key", help="Record key (default: <account>:<symbol> from the command).")
+@click.option("--command-id")
+@click.option("--account")
+@click.option("--market", type=click.Choice(["UM", "CM"]))
+@click.option("--symbol")
+@click.option("--strategy-id", type=int)
+@click.option("--client-strategy-id")
+@click.option("--algo-id", type=int)
+@click.option("--client-algo-id")
+@click.option("--expires-in-ms", type=int, help="Set expires_at this far in the future.")
+@click.option("--reason")
+def send(config: Path | None, payload: str | None, key: str | None, **fields: Any) -> None:
+    """Publish one cancel command to the commands topic."""
+    from worker.send import build_command, publish  # noqa: PLC0415
+
+    settings = _settings(config)
+    if payload is not None:
+        value = payload.encode()
+        try:
+            obj = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            obj = {}
+    else:
+        try:
+            obj = build_command(**fields)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from exc
+        value = orjson.dumps(obj)
+    if key is None and isinstance(obj, dict):
+        key = f"{obj.get('account', '')}:{obj.get('symbol') or obj.get('market', '')}"
+    where = asyncio.run(publish(settings, key.encode() if key else None, value))
+    click.echo(f"sent to {where}: {value.decode(errors='replace')}")
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the broker's data dir afterwards.")
+@click.option("--verbose", is_flag=True, help="Echo the worker's and simulator's logs.")
+def demo(keep: bool, verbose: bool) -> None:
+    """Start a broker, the simulator and the worker; send a mixed batch; print the results."""
+    from worker.demo import run_demo  # noqa: PLC0415
+
+    configure_logging("WARNING")
+    sys.exit(run_demo(keep=keep, verbose=verbose))
+
+
+@cli.command()
+@config_option
+@click.option("--create-topics", is_flag=True, help="Create missing topics.")
+@click.option("--partitions", default=6, show_default=True, help="For --create-topics.")
+@click.option("--taxonomy", is_flag=True, help="Print the error taxonomy table and exit.")
+def check(config: Path | None, create_topics: bool, partitions: int, taxonomy: bool) -> None:
+    """Check settings, accounts and topics (optionally create the topics)."""
+    if taxonomy:
+        from worker.errors import taxonomy_markdown  # noqa: PLC0415
+
+        click.echo(taxonomy_markdown())
+        return
+    from worker.app import ConfigError, load_worker_accounts  # noqa: PLC0415
+    from worker.kafka_io import ensure_topics  # noqa: PLC0415
+
+    settings = _settings(config)
+    try:
+        accounts = load_worker_accounts(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"accounts: {', '.join(f'{a} ({c.key_kind})' for a, c in sorted(accounts.items()))}")
+    if create_topics:
+        topics = {settings.commands_topic: partitions, settings.results_topic: partitions,
+                  settings.deadletter_topic: 1}
+        asyncio.run(ensure_topics(settings.bootstrap_servers, topics))
+        click.echo(f"topics ready on {settings.bootstrap_servers}: {', '.join(topics)}")
+
+
+def main() -> None:
+    cli(prog_name="cancel-worker")

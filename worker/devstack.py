@@ -1,0 +1,148 @@
+"""Local parts for the demo and the tests: the Kafka broker script, simulator and worker
+processes. Everything binds to loopback on free ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+REPO = Path(__file__).resolve().parent.parent
+KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "kafka.sh"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Broker:
+    data_dir: Path
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        subprocess.run([str(KAFKA_SCRIPT), "stop", "--data-dir", str(self.data_dir)],  # noqa: S603
+                       check=False, capture_output=True)
+
+
+def start_broker(data_dir: Path, timeout_s: int = 180) -> Broker:
+    """Start a single-node KRaft broker with the project's script; returns once ready."""
+    broker = Broker(data_dir, free_port(), free_port())
+    result = subprocess.run(  # noqa: S603 - the project's own script
+        [str(KAFKA_SCRIPT), "start", "--port", str(broker.port), "--controller-port",
+         str(broker.controller_port), "--data-dir", str(data_dir), "--timeout", str(timeout_s)],
+        check=False, capture_output=True, text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"Kafka broker failed to start:\n{result.stderr[-4000:]}")
+    return broker
+
+
+class Process:
+    """A child process whose output is collected in the background (and echoed if asked)."""
+
+    def __init__(self, name: str, argv: list[str], env: Mapping[str, str] | None = None,
+                 echo: IO[str] | None = None) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self._echo = echo
+        self._ready = threading.Event()
+        self._ready_prefix: str | None = None
+        self.proc = subprocess.Popen(  # noqa: S603 - our own entry points
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})}, cwd=str(REPO), start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self._echo is not None:
+                self._echo.write(f"[{self.name}] {line}")
+            if self._ready_prefix and line.startswith(self._ready_prefix):
+                self._ready.set()
+
+    def wait_for_line(self, prefix: str, timeout_s: float) -> str:
+        self._ready_prefix = prefix
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if line.startswith(prefix):
+                    return line
+            if self.proc.poll() is not None:
+                break
+            self._ready.wait(0.05)
+        tail = "\n".join(self.lines[-40:])
+        raise RuntimeError(f"{self.name} did not print {prefix!r} in time; output:\n{tail}")
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+        self._close()
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns the exit code."""
+        self.signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            code = self.proc.wait()
+        self._close()
+        return code
+
+    def _close(self) -> None:
+        self._reader.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "worker", *args]
+
+
+def start_sim(accounts_file: Path, *extra: str, echo: IO[str] | None = None) -> tuple[Process, str]:
+    proc = Process("sim", cli_argv("sim", "--port", "0", "--accounts", str(accounts_file), *extra),
+                   echo=echo)
+    line = proc.wait_for_line("SIM_READY ", 30)
+    return proc, line.split(" ", 1)[1].strip()
+
+
+def start_worker(env: Mapping[str, str], echo: IO[str] | None = None) -> Process:
+    return Process("worker", cli_argv("run"), env=env, echo=echo)
+
+
+@contextlib.contextmanager
+def stopping(*procs: Process) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.stop()

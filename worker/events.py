@@ -1,0 +1,115 @@
+"""Building result events (pure). Shapes are fixed by schemas/result-event.schema.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from worker.commands import Command, InvalidCommand
+from worker.errors import FailureReason
+from worker.routes import Route
+
+SCHEMA_VERSION = 1
+CANCELED = "strategy.canceled"
+FAILED = "cancel.failed"
+_MSG_MAX = 1024
+_DETAIL_MAX = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a command was read."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+
+    def as_dict(self) -> dict[str, Any]:
+        key: str | None = None
+        if self.key is not None:
+            key = self.key.decode("utf-8", errors="backslashreplace")[:256]
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset, "key": key}
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeReply:
+    http_status: int
+    code: int | None
+    msg: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        msg = self.msg[:_MSG_MAX] if self.msg is not None else None
+        return {"http_status": self.http_status, "code": self.code, "msg": msg}
+
+
+def _common(
+    event_type: str,
+    subject: Command | InvalidCommand,
+    origin: Origin,
+    attempts: int,
+    received_at: int,
+    completed_at: int,
+) -> dict[str, Any]:
+    market = subject.market.value if subject.market is not None else None
+    is_command = isinstance(subject, Command)
+    return {
+        "type": event_type,
+        "schema_version": SCHEMA_VERSION,
+        "command_id": subject.command_id,
+        "account": subject.account,
+        "market": market,
+        "symbol": subject.symbol,
+        "origin": origin.as_dict(),
+        "attempts": attempts,
+        "received_at": received_at,
+        "completed_at": completed_at,
+        "command_reason": subject.reason if is_command else None,
+        "command_source": subject.source if is_command else None,
+    }
+
+
+def canceled(
+    command: Command,
+    origin: Origin,
+    route: Route,
+    strategy: dict[str, Any],
+    attempts: int,
+    received_at: int,
+    completed_at: int,
+) -> dict[str, Any]:
+    event = _common(CANCELED, command, origin, attempts, received_at, completed_at)
+    event["route"] = route.value
+    event["strategy"] = strategy
+    return event
+
+
+def failed(
+    subject: Command | InvalidCommand,
+    origin: Origin,
+    reason: FailureReason,
+    detail: str,
+    attempts: int,
+    received_at: int,
+    completed_at: int,
+    route: Route | None = None,
+    exchange: ExchangeReply | None = None,
+    order_status: str | None = None,
+    hint: str | None = None,
+) -> dict[str, Any]:
+    event = _common(FAILED, subject, origin, attempts, received_at, completed_at)
+    event.update(
+        reason=reason.value,
+        detail=detail[:_DETAIL_MAX],
+        route=route.value if route is not None else None,
+        exchange=exchange.as_dict() if exchange is not None else None,
+        order_status=order_status,
+        hint=hint,
+    )
+    return event
+
+
+def serialize(event: dict[str, Any]) -> bytes:
+    return orjson.dumps(event)

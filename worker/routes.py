@@ -1,0 +1,94 @@
+"""Choosing the PAPI route for a command and building its parameters (pure).
+
+=================  ==================================  ====================================
+route              cancel endpoint                     identified by
+=================  ==================================  ====================================
+``um_conditional``  DELETE /papi/v1/um/conditional/order  symbol + strategyId | newClientStrategyId
+``cm_conditional``  DELETE /papi/v1/cm/conditional/order  symbol + strategyId | newClientStrategyId
+``um_algo``         DELETE /papi/v1/um/algo/order         algoId | clientAlgoId (no symbol)
+=================  ==================================  ====================================
+
+The UM conditional route was deprecated on 2026-04-28 in favour of UM algo; when the
+exchange answers 404 on it the worker reports ``route_retired`` with :data:`RETIRED_HINTS`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from worker.commands import Command, Market
+
+
+class Route(enum.StrEnum):
+    UM_CONDITIONAL = "um_conditional"
+    CM_CONDITIONAL = "cm_conditional"
+    UM_ALGO = "um_algo"
+
+
+CANCEL_PATHS: dict[Route, str] = {
+    Route.UM_CONDITIONAL: "/papi/v1/um/conditional/order",
+    Route.CM_CONDITIONAL: "/papi/v1/cm/conditional/order",
+    Route.UM_ALGO: "/papi/v1/um/algo/order",
+}
+
+RETIRED_HINTS: dict[Route, str] = {
+    Route.UM_CONDITIONAL: (
+        "The UM conditional route is retired (deprecated 2026-04-28). Resend the cancel with "
+        "algo_id or client_algo_id instead of strategy_id/client_strategy_id, market UM: the "
+        "worker then uses DELETE /papi/v1/um/algo/order."
+    ),
+    Route.CM_CONDITIONAL: (
+        "The exchange no longer serves the CM conditional route at the configured PAPI_URL; "
+        "check CANCEL_WORKER_PAPI_URL and the exchange's change log."
+    ),
+    Route.UM_ALGO: (
+        "The exchange does not serve the UM algo route at the configured PAPI_URL; "
+        "check CANCEL_WORKER_PAPI_URL."
+    ),
+}
+
+MAX_RECV_WINDOW_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """An unsigned cancel: the signer adds timestamp and signature at send time."""
+
+    route: Route
+    method: str
+    path: str
+    params: tuple[tuple[str, str], ...]
+
+
+def choose_route(command: Command) -> Route:
+    """The route follows from the market and the kind of identifier."""
+    if command.algo_id is not None or command.client_algo_id is not None:
+        return Route.UM_ALGO
+    return Route.UM_CONDITIONAL if command.market is Market.UM else Route.CM_CONDITIONAL
+
+
+def plan_cancel(command: Command, recv_window_ms: int) -> CancelRequest:
+    """Build the cancel request for a validated command.
+
+    Only values the schema has already constrained reach the parameters; ``recv_window_ms``
+    is clamped to the exchange's 1..60000 range.
+    """
+    route = choose_route(command)
+    params: list[tuple[str, str]] = []
+    if route is Route.UM_ALGO:
+        if command.algo_id is not None:
+            params.append(("algoId", str(command.algo_id)))
+        else:
+            params.append(("clientAlgoId", str(command.client_algo_id)))
+    else:
+        if command.symbol is None:  # the schema guarantees it; guard the invariant anyway
+            raise ValueError("conditional cancel without symbol")
+        params.append(("symbol", command.symbol))
+        if command.strategy_id is not None:
+            params.append(("strategyId", str(command.strategy_id)))
+        else:
+            params.append(("newClientStrategyId", str(command.client_strategy_id)))
+    window = max(1, min(recv_window_ms, MAX_RECV_WINDOW_MS))
+    params.append(("recvWindow", str(window)))
+    return CancelRequest(route=route, method="DELETE", path=CANCEL_PATHS[route], params=tuple(params))

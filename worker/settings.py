@@ -1,0 +1,117 @@
+"""Frozen settings, read once at start-up.
+
+Every setting has an environment variable ``CANCEL_WORKER_<NAME>`` and may also come from a
+TOML file given with ``--config`` (keys in lower case, same names). Precedence, lowest first:
+defaults, the TOML file, the environment. Nothing else in the package reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "CANCEL_WORKER_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has a value of the wrong kind."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "cancel-worker"
+    commands_topic: str = "papi.cancel.commands"
+    results_topic: str = "papi.cancel.results"
+    deadletter_topic: str = "papi.cancel.deadletter"
+    client_id: str = "cancel-worker"
+    papi_url: str = "https://papi.binance.com"
+    time_url: str = "https://fapi.binance.com/fapi/v1/time"
+    accounts_file: Path | None = None
+    # Pipeline
+    max_in_flight: int = 256
+    max_command_bytes: int = 64 * 1024
+    commit_interval_ms: int = 200
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    max_poll_records: int = 500
+    shutdown_grace_s: float = 10.0
+    # HTTP and retries
+    http_timeout_s: float = 5.0
+    http_connect_timeout_s: float = 2.0
+    http_max_connections: int = 64
+    recv_window_ms: int = 5_000
+    max_attempts: int = 4
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+    default_deadline_ms: int = 30_000
+    # Observability
+    metrics_port: int = 0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def check(self) -> Settings:
+        """Raise :class:`SettingsError` for values no worker can run with."""
+        positive = ("max_in_flight", "max_command_bytes", "commit_interval_ms", "max_attempts",
+                    "recv_window_ms", "http_max_connections", "max_poll_records",
+                    "default_deadline_ms")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be positive")
+        if self.recv_window_ms > 60_000:
+            raise SettingsError(f"{ENV_PREFIX}RECV_WINDOW_MS must be at most 60000")
+        for name in ("papi_url", "time_url"):
+            if not str(getattr(self, name)).startswith(("http://", "https://")):
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be an http(s) URL")
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"{ENV_PREFIX}LOG_FORMAT must be text or json")
+        return self
+
+
+def _coerce(name: str, type_name: object, raw: object) -> object:
+    """Convert a TOML or environment value to the field's type (annotations are strings here)."""
+    label = f"{ENV_PREFIX}{name.upper()}"
+    if isinstance(raw, bool) or isinstance(raw, (dict, list)):
+        raise SettingsError(f"{label}: expected a scalar value")
+    text = str(raw).strip()
+    try:
+        if type_name == "int":
+            return int(text)
+        if type_name == "float":
+            return float(text)
+    except ValueError as exc:
+        raise SettingsError(f"{label}: cannot read {text[:40]!r} as {type_name}") from exc
+    if type_name == "Path | None":
+        return Path(text) if text else None
+    return text
+
+
+def load_settings(
+    environ: Mapping[str, str], config_file: Path | None = None, **overrides: object
+) -> Settings:
+    """Build settings from defaults, an optional TOML file, the environment, then overrides."""
+    values: dict[str, object] = {}
+    known = {f.name: f.type for f in fields(Settings)}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(config_file.read_text("utf-8"))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"cannot read config file {config_file}: {exc}") from exc
+        for key, raw in data.items():
+            name = key.lower()
+            if name not in known:
+                raise SettingsError(f"config file {config_file}: unknown setting {key!r}")
+            values[name] = _coerce(name, known[name], raw)
+    for key, raw in environ.items():
+        if key.startswith(ENV_PREFIX):
+            name = key[len(ENV_PREFIX):].lower()
+            if name in known:
+                values[name] = _coerce(name, known[name], raw)
+    for name, raw in overrides.items():
+        if raw is not None:
+            values[name] = _coerce(name, known[name], raw)
+    return dataclasses.replace(Settings(), **values).check()  # type: ignore[arg-type]

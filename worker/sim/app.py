@@ -1,0 +1,438 @@
+"""The simulator's HTTP surface (Starlette, served by uvicorn).
+
+PAPI routes (signed; API key, signature, timestamp and parameters checked in that order):
+
+* ``POST|DELETE /papi/v1/{um,cm}/conditional/order``, ``GET .../openOrder``, ``GET .../orderHistory``
+* ``POST|DELETE /papi/v1/um/algo/order``, ``GET /papi/v1/um/algo/algoOrder``
+* ``GET /papi/v1/ping`` and ``GET /fapi/v1/time`` (unsigned)
+
+Every answer carries ``X-MBX-USED-WEIGHT-1M``; order routes also ``X-MBX-ORDER-COUNT-1M``.
+A route switched off (``um_conditional_enabled = false``) answers 404 as a retired route does.
+
+Control routes under ``/_sim/`` (not part of PAPI) seed orders, read the request log and
+the book's ground truth, and change the configuration.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from worker.accounts import Credentials
+from worker.sim.auth import SignedParams, check_timestamp, split_signed, verify_signature
+from worker.sim.book import (
+    CONDITIONAL_TYPES,
+    NO_SUCH_ORDER,
+    AlgoOrder,
+    Book,
+    ConditionalOrder,
+    SimError,
+    decimal_str,
+)
+
+UM_SYMBOLS = frozenset({"BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT",
+                        "ADAUSDT", "LTCUSDT"})
+CM_SYMBOLS = frozenset({"BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP", "SOLUSD_PERP",
+                        "BTCUSD_261225", "ETHUSD_261225"})
+_CLIENT_ID = re.compile(r"[.A-Z:/a-z0-9_-]{1,36}")
+_ID = re.compile(r"[0-9]{1,19}")
+NOT_FOUND_HTML = b"<html><body><h2>404 Not found</h2></body></html>"
+
+
+@dataclass
+class SimConfig:
+    um_conditional_enabled: bool = True
+    clock_skew_ms: int = 0
+
+
+@dataclass
+class SimState:
+    accounts_by_key: dict[str, Credentials]
+    config: SimConfig = field(default_factory=SimConfig)
+    book: Book = field(default_factory=Book)
+    requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200_000))
+    request_seq: int = 0
+    weight_window: int = 0
+    weight_used: int = 0
+    order_windows: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def server_time(self) -> int:
+        return time.time_ns() // 1_000_000 + self.config.clock_skew_ms
+
+    def use_weight(self, weight: int) -> int:
+        minute = self.server_time() // 60_000
+        if minute != self.weight_window:
+            self.weight_window, self.weight_used = minute, 0
+        self.weight_used += weight
+        return self.weight_used
+
+    def count_order(self, account: str) -> int:
+        minute = self.server_time() // 60_000
+        window, used = self.order_windows.get(account, (minute, 0))
+        if window != minute:
+            window, used = minute, 0
+        self.order_windows[account] = (minute, used + 1)
+        return used + 1
+
+    def log(self, entry: dict[str, Any]) -> None:
+        self.request_seq += 1
+        entry["seq"] = self.request_seq
+        self.requests.append(entry)
+
+
+def _json(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
+                    headers=dict(headers or {}))
+
+
+def _error(exc: SimError, headers: Mapping[str, str]) -> Response:
+    return _json({"code": exc.code, "msg": exc.msg}, exc.status, headers)
+
+
+def _mandatory(params: Mapping[str, str], name: str) -> str:
+    value = params.get(name)
+    if not value:
+        raise SimError(400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, "
+                                   "or malformed.")
+    return value
+
+
+def _id_param(params: Mapping[str, str], name: str) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not _ID.fullmatch(value):
+        raise SimError(400, -1100, f"Illegal characters found in parameter '{name}'; legal range "
+                                   "is '^[0-9]{1,20}$'.")
+    return int(value)
+
+
+def _client_id_param(params: Mapping[str, str], name: str) -> str | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    if not _CLIENT_ID.fullmatch(value):
+        raise SimError(400, -1100, f"Illegal characters found in parameter '{name}'; legal range "
+                                   "is '^[\\.A-Z\\:/a-z0-9_-]{1,36}$'.")
+    return value
+
+
+def _symbol(params: Mapping[str, str], market: str) -> str:
+    symbol = _mandatory(params, "symbol")
+    if symbol not in (UM_SYMBOLS if market == "UM" else CM_SYMBOLS):
+        raise SimError(400, -1121, "Invalid symbol.")
+    return symbol
+
+
+def _bool_param(params: Mapping[str, str], name: str) -> bool:
+    value = params.get(name, "false").lower()
+    if value not in ("true", "false"):
+        raise SimError(400, -1100, f"Illegal characters found in parameter '{name}'.")
+    return value == "true"
+
+
+Handler = Callable[[SimState, Credentials, Mapping[str, str]], Response]
+
+
+# -- PAPI handlers ----------------------------------------------------------------------------
+
+def _conditional_ids(params: Mapping[str, str]) -> tuple[int | None, str | None]:
+    strategy_id = _id_param(params, "strategyId")
+    client_id = _client_id_param(params, "newClientStrategyId")
+    if strategy_id is None and client_id is None:
+        raise SimError(400, -1102, "Param 'strategyId' or 'newClientStrategyId' must be sent, "
+                                   "but both were empty/null!")
+    return strategy_id, client_id
+
+
+def conditional_new(market: str) -> Handler:
+    def handle(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+        symbol = _symbol(params, market)
+        side = _mandatory(params, "side")
+        if side not in ("BUY", "SELL"):
+            raise SimError(400, -1100, "Illegal characters found in parameter 'side'.")
+        strategy_type = _mandatory(params, "strategyType")
+        if strategy_type not in CONDITIONAL_TYPES:
+            raise SimError(400, -1116, "Invalid orderType.")
+        now = state.server_time()
+        client_id = _client_id_param(params, "newClientStrategyId")
+        strategy_id = state.book.next_id()
+        trailing = strategy_type == "TRAILING_STOP_MARKET"
+        order = ConditionalOrder(
+            account=creds.alias, market=market, strategy_id=strategy_id,
+            client_id=client_id or f"sim{strategy_id}", symbol=symbol, side=side,
+            strategy_type=strategy_type,
+            position_side=params.get("positionSide", "BOTH"),
+            orig_qty=decimal_str(params.get("quantity", "0"), "quantity"),
+            price=decimal_str(params.get("price", "0"), "price"),
+            stop_price=decimal_str(params.get("stopPrice", "0"), "stopPrice"),
+            activate_price=(decimal_str(params.get("activationPrice", "0"), "activationPrice")
+                            if trailing else None),
+            price_rate=(decimal_str(params.get("callbackRate", "0"), "callbackRate")
+                        if trailing else None),
+            time_in_force=params.get("timeInForce", "GTC"),
+            working_type=params.get("workingType", "CONTRACT_PRICE"),
+            reduce_only=_bool_param(params, "reduceOnly"),
+            price_protect=_bool_param(params, "priceProtect"),
+            book_time=now, update_time=now,
+        )
+        state.book.place_conditional(order)
+        body = order.as_strategy()
+        if market == "CM":
+            body["pair"] = symbol.split("_")[0]
+        return _json(body)
+
+    return handle
+
+
+def conditional_cancel(market: str) -> Handler:
+    def handle(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+        symbol = _symbol(params, market)
+        strategy_id, client_id = _conditional_ids(params)
+        order = state.book.cancel_conditional(creds.alias, market, symbol, strategy_id, client_id,
+                                              state.server_time())
+        return _json(order.as_strategy())
+
+    return handle
+
+
+def conditional_query(market: str, *, history: bool) -> Handler:
+    def handle(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+        symbol = _symbol(params, market)
+        strategy_id, client_id = _conditional_ids(params)
+        order = state.book.find_conditional(creds.alias, market, symbol, strategy_id, client_id)
+        if order is None or (order.status == "NEW") == history:
+            raise NO_SUCH_ORDER
+        return _json(order.as_strategy())
+
+    return handle
+
+
+def _algo_ids(params: Mapping[str, str]) -> tuple[int | None, str | None]:
+    algo_id = _id_param(params, "algoId")
+    client_id = _client_id_param(params, "clientAlgoId")
+    if algo_id is None and client_id is None:
+        raise SimError(400, -1102, "Param 'algoId' or 'clientAlgoId' must be sent, but both "
+                                   "were empty/null!")
+    return algo_id, client_id
+
+
+def algo_new(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+    if _mandatory(params, "algoType") != "CONDITIONAL":
+        raise SimError(400, -1100, "Illegal characters found in parameter 'algoType'.")
+    symbol = _symbol(params, "UM")
+    side = _mandatory(params, "side")
+    if side not in ("BUY", "SELL"):
+        raise SimError(400, -1100, "Illegal characters found in parameter 'side'.")
+    order_type = _mandatory(params, "type")
+    if order_type not in CONDITIONAL_TYPES:
+        raise SimError(400, -1116, "Invalid orderType.")
+    now = state.server_time()
+    algo_id = state.book.next_id()
+    client_id = _client_id_param(params, "clientAlgoId")
+    order = AlgoOrder(
+        account=creds.alias, algo_id=algo_id, client_algo_id=client_id or f"simalgo{algo_id}",
+        symbol=symbol, side=side, order_type=order_type,
+        position_side=params.get("positionSide", "BOTH"),
+        quantity=decimal_str(params.get("quantity", "0"), "quantity"),
+        price=decimal_str(params.get("price", "0"), "price"),
+        trigger_price=decimal_str(params.get("triggerPrice", "0"), "triggerPrice"),
+        time_in_force=params.get("timeInForce", "GTC"),
+        working_type=params.get("workingType", "CONTRACT_PRICE"),
+        reduce_only=_bool_param(params, "reduceOnly"),
+        price_protect=_bool_param(params, "priceProtect"),
+        close_position=_bool_param(params, "closePosition"),
+        create_time=now, update_time=now,
+    )
+    state.book.place_algo(order)
+    return _json(order.as_algo())
+
+
+def algo_cancel(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+    algo_id, client_id = _algo_ids(params)
+    state.book.cancel_algo(creds.alias, algo_id, client_id, state.server_time())
+    return _json({"complete": True})
+
+
+def algo_query(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+    algo_id, client_id = _algo_ids(params)
+    order = state.book.find_algo(creds.alias, algo_id, client_id)
+    if order is None:
+        raise NO_SUCH_ORDER
+    return _json(order.as_algo())
+
+
+# -- request pipeline -------------------------------------------------------------------------
+
+def signed_endpoint(state: SimState, handler: Handler, *, order_route: bool,
+                    um_conditional: bool = False
+                    ) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        weight = state.use_weight(1)
+        headers = {"X-MBX-USED-WEIGHT-1M": str(weight)}
+        entry: dict[str, Any] = {"method": request.method, "path": request.url.path,
+                                 "at": state.server_time(), "account": None, "params": None}
+        try:
+            response = await _handle_signed(request, state, handler, headers, entry,
+                                            order_route=order_route, um_conditional=um_conditional)
+        except SimError as exc:
+            response = _error(exc, headers)
+            entry["code"] = exc.code
+        entry["status"] = response.status_code
+        state.log(entry)
+        return response
+
+    return endpoint
+
+
+async def _handle_signed(request: Request, state: SimState, handler: Handler,
+                         headers: dict[str, str], entry: dict[str, Any], *,
+                         order_route: bool, um_conditional: bool) -> Response:
+    if um_conditional and not state.config.um_conditional_enabled:
+        return Response(NOT_FOUND_HTML, status_code=404, media_type="text/html", headers=headers)
+    api_key = request.headers.get("x-mbx-apikey")
+    if not api_key:
+        raise SimError(401, -2014, "API-key format invalid.")
+    creds = state.accounts_by_key.get(api_key)
+    if creds is None:
+        raise SimError(401, -2015, "Invalid API-key, IP, or permissions for action.")
+    entry["account"] = creds.alias
+    if order_route:
+        headers["X-MBX-ORDER-COUNT-1M"] = str(state.count_order(creds.alias))
+    body = await request.body()
+    signed: SignedParams = split_signed(request.scope.get("query_string", b""), body)
+    entry["params"] = signed.params
+    if not verify_signature(creds, signed):
+        raise SimError(400, -1022, "Signature for this request is not valid.")
+    check_timestamp(signed.params, state.server_time())
+    response = handler(state, creds, signed.params)
+    response.headers.update(headers)
+    return response
+
+
+def build_app(state: SimState) -> Starlette:
+    def signed(path: str, methods: dict[str, Handler], *, order: bool = False,
+               um_cond: bool = False) -> list[Route]:
+        return [Route(path, signed_endpoint(state, h, order_route=order and m != "GET",
+                                            um_conditional=um_cond), methods=[m])
+                for m, h in methods.items()]
+
+    async def ping(_: Request) -> Response:
+        return _json({}, headers={"X-MBX-USED-WEIGHT-1M": str(state.use_weight(1))})
+
+    async def server_time(_: Request) -> Response:
+        return _json({"serverTime": state.server_time()})
+
+    routes: list[Route] = [Route("/papi/v1/ping", ping), Route("/fapi/v1/time", server_time)]
+    for market in ("UM", "CM"):
+        base = f"/papi/v1/{market.lower()}/conditional"
+        um_cond = market == "UM"
+        routes += signed(f"{base}/order", {"POST": conditional_new(market),
+                                           "DELETE": conditional_cancel(market)},
+                         order=True, um_cond=um_cond)
+        routes += signed(f"{base}/openOrder", {"GET": conditional_query(market, history=False)},
+                         um_cond=um_cond)
+        routes += signed(f"{base}/orderHistory",
+                         {"GET": conditional_query(market, history=True)}, um_cond=um_cond)
+    routes += signed("/papi/v1/um/algo/order", {"POST": algo_new, "DELETE": algo_cancel},
+                     order=True)
+    routes += signed("/papi/v1/um/algo/algoOrder", {"GET": algo_query})
+    routes += control_routes(state)
+    return Starlette(routes=routes)
+
+
+# -- control plane ----------------------------------------------------------------------------
+
+def seed_order(state: SimState, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Place an order directly in the book (no signature), for tests and the demo."""
+    account = str(spec["account"])
+    now = state.server_time()
+    oid = state.book.next_id()
+    status = str(spec.get("status", "NEW"))
+    if spec.get("kind", "conditional") == "algo":
+        algo = AlgoOrder(account=account, algo_id=oid,
+                         client_algo_id=str(spec.get("client_algo_id") or f"simalgo{oid}"),
+                         symbol=str(spec.get("symbol", "BTCUSDT")), side=str(spec.get("side", "SELL")),
+                         order_type=str(spec.get("type", "STOP_MARKET")),
+                         quantity=str(spec.get("quantity", "0.010")),
+                         trigger_price=str(spec.get("trigger_price", "25000.10")),
+                         create_time=now, update_time=now, status=status)
+        state.book.place_algo(algo)
+        return {"kind": "algo", "algo_id": oid, "client_algo_id": algo.client_algo_id}
+    market = str(spec.get("market", "UM"))
+    symbol = str(spec.get("symbol", "BTCUSDT" if market == "UM" else "BTCUSD_PERP"))
+    strategy_type = str(spec.get("type", "STOP_MARKET"))
+    trailing = strategy_type == "TRAILING_STOP_MARKET"
+    order = ConditionalOrder(
+        account=account, market=market, strategy_id=oid,
+        client_id=str(spec.get("client_strategy_id") or f"sim{oid}"), symbol=symbol,
+        side=str(spec.get("side", "SELL")), strategy_type=strategy_type,
+        orig_qty=str(spec.get("quantity", "0.010")), price=str(spec.get("price", "0")),
+        stop_price=str(spec.get("stop_price", "25000.10")),
+        activate_price=str(spec.get("activate_price", "26000.5")) if trailing else None,
+        price_rate=str(spec.get("price_rate", "0.3")) if trailing else None,
+        book_time=now, update_time=now, status=status,
+    )
+    state.book.place_conditional(order)
+    return {"kind": "conditional", "market": market, "symbol": symbol, "strategy_id": oid,
+            "client_strategy_id": order.client_id}
+
+
+def control_routes(state: SimState) -> list[Route]:
+    async def health(_: Request) -> Response:
+        return _json({"ok": True})
+
+    async def seed(request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body())
+            created = [seed_order(state, spec) for spec in body["orders"]]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return _json({"error": f"bad seed request: {exc}"}, 400)
+        except SimError as exc:
+            return _json({"error": exc.msg}, 400)
+        return _json({"orders": created})
+
+    async def requests(request: Request) -> Response:
+        since = int(request.query_params.get("since", "0"))
+        return _json({"requests": [r for r in state.requests if r["seq"] > since],
+                      "last": state.request_seq})
+
+    async def cancels(_: Request) -> Response:
+        return _json({"cancels": [asdict(c) for c in state.book.cancels]})
+
+    async def orders(_: Request) -> Response:
+        return _json({
+            "conditional": [asdict(o) for o in state.book.conditional.values()],
+            "algo": [asdict(o) for o in state.book.algo.values()],
+        })
+
+    async def config(request: Request) -> Response:
+        if request.method == "POST":
+            try:
+                changes = orjson.loads(await request.body())
+                for name, value in changes.items():
+                    if not hasattr(state.config, name):
+                        return _json({"error": f"unknown setting {name}"}, 400)
+                    setattr(state.config, name, type(getattr(state.config, name))(value))
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+                return _json({"error": f"bad config: {exc}"}, 400)
+        return _json(asdict(state.config))
+
+    return [
+        Route("/_sim/health", health),
+        Route("/_sim/orders", seed, methods=["POST"]),
+        Route("/_sim/orders", orders, methods=["GET"]),
+        Route("/_sim/requests", requests),
+        Route("/_sim/cancels", cancels),
+        Route("/_sim/config", config, methods=["GET", "POST"]),
+    ]

@@ -1,0 +1,56 @@
+"""Running the simulator under uvicorn on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import uvicorn
+
+from worker.accounts import Credentials, load_accounts
+from worker.sim.app import SimConfig, SimState, build_app
+
+log = logging.getLogger(__name__)
+
+
+def state_from_accounts(accounts: Mapping[str, Credentials], config: SimConfig) -> SimState:
+    return SimState(accounts_by_key={c.api_key: c for c in accounts.values()}, config=config)
+
+
+@contextlib.asynccontextmanager
+async def running_sim(state: SimState, host: str = "127.0.0.1",
+                      port: int = 0) -> AsyncIterator[str]:
+    """Serve the simulator in this event loop; yields its base URL."""
+    config = uvicorn.Config(build_app(state), host=host, port=port, log_level="warning",
+                            access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    task = asyncio.create_task(server.serve(), name="papi-sim")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise RuntimeError("simulator exited during start-up")
+            await asyncio.sleep(0.01)
+        bound = server.servers[0].sockets[0].getsockname()
+        yield f"http://{bound[0]}:{bound[1]}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def serve_forever(accounts_file: Path, host: str, port: int, config: SimConfig) -> None:
+    state = state_from_accounts(load_accounts(accounts_file), config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_sim(state, host, port) as url:
+        print(f"SIM_READY {url}", flush=True)  # noqa: T201 - the line parents wait for
+        log.info("PAPI simulator listening on %s (accounts: %s)", url,
+                 ", ".join(sorted(c.alias for c in state.accounts_by_key.values())))
+        await stop.wait()
