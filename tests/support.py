@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from worker.app import Worker, load_worker_accounts
 from worker.contracts import result_validator
 from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
+from worker.settings import ENV_PREFIX, Settings
 from worker.timeutil import now_ms
 
 HMAC_ACCOUNTS = {f"desk-{i}": (f"key-desk-{i}-" + "k" * 40, f"secret-desk-{i}-" + "s" * 40)
@@ -123,16 +127,13 @@ async def produce(bootstrap: str, topic: str,
 async def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
                   *, validate: bool = True) -> list[Any]:
     """Read records from the start of ``topic`` until ``expected`` arrived (or time runs out)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+    # No group: the consumer reads every partition of the topic from the beginning.
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 enable_auto_commit=False, isolation_level="read_committed",
                                 max_partition_fetch_bytes=MAX_RECORD_BYTES)
     await consumer.start()
     out: list[Any] = []
     try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout_s
         while len(out) < expected and time.monotonic() < deadline:
             batches = await consumer.getmany(timeout_ms=200)
@@ -155,3 +156,43 @@ def events_of(records: Sequence[Any]) -> list[dict[str, Any]]:
 
 def cancel_requests(sim: SimControl, since: int) -> list[dict[str, Any]]:
     return [r for r in sim.requests(since) if r["method"] == "DELETE"]
+
+
+def worker_settings(bootstrap: str, topics: Topics, papi_url: str, accounts_file: Path,
+                    **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "group_id": f"grp-{uuid.uuid4().hex[:8]}",
+        "commands_topic": topics.commands,
+        "results_topic": topics.results,
+        "deadletter_topic": topics.deadletter,
+        "papi_url": papi_url,
+        "time_url": f"{papi_url}/fapi/v1/time",
+        "accounts_file": accounts_file,
+        "commit_interval_ms": 100,
+        "session_timeout_ms": 6000,
+        "heartbeat_interval_ms": 1000,
+    }
+    base.update(overrides)
+    return dataclasses.replace(Settings(), **base).check()
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """The same settings as CANCEL_WORKER_* variables, for a worker process."""
+    env = {f"{ENV_PREFIX}{f.name.upper()}": str(getattr(settings, f.name))
+           for f in dataclasses.fields(settings) if getattr(settings, f.name) is not None}
+    env[f"{ENV_PREFIX}LOG_LEVEL"] = "INFO"
+    return env
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
+    """The real worker, in this event loop, against the real broker and simulator."""
+    accounts = load_worker_accounts(settings)
+    async with Worker(settings, accounts) as worker:
+        task = asyncio.create_task(worker.run())
+        try:
+            yield worker
+        finally:
+            worker.stop()
+            await asyncio.wait_for(task, 60)

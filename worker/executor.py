@@ -143,7 +143,7 @@ class CancelExecutor:
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.max_attempts) | past_deadline,
-            wait=wait_exponential_jitter(initial=policy.backoff_initial_s, max=policy.backoff_max_s,
+            wait=wait_exponential_jitter(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s,
                                          jitter=policy.backoff_initial_s),
             retry=retry_if_exception(_is_retryable),
             before_sleep=note,
