@@ -17,17 +17,19 @@ P = TypeVar("P", bound=Hashable)
 
 
 class PartitionOffsets:
-    __slots__ = ("_committed", "_done", "_pending", "_position")
+    __slots__ = ("_committed", "_done", "_last", "_pending", "_position")
 
     def __init__(self) -> None:
         self._pending: deque[int] = deque()
         self._done: set[int] = set()
         self._position: int | None = None  # next offset to read after the completed prefix
         self._committed: int | None = None
+        self._last: int | None = None
 
     def track(self, offset: int) -> None:
-        if self._pending and offset <= self._pending[-1]:
-            raise ValueError(f"offset {offset} tracked out of order")
+        if self._last is not None and offset <= self._last:
+            raise ValueError(f"offset {offset} tracked out of order (last {self._last})")
+        self._last = offset
         self._pending.append(offset)
 
     def complete(self, offset: int) -> None:

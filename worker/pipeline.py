@@ -139,7 +139,13 @@ class Pipeline:
             self._slots.release()
             return
         part = (record.topic, record.partition)
-        self._tracker.track(part, record.offset)
+        try:
+            self._tracker.track(part, record.offset)
+        except ValueError:
+            # Delivered again without a rebalance (should not happen): it is already in hand.
+            log.warning("skipping %s[%d]@%d: already tracked", *part, record.offset)
+            self._slots.release()
+            return
         lane = (record.topic, record.partition, record.key)
         previous = self._lanes.get(lane)
         task = asyncio.create_task(self._process(record, previous), name=f"record-{record.offset}")

@@ -55,10 +55,35 @@ class SimConfig:
     clock_skew_ms: int = 0
 
 
+@dataclass(frozen=True)
+class Fault:
+    """One scripted answer for the next signed request.
+
+    ``apply``: run the real handler first (the book changes), then answer with the fault:
+    the exchange did the work but the client cannot know it.
+    """
+
+    status: int
+    code: int | None = None
+    msg: str = ""
+    apply: bool = False
+    retry_after_s: int | None = None
+
+    def response(self, headers: Mapping[str, str]) -> Response:
+        extra = dict(headers)
+        if self.retry_after_s is not None:
+            extra["Retry-After"] = str(self.retry_after_s)
+        if self.code is None:
+            return Response(self.msg.encode(), status_code=self.status, media_type="text/plain",
+                            headers=extra)
+        return _json({"code": self.code, "msg": self.msg}, self.status, extra)
+
+
 @dataclass
 class SimState:
     accounts_by_key: dict[str, Credentials]
     config: SimConfig = field(default_factory=SimConfig)
+    faults: deque[Fault] = field(default_factory=deque)
     book: Book = field(default_factory=Book)
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200_000))
     request_seq: int = 0
@@ -315,7 +340,15 @@ async def _handle_signed(request: Request, state: SimState, handler: Handler,
     if not verify_signature(creds, signed):
         raise SimError(400, -1022, "Signature for this request is not valid.")
     check_timestamp(signed.params, state.server_time())
+    entry["signature"] = signed.signature
+    fault = state.faults.popleft() if state.faults else None
+    if fault is not None and not fault.apply:
+        entry["fault"] = asdict(fault)
+        return fault.response(headers)
     response = handler(state, creds, signed.params)
+    if fault is not None:
+        entry["fault"] = asdict(fault)
+        return fault.response(headers)
     response.headers.update(headers)
     return response
 
@@ -416,6 +449,14 @@ def control_routes(state: SimState) -> list[Route]:
             "algo": [asdict(o) for o in state.book.algo.values()],
         })
 
+    async def faults(request: Request) -> Response:
+        try:
+            specs = orjson.loads(await request.body())["faults"]
+            state.faults.extend(Fault(**spec) for spec in specs)
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            return _json({"error": f"bad faults: {exc}"}, 400)
+        return _json({"queued": len(state.faults)})
+
     async def config(request: Request) -> Response:
         if request.method == "POST":
             try:
@@ -435,4 +476,5 @@ def control_routes(state: SimState) -> list[Route]:
         Route("/_sim/requests", requests),
         Route("/_sim/cancels", cancels),
         Route("/_sim/config", config, methods=["GET", "POST"]),
+        Route("/_sim/faults", faults, methods=["POST"]),
     ]

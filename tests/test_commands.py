@@ -1,0 +1,127 @@
+"""Decoding and validation of commands (pure)."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.commands import Command, InvalidCommand, Market, decode, encode
+from worker.contracts import command_validator
+
+BASE = {"command_id": "c-1", "account": "desk-a", "market": "UM", "symbol": "BTCUSDT",
+        "issued_at": 1795260543136}
+
+
+def _decode(**fields: object) -> Command | InvalidCommand:
+    return decode(orjson.dumps({**BASE, **fields}))
+
+
+def test_valid_conditional_command() -> None:
+    cmd = _decode(strategy_id=123, expires_at=1795260549999, reason="dd", source="eng")
+    assert cmd == Command("c-1", "desk-a", Market.UM, 1795260543136, symbol="BTCUSDT",
+                          strategy_id=123, expires_at=1795260549999, reason="dd", source="eng")
+
+
+def test_round_trip_through_encode() -> None:
+    cmd = _decode(client_strategy_id="abc/def:1")
+    assert isinstance(cmd, Command)
+    assert decode(encode(cmd)) == cmd
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"strategy_id": 1, "client_strategy_id": "a"}, "exactly one"),
+    ({"strategy_id": 1, "algo_id": 2}, "exactly one"),
+    ({}, "exactly one"),
+    ({"strategy_id": "1"}, "strategy_id"),
+    ({"strategy_id": 1.0}, "strategy_id"),
+    ({"strategy_id": True}, "strategy_id"),
+    ({"strategy_id": 0}, "strategy_id"),
+    ({"strategy_id": -5}, "strategy_id"),
+    ({"strategy_id": 1, "symbol": "BTCUSDT&strategyId=9"}, "symbol"),
+    ({"strategy_id": 1, "symbol": "BTC=USDT"}, "symbol"),
+    ({"strategy_id": 1, "symbol": "btcusdt"}, "symbol"),
+    ({"client_strategy_id": "a&b=c"}, "client_strategy_id"),
+    ({"client_strategy_id": "a b"}, "client_strategy_id"),
+    ({"strategy_id": 1, "market": "XM"}, "market"),
+    ({"algo_id": 1, "market": "CM"}, "market UM"),
+    ({"strategy_id": 1, "issued_at": "now"}, "issued_at"),
+    ({"strategy_id": 1, "command_id": ""}, "command_id"),
+    ({"strategy_id": 1, "command_id": "x" * 65}, "command_id"),
+    ({"strategy_id": 1, "account": "a=b"}, "account"),
+    ({"strategy_id": 1, "unexpected": 1}, "unknown field"),
+])
+def test_invalid_commands_explain_themselves(fields: dict[str, object], needle: str) -> None:
+    result = _decode(**fields)
+    assert isinstance(result, InvalidCommand)
+    assert needle in result.detail, result.detail
+    assert len(result.detail) <= 300
+
+
+def test_symbol_is_required_for_conditional_routes() -> None:
+    raw = orjson.dumps({k: v for k, v in BASE.items() if k != "symbol"} | {"strategy_id": 1})
+    result = decode(raw)
+    assert isinstance(result, InvalidCommand) and "symbol" in result.detail
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"not json", b"\xff\xfe\x00", b"[1,2]", b"null", b"42", b'"str"',
+    b'{"command_id": "c-1"', b"{" * 5000, b'{"a": NaN}',
+])
+def test_undecodable_records(raw: bytes) -> None:
+    result = decode(raw)
+    assert isinstance(result, InvalidCommand)
+    assert result.command_id is None
+
+
+def test_null_value_and_oversized_payload() -> None:
+    assert isinstance(decode(None), InvalidCommand)
+    big = orjson.dumps({**BASE, "strategy_id": 1, "reason": "x" * 1_000_000})
+    result = decode(big)
+    assert isinstance(result, InvalidCommand)
+    assert "exceeds" in result.detail
+
+
+def test_salvaged_fields_are_only_well_formed_ones() -> None:
+    result = _decode(strategy_id="1", command_id="ok-id", account="a&b", symbol="BTC&")
+    assert isinstance(result, InvalidCommand)
+    assert result.command_id == "ok-id"
+    assert result.account is None and result.symbol is None
+    assert result.market is Market.UM
+
+
+def test_huge_value_is_not_echoed_in_detail() -> None:
+    result = _decode(strategy_id=1, symbol="A" * 100_000)
+    assert isinstance(result, InvalidCommand)
+    assert len(result.detail) <= 300
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10),
+                                                                      children, max_size=4),
+    max_leaves=12,
+)
+field_names = st.sampled_from(["command_id", "account", "market", "symbol", "strategy_id",
+                               "client_strategy_id", "algo_id", "client_algo_id", "issued_at",
+                               "expires_at", "reason", "source"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(field_names, json_values | st.sampled_from(
+    ["UM", "CM", "BTCUSDT", "c-1", 5, 1795260543136]), max_size=8))
+def test_decode_agrees_with_the_schema(obj: dict[str, object]) -> None:
+    """The code accepts exactly what the schema accepts, and never builds from junk."""
+    result = decode(orjson.dumps(obj))
+    assert isinstance(result, Command) == command_validator().is_valid(obj)
+    if isinstance(result, Command):
+        ids = [result.strategy_id, result.client_strategy_id, result.algo_id,
+               result.client_algo_id]
+        assert sum(i is not None for i in ids) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_decode_never_raises_on_bytes(raw: bytes) -> None:
+    assert isinstance(decode(raw), Command | InvalidCommand)

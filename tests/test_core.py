@@ -1,0 +1,209 @@
+"""Pure core: routes, normalization, offsets, taxonomy, settings, accounts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from worker import normalize
+from worker.accounts import AccountsError, load_accounts
+from worker.commands import Command, Market
+from worker.errors import (
+    TAXONOMY,
+    Disposition,
+    ExchangeError,
+    FailureReason,
+    TransportError,
+    classify,
+    taxonomy_markdown,
+)
+from worker.offsets import OffsetTracker, PartitionOffsets
+from worker.routes import Route, choose_route, plan_cancel
+from worker.settings import SettingsError, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- routes ---------------------------------------------------------------------------------
+
+def test_routes_follow_market_and_identifier() -> None:
+    um = Command("c", "a", Market.UM, 1, symbol="BTCUSDT", strategy_id=5)
+    cm = Command("c", "a", Market.CM, 1, symbol="BTCUSD_PERP", client_strategy_id="x/y")
+    algo = Command("c", "a", Market.UM, 1, symbol="BTCUSDT", client_algo_id="q")
+    assert choose_route(um) is Route.UM_CONDITIONAL
+    assert plan_cancel(um, 5000).params == (("symbol", "BTCUSDT"), ("strategyId", "5"),
+                                            ("recvWindow", "5000"))
+    assert plan_cancel(um, 5000).path == "/papi/v1/um/conditional/order"
+    assert plan_cancel(cm, 5000).path == "/papi/v1/cm/conditional/order"
+    assert plan_cancel(cm, 5000).params[1] == ("newClientStrategyId", "x/y")
+    req = plan_cancel(algo, 99_999)
+    assert req.route is Route.UM_ALGO and req.path == "/papi/v1/um/algo/order"
+    assert req.params == (("clientAlgoId", "q"), ("recvWindow", "60000"))  # no symbol, clamped
+    assert req.method == "DELETE"
+
+
+# -- normalization --------------------------------------------------------------------------
+
+def test_normalize_keeps_decimal_strings_and_drops_junk() -> None:
+    obj = {"strategyId": 9, "strategyStatus": "CANCELED", "origQty": "0.0100",
+           "price": 1.5, "stopPrice": "1e5", "activatePrice": 7, "side": "SELL",
+           "positionSide": "SIDEWAYS", "reduceOnly": "true", "bookTime": -1,
+           "selfTradePreventionMode": "EXPIRE_TAKER", "goodTillDate": 5, "priceMatch": "NONE"}
+    um = normalize.from_strategy_object(obj, Route.UM_CONDITIONAL)
+    assert um["orig_qty"] == "0.0100"
+    assert um["price"] is None  # a float is never turned into money
+    assert um["stop_price"] is None
+    assert um["activate_price"] == "7"
+    assert um["position_side"] is None and um["reduce_only"] is None and um["book_time"] is None
+    assert um["self_trade_prevention_mode"] == "EXPIRE_TAKER"
+    cm = normalize.from_strategy_object(obj, Route.CM_CONDITIONAL)
+    assert cm["self_trade_prevention_mode"] is None and cm["good_till_date"] is None
+    assert set(um) == set(normalize.STRATEGY_FIELDS)
+
+
+# -- offsets --------------------------------------------------------------------------------
+
+def test_commit_position_never_passes_an_unfinished_record() -> None:
+    part = PartitionOffsets()
+    for off in (10, 11, 12, 13):
+        part.track(off)
+    part.complete(12)
+    assert part.uncommitted_position() is None
+    part.complete(10)
+    assert part.uncommitted_position() == 11
+    part.mark_committed(11)
+    assert part.uncommitted_position() is None
+    part.complete(11)
+    assert part.uncommitted_position() == 13
+    part.complete(13)
+    assert part.uncommitted_position() == 14 and part.in_flight == 0
+    with pytest.raises(ValueError, match="out of order"):
+        part.track(5)
+
+
+def test_tracker_per_partition_and_drop() -> None:
+    tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
+    tracker.track(("t", 0), 0)
+    tracker.track(("t", 1), 0)
+    tracker.complete(("t", 1), 0)
+    assert tracker.to_commit() == {("t", 1): 1}
+    tracker.drop([("t", 0)])
+    tracker.complete(("t", 0), 0)  # late completion of a revoked partition is ignored
+    assert tracker.to_commit() == {("t", 1): 1}
+
+
+# -- taxonomy -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("status", "code", "msg", "disposition", "reason"), [
+    (400, -1021, "Timestamp outside", Disposition.RETRYABLE, FailureReason.REJECTED),
+    (400, -1022, "Signature", Disposition.TERMINAL, FailureReason.AUTH),
+    (401, -2015, "Invalid API-key", Disposition.TERMINAL, FailureReason.AUTH),
+    (400, -2011, "Unknown order sent.", Disposition.TERMINAL, FailureReason.NOT_FOUND),
+    (400, -1102, "Mandatory", Disposition.TERMINAL, FailureReason.REJECTED),
+    (429, -1003, "Too many", Disposition.RETRYABLE, FailureReason.RATE_LIMITED),
+    (418, -1003, "banned until", Disposition.RETRYABLE, FailureReason.RATE_LIMITED),
+    (400, -1006, "unknown", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
+    (503, None, "Service Unavailable", Disposition.RETRYABLE, FailureReason.EXCHANGE_UNAVAILABLE),
+    (503, None, "Unknown error, please check your request", Disposition.AMBIGUOUS,
+     FailureReason.OUTCOME_UNKNOWN),
+    (502, None, "Bad Gateway", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
+    (404, None, "Not Found", Disposition.TERMINAL, FailureReason.ROUTE_RETIRED),
+    (403, None, "", Disposition.TERMINAL, FailureReason.REJECTED),
+    (400, -4999, "new code", Disposition.TERMINAL, FailureReason.REJECTED),
+])
+def test_classify(status: int, code: int | None, msg: str, disposition: Disposition,
+                  reason: FailureReason) -> None:
+    rule = classify(status, code, msg)
+    assert (rule.disposition, rule.reason) == (disposition, reason)
+    err = ExchangeError(status, code, msg)
+    assert err.retryable == (disposition is Disposition.RETRYABLE)
+    assert err.ambiguous == (disposition is Disposition.AMBIGUOUS)
+
+
+def test_transport_errors_split_on_whether_the_request_was_written() -> None:
+    assert TransportError("x", written=False).retryable
+    assert TransportError("x", written=True).ambiguous
+
+
+def test_readme_taxonomy_table_matches_the_code() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert taxonomy_markdown() in readme
+    assert len(TAXONOMY) == len(re.findall(r"^\| .+ \| (retryable|terminal|ambiguous) \|",
+                                           readme, re.MULTILINE))
+
+
+# -- settings -------------------------------------------------------------------------------
+
+def test_settings_precedence_env_over_file(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text('group_id = "from-file"\nmax_in_flight = 7\n')
+    env = {"CANCEL_WORKER_GROUP_ID": "from-env", "UNRELATED": "x"}
+    s = load_settings(env, config)
+    assert s.group_id == "from-env" and s.max_in_flight == 7
+
+
+@pytest.mark.parametrize(("env", "needle"), [
+    ({"CANCEL_WORKER_MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
+    ({"CANCEL_WORKER_MAX_IN_FLIGHT": "0"}, "positive"),
+    ({"CANCEL_WORKER_RECV_WINDOW_MS": "70000"}, "60000"),
+    ({"CANCEL_WORKER_PAPI_URL": "ftp://x"}, "PAPI_URL"),
+])
+def test_bad_settings_are_named(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(SettingsError, match=needle):
+        load_settings(env)
+
+
+def test_unknown_key_in_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text("max_inflight = 7\n")
+    with pytest.raises(SettingsError, match="unknown setting"):
+        load_settings({}, config)
+
+
+# -- accounts -------------------------------------------------------------------------------
+
+def test_accounts_from_inline_values_and_mounted_files(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    (tmp_path / "apikey").write_text("mounted-key\n")
+    (tmp_path / "secret").write_text("mounted-secret\n")
+    (tmp_path / "a.toml").write_text(
+        '[accounts.one]\napi_key = "k1"\nsecret = "s1"\n'
+        '[accounts.two]\napi_key_file = "apikey"\nprivate_key_file = "k.pem"\n'
+        '[accounts.three]\napi_key = "k3"\nsecret_file = "secret"\n')
+    accounts = load_accounts(tmp_path / "a.toml")
+    assert accounts["one"].key_kind == "hmac"
+    assert accounts["two"].key_kind == "ed25519" and accounts["two"].api_key == "mounted-key"
+    assert accounts["three"].hmac_secret == "mounted-secret"
+    assert "s1" not in repr(accounts["one"]) and "k1" not in repr(accounts["one"])
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("", "no [accounts"),
+    ('[accounts.x]\nsecret = "s"\n', "api_key is required"),
+    ('[accounts.x]\napi_key = "k"\n', "exactly one of secret"),
+    ('[accounts.x]\napi_key = "k"\nsecret = "topsecret"\nprivate_key_file = "p"\n',
+     "exactly one of secret"),
+    ('[accounts.x]\napi_key = "k"\nprivate_key_file = "missing.pem"\n', "cannot read"),
+    ('[accounts.x]\napi_key = "k"\nsecret = "topsecret"\nsecret_file = "f"\n', "not both"),
+    ("not toml [", "not valid TOML"),
+])
+def test_bad_accounts_files_fail_clearly_without_leaking(tmp_path: Path, text: str,
+                                                         needle: str) -> None:
+    (tmp_path / "a.toml").write_text(text)
+    with pytest.raises(AccountsError, match=re.escape(needle)) as info:
+        load_accounts(tmp_path / "a.toml")
+    assert "topsecret" not in str(info.value)
+
+
+def test_garbage_private_key_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "p.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    (tmp_path / "a.toml").write_text('[accounts.x]\napi_key = "k"\nprivate_key_file = "p.pem"\n')
+    with pytest.raises(AccountsError, match="cannot be loaded"):
+        load_accounts(tmp_path / "a.toml")
