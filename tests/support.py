@@ -24,8 +24,9 @@ from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
 from worker.settings import ENV_PREFIX, Settings
 from worker.timeutil import now_ms
 
-HMAC_ACCOUNTS = {f"desk-{i}": (f"key-desk-{i}-" + "k" * 40, f"secret-desk-{i}-" + "s" * 40)
-                 for i in range(5)}
+HMAC_ACCOUNTS = {
+    f"desk-{i}": (f"key-desk-{i}-" + "k" * 40, f"secret-desk-{i}-" + "s" * 40) for i in range(5)
+}
 
 
 def write_accounts(directory: Path) -> Path:
@@ -37,12 +38,19 @@ def write_accounts(directory: Path) -> Path:
     ed = ed25519.Ed25519PrivateKey.generate()
     rs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     for alias, key in (("desk-ed", ed), ("desk-rsa", rs)):
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
         (directory / f"{alias}.pem").write_bytes(pem)
         (directory / f"{alias}.apikey").write_text(f"key-{alias}-" + "k" * 40 + "\n")
-        lines += [f"[accounts.{alias}]", f'api_key_file = "{alias}.apikey"',
-                  f'private_key_file = "{alias}.pem"', ""]
+        lines += [
+            f"[accounts.{alias}]",
+            f'api_key_file = "{alias}.apikey"',
+            f'private_key_file = "{alias}.pem"',
+            "",
+        ]
     path = directory / "accounts.toml"
     path.write_text("\n".join(lines))
     return path
@@ -62,8 +70,9 @@ class SimControl:
         return created
 
     def requests(self, since: int = 0) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = self._http.get("/_sim/requests",
-                                                   params={"since": since}).json()["requests"]
+        out: list[dict[str, Any]] = self._http.get(
+            "/_sim/requests", params={"since": since}
+        ).json()["requests"]
         return out
 
     def last_seq(self) -> int:
@@ -94,28 +103,33 @@ class Topics:
 async def fresh_topics(bootstrap: str, partitions: int = 3) -> Topics:
     tag = uuid.uuid4().hex[:10]
     topics = Topics(f"cmd-{tag}", f"res-{tag}", f"dlq-{tag}")
-    await ensure_topics(bootstrap, {topics.commands: partitions, topics.results: partitions,
-                                    topics.deadletter: 1})
+    await ensure_topics(
+        bootstrap, {topics.commands: partitions, topics.results: partitions, topics.deadletter: 1}
+    )
     return topics
 
 
 def command(account: str, order: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """A valid command cancelling a seeded order (as returned by SimControl.seed)."""
-    cmd: dict[str, Any] = {"command_id": extra.pop("command_id", f"c-{uuid.uuid4().hex[:20]}"),
-                           "account": account, "issued_at": now_ms()}
+    cmd: dict[str, Any] = {
+        "command_id": extra.pop("command_id", f"c-{uuid.uuid4().hex[:20]}"),
+        "account": account,
+        "issued_at": now_ms(),
+    }
     if order["kind"] == "algo":
         cmd.update(market="UM", algo_id=order["algo_id"])
     else:
-        cmd.update(market=order["market"], symbol=order["symbol"],
-                   strategy_id=order["strategy_id"])
+        cmd.update(market=order["market"], symbol=order["symbol"], strategy_id=order["strategy_id"])
     cmd.update(extra)
     return cmd
 
 
-async def produce(bootstrap: str, topic: str,
-                  records: Iterable[tuple[bytes | None, bytes | None]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                max_request_size=MAX_RECORD_BYTES, linger_ms=5)
+async def produce(
+    bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]
+) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_request_size=MAX_RECORD_BYTES, linger_ms=5
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key) for key, value in records]
@@ -124,13 +138,19 @@ async def produce(bootstrap: str, topic: str,
         await producer.stop()
 
 
-async def consume(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
-                  *, validate: bool = True) -> list[Any]:
+async def consume(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0, *, validate: bool = True
+) -> list[Any]:
     """Read records from the start of ``topic`` until ``expected`` arrived (or time runs out)."""
     # No group: the consumer reads every partition of the topic from the beginning.
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                enable_auto_commit=False, isolation_level="read_committed",
-                                max_partition_fetch_bytes=MAX_RECORD_BYTES)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=MAX_RECORD_BYTES,
+    )
     await consumer.start()
     out: list[Any] = []
     try:
@@ -158,8 +178,9 @@ def cancel_requests(sim: SimControl, since: int) -> list[dict[str, Any]]:
     return [r for r in sim.requests(since) if r["method"] == "DELETE"]
 
 
-def worker_settings(bootstrap: str, topics: Topics, papi_url: str, accounts_file: Path,
-                    **overrides: Any) -> Settings:
+def worker_settings(
+    bootstrap: str, topics: Topics, papi_url: str, accounts_file: Path, **overrides: Any
+) -> Settings:
     base: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
         "group_id": f"grp-{uuid.uuid4().hex[:8]}",
@@ -179,8 +200,11 @@ def worker_settings(bootstrap: str, topics: Topics, papi_url: str, accounts_file
 
 def worker_env(settings: Settings) -> dict[str, str]:
     """The same settings as CANCEL_WORKER_* variables, for a worker process."""
-    env = {f"{ENV_PREFIX}{f.name.upper()}": str(getattr(settings, f.name))
-           for f in dataclasses.fields(settings) if getattr(settings, f.name) is not None}
+    env = {
+        f"{ENV_PREFIX}{f.name.upper()}": str(getattr(settings, f.name))
+        for f in dataclasses.fields(settings)
+        if getattr(settings, f.name) is not None
+    }
     env[f"{ENV_PREFIX}LOG_LEVEL"] = "INFO"
     return env
 

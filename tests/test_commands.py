@@ -10,8 +10,13 @@ from hypothesis import strategies as st
 from worker.commands import Command, InvalidCommand, Market, decode, encode
 from worker.contracts import command_validator
 
-BASE = {"command_id": "c-1", "account": "desk-a", "market": "UM", "symbol": "BTCUSDT",
-        "issued_at": 1795260543136}
+BASE = {
+    "command_id": "c-1",
+    "account": "desk-a",
+    "market": "UM",
+    "symbol": "BTCUSDT",
+    "issued_at": 1795260543136,
+}
 
 
 def _decode(**fields: object) -> Command | InvalidCommand:
@@ -20,8 +25,17 @@ def _decode(**fields: object) -> Command | InvalidCommand:
 
 def test_valid_conditional_command() -> None:
     cmd = _decode(strategy_id=123, expires_at=1795260549999, reason="dd", source="eng")
-    assert cmd == Command("c-1", "desk-a", Market.UM, 1795260543136, symbol="BTCUSDT",
-                          strategy_id=123, expires_at=1795260549999, reason="dd", source="eng")
+    assert cmd == Command(
+        "c-1",
+        "desk-a",
+        Market.UM,
+        1795260543136,
+        symbol="BTCUSDT",
+        strategy_id=123,
+        expires_at=1795260549999,
+        reason="dd",
+        source="eng",
+    )
 
 
 def test_round_trip_through_encode() -> None:
@@ -30,28 +44,31 @@ def test_round_trip_through_encode() -> None:
     assert decode(encode(cmd)) == cmd
 
 
-@pytest.mark.parametrize(("fields", "needle"), [
-    ({"strategy_id": 1, "client_strategy_id": "a"}, "exactly one"),
-    ({"strategy_id": 1, "algo_id": 2}, "exactly one"),
-    ({}, "exactly one"),
-    ({"strategy_id": "1"}, "strategy_id"),
-    ({"strategy_id": 1.0}, "strategy_id"),
-    ({"strategy_id": True}, "strategy_id"),
-    ({"strategy_id": 0}, "strategy_id"),
-    ({"strategy_id": -5}, "strategy_id"),
-    ({"strategy_id": 1, "symbol": "BTCUSDT&strategyId=9"}, "symbol"),
-    ({"strategy_id": 1, "symbol": "BTC=USDT"}, "symbol"),
-    ({"strategy_id": 1, "symbol": "btcusdt"}, "symbol"),
-    ({"client_strategy_id": "a&b=c"}, "client_strategy_id"),
-    ({"client_strategy_id": "a b"}, "client_strategy_id"),
-    ({"strategy_id": 1, "market": "XM"}, "market"),
-    ({"algo_id": 1, "market": "CM"}, "market UM"),
-    ({"strategy_id": 1, "issued_at": "now"}, "issued_at"),
-    ({"strategy_id": 1, "command_id": ""}, "command_id"),
-    ({"strategy_id": 1, "command_id": "x" * 65}, "command_id"),
-    ({"strategy_id": 1, "account": "a=b"}, "account"),
-    ({"strategy_id": 1, "unexpected": 1}, "unknown field"),
-])
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"strategy_id": 1, "client_strategy_id": "a"}, "exactly one"),
+        ({"strategy_id": 1, "algo_id": 2}, "exactly one"),
+        ({}, "exactly one"),
+        ({"strategy_id": "1"}, "strategy_id"),
+        ({"strategy_id": 1.0}, "strategy_id"),
+        ({"strategy_id": True}, "strategy_id"),
+        ({"strategy_id": 0}, "strategy_id"),
+        ({"strategy_id": -5}, "strategy_id"),
+        ({"strategy_id": 1, "symbol": "BTCUSDT&strategyId=9"}, "symbol"),
+        ({"strategy_id": 1, "symbol": "BTC=USDT"}, "symbol"),
+        ({"strategy_id": 1, "symbol": "btcusdt"}, "symbol"),
+        ({"client_strategy_id": "a&b=c"}, "client_strategy_id"),
+        ({"client_strategy_id": "a b"}, "client_strategy_id"),
+        ({"strategy_id": 1, "market": "XM"}, "market"),
+        ({"algo_id": 1, "market": "CM"}, "market UM"),
+        ({"strategy_id": 1, "issued_at": "now"}, "issued_at"),
+        ({"strategy_id": 1, "command_id": ""}, "command_id"),
+        ({"strategy_id": 1, "command_id": "x" * 65}, "command_id"),
+        ({"strategy_id": 1, "account": "a=b"}, "account"),
+        ({"strategy_id": 1, "unexpected": 1}, "unknown field"),
+    ],
+)
 def test_invalid_commands_explain_themselves(fields: dict[str, object], needle: str) -> None:
     result = _decode(**fields)
     assert isinstance(result, InvalidCommand)
@@ -65,10 +82,21 @@ def test_symbol_is_required_for_conditional_routes() -> None:
     assert isinstance(result, InvalidCommand) and "symbol" in result.detail
 
 
-@pytest.mark.parametrize("raw", [
-    b"", b"not json", b"\xff\xfe\x00", b"[1,2]", b"null", b"42", b'"str"',
-    b'{"command_id": "c-1"', b"{" * 5000, b'{"a": NaN}',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"\xff\xfe\x00",
+        b"[1,2]",
+        b"null",
+        b"42",
+        b'"str"',
+        b'{"command_id": "c-1"',
+        b"{" * 5000,
+        b'{"a": NaN}',
+    ],
+)
 def test_undecodable_records(raw: bytes) -> None:
     result = decode(raw)
     assert isinstance(result, InvalidCommand)
@@ -98,26 +126,48 @@ def test_huge_value_is_not_echoed_in_detail() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=40),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10),
-                                                                      children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
-field_names = st.sampled_from(["command_id", "account", "market", "symbol", "strategy_id",
-                               "client_strategy_id", "algo_id", "client_algo_id", "issued_at",
-                               "expires_at", "reason", "source"])
+field_names = st.sampled_from(
+    [
+        "command_id",
+        "account",
+        "market",
+        "symbol",
+        "strategy_id",
+        "client_strategy_id",
+        "algo_id",
+        "client_algo_id",
+        "issued_at",
+        "expires_at",
+        "reason",
+        "source",
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.dictionaries(field_names, json_values | st.sampled_from(
-    ["UM", "CM", "BTCUSDT", "c-1", 5, 1795260543136]), max_size=8))
+@given(
+    st.dictionaries(
+        field_names,
+        json_values | st.sampled_from(["UM", "CM", "BTCUSDT", "c-1", 5, 1795260543136]),
+        max_size=8,
+    )
+)
 def test_decode_agrees_with_the_schema(obj: dict[str, object]) -> None:
     """The code accepts exactly what the schema accepts, and never builds from junk."""
     result = decode(orjson.dumps(obj))
     assert isinstance(result, Command) == command_validator().is_valid(obj)
     if isinstance(result, Command):
-        ids = [result.strategy_id, result.client_strategy_id, result.algo_id,
-               result.client_algo_id]
+        ids = [result.strategy_id, result.client_strategy_id, result.algo_id, result.client_algo_id]
         assert sum(i is not None for i in ids) == 1
 
 

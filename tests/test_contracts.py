@@ -57,11 +57,23 @@ CMD = Command("c1", "desk", Market.UM, 1, symbol="BTCUSDT", strategy_id=7, reaso
 
 @pytest.mark.parametrize("route", list(Route))
 def test_canceled_events_from_the_code_match_the_schema(route: Route) -> None:
-    obj = {"strategyId": 7, "newClientStrategyId": "x", "strategyStatus": "CANCELED",
-           "origQty": "1.50", "stopPrice": "10", "bookTime": 1, "updateTime": 2,
-           "selfTradePreventionMode": "NONE", "goodTillDate": 0, "priceMatch": "NONE"}
-    strategy = (normalize.from_algo_cancel(CMD) if route is Route.UM_ALGO
-                else normalize.from_strategy_object(obj, route))
+    obj = {
+        "strategyId": 7,
+        "newClientStrategyId": "x",
+        "strategyStatus": "CANCELED",
+        "origQty": "1.50",
+        "stopPrice": "10",
+        "bookTime": 1,
+        "updateTime": 2,
+        "selfTradePreventionMode": "NONE",
+        "goodTillDate": 0,
+        "priceMatch": "NONE",
+    }
+    strategy = (
+        normalize.from_algo_cancel(CMD)
+        if route is Route.UM_ALGO
+        else normalize.from_strategy_object(obj, route)
+    )
     event = events.canceled(CMD, ORIGIN, route, strategy, 1, 10, 11)
     result_validator().validate(event)
     if route is Route.CM_CONDITIONAL:
@@ -71,9 +83,19 @@ def test_canceled_events_from_the_code_match_the_schema(route: Route) -> None:
 
 @pytest.mark.parametrize("reason", list(FailureReason))
 def test_every_failure_reason_is_in_the_schema(reason: FailureReason) -> None:
-    event = events.failed(CMD, ORIGIN, reason, "detail", 2, 10, 11, route=Route.UM_ALGO,
-                          exchange=ExchangeReply(400, -2011, "Unknown order sent."),
-                          order_status="CANCELED", hint="h")
+    event = events.failed(
+        CMD,
+        ORIGIN,
+        reason,
+        "detail",
+        2,
+        10,
+        11,
+        route=Route.UM_ALGO,
+        exchange=ExchangeReply(400, -2011, "Unknown order sent."),
+        order_status="CANCELED",
+        hint="h",
+    )
     result_validator().validate(event)
 
 
@@ -86,14 +108,23 @@ def test_schema_reason_enum_is_exactly_the_code_enum() -> None:
 def test_failed_event_for_undecodable_record_matches_schema() -> None:
     invalid = decode(b"\xff")
     assert isinstance(invalid, InvalidCommand)
-    event = events.failed(invalid, Origin("t", 0, 0, None), FailureReason.INVALID_COMMAND,
-                          invalid.detail, 0, 1, 2)
+    event = events.failed(
+        invalid, Origin("t", 0, 0, None), FailureReason.INVALID_COMMAND, invalid.detail, 0, 1, 2
+    )
     result_validator().validate(event)
     assert event["command_id"] is None
 
 
 def test_exchange_message_and_detail_are_bounded() -> None:
-    event = events.failed(CMD, ORIGIN, FailureReason.REJECTED, "d" * 5000, 1, 1, 2,
-                          exchange=ExchangeReply(400, -1, "m" * 5000))
+    event = events.failed(
+        CMD,
+        ORIGIN,
+        FailureReason.REJECTED,
+        "d" * 5000,
+        1,
+        1,
+        2,
+        exchange=ExchangeReply(400, -1, "m" * 5000),
+    )
     result_validator().validate(event)
     assert len(event["detail"]) == 2048 and len(event["exchange"]["msg"]) == 1024

@@ -30,13 +30,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 # -- routes ---------------------------------------------------------------------------------
 
+
 def test_routes_follow_market_and_identifier() -> None:
     um = Command("c", "a", Market.UM, 1, symbol="BTCUSDT", strategy_id=5)
     cm = Command("c", "a", Market.CM, 1, symbol="BTCUSD_PERP", client_strategy_id="x/y")
     algo = Command("c", "a", Market.UM, 1, symbol="BTCUSDT", client_algo_id="q")
     assert choose_route(um) is Route.UM_CONDITIONAL
-    assert plan_cancel(um, 5000).params == (("symbol", "BTCUSDT"), ("strategyId", "5"),
-                                            ("recvWindow", "5000"))
+    assert plan_cancel(um, 5000).params == (
+        ("symbol", "BTCUSDT"),
+        ("strategyId", "5"),
+        ("recvWindow", "5000"),
+    )
     assert plan_cancel(um, 5000).path == "/papi/v1/um/conditional/order"
     assert plan_cancel(cm, 5000).path == "/papi/v1/cm/conditional/order"
     assert plan_cancel(cm, 5000).params[1] == ("newClientStrategyId", "x/y")
@@ -48,11 +52,23 @@ def test_routes_follow_market_and_identifier() -> None:
 
 # -- normalization --------------------------------------------------------------------------
 
+
 def test_normalize_keeps_decimal_strings_and_drops_junk() -> None:
-    obj = {"strategyId": 9, "strategyStatus": "CANCELED", "origQty": "0.0100",
-           "price": 1.5, "stopPrice": "1e5", "activatePrice": 7, "side": "SELL",
-           "positionSide": "SIDEWAYS", "reduceOnly": "true", "bookTime": -1,
-           "selfTradePreventionMode": "EXPIRE_TAKER", "goodTillDate": 5, "priceMatch": "NONE"}
+    obj = {
+        "strategyId": 9,
+        "strategyStatus": "CANCELED",
+        "origQty": "0.0100",
+        "price": 1.5,
+        "stopPrice": "1e5",
+        "activatePrice": 7,
+        "side": "SELL",
+        "positionSide": "SIDEWAYS",
+        "reduceOnly": "true",
+        "bookTime": -1,
+        "selfTradePreventionMode": "EXPIRE_TAKER",
+        "goodTillDate": 5,
+        "priceMatch": "NONE",
+    }
     um = normalize.from_strategy_object(obj, Route.UM_CONDITIONAL)
     assert um["orig_qty"] == "0.0100"
     assert um["price"] is None  # a float is never turned into money
@@ -66,6 +82,7 @@ def test_normalize_keeps_decimal_strings_and_drops_junk() -> None:
 
 
 # -- offsets --------------------------------------------------------------------------------
+
 
 def test_commit_position_never_passes_an_unfinished_record() -> None:
     part = PartitionOffsets()
@@ -98,25 +115,41 @@ def test_tracker_per_partition_and_drop() -> None:
 
 # -- taxonomy -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("status", "code", "msg", "disposition", "reason"), [
-    (400, -1021, "Timestamp outside", Disposition.RETRYABLE, FailureReason.REJECTED),
-    (400, -1022, "Signature", Disposition.TERMINAL, FailureReason.AUTH),
-    (401, -2015, "Invalid API-key", Disposition.TERMINAL, FailureReason.AUTH),
-    (400, -2011, "Unknown order sent.", Disposition.TERMINAL, FailureReason.NOT_FOUND),
-    (400, -1102, "Mandatory", Disposition.TERMINAL, FailureReason.REJECTED),
-    (429, -1003, "Too many", Disposition.RETRYABLE, FailureReason.RATE_LIMITED),
-    (418, -1003, "banned until", Disposition.RETRYABLE, FailureReason.RATE_LIMITED),
-    (400, -1006, "unknown", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
-    (503, None, "Service Unavailable", Disposition.RETRYABLE, FailureReason.EXCHANGE_UNAVAILABLE),
-    (503, None, "Unknown error, please check your request", Disposition.AMBIGUOUS,
-     FailureReason.OUTCOME_UNKNOWN),
-    (502, None, "Bad Gateway", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
-    (404, None, "Not Found", Disposition.TERMINAL, FailureReason.ROUTE_RETIRED),
-    (403, None, "", Disposition.TERMINAL, FailureReason.REJECTED),
-    (400, -4999, "new code", Disposition.TERMINAL, FailureReason.REJECTED),
-])
-def test_classify(status: int, code: int | None, msg: str, disposition: Disposition,
-                  reason: FailureReason) -> None:
+
+@pytest.mark.parametrize(
+    ("status", "code", "msg", "disposition", "reason"),
+    [
+        (400, -1021, "Timestamp outside", Disposition.RETRYABLE, FailureReason.REJECTED),
+        (400, -1022, "Signature", Disposition.TERMINAL, FailureReason.AUTH),
+        (401, -2015, "Invalid API-key", Disposition.TERMINAL, FailureReason.AUTH),
+        (400, -2011, "Unknown order sent.", Disposition.TERMINAL, FailureReason.NOT_FOUND),
+        (400, -1102, "Mandatory", Disposition.TERMINAL, FailureReason.REJECTED),
+        (429, -1003, "Too many", Disposition.RETRYABLE, FailureReason.RATE_LIMITED),
+        (418, -1003, "banned until", Disposition.RETRYABLE, FailureReason.RATE_LIMITED),
+        (400, -1006, "unknown", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
+        (
+            503,
+            None,
+            "Service Unavailable",
+            Disposition.RETRYABLE,
+            FailureReason.EXCHANGE_UNAVAILABLE,
+        ),
+        (
+            503,
+            None,
+            "Unknown error, please check your request",
+            Disposition.AMBIGUOUS,
+            FailureReason.OUTCOME_UNKNOWN,
+        ),
+        (502, None, "Bad Gateway", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
+        (404, None, "Not Found", Disposition.TERMINAL, FailureReason.ROUTE_RETIRED),
+        (403, None, "", Disposition.TERMINAL, FailureReason.REJECTED),
+        (400, -4999, "new code", Disposition.TERMINAL, FailureReason.REJECTED),
+    ],
+)
+def test_classify(
+    status: int, code: int | None, msg: str, disposition: Disposition, reason: FailureReason
+) -> None:
     rule = classify(status, code, msg)
     assert (rule.disposition, rule.reason) == (disposition, reason)
     err = ExchangeError(status, code, msg)
@@ -132,11 +165,13 @@ def test_transport_errors_split_on_whether_the_request_was_written() -> None:
 def test_readme_taxonomy_table_matches_the_code() -> None:
     readme = (REPO / "README.md").read_text()
     assert taxonomy_markdown() in readme
-    assert len(TAXONOMY) == len(re.findall(r"^\| .+ \| (retryable|terminal|ambiguous) \|",
-                                           readme, re.MULTILINE))
+    assert len(TAXONOMY) == len(
+        re.findall(r"^\| .+ \| (retryable|terminal|ambiguous) \|", readme, re.MULTILINE)
+    )
 
 
 # -- settings -------------------------------------------------------------------------------
+
 
 def test_settings_precedence_env_over_file(tmp_path: Path) -> None:
     config = tmp_path / "w.toml"
@@ -146,12 +181,15 @@ def test_settings_precedence_env_over_file(tmp_path: Path) -> None:
     assert s.group_id == "from-env" and s.max_in_flight == 7
 
 
-@pytest.mark.parametrize(("env", "needle"), [
-    ({"CANCEL_WORKER_MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
-    ({"CANCEL_WORKER_MAX_IN_FLIGHT": "0"}, "positive"),
-    ({"CANCEL_WORKER_RECV_WINDOW_MS": "70000"}, "60000"),
-    ({"CANCEL_WORKER_PAPI_URL": "ftp://x"}, "PAPI_URL"),
-])
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"CANCEL_WORKER_MAX_IN_FLIGHT": "many"}, "MAX_IN_FLIGHT"),
+        ({"CANCEL_WORKER_MAX_IN_FLIGHT": "0"}, "positive"),
+        ({"CANCEL_WORKER_RECV_WINDOW_MS": "70000"}, "60000"),
+        ({"CANCEL_WORKER_PAPI_URL": "ftp://x"}, "PAPI_URL"),
+    ],
+)
 def test_bad_settings_are_named(env: dict[str, str], needle: str) -> None:
     with pytest.raises(SettingsError, match=needle):
         load_settings(env)
@@ -166,17 +204,23 @@ def test_unknown_key_in_config_file(tmp_path: Path) -> None:
 
 # -- accounts -------------------------------------------------------------------------------
 
+
 def test_accounts_from_inline_values_and_mounted_files(tmp_path: Path) -> None:
     key = ed25519.Ed25519PrivateKey.generate()
-    (tmp_path / "k.pem").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    (tmp_path / "k.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     (tmp_path / "apikey").write_text("mounted-key\n")
     (tmp_path / "secret").write_text("mounted-secret\n")
     (tmp_path / "a.toml").write_text(
         '[accounts.one]\napi_key = "k1"\nsecret = "s1"\n'
         '[accounts.two]\napi_key_file = "apikey"\nprivate_key_file = "k.pem"\n'
-        '[accounts.three]\napi_key = "k3"\nsecret_file = "secret"\n')
+        '[accounts.three]\napi_key = "k3"\nsecret_file = "secret"\n'
+    )
     accounts = load_accounts(tmp_path / "a.toml")
     assert accounts["one"].key_kind == "hmac"
     assert accounts["two"].key_kind == "ed25519" and accounts["two"].api_key == "mounted-key"
@@ -184,18 +228,24 @@ def test_accounts_from_inline_values_and_mounted_files(tmp_path: Path) -> None:
     assert "s1" not in repr(accounts["one"]) and "k1" not in repr(accounts["one"])
 
 
-@pytest.mark.parametrize(("text", "needle"), [
-    ("", "no [accounts"),
-    ('[accounts.x]\nsecret = "s"\n', "api_key is required"),
-    ('[accounts.x]\napi_key = "k"\n', "exactly one of secret"),
-    ('[accounts.x]\napi_key = "k"\nsecret = "topsecret"\nprivate_key_file = "p"\n',
-     "exactly one of secret"),
-    ('[accounts.x]\napi_key = "k"\nprivate_key_file = "missing.pem"\n', "cannot read"),
-    ('[accounts.x]\napi_key = "k"\nsecret = "topsecret"\nsecret_file = "f"\n', "not both"),
-    ("not toml [", "not valid TOML"),
-])
-def test_bad_accounts_files_fail_clearly_without_leaking(tmp_path: Path, text: str,
-                                                         needle: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("", "no [accounts"),
+        ('[accounts.x]\nsecret = "s"\n', "api_key is required"),
+        ('[accounts.x]\napi_key = "k"\n', "exactly one of secret"),
+        (
+            '[accounts.x]\napi_key = "k"\nsecret = "topsecret"\nprivate_key_file = "p"\n',
+            "exactly one of secret",
+        ),
+        ('[accounts.x]\napi_key = "k"\nprivate_key_file = "missing.pem"\n', "cannot read"),
+        ('[accounts.x]\napi_key = "k"\nsecret = "topsecret"\nsecret_file = "f"\n', "not both"),
+        ("not toml [", "not valid TOML"),
+    ],
+)
+def test_bad_accounts_files_fail_clearly_without_leaking(
+    tmp_path: Path, text: str, needle: str
+) -> None:
     (tmp_path / "a.toml").write_text(text)
     with pytest.raises(AccountsError, match=re.escape(needle)) as info:
         load_accounts(tmp_path / "a.toml")
@@ -203,7 +253,9 @@ def test_bad_accounts_files_fail_clearly_without_leaking(tmp_path: Path, text: s
 
 
 def test_garbage_private_key_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "p.pem").write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    (tmp_path / "p.pem").write_text(
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"
+    )
     (tmp_path / "a.toml").write_text('[accounts.x]\napi_key = "k"\nprivate_key_file = "p.pem"\n')
     with pytest.raises(AccountsError, match="cannot be loaded"):
         load_accounts(tmp_path / "a.toml")

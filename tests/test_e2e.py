@@ -23,14 +23,15 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.devstack import Broker, Process, cli_argv, start_worker
+from worker.devstack import Broker, cli_argv, start_worker
 
 pytestmark = pytest.mark.e2e
 
 
 async def _committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         out = {}
@@ -45,29 +46,69 @@ async def test_processes_end_to_end_with_cli_send_and_clean_sigterm(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
     topics = await fresh_topics(broker.bootstrap, partitions=2)
-    cm, algo, um = sim.seed([{"account": "desk-2", "market": "CM", "symbol": "ETHUSD_PERP"},
-                             {"account": "desk-rsa", "kind": "algo", "symbol": "ETHUSDT"},
-                             {"account": "desk-ed", "market": "UM", "symbol": "SOLUSDT"}])
+    cm, algo, um = sim.seed(
+        [
+            {"account": "desk-2", "market": "CM", "symbol": "ETHUSD_PERP"},
+            {"account": "desk-rsa", "kind": "algo", "symbol": "ETHUSDT"},
+            {"account": "desk-ed", "market": "UM", "symbol": "SOLUSDT"},
+        ]
+    )
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     env = worker_env(settings)
     worker = start_worker(env)
     try:
         sends = [
-            ["--account", "desk-2", "--market", "CM", "--symbol", "ETHUSD_PERP",
-             "--strategy-id", str(cm["strategy_id"]), "--command-id", "cli-cm"],
-            ["--account", "desk-rsa", "--market", "UM", "--algo-id", str(algo["algo_id"]),
-             "--command-id", "cli-algo"],
-            ["--account", "desk-ed", "--market", "UM", "--symbol", "SOLUSDT",
-             "--client-strategy-id", um["client_strategy_id"], "--command-id", "cli-um"],
+            [
+                "--account",
+                "desk-2",
+                "--market",
+                "CM",
+                "--symbol",
+                "ETHUSD_PERP",
+                "--strategy-id",
+                str(cm["strategy_id"]),
+                "--command-id",
+                "cli-cm",
+            ],
+            [
+                "--account",
+                "desk-rsa",
+                "--market",
+                "UM",
+                "--algo-id",
+                str(algo["algo_id"]),
+                "--command-id",
+                "cli-algo",
+            ],
+            [
+                "--account",
+                "desk-ed",
+                "--market",
+                "UM",
+                "--symbol",
+                "SOLUSDT",
+                "--client-strategy-id",
+                um["client_strategy_id"],
+                "--command-id",
+                "cli-um",
+            ],
             ["--json", '{"command_id": "cli-bad", "account": "desk-2", "market": "UM"}'],
         ]
         for args in sends:
-            done = subprocess.run(cli_argv("send", *args), env={**env}, capture_output=True,
-                                  text=True, timeout=60, check=False)
+            done = subprocess.run(
+                cli_argv("send", *args),
+                env={**env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
             assert done.returncode == 0, done.stderr
             assert "sent to" in done.stdout
-        results = {e["command_id"]: e
-                   for e in events_of(await consume(broker.bootstrap, topics.results, 4))}
+        results = {
+            e["command_id"]: e
+            for e in events_of(await consume(broker.bootstrap, topics.results, 4))
+        }
     finally:
         code = worker.stop()
     assert code == 0, worker.output()
@@ -91,21 +132,32 @@ async def test_sigkill_mid_stream_then_restart_every_command_gets_a_result(
 ) -> None:
     topics = await fresh_topics(broker.bootstrap, partitions=3)
     total = 600
-    specs = [{"account": f"desk-{i % 5}", "market": "UM" if i % 2 else "CM",
-              "symbol": "BTCUSDT" if i % 2 else "BTCUSD_PERP"} for i in range(total)]
+    specs = [
+        {
+            "account": f"desk-{i % 5}",
+            "market": "UM" if i % 2 else "CM",
+            "symbol": "BTCUSDT" if i % 2 else "BTCUSD_PERP",
+        }
+        for i in range(total)
+    ]
     orders = sim.seed(specs)
-    commands = [command(s["account"], o, command_id=f"kill-{i:04d}")
-                for i, (s, o) in enumerate(zip(specs, orders, strict=True))]
-    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file,
-                               max_in_flight=8, commit_interval_ms=50)
+    commands = [
+        command(s["account"], o, command_id=f"kill-{i:04d}")
+        for i, (s, o) in enumerate(zip(specs, orders, strict=True))
+    ]
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=8, commit_interval_ms=50
+    )
     env = worker_env(settings)
 
     async def feed() -> None:
         for start in range(0, total, 20):
-            chunk = commands[start:start + 20]
-            await produce(broker.bootstrap, topics.commands,
-                          [(f"{c['account']}:{c.get('symbol')}".encode(), orjson.dumps(c))
-                           for c in chunk])
+            chunk = commands[start : start + 20]
+            await produce(
+                broker.bootstrap,
+                topics.commands,
+                [(f"{c['account']}:{c.get('symbol')}".encode(), orjson.dumps(c)) for c in chunk],
+            )
             await asyncio.sleep(0.05)
 
     feeder = asyncio.create_task(feed())
@@ -114,8 +166,11 @@ async def test_sigkill_mid_stream_then_restart_every_command_gets_a_result(
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            seen = len(await consume(broker.bootstrap, topics.results, 1 << 30, timeout_s=0.3,
-                                     validate=False))
+            seen = len(
+                await consume(
+                    broker.bootstrap, topics.results, 1 << 30, timeout_s=0.3, validate=False
+                )
+            )
             if seen >= 120:
                 kill_point = seen
                 break
@@ -144,7 +199,9 @@ async def test_sigkill_mid_stream_then_restart_every_command_gets_a_result(
     assert set(per_command) == {c["command_id"] for c in commands}  # none lost
     # Ground truth: every order was canceled exactly once at the exchange ...
     order_ids = {o.get("strategy_id") or o.get("algo_id") for o in orders}
-    cancels = collections.Counter(c["order_id"] for c in sim.cancels() if c["order_id"] in order_ids)
+    cancels = collections.Counter(
+        c["order_id"] for c in sim.cancels() if c["order_id"] in order_ids
+    )
     assert len(cancels) == total and set(cancels.values()) == {1}
     # ... and no result claims a cancel twice or claims what did not happen: a repeat after the
     # crash finds the order already gone (at-least-once repeats, it never invents).
@@ -154,3 +211,24 @@ async def test_sigkill_mid_stream_then_restart_every_command_gets_a_result(
             assert e["type"] == "strategy.canceled" or e["reason"] == "not_found", e
     repeated = sum(len(evs) - 1 for evs in per_command.values())
     assert repeated < 100  # only what was in flight or uncommitted at the kill repeats
+
+
+def test_demo_runs_end_to_end() -> None:
+    """`make demo` runs this command; it must work from nothing and print a readable table."""
+    done = subprocess.run(
+        cli_argv("demo"), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "[7/7]" in out
+    for needle in (
+        "CANCELED",
+        "not_found",
+        "unknown_account",
+        "expired",
+        "invalid_command",
+        "route_retired",
+        "worker exit code       0 (clean)",
+        "exchange cancels       4",
+    ):
+        assert needle in out, out

@@ -32,22 +32,45 @@ async def test_mixed_routes_produce_normalized_results(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
     topics = await fresh_topics(broker.bootstrap)
-    um, cm, algo, trailing = sim.seed([
-        {"account": "desk-0", "market": "UM", "symbol": "BTCUSDT", "quantity": "0.010",
-         "stop_price": "25000.10"},
-        {"account": "desk-0", "market": "CM", "symbol": "ETHUSD_PERP", "quantity": "3",
-         "stop_price": "1800.5"},
-        {"account": "desk-0", "kind": "algo", "symbol": "BTCUSDT"},
-        {"account": "desk-ed", "market": "UM", "symbol": "ETHUSDT",
-         "type": "TRAILING_STOP_MARKET", "activate_price": "4000.01", "price_rate": "0.3"},
-    ])
-    commands = [command("desk-0", um, reason="risk-limit"), command("desk-0", cm),
-                command("desk-0", algo, source="engine-7"), command("desk-ed", trailing)]
+    um, cm, algo, trailing = sim.seed(
+        [
+            {
+                "account": "desk-0",
+                "market": "UM",
+                "symbol": "BTCUSDT",
+                "quantity": "0.010",
+                "stop_price": "25000.10",
+            },
+            {
+                "account": "desk-0",
+                "market": "CM",
+                "symbol": "ETHUSD_PERP",
+                "quantity": "3",
+                "stop_price": "1800.5",
+            },
+            {"account": "desk-0", "kind": "algo", "symbol": "BTCUSDT"},
+            {
+                "account": "desk-ed",
+                "market": "UM",
+                "symbol": "ETHUSDT",
+                "type": "TRAILING_STOP_MARKET",
+                "activate_price": "4000.01",
+                "price_rate": "0.3",
+            },
+        ]
+    )
+    commands = [
+        command("desk-0", um, reason="risk-limit"),
+        command("desk-0", cm),
+        command("desk-0", algo, source="engine-7"),
+        command("desk-ed", trailing),
+    ]
     by_id = {c["command_id"]: c for c in commands}
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     async with running_worker(settings):
-        await produce(broker.bootstrap, topics.commands,
-                      [(_key(c), orjson.dumps(c)) for c in commands])
+        await produce(
+            broker.bootstrap, topics.commands, [(_key(c), orjson.dumps(c)) for c in commands]
+        )
         results = events_of(await consume(broker.bootstrap, topics.results, len(commands)))
 
     assert {e["command_id"] for e in results} == set(by_id)
@@ -114,8 +137,7 @@ async def test_thousand_commands_over_twenty_keys(
         sent_order[key].append(value.decode(errors="replace"))
 
     since = sim.last_seq()
-    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file,
-                               max_in_flight=64)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=64)
     async with running_worker(settings) as worker:
         await produce(broker.bootstrap, topics.commands, records)
         out = await consume(broker.bootstrap, topics.results, 1000, timeout_s=120)
@@ -124,8 +146,9 @@ async def test_thousand_commands_over_twenty_keys(
     results = events_of(out)
     assert len(results) == 1000
     # Every record has exactly one result: (partition, offset) of the source is unique.
-    origins = collections.Counter((e["origin"]["partition"], e["origin"]["offset"])
-                                  for e in results)
+    origins = collections.Counter(
+        (e["origin"]["partition"], e["origin"]["offset"]) for e in results
+    )
     assert len(origins) == 1000 and max(origins.values()) == 1
     with_ids = [e for e in results if e["command_id"] is not None]
     assert len({e["command_id"] for e in with_ids}) == len(with_ids) == 960
@@ -164,8 +187,13 @@ async def test_invalid_input_is_refused_and_worker_keeps_running(
     topics = await fresh_topics(broker.bootstrap, partitions=1)
     (order,) = sim.seed([{"account": "desk-3", "market": "UM", "symbol": "BTCUSDT"}])
     good = command("desk-3", order)
-    base = {"command_id": "bad-1", "account": "desk-3", "market": "UM", "symbol": "BTCUSDT",
-            "issued_at": 1}
+    base = {
+        "command_id": "bad-1",
+        "account": "desk-3",
+        "market": "UM",
+        "symbol": "BTCUSDT",
+        "issued_at": 1,
+    }
     poison: list[bytes | None] = [
         b"\x00\xff not json",
         b'{"command_id": "bad-0"',
@@ -182,16 +210,19 @@ async def test_invalid_input_is_refused_and_worker_keeps_running(
     since = sim.last_seq()
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     async with running_worker(settings):
-        await produce(broker.bootstrap, topics.commands,
-                      [(b"desk-3:BTCUSDT", p) for p in poison] + [(b"desk-3:BTCUSDT",
-                                                                   orjson.dumps(good))])
+        await produce(
+            broker.bootstrap,
+            topics.commands,
+            [(b"desk-3:BTCUSDT", p) for p in poison] + [(b"desk-3:BTCUSDT", orjson.dumps(good))],
+        )
         results = events_of(await consume(broker.bootstrap, topics.results, len(poison) + 1))
     failed, last = results[:-1], results[-1]
     assert [e["reason"] for e in failed] == ["invalid_command"] * len(poison)
     assert all(len(e["detail"]) <= 300 for e in failed)
     assert last["type"] == "strategy.canceled" and last["command_id"] == good["command_id"]
     assert [r["params"]["strategyId"] for r in cancel_requests(sim, since)] == [
-        str(order["strategy_id"])]
+        str(order["strategy_id"])
+    ]
     dead = await consume(broker.bootstrap, topics.deadletter, len(poison), validate=False)
     assert [r.value for r in dead] == [p if p is not None else b"" for p in poison]
     big = dead[8]
@@ -203,8 +234,12 @@ async def test_unknown_account_gone_order_and_retired_route(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
     topics = await fresh_topics(broker.bootstrap, partitions=1)
-    um, algo = sim.seed([{"account": "desk-4", "market": "UM", "symbol": "BTCUSDT"},
-                         {"account": "desk-4", "kind": "algo"}])
+    um, algo = sim.seed(
+        [
+            {"account": "desk-4", "market": "UM", "symbol": "BTCUSDT"},
+            {"account": "desk-4", "kind": "algo"},
+        ]
+    )
     stranger = command("nobody", um)
     gone = command("desk-4", {"kind": "algo", "algo_id": 999_999_999})
     retired = command("desk-4", um)
@@ -213,8 +248,11 @@ async def test_unknown_account_gone_order_and_retired_route(
     since = sim.last_seq()
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     async with running_worker(settings):
-        await produce(broker.bootstrap, topics.commands,
-                      [(b"k", orjson.dumps(c)) for c in (stranger, gone, retired, works)])
+        await produce(
+            broker.bootstrap,
+            topics.commands,
+            [(b"k", orjson.dumps(c)) for c in (stranger, gone, retired, works)],
+        )
         results = events_of(await consume(broker.bootstrap, topics.results, 4))
     by_id = {e["command_id"]: e for e in results}
     assert by_id[stranger["command_id"]]["reason"] == "unknown_account"
@@ -228,27 +266,35 @@ async def test_unknown_account_gone_order_and_retired_route(
     assert by_id[works["command_id"]]["type"] == "strategy.canceled"
     # Three requests: the unknown account's command never reached the exchange.
     assert [req["path"] for req in sim.requests(since)] == [
-        "/papi/v1/um/algo/order", "/papi/v1/um/conditional/order", "/papi/v1/um/algo/order"]
+        "/papi/v1/um/algo/order",
+        "/papi/v1/um/conditional/order",
+        "/papi/v1/um/algo/order",
+    ]
 
 
 async def test_offsets_committed_only_after_results_and_restart_does_not_repeat(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
     topics = await fresh_topics(broker.bootstrap, partitions=2)
-    orders = sim.seed([{"account": "desk-1", "market": "CM", "symbol": "BTCUSD_PERP"}
-                       for _ in range(30)])
+    orders = sim.seed(
+        [{"account": "desk-1", "market": "CM", "symbol": "BTCUSD_PERP"} for _ in range(30)]
+    )
     commands = [command("desk-1", o) for o in orders]
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     async with running_worker(settings):
-        await produce(broker.bootstrap, topics.commands,
-                      [(f"k{i % 6}".encode(), orjson.dumps(c)) for i, c in enumerate(commands)])
+        await produce(
+            broker.bootstrap,
+            topics.commands,
+            [(f"k{i % 6}".encode(), orjson.dumps(c)) for i, c in enumerate(commands)],
+        )
         assert len(await consume(broker.bootstrap, topics.results, 30)) == 30
     since = sim.last_seq()
     # A second worker in the same group starts from the committed offsets: nothing repeats.
     async with running_worker(settings) as again:
         extra = sim.seed([{"account": "desk-1", "market": "CM", "symbol": "BTCUSD_PERP"}])
-        await produce(broker.bootstrap, topics.commands,
-                      [(b"k0", orjson.dumps(command("desk-1", extra[0])))])
+        await produce(
+            broker.bootstrap, topics.commands, [(b"k0", orjson.dumps(command("desk-1", extra[0])))]
+        )
         results = await consume(broker.bootstrap, topics.results, 31)
         assert len(results) == 31
     assert again.pipeline.processed == 1

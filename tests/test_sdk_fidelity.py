@@ -27,24 +27,34 @@ pytestmark = pytest.mark.e2e
 
 def sdk_client(url: str, account: str = "desk-0", secret: str | None = None):  # type: ignore[no-untyped-def]
     key, real_secret = HMAC_ACCOUNTS[account]
-    config = ConfigurationRestAPI(api_key=key, api_secret=secret or real_secret, base_path=url,
-                                  timeout=5000, retries=0, compression=False)
+    config = ConfigurationRestAPI(
+        api_key=key,
+        api_secret=secret or real_secret,
+        base_path=url,
+        timeout=5000,
+        retries=0,
+        compression=False,
+    )
     return DerivativesTradingPortfolioMargin(config_rest_api=config).rest_api
 
 
 def test_sdk_places_and_cancels_cm_conditional_order(sim: SimControl) -> None:
     api = sdk_client(sim.url)
     placed = api.new_cm_conditional_order(
-        symbol="BTCUSD_PERP", side=NewCmConditionalOrderSideEnum.SELL,
+        symbol="BTCUSD_PERP",
+        side=NewCmConditionalOrderSideEnum.SELL,
         strategy_type=NewCmConditionalOrderStrategyTypeEnum.STOP_MARKET,
-        quantity=2, stop_price=25000.5, new_client_strategy_id="sdk-cm-1",
+        quantity=2,
+        stop_price=25000.5,
+        new_client_strategy_id="sdk-cm-1",
     ).data()
     assert placed.strategy_status == "NEW"
     assert placed.symbol == "BTCUSD_PERP"
     assert placed.stop_price == "25000.5"
 
-    canceled = api.cancel_cm_conditional_order(symbol="BTCUSD_PERP",
-                                               strategy_id=placed.strategy_id).data()
+    canceled = api.cancel_cm_conditional_order(
+        symbol="BTCUSD_PERP", strategy_id=placed.strategy_id
+    ).data()
     assert canceled.strategy_id == placed.strategy_id
     assert canceled.strategy_status == "CANCELED"
     assert canceled.new_client_strategy_id == "sdk-cm-1"
@@ -60,9 +70,13 @@ def test_sdk_places_and_cancels_cm_conditional_order(sim: SimControl) -> None:
 def test_sdk_places_and_cancels_um_algo_order(sim: SimControl) -> None:
     api = sdk_client(sim.url, "desk-1")
     placed = api.new_um_algo_order(
-        algo_type=NewUmAlgoOrderAlgoTypeEnum.CONDITIONAL, symbol="ETHUSDT",
-        side=NewUmAlgoOrderSideEnum.BUY, type=NewUmAlgoOrderTypeEnum.STOP_MARKET,
-        quantity=0.5, trigger_price=4100.25, client_algo_id="sdk-algo-1",
+        algo_type=NewUmAlgoOrderAlgoTypeEnum.CONDITIONAL,
+        symbol="ETHUSDT",
+        side=NewUmAlgoOrderSideEnum.BUY,
+        type=NewUmAlgoOrderTypeEnum.STOP_MARKET,
+        quantity=0.5,
+        trigger_price=4100.25,
+        client_algo_id="sdk-algo-1",
     ).data()
     assert placed.algo_status == "NEW"
     assert placed.trigger_price == "4100.25"

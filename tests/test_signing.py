@@ -21,16 +21,23 @@ from worker.signing import (
 )
 
 
-@pytest.mark.parametrize(("secret", "payload", "expected"), [
-    ("YtP1BudNOWZE1ag5uzCkh4hIC7qSmQOu797r5EJBFGhxBYivjj8HIX0iiiPof5yG",
-     "symbol=BTC-210129-40000-C&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=2000"
-     "&recvWindow=5000&timestamp=1611825601400",
-     "7c12045972f6140e765e0f2b67d28099718df805732676494238f50be830a7d7"),
-    ("2b5eb11e18796d12d88f13dc27dbbd02c2cc51ff7059765ed9821957d82bb4d9",
-     "symbol=BTCUSDT&side=BUY&type=LIMIT&quantity=1&price=9000&timeInForce=GTC&recvWindow=5000"
-     "&timestamp=1591702613943",
-     "3c661234138461fcc7a7d8746c6558c9842d4e10870d2ecbedf7777cad694af9"),
-])
+@pytest.mark.parametrize(
+    ("secret", "payload", "expected"),
+    [
+        (
+            "YtP1BudNOWZE1ag5uzCkh4hIC7qSmQOu797r5EJBFGhxBYivjj8HIX0iiiPof5yG",
+            "symbol=BTC-210129-40000-C&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=2000"
+            "&recvWindow=5000&timestamp=1611825601400",
+            "7c12045972f6140e765e0f2b67d28099718df805732676494238f50be830a7d7",
+        ),
+        (
+            "2b5eb11e18796d12d88f13dc27dbbd02c2cc51ff7059765ed9821957d82bb4d9",
+            "symbol=BTCUSDT&side=BUY&type=LIMIT&quantity=1&price=9000&timeInForce=GTC&recvWindow=5000"
+            "&timestamp=1591702613943",
+            "3c661234138461fcc7a7d8746c6558c9842d4e10870d2ecbedf7777cad694af9",
+        ),
+    ],
+)
 def test_hmac_known_good_vectors(secret: str, payload: str, expected: str) -> None:
     assert hmac_sha256_hex(secret, payload.encode()) == expected
     assert append_signature(payload, HmacSigner(secret)) == f"{payload}&signature={expected}"
@@ -49,8 +56,9 @@ def test_rsa_signature_verifies() -> None:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     query = "symbol=BTCUSD_PERP&strategyId=9&timestamp=1"
     value = append_signature(query, RsaSigner(key)).rsplit("&signature=", 1)[1]
-    key.public_key().verify(base64.b64decode(unquote(value)), query.encode(),
-                            padding.PKCS1v15(), hashes.SHA256())
+    key.public_key().verify(
+        base64.b64decode(unquote(value)), query.encode(), padding.PKCS1v15(), hashes.SHA256()
+    )
 
 
 def test_params_are_encoded_in_order_and_escape_separators() -> None:

@@ -52,42 +52,74 @@ def accounts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]
 async def rig(accounts: dict[str, Credentials]) -> AsyncIterator[Rig]:
     state = state_from_accounts(accounts, SimConfig())
     policy = RetryPolicy(max_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.05)
-    async with running_sim(state) as url, PapiClient(url, clock=now_ms, timeout_s=2) as client, \
-            httpx.AsyncClient(base_url=url) as http:
+    async with (
+        running_sim(state) as url,
+        PapiClient(url, clock=now_ms, timeout_s=2) as client,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
         yield Rig(url, state, accounts, CancelExecutor(client, accounts, policy, now_ms), http)
 
 
 def cmd(**fields: Any) -> Command:
-    base: dict[str, Any] = {"command_id": "c1", "account": "desk-0", "market": Market.UM,
-                            "issued_at": now_ms()}
+    base: dict[str, Any] = {
+        "command_id": "c1",
+        "account": "desk-0",
+        "market": Market.UM,
+        "issued_at": now_ms(),
+    }
     base.update(fields)
     return Command(**base)
 
 
-async def _signed(rig: Rig, method: str, path: str, params: list[tuple[str, str]],
-                  secret: str | None = None, api_key: str | None = None) -> httpx.Response:
+async def _signed(
+    rig: Rig,
+    method: str,
+    path: str,
+    params: list[tuple[str, str]],
+    secret: str | None = None,
+    api_key: str | None = None,
+) -> httpx.Response:
     key, real_secret = HMAC_ACCOUNTS["desk-0"]
     query = append_signature(encode_params(params), HmacSigner(secret or real_secret))
-    return await rig.http.request(method, f"{path}?{query}",
-                                  headers={"X-MBX-APIKEY": api_key or key})
+    return await rig.http.request(
+        method, f"{path}?{query}", headers={"X-MBX-APIKEY": api_key or key}
+    )
 
 
 # -- simulator checks -----------------------------------------------------------------------
 
+
 async def test_sim_checks_key_signature_timestamp_and_params(rig: Rig) -> None:
     order = rig.seed(market="UM", symbol="BTCUSDT")
     path = "/papi/v1/um/conditional/order"
-    ok = [("symbol", "BTCUSDT"), ("strategyId", str(order["strategy_id"])),
-          ("timestamp", str(now_ms()))]
+    ok = [
+        ("symbol", "BTCUSDT"),
+        ("strategyId", str(order["strategy_id"])),
+        ("timestamp", str(now_ms())),
+    ]
     cases = [
         (await _signed(rig, "DELETE", path, ok, api_key="nope"), 401, -2015),
         (await _signed(rig, "DELETE", path, ok, secret="wrong"), 400, -1022),
-        (await _signed(rig, "DELETE", path, [*ok[:2], ("timestamp", str(now_ms() - 6000))]),
-         400, -1021),
-        (await _signed(rig, "DELETE", path, [*ok[:2], ("timestamp", str(now_ms() + 1500))]),
-         400, -1021),
-        (await _signed(rig, "DELETE", path, [*ok[:2], ("timestamp", str(now_ms())),
-                                             ("recvWindow", "70000")]), 400, -1131),
+        (
+            await _signed(rig, "DELETE", path, [*ok[:2], ("timestamp", str(now_ms() - 6000))]),
+            400,
+            -1021,
+        ),
+        (
+            await _signed(rig, "DELETE", path, [*ok[:2], ("timestamp", str(now_ms() + 1500))]),
+            400,
+            -1021,
+        ),
+        (
+            await _signed(
+                rig,
+                "DELETE",
+                path,
+                [*ok[:2], ("timestamp", str(now_ms())), ("recvWindow", "70000")],
+            ),
+            400,
+            -1131,
+        ),
         (await _signed(rig, "DELETE", path, [ok[0], ok[2]]), 400, -1102),
         (await _signed(rig, "DELETE", path, [("symbol", "NOPE"), *ok[1:]]), 400, -1121),
         (await _signed(rig, "DELETE", path, [ok[0], ("strategyId", "12a"), ok[2]]), 400, -1100),
@@ -111,27 +143,36 @@ async def test_sim_checks_key_signature_timestamp_and_params(rig: Rig) -> None:
 
 async def test_sim_retired_route_answers_404(rig: Rig) -> None:
     rig.state.config.um_conditional_enabled = False
-    response = await _signed(rig, "DELETE", "/papi/v1/um/conditional/order",
-                             [("symbol", "BTCUSDT"), ("strategyId", "1"),
-                              ("timestamp", str(now_ms()))])
+    response = await _signed(
+        rig,
+        "DELETE",
+        "/papi/v1/um/conditional/order",
+        [("symbol", "BTCUSDT"), ("strategyId", "1"), ("timestamp", str(now_ms()))],
+    )
     assert response.status_code == 404
-    cm = await _signed(rig, "DELETE", "/papi/v1/cm/conditional/order",
-                       [("symbol", "BTCUSD_PERP"), ("strategyId", "1"),
-                        ("timestamp", str(now_ms()))])
+    cm = await _signed(
+        rig,
+        "DELETE",
+        "/papi/v1/cm/conditional/order",
+        [("symbol", "BTCUSD_PERP"), ("strategyId", "1"), ("timestamp", str(now_ms()))],
+    )
     assert cm.json()["code"] == -2011  # CM conditional is not retired
 
 
 # -- executor decisions ---------------------------------------------------------------------
 
+
 async def test_each_route_cancels_with_evidence(rig: Rig) -> None:
     um = rig.seed(market="UM", symbol="ETHUSDT", quantity="1.000")
     cm = rig.seed(market="CM", symbol="BTCUSD_PERP")
     algo = rig.seed(kind="algo")
-    out_um = await rig.executor.execute(cmd(symbol="ETHUSDT", strategy_id=um["strategy_id"]),
-                                        now_ms())
+    out_um = await rig.executor.execute(
+        cmd(symbol="ETHUSDT", strategy_id=um["strategy_id"]), now_ms()
+    )
     out_cm = await rig.executor.execute(
         cmd(market=Market.CM, symbol="BTCUSD_PERP", client_strategy_id=cm["client_strategy_id"]),
-        now_ms())
+        now_ms(),
+    )
     out_algo = await rig.executor.execute(cmd(algo_id=algo["algo_id"]), now_ms())
     assert out_um.canceled and out_um.route is Route.UM_CONDITIONAL
     assert out_um.strategy is not None and out_um.strategy["orig_qty"] == "1.000"
@@ -139,13 +180,20 @@ async def test_each_route_cancels_with_evidence(rig: Rig) -> None:
     assert out_algo.canceled and out_algo.strategy is not None
     assert out_algo.strategy["algo_id"] == algo["algo_id"]
     assert {c.order_id for c in rig.state.book.cancels} == {
-        um["strategy_id"], cm["strategy_id"], algo["algo_id"]}
+        um["strategy_id"],
+        cm["strategy_id"],
+        algo["algo_id"],
+    }
 
 
 async def test_retry_carries_fresh_timestamp_and_signature(rig: Rig) -> None:
     order = rig.seed(kind="algo")
-    rig.state.faults.extend([Fault(503, None, "Service Unavailable"),
-                             Fault(400, -1000, "An unknown error occurred while processing.")])
+    rig.state.faults.extend(
+        [
+            Fault(503, None, "Service Unavailable"),
+            Fault(400, -1000, "An unknown error occurred while processing."),
+        ]
+    )
     outcome = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
     assert outcome.canceled and outcome.attempts == 3
     log = rig.cancel_log()
@@ -157,8 +205,7 @@ async def test_retry_carries_fresh_timestamp_and_signature(rig: Rig) -> None:
 
 async def test_terminal_and_ambiguous_answers(rig: Rig) -> None:
     order = rig.seed(kind="algo")
-    rig.state.faults.append(Fault(400, -1006, "An unexpected response was received.",
-                                  apply=True))
+    rig.state.faults.append(Fault(400, -1006, "An unexpected response was received.", apply=True))
     unknown = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
     assert not unknown.canceled and unknown.reason is FailureReason.OUTCOME_UNKNOWN
     assert unknown.attempts == 1  # ambiguous is never blindly re-sent
@@ -182,17 +229,19 @@ async def test_expired_unknown_account_and_retired_route_send_nothing_or_explain
 ) -> None:
     order = rig.seed(market="UM", symbol="BTCUSDT")
     expired = await rig.executor.execute(
-        cmd(symbol="BTCUSDT", strategy_id=order["strategy_id"], expires_at=now_ms() - 1),
-        now_ms())
+        cmd(symbol="BTCUSDT", strategy_id=order["strategy_id"], expires_at=now_ms() - 1), now_ms()
+    )
     stranger = await rig.executor.execute(
-        cmd(account="nobody", symbol="BTCUSDT", strategy_id=order["strategy_id"]), now_ms())
+        cmd(account="nobody", symbol="BTCUSDT", strategy_id=order["strategy_id"]), now_ms()
+    )
     assert expired.reason is FailureReason.EXPIRED and expired.attempts == 0
     assert stranger.reason is FailureReason.UNKNOWN_ACCOUNT and stranger.attempts == 0
     assert rig.cancel_log() == []
 
     rig.state.config.um_conditional_enabled = False
     retired = await rig.executor.execute(
-        cmd(symbol="BTCUSDT", strategy_id=order["strategy_id"]), now_ms())
+        cmd(symbol="BTCUSDT", strategy_id=order["strategy_id"]), now_ms()
+    )
     assert retired.reason is FailureReason.ROUTE_RETIRED
     assert retired.hint is not None and "algo_id" in retired.hint
 
@@ -201,8 +250,9 @@ async def test_ed25519_and_rsa_accounts_sign_accepted_requests(rig: Rig) -> None
     results = collections.Counter()
     for account in ("desk-ed", "desk-rsa"):
         order = seed_order(rig.state, {"account": account, "kind": "algo"})
-        outcome = await rig.executor.execute(cmd(account=account, algo_id=order["algo_id"]),
-                                             now_ms())
+        outcome = await rig.executor.execute(
+            cmd(account=account, algo_id=order["algo_id"]), now_ms()
+        )
         results[outcome.canceled] += 1
     assert results == {True: 2}
 

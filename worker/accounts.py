@@ -68,7 +68,9 @@ def _read(alias: str, name: str, base: Path, path_value: object) -> bytes:
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise AccountsError(f"account {alias!r}: cannot read {name}_file {path}: {exc.strerror}") from exc
+        raise AccountsError(
+            f"account {alias!r}: cannot read {name}_file {path}: {exc.strerror}"
+        ) from exc
 
 
 def _private_key_signer(
@@ -103,7 +105,9 @@ def parse_accounts(data: dict[str, Any], base: Path) -> dict[str, Credentials]:
         secret = _value(alias, entry, "secret", base)
         pem_path = entry.get("private_key_file")
         if (secret is None) == (pem_path is None):
-            raise AccountsError(f"account {alias!r}: give exactly one of secret or private_key_file")
+            raise AccountsError(
+                f"account {alias!r}: give exactly one of secret or private_key_file"
+            )
         if secret is not None:
             result[alias] = Credentials(alias, api_key, HmacSigner(secret), hmac_secret=secret)
             continue

@@ -20,8 +20,12 @@ from worker.settings import Settings, SettingsError, load_settings
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
-                                 "logger": record.name, "msg": record.getMessage()}
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -49,8 +53,12 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
         raise click.UsageError(str(exc)) from exc
 
 
-config_option = click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path),
-                             help="TOML settings file (environment variables override it).")
+config_option = click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML settings file (environment variables override it).",
+)
 
 
 @click.group()
@@ -73,23 +81,37 @@ def run(config: Path | None) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=int, help="0 picks a free port.")
-@click.option("--accounts", "accounts_file", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Accounts TOML (same format as the worker's): API keys and verification keys.")
-@click.option("--retire-um-conditional", is_flag=True,
-              help="Answer 404 on /papi/v1/um/conditional/*, as a retired route does.")
+@click.option(
+    "--accounts",
+    "accounts_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Accounts TOML (same format as the worker's): API keys and verification keys.",
+)
+@click.option(
+    "--retire-um-conditional",
+    is_flag=True,
+    help="Answer 404 on /papi/v1/um/conditional/*, as a retired route does.",
+)
 @click.option("--clock-skew-ms", default=0, type=int, help="Simulator clock minus local clock.")
 @click.option("--log-level", default="INFO")
-def sim(host: str, port: int, accounts_file: Path, retire_um_conditional: bool,
-        clock_skew_ms: int, log_level: str) -> None:
+def sim(
+    host: str,
+    port: int,
+    accounts_file: Path,
+    retire_um_conditional: bool,
+    clock_skew_ms: int,
+    log_level: str,
+) -> None:
     """Serve the PAPI simulator."""
     from worker.accounts import AccountsError  # noqa: PLC0415
     from worker.sim.app import SimConfig  # noqa: PLC0415
     from worker.sim.server import serve_forever  # noqa: PLC0415
 
     configure_logging(log_level)
-    config = SimConfig(um_conditional_enabled=not retire_um_conditional,
-                       clock_skew_ms=clock_skew_ms)
+    config = SimConfig(
+        um_conditional_enabled=not retire_um_conditional, clock_skew_ms=clock_skew_ms
+    )
     try:
         asyncio.run(serve_forever(accounts_file, host, port, config))
     except AccountsError as exc:
@@ -166,8 +188,11 @@ def check(config: Path | None, create_topics: bool, partitions: int, taxonomy: b
         raise click.ClickException(str(exc)) from exc
     click.echo(f"accounts: {', '.join(f'{a} ({c.key_kind})' for a, c in sorted(accounts.items()))}")
     if create_topics:
-        topics = {settings.commands_topic: partitions, settings.results_topic: partitions,
-                  settings.deadletter_topic: 1}
+        topics = {
+            settings.commands_topic: partitions,
+            settings.results_topic: partitions,
+            settings.deadletter_topic: 1,
+        }
         asyncio.run(ensure_topics(settings.bootstrap_servers, topics))
         click.echo(f"topics ready on {settings.bootstrap_servers}: {', '.join(topics)}")
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from jsonschema.exceptions import ValidationError, best_match
 
-from worker.contracts import command_validator
+from worker.contracts import COMMAND_SCHEMA, command_validator, load_schema
 
 DEFAULT_MAX_COMMAND_BYTES = 64 * 1024
 _DETAIL_MAX = 300
@@ -89,10 +89,14 @@ def _describe(error: ValidationError) -> str:
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
     keyword = str(error.validator)
     if keyword == "oneOf" and not error.absolute_path:
-        return ("(root): exactly one of strategy_id, client_strategy_id, algo_id, "
-                "client_algo_id is required")
+        return (
+            "(root): exactly one of strategy_id, client_strategy_id, algo_id, "
+            "client_algo_id is required"
+        )
     if keyword == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        known = load_schema(COMMAND_SCHEMA)["properties"]
+        instance = error.instance if isinstance(error.instance, dict) else {}
+        extra = sorted(set(instance) - set(known))
         return _clip(f"(root): unknown field(s): {', '.join(map(str, extra))}")
     if keyword == "required":
         return _clip(f"{where}: {error.message}")
@@ -101,12 +105,16 @@ def _describe(error: ValidationError) -> str:
     return _clip(f"{where}: failed '{keyword}' ({_clip(error.message, 120)})")
 
 
-def decode(raw: bytes | None, max_bytes: int = DEFAULT_MAX_COMMAND_BYTES) -> Command | InvalidCommand:
+def decode(
+    raw: bytes | None, max_bytes: int = DEFAULT_MAX_COMMAND_BYTES
+) -> Command | InvalidCommand:
     """Decode and validate one record value. Never raises on bad input."""
     if raw is None:
         return InvalidCommand(detail="empty record (null value)")
     if len(raw) > max_bytes:
-        return InvalidCommand(detail=f"payload of {len(raw)} bytes exceeds the {max_bytes}-byte limit")
+        return InvalidCommand(
+            detail=f"payload of {len(raw)} bytes exceeds the {max_bytes}-byte limit"
+        )
     try:
         obj: Any = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

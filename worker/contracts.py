@@ -28,7 +28,8 @@ def _is_strict_integer(_checker: object, instance: object) -> bool:
 
 
 _type_checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer)
-StrictValidator = extend(Draft202012Validator, type_checker=_type_checker)
+# jsonschema's `extend` is untyped; the result is a validator class like the one it extends.
+StrictValidator = extend(Draft202012Validator, type_checker=_type_checker)  # type: ignore[no-untyped-call]
 
 
 def schema_dir() -> Path:

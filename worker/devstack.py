@@ -39,17 +39,32 @@ class Broker:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        subprocess.run([str(KAFKA_SCRIPT), "stop", "--data-dir", str(self.data_dir)],  # noqa: S603
-                       check=False, capture_output=True)
+        subprocess.run(  # noqa: S603 - the project's own script
+            [str(KAFKA_SCRIPT), "stop", "--data-dir", str(self.data_dir)],
+            check=False,
+            capture_output=True,
+        )
 
 
 def start_broker(data_dir: Path, timeout_s: int = 180) -> Broker:
     """Start a single-node KRaft broker with the project's script; returns once ready."""
     broker = Broker(data_dir, free_port(), free_port())
     result = subprocess.run(  # noqa: S603 - the project's own script
-        [str(KAFKA_SCRIPT), "start", "--port", str(broker.port), "--controller-port",
-         str(broker.controller_port), "--data-dir", str(data_dir), "--timeout", str(timeout_s)],
-        check=False, capture_output=True, text=True,
+        [
+            str(KAFKA_SCRIPT),
+            "start",
+            "--port",
+            str(broker.port),
+            "--controller-port",
+            str(broker.controller_port),
+            "--data-dir",
+            str(data_dir),
+            "--timeout",
+            str(timeout_s),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise RuntimeError(f"Kafka broker failed to start:\n{result.stderr[-4000:]}")
@@ -59,22 +74,33 @@ def start_broker(data_dir: Path, timeout_s: int = 180) -> Broker:
 class Process:
     """A child process whose output is collected in the background (and echoed if asked)."""
 
-    def __init__(self, name: str, argv: list[str], env: Mapping[str, str] | None = None,
-                 echo: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: Mapping[str, str] | None = None,
+        echo: IO[str] | None = None,
+    ) -> None:
         self.name = name
         self.lines: list[str] = []
         self._echo = echo
         self._ready = threading.Event()
         self._ready_prefix: str | None = None
         self.proc = subprocess.Popen(  # noqa: S603 - our own entry points
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})}, cwd=str(REPO), start_new_session=True,
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=str(REPO),
+            start_new_session=True,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
+        if self.proc.stdout is None:
+            return
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
             if self._echo is not None:
@@ -94,6 +120,18 @@ class Process:
             self._ready.wait(0.05)
         tail = "\n".join(self.lines[-40:])
         raise RuntimeError(f"{self.name} did not print {prefix!r} in time; output:\n{tail}")
+
+    def wait_for_line_containing(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if text in line:
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.lines[-40:])
+        raise RuntimeError(f"{self.name} did not log {text!r} in time; output:\n{tail}")
 
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -129,8 +167,9 @@ def cli_argv(*args: str) -> list[str]:
 
 
 def start_sim(accounts_file: Path, *extra: str, echo: IO[str] | None = None) -> tuple[Process, str]:
-    proc = Process("sim", cli_argv("sim", "--port", "0", "--accounts", str(accounts_file), *extra),
-                   echo=echo)
+    proc = Process(
+        "sim", cli_argv("sim", "--port", "0", "--accounts", str(accounts_file), *extra), echo=echo
+    )
     line = proc.wait_for_line("SIM_READY ", 30)
     return proc, line.split(" ", 1)[1].strip()
 

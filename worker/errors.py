@@ -58,7 +58,10 @@ class Rule:
     def matches(self, status: int, code: int | None, msg: str | None) -> bool:
         if self.status is not None and status != self.status:
             return False
-        if self.status_range is not None and not self.status_range[0] <= status <= self.status_range[1]:
+        if (
+            self.status_range is not None
+            and not self.status_range[0] <= status <= self.status_range[1]
+        ):
             return False
         if self.code is not None and code != self.code:
             return False
@@ -71,7 +74,9 @@ F = FailureReason
 TAXONOMY: tuple[Rule, ...] = (
     Rule("418", 418, None, R, F.RATE_LIMITED, "IP banned: stop all traffic until Retry-After"),
     Rule("429", 429, None, R, F.RATE_LIMITED, "back off on this IP, honour Retry-After"),
-    Rule("-1003", None, -1003, R, F.RATE_LIMITED, "too many requests or IP banned: wait, then retry"),
+    Rule(
+        "-1003", None, -1003, R, F.RATE_LIMITED, "too many requests or IP banned: wait, then retry"
+    ),
     Rule("-1021", None, -1021, R, F.REJECTED, "resync the clock, re-sign, retry once"),
     Rule("-1022", None, -1022, T, F.AUTH, "bad signature: configuration error"),
     Rule("-2014", None, -2014, T, F.AUTH, "bad API key format"),
@@ -89,19 +94,53 @@ TAXONOMY: tuple[Rule, ...] = (
     Rule("-1007", None, -1007, A, F.OUTCOME_UNKNOWN, "timeout, status unknown: reconcile"),
     Rule("403", 403, None, T, F.REJECTED, "WAF rule hit: terminal for the request"),
     Rule("404", 404, None, T, F.ROUTE_RETIRED, "route not served: tell the producer"),
-    Rule("503 Service Unavailable", 503, None, R, F.EXCHANGE_UNAVAILABLE,
-         "not executed: retry with backoff", msg_contains="service unavailable"),
-    Rule("5XX other", None, None, A, F.OUTCOME_UNKNOWN, "status unknown: reconcile",
-         status_range=(500, 599)),
-    Rule("timeout/reset after write", None, None, A, F.OUTCOME_UNKNOWN,
-         "status unknown: reconcile", status_range=(0, 0)),
-    Rule("4XX other", None, None, T, F.REJECTED, "request was wrong: do not retry unchanged",
-         status_range=(400, 499)),
+    Rule(
+        "503 Service Unavailable",
+        503,
+        None,
+        R,
+        F.EXCHANGE_UNAVAILABLE,
+        "not executed: retry with backoff",
+        msg_contains="service unavailable",
+    ),
+    Rule(
+        "5XX other",
+        None,
+        None,
+        A,
+        F.OUTCOME_UNKNOWN,
+        "status unknown: reconcile",
+        status_range=(500, 599),
+    ),
+    Rule(
+        "timeout/reset after write",
+        None,
+        None,
+        A,
+        F.OUTCOME_UNKNOWN,
+        "status unknown: reconcile",
+        status_range=(0, 0),
+    ),
+    Rule(
+        "4XX other",
+        None,
+        None,
+        T,
+        F.REJECTED,
+        "request was wrong: do not retry unchanged",
+        status_range=(400, 499),
+    ),
 )
 del R, T, A, F
 
-_FALLBACK = Rule("other", None, None, Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN,
-                 "unexpected answer: reconcile")
+_FALLBACK = Rule(
+    "other",
+    None,
+    None,
+    Disposition.AMBIGUOUS,
+    FailureReason.OUTCOME_UNKNOWN,
+    "unexpected answer: reconcile",
+)
 
 
 def classify(status: int, code: int | None, msg: str | None) -> Rule:
@@ -115,8 +154,10 @@ def classify(status: int, code: int | None, msg: str | None) -> Rule:
 def taxonomy_markdown() -> str:
     """The taxonomy as the Markdown table the README carries."""
     lines = ["| signal | disposition | failure reason | action |", "|---|---|---|---|"]
-    lines += [f"| {r.signal} | {r.disposition.value} | `{r.reason.value}` | {r.action} |"
-              for r in TAXONOMY]
+    lines += [
+        f"| {r.signal} | {r.disposition.value} | `{r.reason.value}` | {r.action} |"
+        for r in TAXONOMY
+    ]
     return "\n".join(lines)
 
 
@@ -142,15 +183,17 @@ class TransportError(PapiError):
         super().__init__(message)
         self.written = written
         self.disposition = Disposition.AMBIGUOUS if written else Disposition.RETRYABLE
-        self.reason = (FailureReason.OUTCOME_UNKNOWN if written
-                       else FailureReason.EXCHANGE_UNAVAILABLE)
+        self.reason = (
+            FailureReason.OUTCOME_UNKNOWN if written else FailureReason.EXCHANGE_UNAVAILABLE
+        )
 
 
 class ExchangeError(PapiError):
     """The exchange answered with an error."""
 
-    def __init__(self, status: int, code: int | None, msg: str | None,
-                 retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, status: int, code: int | None, msg: str | None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"HTTP {status} code={code} msg={msg}")
         self.status = status
         self.code = code

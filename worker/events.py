@@ -54,7 +54,6 @@ def _common(
     completed_at: int,
 ) -> dict[str, Any]:
     market = subject.market.value if subject.market is not None else None
-    is_command = isinstance(subject, Command)
     return {
         "type": event_type,
         "schema_version": SCHEMA_VERSION,
@@ -66,8 +65,8 @@ def _common(
         "attempts": attempts,
         "received_at": received_at,
         "completed_at": completed_at,
-        "command_reason": subject.reason if is_command else None,
-        "command_source": subject.source if is_command else None,
+        "command_reason": subject.reason if isinstance(subject, Command) else None,
+        "command_source": subject.source if isinstance(subject, Command) else None,
     }
 
 

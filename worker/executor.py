@@ -20,6 +20,7 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
+from tenacity.stop import stop_base
 
 from worker import normalize
 from worker.accounts import Credentials
@@ -62,7 +63,18 @@ class RetryPolicy:
     recv_window_ms: int = 5_000
 
 
-class _Expired(Exception):
+class _StopBeforeDeadline(stop_base):
+    """Stop when the next attempt would start at or after the deadline (wait included)."""
+
+    def __init__(self, clock: Callable[[], int], deadline_ms: int) -> None:
+        self._clock = clock
+        self._deadline_ms = deadline_ms
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._clock() + int(retry_state.upcoming_sleep * 1000) >= self._deadline_ms
+
+
+class _ExpiredError(Exception):
     """``expires_at`` passed before the next attempt could be sent."""
 
 
@@ -103,22 +115,32 @@ class CancelExecutor:
     async def execute(self, command: Command, received_at: int) -> Outcome:
         creds = self._accounts.get(command.account)
         if creds is None:
-            return Outcome(False, 0, reason=FailureReason.UNKNOWN_ACCOUNT,
-                           detail=f"no credentials configured for account {command.account!r}")
+            return Outcome(
+                False,
+                0,
+                reason=FailureReason.UNKNOWN_ACCOUNT,
+                detail=f"no credentials configured for account {command.account!r}",
+            )
         request = plan_cancel(command, self._policy.recv_window_ms)
         deadline = self.retry_deadline_ms(command, received_at)
         attempts = _AttemptLog()
         try:
-            response = await self._send_with_retry(creds, request, command.expires_at, deadline,
-                                                   attempts)
-        except _Expired:
+            response = await self._send_with_retry(
+                creds, request, command.expires_at, deadline, attempts
+            )
+        except _ExpiredError:
             last = attempts.last_error
             detail = "expires_at passed before the cancel could be sent"
             if last is not None:
                 detail += f"; last error: {last}"
-            return Outcome(False, attempts.count, route=request.route,
-                           reason=FailureReason.EXPIRED, detail=detail,
-                           exchange=_reply(last) if last is not None else None)
+            return Outcome(
+                False,
+                attempts.count,
+                route=request.route,
+                reason=FailureReason.EXPIRED,
+                detail=detail,
+                exchange=_reply(last) if last is not None else None,
+            )
         except PapiError as exc:
             return self._failure(request.route, exc, attempts.count)
         return self._success(command, request.route, response, attempts.count)
@@ -133,18 +155,24 @@ class CancelExecutor:
     ) -> PapiResponse:
         policy = self._policy
 
-        def past_deadline(state: RetryCallState) -> bool:
-            return self._clock() + int(state.upcoming_sleep * 1000) >= deadline
-
         def note(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome is not None else None
-            log.info("retrying route=%s attempt=%d after %s, sleeping %.3fs", request.route,
-                     state.attempt_number, exc, state.upcoming_sleep)
+            log.info(
+                "retrying route=%s attempt=%d after %s, sleeping %.3fs",
+                request.route,
+                state.attempt_number,
+                exc,
+                state.upcoming_sleep,
+            )
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(policy.max_attempts) | past_deadline,
-            wait=wait_exponential_jitter(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s,
-                                         jitter=policy.backoff_initial_s),
+            stop=stop_after_attempt(policy.max_attempts)
+            | _StopBeforeDeadline(self._clock, deadline),
+            wait=wait_exponential_jitter(
+                multiplier=policy.backoff_initial_s,
+                max=policy.backoff_max_s,
+                jitter=policy.backoff_initial_s,
+            ),
             retry=retry_if_exception(_is_retryable),
             before_sleep=note,
             reraise=True,
@@ -152,11 +180,12 @@ class CancelExecutor:
         async for attempt in retrying:
             with attempt:
                 if expires_at is not None and self._clock() >= expires_at:
-                    raise _Expired
+                    raise _ExpiredError
                 attempts.count += 1
                 try:
-                    return await self._client.signed(creds, request.method, request.path,
-                                                     request.params)
+                    return await self._client.signed(
+                        creds, request.method, request.path, request.params
+                    )
                 except PapiError as exc:
                     attempts.last_error = exc
                     raise
@@ -166,21 +195,44 @@ class CancelExecutor:
         reply = _reply(exc)
         if exc.disposition is Disposition.AMBIGUOUS:
             written = isinstance(exc, TransportError) and exc.written
-            detail = (f"the cancel may have reached the exchange ({exc}); "
-                      "its outcome could not be established, so none is claimed")
+            detail = (
+                f"the cancel may have reached the exchange ({exc}); "
+                "its outcome could not be established, so none is claimed"
+            )
             if written:
                 detail = f"no answer after the request was sent ({exc}); outcome not claimed"
-            return Outcome(False, attempts, route=route, reason=FailureReason.OUTCOME_UNKNOWN,
-                           detail=detail, exchange=reply)
+            return Outcome(
+                False,
+                attempts,
+                route=route,
+                reason=FailureReason.OUTCOME_UNKNOWN,
+                detail=detail,
+                exchange=reply,
+            )
         if exc.disposition is Disposition.RETRYABLE:
-            reason = exc.reason if exc.reason in (FailureReason.RATE_LIMITED,
-                                                  FailureReason.EXCHANGE_UNAVAILABLE) \
+            reason = (
+                exc.reason
+                if exc.reason in (FailureReason.RATE_LIMITED, FailureReason.EXCHANGE_UNAVAILABLE)
                 else FailureReason.RETRIES_EXHAUSTED
-            return Outcome(False, attempts, route=route, reason=reason,
-                           detail=f"gave up after {attempts} attempt(s): {exc}", exchange=reply)
+            )
+            return Outcome(
+                False,
+                attempts,
+                route=route,
+                reason=reason,
+                detail=f"gave up after {attempts} attempt(s): {exc}",
+                exchange=reply,
+            )
         hint = RETIRED_HINTS[route] if exc.reason is FailureReason.ROUTE_RETIRED else None
-        return Outcome(False, attempts, route=route, reason=exc.reason,
-                       detail=f"exchange refused the cancel: {exc}", exchange=reply, hint=hint)
+        return Outcome(
+            False,
+            attempts,
+            route=route,
+            reason=exc.reason,
+            detail=f"exchange refused the cancel: {exc}",
+            exchange=reply,
+            hint=hint,
+        )
 
     def _success(
         self, command: Command, route: Route, response: PapiResponse, attempts: int
@@ -188,15 +240,28 @@ class CancelExecutor:
         body = response.body
         if route is Route.UM_ALGO:
             if isinstance(body, dict) and body.get("complete") is True:
-                return Outcome(True, attempts, route=route,
-                               strategy=normalize.from_algo_cancel(command))
+                return Outcome(
+                    True, attempts, route=route, strategy=normalize.from_algo_cancel(command)
+                )
         elif isinstance(body, dict) and normalize.strategy_status_ok(body):
-            return Outcome(True, attempts, route=route,
-                           strategy=normalize.from_strategy_object(body, route))
+            return Outcome(
+                True, attempts, route=route, strategy=normalize.from_strategy_object(body, route)
+            )
         elif isinstance(body, dict) and body.get("strategyStatus") in normalize.STATUSES:
             status = str(body["strategyStatus"])
-            return Outcome(False, attempts, route=route, reason=FailureReason.ALREADY_CLOSED,
-                           detail=f"exchange answered with status {status}", order_status=status)
-        return Outcome(False, attempts, route=route, reason=FailureReason.OUTCOME_UNKNOWN,
-                       detail="exchange answered 2XX without a recognizable confirmation",
-                       exchange=ExchangeReply(response.status, None, None))
+            return Outcome(
+                False,
+                attempts,
+                route=route,
+                reason=FailureReason.ALREADY_CLOSED,
+                detail=f"exchange answered with status {status}",
+                order_status=status,
+            )
+        return Outcome(
+            False,
+            attempts,
+            route=route,
+            reason=FailureReason.OUTCOME_UNKNOWN,
+            detail="exchange answered 2XX without a recognizable confirmation",
+            exchange=ExchangeReply(response.status, None, None),
+        )

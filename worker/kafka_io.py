@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 
@@ -58,8 +59,14 @@ class ConsumerSource:
         out: list[InRecord] = []
         for records in batches.values():
             out.extend(
-                InRecord(r.topic, r.partition, r.offset, r.key, r.value,
-                         tuple((k, bytes(v)) for k, v in (r.headers or ())))
+                InRecord(
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    r.key,
+                    r.value,
+                    tuple((k, bytes(v)) for k, v in (r.headers or ())),
+                )
                 for r in records
             )
         return out
@@ -74,12 +81,16 @@ class AtLeastOnceSink:
 
     async def publish(self, records: Sequence[OutRecord]) -> None:
         # send() enqueues in call order (so per-partition order is kept); then wait for acks.
-        futures = [await self._producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
-                   for r in records]
+        futures = [
+            await self._producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
+            for r in records
+        ]
         await asyncio.gather(*futures)
 
     async def commit(self, positions: Mapping[Partition, int]) -> None:
-        await self._consumer.commit({TopicPartition(t, p): off for (t, p), off in positions.items()})
+        await self._consumer.commit(
+            {TopicPartition(t, p): off for (t, p), off in positions.items()}
+        )
 
 
 class PipelineRebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -104,13 +115,14 @@ async def ensure_topics(bootstrap: str, topics: Mapping[str, int]) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [NewTopic(name, partitions, 1) for name, partitions in topics.items()
-                  if name not in existing]
+        wanted = [
+            NewTopic(name, partitions, 1)
+            for name, partitions in topics.items()
+            if name not in existing
+        ]
         if wanted:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # created meanwhile: fine
                 await admin.create_topics(wanted)
-            except TopicAlreadyExistsError:
-                pass
     finally:
         await admin.close()
 

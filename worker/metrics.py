@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-RESULTS = Counter("cancel_worker_results_total", "Result events published",
-                  ["type", "reason"])
-HTTP_REQUESTS = Counter("cancel_worker_http_requests_total", "PAPI requests sent",
-                        ["route", "outcome"])
-DEADLETTERS = Counter("cancel_worker_deadletters_total", "Raw records sent to the dead-letter topic")
+RESULTS = Counter("cancel_worker_results_total", "Result events published", ["type", "reason"])
+HTTP_REQUESTS = Counter(
+    "cancel_worker_http_requests_total", "PAPI requests sent", ["route", "outcome"]
+)
+DEADLETTERS = Counter(
+    "cancel_worker_deadletters_total", "Raw records sent to the dead-letter topic"
+)
 IN_FLIGHT = Gauge("cancel_worker_in_flight", "Commands being processed")
 COMMITS = Counter("cancel_worker_offset_commits_total", "Offset commits")
 COMMAND_SECONDS = Histogram(
-    "cancel_worker_command_seconds", "From receipt to durable result, per command",
+    "cancel_worker_command_seconds",
+    "From receipt to durable result, per command",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )

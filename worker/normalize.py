@@ -14,15 +14,35 @@ from worker.commands import Command
 from worker.routes import Route
 
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
-STATUSES = frozenset({"NEW", "CANCELED", "TRIGGERED", "TRIGGERING", "FINISHED", "EXPIRED", "REJECTED"})
+STATUSES = frozenset(
+    {"NEW", "CANCELED", "TRIGGERED", "TRIGGERING", "FINISHED", "EXPIRED", "REJECTED"}
+)
 _SIDES = frozenset({"BUY", "SELL"})
 _POSITION_SIDES = frozenset({"BOTH", "LONG", "SHORT"})
 
 STRATEGY_FIELDS = (
-    "strategy_id", "client_strategy_id", "algo_id", "client_algo_id", "status", "order_type",
-    "side", "position_side", "orig_qty", "price", "stop_price", "activate_price", "price_rate",
-    "time_in_force", "working_type", "reduce_only", "price_protect", "book_time", "update_time",
-    "self_trade_prevention_mode", "good_till_date", "price_match",
+    "strategy_id",
+    "client_strategy_id",
+    "algo_id",
+    "client_algo_id",
+    "status",
+    "order_type",
+    "side",
+    "position_side",
+    "orig_qty",
+    "price",
+    "stop_price",
+    "activate_price",
+    "price_rate",
+    "time_in_force",
+    "working_type",
+    "reduce_only",
+    "price_protect",
+    "book_time",
+    "update_time",
+    "self_trade_prevention_mode",
+    "good_till_date",
+    "price_match",
 )
 
 

@@ -68,8 +68,9 @@ class OffsetTracker(Generic[P]):
             state.complete(offset)
 
     def to_commit(self, parts: Iterable[P] | None = None) -> dict[P, int]:
-        chosen = self._parts if parts is None else {p: self._parts[p] for p in parts
-                                                     if p in self._parts}
+        chosen = (
+            self._parts if parts is None else {p: self._parts[p] for p in parts if p in self._parts}
+        )
         out: dict[P, int] = {}
         for part, state in chosen.items():
             position = state.uncommitted_position()

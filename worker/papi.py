@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _USER_AGENT = "cancel-worker/0.1"
 
 
-class MalformedAnswer(PapiError):
+class MalformedAnswerError(PapiError):
     """A 2XX answer whose body cannot be read: whether the cancel happened is unknown."""
 
 
@@ -89,8 +89,9 @@ class PapiClient:
         self._http = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
             headers={"User-Agent": _USER_AGENT},
             transport=transport,
             follow_redirects=False,
@@ -121,16 +122,20 @@ class PapiClient:
         try:
             response = await self._http.request(method, url, auth=self._auth_for(creds))
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise TransportError(f"{type(exc).__name__} before the request was sent",
-                                 written=False) from exc
+            raise TransportError(
+                f"{type(exc).__name__} before the request was sent", written=False
+            ) from exc
         except httpx.TransportError as exc:
             # Read/write timeouts, resets, protocol errors: the request may have arrived.
-            raise TransportError(f"{type(exc).__name__} after the request was sent",
-                                 written=True) from exc
+            raise TransportError(
+                f"{type(exc).__name__} after the request was sent", written=True
+            ) from exc
         if not 200 <= response.status_code < 300:
             raise _error_from(response)
         try:
             body = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
-            raise MalformedAnswer(f"HTTP {response.status_code} with a body that is not JSON") from exc
+            raise MalformedAnswerError(
+                f"HTTP {response.status_code} with a body that is not JSON"
+            ) from exc
         return PapiResponse(response.status_code, body, response.headers)

@@ -171,13 +171,13 @@ class Pipeline:
         where = f"{record.topic}[{record.partition}]@{record.offset}"
         try:
             outgoing = await self._handler(record)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure here must stop the worker
             # Handlers turn every failure into a result; reaching here is a defect.
             self._fail(RuntimeError(f"handler failed for {where}: {exc!r}"))
             return
         try:
             await self._sink.publish(outgoing)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any publish failure must stop the worker
             self._fail(PublishFailedError(f"publishing results for {where} failed: {exc}"))
             return
         self._tracker.complete((record.topic, record.partition), record.offset)
@@ -216,8 +216,11 @@ class Pipeline:
             return
         _, pending = await asyncio.wait(tasks, timeout=grace_s)
         if pending:
-            log.warning("%d record(s) still in flight after %.1fs; they will be read again",
-                        len(pending), grace_s)
+            log.warning(
+                "%d record(s) still in flight after %.1fs; they will be read again",
+                len(pending),
+                grace_s,
+            )
 
     async def on_revoked(self, parts: Sequence[Partition]) -> None:
         """Finish the revoked partitions' in-flight records (bounded), commit, forget them."""
@@ -227,4 +230,3 @@ class Pipeline:
 
     def on_assigned(self, parts: Sequence[Partition]) -> None:
         self._tracker.drop(parts)  # start clean from the committed position
-

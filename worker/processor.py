@@ -46,34 +46,75 @@ class CommandProcessor:
             outcome = await self._executor.execute(decoded, received_at)
         except Exception:
             log.exception("unexpected error executing command_id=%s", decoded.command_id)
-            outcome = Outcome(False, 0, reason=FailureReason.OUTCOME_UNKNOWN,
-                              detail="internal error while executing; outcome not claimed")
+            outcome = Outcome(
+                False,
+                0,
+                reason=FailureReason.OUTCOME_UNKNOWN,
+                detail="internal error while executing; outcome not claimed",
+            )
         return [self._result(record, self._event(decoded, origin, outcome, received_at))]
 
-    def _event(self, command: Command, origin: Origin, outcome: Outcome,
-               received_at: int) -> dict[str, object]:
+    def _event(
+        self, command: Command, origin: Origin, outcome: Outcome, received_at: int
+    ) -> dict[str, object]:
         completed_at = self._clock()
         if outcome.canceled and outcome.route is not None and outcome.strategy is not None:
-            event = events.canceled(command, origin, outcome.route, outcome.strategy,
-                                    outcome.attempts, received_at, completed_at)
+            event = events.canceled(
+                command,
+                origin,
+                outcome.route,
+                outcome.strategy,
+                outcome.attempts,
+                received_at,
+                completed_at,
+            )
         else:
             reason = outcome.reason or FailureReason.OUTCOME_UNKNOWN
-            event = events.failed(command, origin, reason, outcome.detail or reason.value,
-                                  outcome.attempts, received_at, completed_at,
-                                  route=outcome.route, exchange=outcome.exchange,
-                                  order_status=outcome.order_status, hint=outcome.hint)
-        log.info("result command_id=%s account=%s type=%s reason=%s route=%s attempts=%d "
-                 "latency_ms=%d", command.command_id, command.account, event["type"],
-                 event.get("reason"), event.get("route"), outcome.attempts,
-                 completed_at - received_at)
+            event = events.failed(
+                command,
+                origin,
+                reason,
+                outcome.detail or reason.value,
+                outcome.attempts,
+                received_at,
+                completed_at,
+                route=outcome.route,
+                exchange=outcome.exchange,
+                order_status=outcome.order_status,
+                hint=outcome.hint,
+            )
+        log.info(
+            "result command_id=%s account=%s type=%s reason=%s route=%s attempts=%d latency_ms=%d",
+            command.command_id,
+            command.account,
+            event["type"],
+            event.get("reason"),
+            event.get("route"),
+            outcome.attempts,
+            completed_at - received_at,
+        )
         return event
 
-    def _invalid(self, record: InRecord, origin: Origin, invalid: InvalidCommand,
-                 received_at: int) -> Sequence[OutRecord]:
-        event = events.failed(invalid, origin, FailureReason.INVALID_COMMAND, invalid.detail,
-                              0, received_at, self._clock())
-        log.warning("invalid command at %s[%d]@%d command_id=%s: %s", record.topic,
-                    record.partition, record.offset, invalid.command_id, invalid.detail)
+    def _invalid(
+        self, record: InRecord, origin: Origin, invalid: InvalidCommand, received_at: int
+    ) -> Sequence[OutRecord]:
+        event = events.failed(
+            invalid,
+            origin,
+            FailureReason.INVALID_COMMAND,
+            invalid.detail,
+            0,
+            received_at,
+            self._clock(),
+        )
+        log.warning(
+            "invalid command at %s[%d]@%d command_id=%s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            invalid.command_id,
+            invalid.detail,
+        )
         dead = OutRecord(
             topic=self._deadletter_topic,
             key=record.key,

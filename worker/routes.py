@@ -91,4 +91,6 @@ def plan_cancel(command: Command, recv_window_ms: int) -> CancelRequest:
             params.append(("newClientStrategyId", str(command.client_strategy_id)))
     window = max(1, min(recv_window_ms, MAX_RECV_WINDOW_MS))
     params.append(("recvWindow", str(window)))
-    return CancelRequest(route=route, method="DELETE", path=CANCEL_PATHS[route], params=tuple(params))
+    return CancelRequest(
+        route=route, method="DELETE", path=CANCEL_PATHS[route], params=tuple(params)
+    )

@@ -20,8 +20,14 @@ def build_command(**fields: Any) -> dict[str, Any]:
         "market": fields["market"],
         "issued_at": now_ms(),
     }
-    for name in ("symbol", "strategy_id", "client_strategy_id", "algo_id", "client_algo_id",
-                 "reason"):
+    for name in (
+        "symbol",
+        "strategy_id",
+        "client_strategy_id",
+        "algo_id",
+        "client_algo_id",
+        "reason",
+    ):
         if fields.get(name) is not None:
             command[name] = fields[name]
     if fields.get("expires_in_ms") is not None:

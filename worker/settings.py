@@ -12,7 +12,6 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 ENV_PREFIX = "CANCEL_WORKER_"
 
@@ -56,9 +55,16 @@ class Settings:
 
     def check(self) -> Settings:
         """Raise :class:`SettingsError` for values no worker can run with."""
-        positive = ("max_in_flight", "max_command_bytes", "commit_interval_ms", "max_attempts",
-                    "recv_window_ms", "http_max_connections", "max_poll_records",
-                    "default_deadline_ms")
+        positive = (
+            "max_in_flight",
+            "max_command_bytes",
+            "commit_interval_ms",
+            "max_attempts",
+            "recv_window_ms",
+            "http_max_connections",
+            "max_poll_records",
+            "default_deadline_ms",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be positive")
@@ -75,7 +81,7 @@ class Settings:
 def _coerce(name: str, type_name: object, raw: object) -> object:
     """Convert a TOML or environment value to the field's type (annotations are strings here)."""
     label = f"{ENV_PREFIX}{name.upper()}"
-    if isinstance(raw, bool) or isinstance(raw, (dict, list)):
+    if isinstance(raw, bool | dict | list):
         raise SettingsError(f"{label}: expected a scalar value")
     text = str(raw).strip()
     try:
@@ -108,7 +114,7 @@ def load_settings(
             values[name] = _coerce(name, known[name], raw)
     for key, raw in environ.items():
         if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX):].lower()
+            name = key[len(ENV_PREFIX) :].lower()
             if name in known:
                 values[name] = _coerce(name, known[name], raw)
     for name, raw in overrides.items():

@@ -2,7 +2,8 @@
 
 PAPI routes (signed; API key, signature, timestamp and parameters checked in that order):
 
-* ``POST|DELETE /papi/v1/{um,cm}/conditional/order``, ``GET .../openOrder``, ``GET .../orderHistory``
+* ``POST|DELETE /papi/v1/{um,cm}/conditional/order``, ``GET .../openOrder``,
+  ``GET .../orderHistory``
 * ``POST|DELETE /papi/v1/um/algo/order``, ``GET /papi/v1/um/algo/algoOrder``
 * ``GET /papi/v1/ping`` and ``GET /fapi/v1/time`` (unsigned)
 
@@ -40,10 +41,12 @@ from worker.sim.book import (
     decimal_str,
 )
 
-UM_SYMBOLS = frozenset({"BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT",
-                        "ADAUSDT", "LTCUSDT"})
-CM_SYMBOLS = frozenset({"BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP", "SOLUSD_PERP",
-                        "BTCUSD_261225", "ETHUSD_261225"})
+UM_SYMBOLS = frozenset(
+    {"BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT", "LTCUSDT"}
+)
+CM_SYMBOLS = frozenset(
+    {"BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP", "SOLUSD_PERP", "BTCUSD_261225", "ETHUSD_261225"}
+)
 _CLIENT_ID = re.compile(r"[.A-Z:/a-z0-9_-]{1,36}")
 _ID = re.compile(r"[0-9]{1,19}")
 NOT_FOUND_HTML = b"<html><body><h2>404 Not found</h2></body></html>"
@@ -74,8 +77,9 @@ class Fault:
         if self.retry_after_s is not None:
             extra["Retry-After"] = str(self.retry_after_s)
         if self.code is None:
-            return Response(self.msg.encode(), status_code=self.status, media_type="text/plain",
-                            headers=extra)
+            return Response(
+                self.msg.encode(), status_code=self.status, media_type="text/plain", headers=extra
+            )
         return _json({"code": self.code, "msg": self.msg}, self.status, extra)
 
 
@@ -116,8 +120,12 @@ class SimState:
 
 
 def _json(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json",
-                    headers=dict(headers or {}))
+    return Response(
+        orjson.dumps(body),
+        status_code=status,
+        media_type="application/json",
+        headers=dict(headers or {}),
+    )
 
 
 def _error(exc: SimError, headers: Mapping[str, str]) -> Response:
@@ -127,8 +135,9 @@ def _error(exc: SimError, headers: Mapping[str, str]) -> Response:
 def _mandatory(params: Mapping[str, str], name: str) -> str:
     value = params.get(name)
     if not value:
-        raise SimError(400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, "
-                                   "or malformed.")
+        raise SimError(
+            400, -1102, f"Mandatory parameter '{name}' was not sent, was empty/null, or malformed."
+        )
     return value
 
 
@@ -137,8 +146,11 @@ def _id_param(params: Mapping[str, str], name: str) -> int | None:
     if value is None:
         return None
     if not _ID.fullmatch(value):
-        raise SimError(400, -1100, f"Illegal characters found in parameter '{name}'; legal range "
-                                   "is '^[0-9]{1,20}$'.")
+        raise SimError(
+            400,
+            -1100,
+            f"Illegal characters found in parameter '{name}'; legal range is '^[0-9]{{1,20}}$'.",
+        )
     return int(value)
 
 
@@ -147,8 +159,12 @@ def _client_id_param(params: Mapping[str, str], name: str) -> str | None:
     if value is None:
         return None
     if not _CLIENT_ID.fullmatch(value):
-        raise SimError(400, -1100, f"Illegal characters found in parameter '{name}'; legal range "
-                                   "is '^[\\.A-Z\\:/a-z0-9_-]{1,36}$'.")
+        raise SimError(
+            400,
+            -1100,
+            f"Illegal characters found in parameter '{name}'; legal range "
+            "is '^[\\.A-Z\\:/a-z0-9_-]{1,36}$'.",
+        )
     return value
 
 
@@ -171,12 +187,16 @@ Handler = Callable[[SimState, Credentials, Mapping[str, str]], Response]
 
 # -- PAPI handlers ----------------------------------------------------------------------------
 
+
 def _conditional_ids(params: Mapping[str, str]) -> tuple[int | None, str | None]:
     strategy_id = _id_param(params, "strategyId")
     client_id = _client_id_param(params, "newClientStrategyId")
     if strategy_id is None and client_id is None:
-        raise SimError(400, -1102, "Param 'strategyId' or 'newClientStrategyId' must be sent, "
-                                   "but both were empty/null!")
+        raise SimError(
+            400,
+            -1102,
+            "Param 'strategyId' or 'newClientStrategyId' must be sent, but both were empty/null!",
+        )
     return strategy_id, client_id
 
 
@@ -194,22 +214,31 @@ def conditional_new(market: str) -> Handler:
         strategy_id = state.book.next_id()
         trailing = strategy_type == "TRAILING_STOP_MARKET"
         order = ConditionalOrder(
-            account=creds.alias, market=market, strategy_id=strategy_id,
-            client_id=client_id or f"sim{strategy_id}", symbol=symbol, side=side,
+            account=creds.alias,
+            market=market,
+            strategy_id=strategy_id,
+            client_id=client_id or f"sim{strategy_id}",
+            symbol=symbol,
+            side=side,
             strategy_type=strategy_type,
             position_side=params.get("positionSide", "BOTH"),
             orig_qty=decimal_str(params.get("quantity", "0"), "quantity"),
             price=decimal_str(params.get("price", "0"), "price"),
             stop_price=decimal_str(params.get("stopPrice", "0"), "stopPrice"),
-            activate_price=(decimal_str(params.get("activationPrice", "0"), "activationPrice")
-                            if trailing else None),
-            price_rate=(decimal_str(params.get("callbackRate", "0"), "callbackRate")
-                        if trailing else None),
+            activate_price=(
+                decimal_str(params.get("activationPrice", "0"), "activationPrice")
+                if trailing
+                else None
+            ),
+            price_rate=(
+                decimal_str(params.get("callbackRate", "0"), "callbackRate") if trailing else None
+            ),
             time_in_force=params.get("timeInForce", "GTC"),
             working_type=params.get("workingType", "CONTRACT_PRICE"),
             reduce_only=_bool_param(params, "reduceOnly"),
             price_protect=_bool_param(params, "priceProtect"),
-            book_time=now, update_time=now,
+            book_time=now,
+            update_time=now,
         )
         state.book.place_conditional(order)
         body = order.as_strategy()
@@ -224,8 +253,9 @@ def conditional_cancel(market: str) -> Handler:
     def handle(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
         symbol = _symbol(params, market)
         strategy_id, client_id = _conditional_ids(params)
-        order = state.book.cancel_conditional(creds.alias, market, symbol, strategy_id, client_id,
-                                              state.server_time())
+        order = state.book.cancel_conditional(
+            creds.alias, market, symbol, strategy_id, client_id, state.server_time()
+        )
         return _json(order.as_strategy())
 
     return handle
@@ -247,8 +277,9 @@ def _algo_ids(params: Mapping[str, str]) -> tuple[int | None, str | None]:
     algo_id = _id_param(params, "algoId")
     client_id = _client_id_param(params, "clientAlgoId")
     if algo_id is None and client_id is None:
-        raise SimError(400, -1102, "Param 'algoId' or 'clientAlgoId' must be sent, but both "
-                                   "were empty/null!")
+        raise SimError(
+            400, -1102, "Param 'algoId' or 'clientAlgoId' must be sent, but both were empty/null!"
+        )
     return algo_id, client_id
 
 
@@ -266,8 +297,12 @@ def algo_new(state: SimState, creds: Credentials, params: Mapping[str, str]) -> 
     algo_id = state.book.next_id()
     client_id = _client_id_param(params, "clientAlgoId")
     order = AlgoOrder(
-        account=creds.alias, algo_id=algo_id, client_algo_id=client_id or f"simalgo{algo_id}",
-        symbol=symbol, side=side, order_type=order_type,
+        account=creds.alias,
+        algo_id=algo_id,
+        client_algo_id=client_id or f"simalgo{algo_id}",
+        symbol=symbol,
+        side=side,
+        order_type=order_type,
         position_side=params.get("positionSide", "BOTH"),
         quantity=decimal_str(params.get("quantity", "0"), "quantity"),
         price=decimal_str(params.get("price", "0"), "price"),
@@ -277,7 +312,8 @@ def algo_new(state: SimState, creds: Credentials, params: Mapping[str, str]) -> 
         reduce_only=_bool_param(params, "reduceOnly"),
         price_protect=_bool_param(params, "priceProtect"),
         close_position=_bool_param(params, "closePosition"),
-        create_time=now, update_time=now,
+        create_time=now,
+        update_time=now,
     )
     state.book.place_algo(order)
     return _json(order.as_algo())
@@ -299,17 +335,30 @@ def algo_query(state: SimState, creds: Credentials, params: Mapping[str, str]) -
 
 # -- request pipeline -------------------------------------------------------------------------
 
-def signed_endpoint(state: SimState, handler: Handler, *, order_route: bool,
-                    um_conditional: bool = False
-                    ) -> Callable[[Request], Awaitable[Response]]:
+
+def signed_endpoint(
+    state: SimState, handler: Handler, *, order_route: bool, um_conditional: bool = False
+) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         weight = state.use_weight(1)
         headers = {"X-MBX-USED-WEIGHT-1M": str(weight)}
-        entry: dict[str, Any] = {"method": request.method, "path": request.url.path,
-                                 "at": state.server_time(), "account": None, "params": None}
+        entry: dict[str, Any] = {
+            "method": request.method,
+            "path": request.url.path,
+            "at": state.server_time(),
+            "account": None,
+            "params": None,
+        }
         try:
-            response = await _handle_signed(request, state, handler, headers, entry,
-                                            order_route=order_route, um_conditional=um_conditional)
+            response = await _handle_signed(
+                request,
+                state,
+                handler,
+                headers,
+                entry,
+                order_route=order_route,
+                um_conditional=um_conditional,
+            )
         except SimError as exc:
             response = _error(exc, headers)
             entry["code"] = exc.code
@@ -320,9 +369,16 @@ def signed_endpoint(state: SimState, handler: Handler, *, order_route: bool,
     return endpoint
 
 
-async def _handle_signed(request: Request, state: SimState, handler: Handler,
-                         headers: dict[str, str], entry: dict[str, Any], *,
-                         order_route: bool, um_conditional: bool) -> Response:
+async def _handle_signed(
+    request: Request,
+    state: SimState,
+    handler: Handler,
+    headers: dict[str, str],
+    entry: dict[str, Any],
+    *,
+    order_route: bool,
+    um_conditional: bool,
+) -> Response:
     if um_conditional and not state.config.um_conditional_enabled:
         return Response(NOT_FOUND_HTML, status_code=404, media_type="text/html", headers=headers)
     api_key = request.headers.get("x-mbx-apikey")
@@ -354,11 +410,17 @@ async def _handle_signed(request: Request, state: SimState, handler: Handler,
 
 
 def build_app(state: SimState) -> Starlette:
-    def signed(path: str, methods: dict[str, Handler], *, order: bool = False,
-               um_cond: bool = False) -> list[Route]:
-        return [Route(path, signed_endpoint(state, h, order_route=order and m != "GET",
-                                            um_conditional=um_cond), methods=[m])
-                for m, h in methods.items()]
+    def signed(
+        path: str, methods: dict[str, Handler], *, order: bool = False, um_cond: bool = False
+    ) -> list[Route]:
+        return [
+            Route(
+                path,
+                signed_endpoint(state, h, order_route=order and m != "GET", um_conditional=um_cond),
+                methods=[m],
+            )
+            for m, h in methods.items()
+        ]
 
     async def ping(_: Request) -> Response:
         return _json({}, headers={"X-MBX-USED-WEIGHT-1M": str(state.use_weight(1))})
@@ -370,21 +432,30 @@ def build_app(state: SimState) -> Starlette:
     for market in ("UM", "CM"):
         base = f"/papi/v1/{market.lower()}/conditional"
         um_cond = market == "UM"
-        routes += signed(f"{base}/order", {"POST": conditional_new(market),
-                                           "DELETE": conditional_cancel(market)},
-                         order=True, um_cond=um_cond)
-        routes += signed(f"{base}/openOrder", {"GET": conditional_query(market, history=False)},
-                         um_cond=um_cond)
-        routes += signed(f"{base}/orderHistory",
-                         {"GET": conditional_query(market, history=True)}, um_cond=um_cond)
-    routes += signed("/papi/v1/um/algo/order", {"POST": algo_new, "DELETE": algo_cancel},
-                     order=True)
+        routes += signed(
+            f"{base}/order",
+            {"POST": conditional_new(market), "DELETE": conditional_cancel(market)},
+            order=True,
+            um_cond=um_cond,
+        )
+        routes += signed(
+            f"{base}/openOrder", {"GET": conditional_query(market, history=False)}, um_cond=um_cond
+        )
+        routes += signed(
+            f"{base}/orderHistory",
+            {"GET": conditional_query(market, history=True)},
+            um_cond=um_cond,
+        )
+    routes += signed(
+        "/papi/v1/um/algo/order", {"POST": algo_new, "DELETE": algo_cancel}, order=True
+    )
     routes += signed("/papi/v1/um/algo/algoOrder", {"GET": algo_query})
     routes += control_routes(state)
     return Starlette(routes=routes)
 
 
 # -- control plane ----------------------------------------------------------------------------
+
 
 def seed_order(state: SimState, spec: Mapping[str, Any]) -> dict[str, Any]:
     """Place an order directly in the book (no signature), for tests and the demo."""
@@ -393,13 +464,19 @@ def seed_order(state: SimState, spec: Mapping[str, Any]) -> dict[str, Any]:
     oid = state.book.next_id()
     status = str(spec.get("status", "NEW"))
     if spec.get("kind", "conditional") == "algo":
-        algo = AlgoOrder(account=account, algo_id=oid,
-                         client_algo_id=str(spec.get("client_algo_id") or f"simalgo{oid}"),
-                         symbol=str(spec.get("symbol", "BTCUSDT")), side=str(spec.get("side", "SELL")),
-                         order_type=str(spec.get("type", "STOP_MARKET")),
-                         quantity=str(spec.get("quantity", "0.010")),
-                         trigger_price=str(spec.get("trigger_price", "25000.10")),
-                         create_time=now, update_time=now, status=status)
+        algo = AlgoOrder(
+            account=account,
+            algo_id=oid,
+            client_algo_id=str(spec.get("client_algo_id") or f"simalgo{oid}"),
+            symbol=str(spec.get("symbol", "BTCUSDT")),
+            side=str(spec.get("side", "SELL")),
+            order_type=str(spec.get("type", "STOP_MARKET")),
+            quantity=str(spec.get("quantity", "0.010")),
+            trigger_price=str(spec.get("trigger_price", "25000.10")),
+            create_time=now,
+            update_time=now,
+            status=status,
+        )
         state.book.place_algo(algo)
         return {"kind": "algo", "algo_id": oid, "client_algo_id": algo.client_algo_id}
     market = str(spec.get("market", "UM"))
@@ -407,18 +484,30 @@ def seed_order(state: SimState, spec: Mapping[str, Any]) -> dict[str, Any]:
     strategy_type = str(spec.get("type", "STOP_MARKET"))
     trailing = strategy_type == "TRAILING_STOP_MARKET"
     order = ConditionalOrder(
-        account=account, market=market, strategy_id=oid,
-        client_id=str(spec.get("client_strategy_id") or f"sim{oid}"), symbol=symbol,
-        side=str(spec.get("side", "SELL")), strategy_type=strategy_type,
-        orig_qty=str(spec.get("quantity", "0.010")), price=str(spec.get("price", "0")),
+        account=account,
+        market=market,
+        strategy_id=oid,
+        client_id=str(spec.get("client_strategy_id") or f"sim{oid}"),
+        symbol=symbol,
+        side=str(spec.get("side", "SELL")),
+        strategy_type=strategy_type,
+        orig_qty=str(spec.get("quantity", "0.010")),
+        price=str(spec.get("price", "0")),
         stop_price=str(spec.get("stop_price", "25000.10")),
         activate_price=str(spec.get("activate_price", "26000.5")) if trailing else None,
         price_rate=str(spec.get("price_rate", "0.3")) if trailing else None,
-        book_time=now, update_time=now, status=status,
+        book_time=now,
+        update_time=now,
+        status=status,
     )
     state.book.place_conditional(order)
-    return {"kind": "conditional", "market": market, "symbol": symbol, "strategy_id": oid,
-            "client_strategy_id": order.client_id}
+    return {
+        "kind": "conditional",
+        "market": market,
+        "symbol": symbol,
+        "strategy_id": oid,
+        "client_strategy_id": order.client_id,
+    }
 
 
 def control_routes(state: SimState) -> list[Route]:
@@ -437,17 +526,20 @@ def control_routes(state: SimState) -> list[Route]:
 
     async def requests(request: Request) -> Response:
         since = int(request.query_params.get("since", "0"))
-        return _json({"requests": [r for r in state.requests if r["seq"] > since],
-                      "last": state.request_seq})
+        return _json(
+            {"requests": [r for r in state.requests if r["seq"] > since], "last": state.request_seq}
+        )
 
     async def cancels(_: Request) -> Response:
         return _json({"cancels": [asdict(c) for c in state.book.cancels]})
 
     async def orders(_: Request) -> Response:
-        return _json({
-            "conditional": [asdict(o) for o in state.book.conditional.values()],
-            "algo": [asdict(o) for o in state.book.algo.values()],
-        })
+        return _json(
+            {
+                "conditional": [asdict(o) for o in state.book.conditional.values()],
+                "algo": [asdict(o) for o in state.book.algo.values()],
+            }
+        )
 
     async def faults(request: Request) -> Response:
         try:

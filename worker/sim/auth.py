@@ -35,14 +35,17 @@ def split_signed(query: bytes, body: bytes) -> SignedParams:
     for part in (query, body):
         pieces = [p for p in part.split(b"&") if p] if part else []
         kept_here = [p for p in pieces if not p.startswith(b"signature=")]
-        signatures += [p[len(b"signature="):] for p in pieces if p.startswith(b"signature=")]
+        signatures += [p[len(b"signature=") :] for p in pieces if p.startswith(b"signature=")]
         if kept_here:
             kept.append(b"&".join(kept_here))
     if len(signatures) > 1:
         raise SimError(400, -1101, "Duplicate values for a parameter detected.")
     if not signatures or not signatures[0]:
-        raise SimError(400, -1102, "Mandatory parameter 'signature' was not sent, was empty/null, "
-                                   "or malformed.")
+        raise SimError(
+            400,
+            -1102,
+            "Mandatory parameter 'signature' was not sent, was empty/null, or malformed.",
+        )
     payload = b"".join(kept)
     try:
         pairs = parse_qsl(payload.decode("ascii"), keep_blank_values=True, strict_parsing=True)
@@ -79,26 +82,37 @@ def verify_signature(creds: Credentials, signed: SignedParams) -> bool:
 
 
 def check_timestamp(params: dict[str, str], server_time: int) -> None:
-    """PAPI's rule: ``timestamp < serverTime + 1000`` and ``serverTime - timestamp <= recvWindow``."""
+    """PAPI's rule: ``timestamp < serverTime + 1000``, ``serverTime - timestamp <= recvWindow``."""
     raw_ts = params.get("timestamp")
     if not raw_ts:
-        raise SimError(400, -1102, "Mandatory parameter 'timestamp' was not sent, was empty/null, "
-                                   "or malformed.")
+        raise SimError(
+            400,
+            -1102,
+            "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed.",
+        )
     if not raw_ts.isdigit():
-        raise SimError(400, -1100, "Illegal characters found in parameter 'timestamp'; legal "
-                                   "range is '^[0-9]{1,20}$'.")
+        raise SimError(
+            400,
+            -1100,
+            "Illegal characters found in parameter 'timestamp'; legal range is '^[0-9]{1,20}$'.",
+        )
     window = 5000
     raw_window = params.get("recvWindow")
     if raw_window is not None:
         if not raw_window.isdigit():
-            raise SimError(400, -1100, "Illegal characters found in parameter 'recvWindow'; "
-                                       "legal range is '^[0-9]{1,20}$'.")
+            raise SimError(
+                400,
+                -1100,
+                "Illegal characters found in parameter 'recvWindow'; "
+                "legal range is '^[0-9]{1,20}$'.",
+            )
         window = int(raw_window)
         if window > MAX_RECV_WINDOW:
             raise SimError(400, -1131, "recvWindow must be less than 60000")
     timestamp = int(raw_ts)
     if timestamp >= server_time + 1000:
-        raise SimError(400, -1021, "Timestamp for this request was 1000ms ahead of the server's "
-                                   "time.")
+        raise SimError(
+            400, -1021, "Timestamp for this request was 1000ms ahead of the server's time."
+        )
     if server_time - timestamp > window:
         raise SimError(400, -1021, "Timestamp for this request is outside of the recvWindow.")

@@ -21,8 +21,13 @@ class SimError(Exception):
 UNKNOWN_ORDER = SimError(400, -2011, "Unknown order sent.")
 NO_SUCH_ORDER = SimError(400, -2013, "Order does not exist.")
 
-CONDITIONAL_TYPES = ("STOP", "STOP_MARKET", "TAKE_PROFIT", "TAKE_PROFIT_MARKET",
-                     "TRAILING_STOP_MARKET")
+CONDITIONAL_TYPES = (
+    "STOP",
+    "STOP_MARKET",
+    "TAKE_PROFIT",
+    "TAKE_PROFIT_MARKET",
+    "TRAILING_STOP_MARKET",
+)
 FINAL = ("CANCELED", "TRIGGERED", "FINISHED", "EXPIRED", "REJECTED")
 
 
@@ -87,8 +92,11 @@ class ConditionalOrder:
         if self.strategy_type != "TRAILING_STOP_MARKET":
             del obj["activatePrice"], obj["priceRate"]
         if self.market == "UM":
-            obj.update(selfTradePreventionMode=self.self_trade_prevention_mode,
-                       goodTillDate=self.good_till_date, priceMatch=self.price_match)
+            obj.update(
+                selfTradePreventionMode=self.self_trade_prevention_mode,
+                goodTillDate=self.good_till_date,
+                priceMatch=self.price_match,
+            )
         return obj
 
 
@@ -170,21 +178,35 @@ class Book:
     # -- conditional ---------------------------------------------------------------------
 
     def place_conditional(self, order: ConditionalOrder) -> ConditionalOrder:
-        if self.find_conditional(order.account, order.market, order.symbol, None,
-                                 order.client_id, open_only=True) is not None:
+        if (
+            self.find_conditional(
+                order.account, order.market, order.symbol, None, order.client_id, open_only=True
+            )
+            is not None
+        ):
             raise SimError(400, -4116, "ClientOrderId is duplicated.")
         self.conditional[(order.market, order.strategy_id)] = order
         return order
 
-    def find_conditional(self, account: str, market: str, symbol: str, strategy_id: int | None,
-                         client_id: str | None, *, open_only: bool = False
-                         ) -> ConditionalOrder | None:
+    def find_conditional(
+        self,
+        account: str,
+        market: str,
+        symbol: str,
+        strategy_id: int | None,
+        client_id: str | None,
+        *,
+        open_only: bool = False,
+    ) -> ConditionalOrder | None:
         if strategy_id is not None:
             found = self.conditional.get((market, strategy_id))
             candidates = [found] if found is not None else []
         else:
-            candidates = [o for o in self.conditional.values()
-                          if o.market == market and o.client_id == client_id]
+            candidates = [
+                o
+                for o in self.conditional.values()
+                if o.market == market and o.client_id == client_id
+            ]
             candidates.sort(key=lambda o: (o.status == "NEW", o.book_time, o.strategy_id))
             candidates = candidates[-1:]
         for order in candidates:
@@ -194,9 +216,15 @@ class Book:
                 return order
         return None
 
-    def cancel_conditional(self, account: str, market: str, symbol: str,
-                           strategy_id: int | None, client_id: str | None,
-                           now: int) -> ConditionalOrder:
+    def cancel_conditional(
+        self,
+        account: str,
+        market: str,
+        symbol: str,
+        strategy_id: int | None,
+        client_id: str | None,
+        now: int,
+    ) -> ConditionalOrder:
         order = self.find_conditional(account, market, symbol, strategy_id, client_id)
         if order is None or order.status != "NEW":
             raise UNKNOWN_ORDER
@@ -213,8 +241,14 @@ class Book:
         self.algo[order.algo_id] = order
         return order
 
-    def find_algo(self, account: str, algo_id: int | None, client_algo_id: str | None,
-                  *, open_only: bool = False) -> AlgoOrder | None:
+    def find_algo(
+        self,
+        account: str,
+        algo_id: int | None,
+        client_algo_id: str | None,
+        *,
+        open_only: bool = False,
+    ) -> AlgoOrder | None:
         if algo_id is not None:
             found = self.algo.get(algo_id)
             candidates = [found] if found is not None else []
@@ -229,8 +263,9 @@ class Book:
                 return order
         return None
 
-    def cancel_algo(self, account: str, algo_id: int | None, client_algo_id: str | None,
-                    now: int) -> AlgoOrder:
+    def cancel_algo(
+        self, account: str, algo_id: int | None, client_algo_id: str | None, now: int
+    ) -> AlgoOrder:
         order = self.find_algo(account, algo_id, client_algo_id)
         if order is None or order.status != "NEW":
             raise UNKNOWN_ORDER

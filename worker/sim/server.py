@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 
 import uvicorn
@@ -21,14 +21,28 @@ def state_from_accounts(accounts: Mapping[str, Credentials], config: SimConfig) 
     return SimState(accounts_by_key={c.api_key: c for c in accounts.values()}, config=config)
 
 
+class _EmbeddedServer(uvicorn.Server):
+    """Signals belong to the process embedding the simulator, not to uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 @contextlib.asynccontextmanager
-async def running_sim(state: SimState, host: str = "127.0.0.1",
-                      port: int = 0) -> AsyncIterator[str]:
+async def running_sim(
+    state: SimState, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
     """Serve the simulator in this event loop; yields its base URL."""
-    config = uvicorn.Config(build_app(state), host=host, port=port, log_level="warning",
-                            access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    config = uvicorn.Config(
+        build_app(state),
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
+    server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(), name="papi-sim")
     try:
         while not server.started:
@@ -50,7 +64,10 @@ async def serve_forever(accounts_file: Path, host: str, port: int, config: SimCo
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with running_sim(state, host, port) as url:
-        print(f"SIM_READY {url}", flush=True)  # noqa: T201 - the line parents wait for
-        log.info("PAPI simulator listening on %s (accounts: %s)", url,
-                 ", ".join(sorted(c.alias for c in state.accounts_by_key.values())))
+        print(f"SIM_READY {url}", flush=True)
+        log.info(
+            "PAPI simulator listening on %s (accounts: %s)",
+            url,
+            ", ".join(sorted(c.alias for c in state.accounts_by_key.values())),
+        )
         await stop.wait()

@@ -1,0 +1,375 @@
+"""``cancel-worker demo``: the whole product on this machine, from nothing.
+
+Starts a single-node Kafka broker (deploy/kafka/kafka.sh), the PAPI simulator and the worker
+as separate processes, sends a mixed batch of commands, prints each command's result, then
+shuts everything down. Accounts use the three key kinds (HMAC, Ed25519, RSA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+from worker.devstack import REPO, Broker, Process, start_broker, start_sim, start_worker
+from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
+from worker.timeutil import now_ms
+
+DEMO_DIR = REPO / ".local" / "demo"
+TOPICS = {
+    "commands": "papi.cancel.commands",
+    "results": "papi.cancel.results",
+    "deadletter": "papi.cancel.deadletter",
+}
+
+
+SEED_ORDERS: list[dict[str, Any]] = [
+    {
+        "account": "desk-a",
+        "market": "UM",
+        "symbol": "BTCUSDT",
+        "quantity": "0.250",
+        "stop_price": "61000.50",
+    },
+    {
+        "account": "desk-b",
+        "market": "CM",
+        "symbol": "BTCUSD_PERP",
+        "quantity": "12",
+        "client_strategy_id": "hedge/btc-1",
+    },
+    {"account": "desk-c", "kind": "algo", "symbol": "ETHUSDT"},
+    {
+        "account": "desk-a",
+        "market": "UM",
+        "symbol": "ETHUSDT",
+        "type": "TRAILING_STOP_MARKET",
+        "activate_price": "3900.00",
+        "price_rate": "0.8",
+    },
+    {"account": "desk-a", "market": "UM", "symbol": "SOLUSDT"},
+]
+
+
+def progress(text: str | None) -> None:
+    """One updating line on a terminal, one line per update otherwise; None ends it."""
+    if sys.stdout.isatty():
+        print("\r" + text if text is not None else "", end="" if text else "\n", flush=True)
+    elif text is not None:
+        print(text, flush=True)
+
+
+def step(n: int, total: int, text: str) -> None:
+    print(f"[{n}/{total}] {text}", flush=True)
+
+
+def write_demo_accounts(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    ed = ed25519.Ed25519PrivateKey.generate()
+    rs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for name, key in (("desk-b", ed), ("desk-c", rs)):
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        (directory / f"{name}.pem").write_bytes(pem)
+        (directory / f"{name}.pem").chmod(0o600)
+    path = directory / "accounts.toml"
+    path.write_text(
+        "# Demo credentials, generated for the local simulator only.\n"
+        '[accounts.desk-a]\napi_key = "demo-key-desk-a-0000000000000000"\n'
+        'secret = "demo-secret-desk-a-000000000000000000000000000000"\n\n'
+        '[accounts.desk-b]\napi_key = "demo-key-desk-b-0000000000000000"\n'
+        'private_key_file = "desk-b.pem"\n\n'
+        '[accounts.desk-c]\napi_key = "demo-key-desk-c-0000000000000000"\n'
+        'private_key_file = "desk-c.pem"\n'
+    )
+    return path
+
+
+def build_batch(seeded: list[dict[str, Any]]) -> list[tuple[str, bytes | None, bytes]]:
+    """(label, key, value) for the mixed batch."""
+    um, cm, algo, trail = seeded
+    now = now_ms()
+
+    def cmd(cid: str, account: str, **fields: Any) -> dict[str, Any]:
+        return {"command_id": cid, "account": account, "issued_at": now, "source": "demo", **fields}
+
+    rows: list[tuple[str, dict[str, Any] | bytes]] = [
+        (
+            "UM conditional, HMAC",
+            cmd(
+                "demo-um-1",
+                "desk-a",
+                market="UM",
+                symbol="BTCUSDT",
+                strategy_id=um["strategy_id"],
+                reason="drawdown",
+            ),
+        ),
+        (
+            "CM conditional, Ed25519",
+            cmd(
+                "demo-cm-1",
+                "desk-b",
+                market="CM",
+                symbol="BTCUSD_PERP",
+                client_strategy_id=cm["client_strategy_id"],
+            ),
+        ),
+        ("UM algo, RSA", cmd("demo-algo-1", "desk-c", market="UM", algo_id=algo["algo_id"])),
+        (
+            "UM trailing stop",
+            cmd(
+                "demo-um-2",
+                "desk-a",
+                market="UM",
+                symbol="ETHUSDT",
+                strategy_id=trail["strategy_id"],
+            ),
+        ),
+        ("unknown order", cmd("demo-gone-1", "desk-c", market="UM", algo_id=123456789)),
+        ("unknown account", cmd("demo-acct-1", "desk-z", market="UM", algo_id=1)),
+        (
+            "already expired",
+            cmd(
+                "demo-exp-1",
+                "desk-a",
+                market="UM",
+                symbol="BTCUSDT",
+                strategy_id=um["strategy_id"],
+                expires_at=now - 1000,
+            ),
+        ),
+        (
+            "invalid: two ids",
+            cmd("demo-bad-1", "desk-a", market="UM", symbol="BTCUSDT", strategy_id=1, algo_id=2),
+        ),
+        (
+            "invalid: symbol with &",
+            cmd("demo-bad-2", "desk-a", market="UM", symbol="BTCUSDT&strategyId=1", strategy_id=1),
+        ),
+        ("undecodable bytes", b"\x00\x01 this is not JSON"),
+    ]
+    out: list[tuple[str, bytes | None, bytes]] = []
+    for label, body in rows:
+        if isinstance(body, bytes):
+            out.append((label, b"desk-a:BTCUSDT", body))
+        else:
+            key = f"{body['account']}:{body.get('symbol') or body['market']}".encode()
+            out.append((label, key, orjson.dumps(body)))
+    return out
+
+
+async def produce(bootstrap: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_request_size=MAX_RECORD_BYTES
+    )
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send_and_wait(TOPICS["commands"], value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def collect(bootstrap: str, expected: int, timeout_s: float) -> list[dict[str, Any]]:
+    consumer = AIOKafkaConsumer(
+        TOPICS["results"],
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    events: list[dict[str, Any]] = []
+    shown = -1
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(events) < expected and time.monotonic() < deadline:
+            batches = await consumer.getmany(timeout_ms=250)
+            for records in batches.values():
+                events.extend(orjson.loads(r.value) for r in records)
+            if len(events) != shown:
+                shown = len(events)
+                progress(f"      results: {shown}/{expected}")
+    finally:
+        await consumer.stop()
+        progress(None)
+    return events
+
+
+def describe(event: dict[str, Any]) -> tuple[str, str]:
+    if event["type"] == "strategy.canceled":
+        s = event["strategy"]
+        ident = s["strategy_id"] or s["algo_id"]
+        qty = f" qty {s['orig_qty']}" if s["orig_qty"] else ""
+        return "CANCELED", f"order {ident}{qty} status {s['status']}"
+    exchange = event.get("exchange")
+    code = f" [{exchange['http_status']} {exchange['code']}]" if exchange else ""
+    text = event.get("hint") or event["detail"]
+    return event["reason"], f"{text}{code}"
+
+
+UNDECODABLE = "(undecodable)"
+
+
+def print_table(labels: dict[str, str], events: list[dict[str, Any]]) -> None:
+    """One row per result, in the order the commands were sent."""
+    header = ("command", "what", "route", "result", "tries", "ms", "detail")
+    order = list(labels)
+    rows = []
+    for e in sorted(events, key=lambda e: order.index(e["command_id"] or UNDECODABLE)):
+        result, detail = describe(e)
+        cid = e["command_id"] or UNDECODABLE
+        rows.append(
+            (
+                cid,
+                labels.get(cid, ""),
+                e.get("route") or "-",
+                result,
+                str(e["attempts"]),
+                str(e["completed_at"] - e["received_at"]),
+                detail if len(detail) <= 70 else detail[:67] + "...",
+            )
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("{:<" + str(w) + "}" for w in widths)
+    print(line.format(*header))
+    print(line.format(*("-" * w for w in widths)))
+    for row in rows:
+        print(line.format(*row))
+
+
+def demo_env(broker: Broker, sim_url: str, accounts: Path) -> dict[str, str]:
+    """The worker's settings for the demo, as CANCEL_WORKER_* variables."""
+    return {
+        "CANCEL_WORKER_BOOTSTRAP_SERVERS": broker.bootstrap,
+        "CANCEL_WORKER_PAPI_URL": sim_url,
+        "CANCEL_WORKER_TIME_URL": f"{sim_url}/fapi/v1/time",
+        "CANCEL_WORKER_ACCOUNTS_FILE": str(accounts),
+        "CANCEL_WORKER_GROUP_ID": "cancel-worker-demo",
+        "CANCEL_WORKER_COMMANDS_TOPIC": TOPICS["commands"],
+        "CANCEL_WORKER_RESULTS_TOPIC": TOPICS["results"],
+        "CANCEL_WORKER_DEADLETTER_TOPIC": TOPICS["deadletter"],
+        "CANCEL_WORKER_SESSION_TIMEOUT_MS": "6000",
+    }
+
+
+def send_batches(
+    broker: Broker, control: httpx.Client, seeded: list[dict[str, Any]], total: int
+) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Send the mixed batch, then retire the UM conditional route and send one more."""
+    batch = build_batch(seeded[:4])
+    step(
+        5,
+        total,
+        f"sending a mixed batch of {len(batch)} commands, then one more after "
+        "retiring the UM conditional route in the simulator ...",
+    )
+    asyncio.run(produce(broker.bootstrap, [(k, v) for _, k, v in batch]))
+    labels: dict[str, str] = {}
+    for label, _, value in batch:
+        try:
+            labels[orjson.loads(value)["command_id"]] = label
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            labels[UNDECODABLE] = label
+    events = asyncio.run(collect(broker.bootstrap, len(batch), 60))
+    control.post("/_sim/config", content=orjson.dumps({"um_conditional_enabled": False}))
+    late = {
+        "command_id": "demo-um-3",
+        "account": "desk-a",
+        "market": "UM",
+        "symbol": "SOLUSDT",
+        "strategy_id": seeded[4]["strategy_id"],
+        "issued_at": now_ms(),
+        "source": "demo",
+    }
+    labels["demo-um-3"] = "UM conditional, route retired"
+    asyncio.run(produce(broker.bootstrap, [(b"desk-a:SOLUSDT", orjson.dumps(late))]))
+    events = asyncio.run(collect(broker.bootstrap, len(batch) + 1, 60))
+    return labels, events
+
+
+def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
+    total = 7
+    echo = sys.stderr if verbose else None
+    if DEMO_DIR.exists():
+        shutil.rmtree(DEMO_DIR)
+    started = time.monotonic()
+    step(1, total, "starting a single-node Kafka broker (KRaft) on loopback ...")
+    broker: Broker = start_broker(DEMO_DIR / "kafka")
+    procs: list[Process] = []
+    try:
+        print(f"      broker at {broker.bootstrap}")
+        accounts = write_demo_accounts(DEMO_DIR / "secrets")
+        step(2, total, "starting the PAPI simulator (HMAC, Ed25519 and RSA accounts) ...")
+        sim, sim_url = start_sim(accounts, echo=echo)
+        procs.append(sim)
+        print(f"      simulator at {sim_url}")
+        asyncio.run(
+            ensure_topics(
+                broker.bootstrap,
+                {TOPICS["commands"]: 3, TOPICS["results"]: 3, TOPICS["deadletter"]: 1},
+            )
+        )
+        control = httpx.Client(base_url=sim_url, timeout=10)
+        seeded = control.post("/_sim/orders", content=orjson.dumps({"orders": SEED_ORDERS})).json()[
+            "orders"
+        ]
+        step(3, total, f"seeded {len(seeded)} open orders in the simulator's book")
+
+        env = demo_env(broker, sim_url, accounts)
+        step(4, total, "starting the worker (cancel-worker run) ...")
+        worker = start_worker(env, echo=echo)
+        procs.insert(0, worker)
+        worker.wait_for_line_containing("partitions assigned", 60)
+
+        labels, events = send_batches(broker, control, seeded, total)
+
+        step(6, total, "results on the results topic:")
+        print()
+        print_table(labels, events)
+        print()
+        step(7, total, "stopping the worker (SIGTERM), the simulator and the broker ...")
+        code = worker.stop()
+        procs.remove(worker)
+        summary(
+            events, code, control.get("/_sim/cancels").json()["cancels"], time.monotonic() - started
+        )
+        control.close()
+        return 0 if code == 0 and len(events) == len(labels) else 1
+    finally:
+        for proc in procs:
+            proc.stop()
+        broker.stop()
+        if not keep:
+            shutil.rmtree(DEMO_DIR, ignore_errors=True)
+
+
+def summary(
+    events: list[dict[str, Any]], exit_code: int, cancels: list[Any], elapsed_s: float
+) -> None:
+    kinds = Counter(e["type"] if e["type"] == "strategy.canceled" else e["reason"] for e in events)
+    latencies = [e["completed_at"] - e["received_at"] for e in events]
+    print()
+    print("Summary")
+    print(f"  commands sent          {len(events)}")
+    print("  results                " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+    print(f"  exchange cancels       {len(cancels)} (simulator ground truth)")
+    print(
+        f"  latency ms             median {statistics.median(latencies):.0f}, max {max(latencies)}"
+    )
+    print(f"  worker exit code       {exit_code} ({'clean' if exit_code == 0 else 'NOT clean'})")
+    print(f"  demo wall time         {elapsed_s:.1f}s")
