@@ -151,7 +151,7 @@ async def serve(settings: Settings) -> ExitCode:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1")
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     loop = asyncio.get_running_loop()
     try:
         async with Worker(settings, accounts) as worker:

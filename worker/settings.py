@@ -50,6 +50,7 @@ class Settings:
     default_deadline_ms: int = 30_000
     # Observability
     metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: str = "text"
 
