@@ -94,6 +94,12 @@ def run(config: Path | None) -> None:
     help="Answer 404 on /papi/v1/um/conditional/*, as a retired route does.",
 )
 @click.option("--clock-skew-ms", default=0, type=int, help="Simulator clock minus local clock.")
+@click.option(
+    "--seed",
+    "seed_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help='JSON file {"orders": [...]} of orders to place in the book at start-up.',
+)
 @click.option("--log-level", default="INFO")
 def sim(
     host: str,
@@ -101,10 +107,11 @@ def sim(
     accounts_file: Path,
     retire_um_conditional: bool,
     clock_skew_ms: int,
+    seed_file: Path | None,
     log_level: str,
 ) -> None:
     """Serve the PAPI simulator."""
-    from worker.accounts import AccountsError  # noqa: PLC0415
+    from worker.accounts import AccountsError, load_accounts  # noqa: PLC0415
     from worker.sim.app import SimConfig  # noqa: PLC0415
     from worker.sim.server import serve_forever  # noqa: PLC0415
 
@@ -113,9 +120,12 @@ def sim(
         um_conditional_enabled=not retire_um_conditional, clock_skew_ms=clock_skew_ms
     )
     try:
-        asyncio.run(serve_forever(accounts_file, host, port, config))
+        seed = orjson.loads(seed_file.read_bytes())["orders"] if seed_file is not None else []
+        asyncio.run(serve_forever(load_accounts(accounts_file), host, port, config, seed))
     except AccountsError as exc:
         raise click.ClickException(str(exc)) from exc
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise click.ClickException(f"cannot seed the book from {seed_file}: {exc}") from exc
 
 
 @cli.command()

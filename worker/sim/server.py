@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator, Mapping
-from pathlib import Path
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
+import orjson
 import uvicorn
 
-from worker.accounts import Credentials, load_accounts
-from worker.sim.app import SimConfig, SimState, build_app
+from worker.accounts import Credentials
+from worker.sim.app import SimConfig, SimState, build_app, seed_order
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,17 @@ async def running_sim(
         await task
 
 
-async def serve_forever(accounts_file: Path, host: str, port: int, config: SimConfig) -> None:
-    state = state_from_accounts(load_accounts(accounts_file), config)
+async def serve_forever(
+    accounts: Mapping[str, Credentials],
+    host: str,
+    port: int,
+    config: SimConfig,
+    seed: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    state = state_from_accounts(accounts, config)
+    if seed:
+        placed = [seed_order(state, spec) for spec in seed]
+        print(orjson.dumps({"seeded": placed}).decode(), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
