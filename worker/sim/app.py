@@ -182,6 +182,17 @@ def _bool_param(params: Mapping[str, str], name: str) -> bool:
     return value == "true"
 
 
+def _side_and_type(params: Mapping[str, str], type_param: str) -> tuple[str, str]:
+    """The side and conditional order type of a new order."""
+    side = _mandatory(params, "side")
+    if side not in ("BUY", "SELL"):
+        raise SimError(400, -1100, "Illegal characters found in parameter 'side'.")
+    order_type = _mandatory(params, type_param)
+    if order_type not in CONDITIONAL_TYPES:
+        raise SimError(400, -1116, "Invalid orderType.")
+    return side, order_type
+
+
 Handler = Callable[[SimState, Credentials, Mapping[str, str]], Response]
 
 
@@ -203,12 +214,7 @@ def _conditional_ids(params: Mapping[str, str]) -> tuple[int | None, str | None]
 def conditional_new(market: str) -> Handler:
     def handle(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
         symbol = _symbol(params, market)
-        side = _mandatory(params, "side")
-        if side not in ("BUY", "SELL"):
-            raise SimError(400, -1100, "Illegal characters found in parameter 'side'.")
-        strategy_type = _mandatory(params, "strategyType")
-        if strategy_type not in CONDITIONAL_TYPES:
-            raise SimError(400, -1116, "Invalid orderType.")
+        side, strategy_type = _side_and_type(params, "strategyType")
         now = state.server_time()
         client_id = _client_id_param(params, "newClientStrategyId")
         strategy_id = state.book.next_id()
@@ -287,12 +293,7 @@ def algo_new(state: SimState, creds: Credentials, params: Mapping[str, str]) -> 
     if _mandatory(params, "algoType") != "CONDITIONAL":
         raise SimError(400, -1100, "Illegal characters found in parameter 'algoType'.")
     symbol = _symbol(params, "UM")
-    side = _mandatory(params, "side")
-    if side not in ("BUY", "SELL"):
-        raise SimError(400, -1100, "Illegal characters found in parameter 'side'.")
-    order_type = _mandatory(params, "type")
-    if order_type not in CONDITIONAL_TYPES:
-        raise SimError(400, -1116, "Invalid orderType.")
+    side, order_type = _side_and_type(params, "type")
     now = state.server_time()
     algo_id = state.book.next_id()
     client_id = _client_id_param(params, "clientAlgoId")
