@@ -246,10 +246,10 @@ def print_table(labels: dict[str, str], events: list[dict[str, Any]]) -> None:
         )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = "  ".join("{:<" + str(w) + "}" for w in widths)
-    print(line.format(*header))
+    print(line.format(*header).rstrip())
     print(line.format(*("-" * w for w in widths)))
     for row in rows:
-        print(line.format(*row))
+        print(line.format(*row).rstrip())
 
 
 def demo_env(broker: Broker, sim_url: str, accounts: Path) -> dict[str, str]:
