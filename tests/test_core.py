@@ -119,7 +119,8 @@ def test_tracker_per_partition_and_drop() -> None:
 @pytest.mark.parametrize(
     ("status", "code", "msg", "disposition", "reason"),
     [
-        (400, -1021, "Timestamp outside", Disposition.RETRYABLE, FailureReason.REJECTED),
+        (400, -1021, "Timestamp outside", Disposition.TERMINAL, FailureReason.REJECTED),
+    (429, -1015, "Too many new orders", Disposition.RETRYABLE, FailureReason.RATE_LIMITED),
         (400, -1022, "Signature", Disposition.TERMINAL, FailureReason.AUTH),
         (401, -2015, "Invalid API-key", Disposition.TERMINAL, FailureReason.AUTH),
         (400, -2011, "Unknown order sent.", Disposition.TERMINAL, FailureReason.NOT_FOUND),

@@ -257,16 +257,17 @@ async def test_unknown_account_gone_order_and_retired_route(
     by_id = {e["command_id"]: e for e in results}
     assert by_id[stranger["command_id"]]["reason"] == "unknown_account"
     assert by_id[stranger["command_id"]]["attempts"] == 0
-    assert by_id[gone["command_id"]]["reason"] == "not_found"
+    assert by_id[gone["command_id"]]["reason"] == "not_found"  # asked: no such order anywhere
     assert by_id[gone["command_id"]]["exchange"]["code"] == -2011
     r = by_id[retired["command_id"]]
     assert r["reason"] == "route_retired"
     assert r["exchange"]["http_status"] == 404
     assert "algo_id" in r["hint"]
     assert by_id[works["command_id"]]["type"] == "strategy.canceled"
-    # Three requests: the unknown account's command never reached the exchange.
+    # The unknown account's command never reached the exchange; the gone order was asked about.
     assert [req["path"] for req in sim.requests(since)] == [
         "/papi/v1/um/algo/order",
+        "/papi/v1/um/algo/algoOrder",
         "/papi/v1/um/conditional/order",
         "/papi/v1/um/algo/order",
     ]

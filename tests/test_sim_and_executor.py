@@ -203,17 +203,54 @@ async def test_retry_carries_fresh_timestamp_and_signature(rig: Rig) -> None:
     assert timestamps == sorted(timestamps) and len(set(timestamps)) == 3
 
 
-async def test_terminal_and_ambiguous_answers(rig: Rig) -> None:
-    order = rig.seed(kind="algo")
+async def test_ambiguous_answer_is_settled_by_query(rig: Rig) -> None:
+    applied = rig.seed(kind="algo")
     rig.state.faults.append(Fault(400, -1006, "An unexpected response was received.", apply=True))
-    unknown = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
-    assert not unknown.canceled and unknown.reason is FailureReason.OUTCOME_UNKNOWN
-    assert unknown.attempts == 1  # ambiguous is never blindly re-sent
+    out = await rig.executor.execute(cmd(algo_id=applied["algo_id"]), now_ms())
+    assert out.canceled and out.confirmed_by == "query"  # evidence from algoOrder, not a guess
+    assert out.attempts == 2  # the cancel and one query; no blind second cancel
+    assert out.strategy is not None and out.strategy["status"] == "CANCELED"
 
-    gone = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
-    assert gone.reason is FailureReason.NOT_FOUND and gone.exchange is not None
-    assert gone.exchange.code == -2011
+    not_applied = rig.seed(market="CM", symbol="BTCUSD_PERP")
+    rig.state.faults.append(Fault(502, None, "Bad Gateway"))
+    out = await rig.executor.execute(
+        cmd(market=Market.CM, symbol="BTCUSD_PERP", strategy_id=not_applied["strategy_id"]),
+        now_ms(),
+    )
+    assert out.canceled and out.confirmed_by == "cancel"
+    paths = [r["path"] for r in rig.state.requests if r["method"] in ("GET", "DELETE")]
+    assert paths[-3:] == [
+        "/papi/v1/cm/conditional/order",
+        "/papi/v1/cm/conditional/openOrder",
+        "/papi/v1/cm/conditional/order",
+    ]  # still open → canceled again
+    assert sum(c.order_id == not_applied["strategy_id"] for c in rig.state.book.cancels) == 1
 
+
+async def test_gone_orders_report_their_real_status(rig: Rig) -> None:
+    triggered = rig.seed(market="UM", symbol="BTCUSDT", status="TRIGGERED")
+    out = await rig.executor.execute(
+        cmd(symbol="BTCUSDT", strategy_id=triggered["strategy_id"]), now_ms()
+    )
+    assert out.reason is FailureReason.ALREADY_CLOSED and out.order_status == "TRIGGERED"
+    assert out.exchange is not None and out.exchange.code == -2011
+
+    algo = rig.seed(kind="algo", status="EXPIRED")
+    out = await rig.executor.execute(cmd(algo_id=algo["algo_id"]), now_ms())
+    assert out.reason is FailureReason.ALREADY_CLOSED and out.order_status == "EXPIRED"
+
+    canceled_before = rig.seed(kind="algo", status="CANCELED")
+    out = await rig.executor.execute(cmd(algo_id=canceled_before["algo_id"]), now_ms())
+    assert not out.canceled  # this command canceled nothing: the order was already closed
+    assert out.reason is FailureReason.ALREADY_CLOSED and out.order_status == "CANCELED"
+
+    out = await rig.executor.execute(cmd(symbol="BTCUSDT", strategy_id=987654321), now_ms())
+    assert out.reason is FailureReason.NOT_FOUND
+    assert out.attempts == 3  # cancel, openOrder, orderHistory
+
+
+async def test_terminal_and_retryable_answers(rig: Rig) -> None:
+    order = rig.seed(kind="algo")
     rig.state.faults.append(Fault(401, -2015, "Invalid API-key, IP, or permissions for action."))
     auth = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
     assert auth.reason is FailureReason.AUTH and auth.attempts == 1
@@ -222,6 +259,7 @@ async def test_terminal_and_ambiguous_answers(rig: Rig) -> None:
         rig.state.faults.append(Fault(503, None, "Service Unavailable"))
     busy = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
     assert busy.reason is FailureReason.EXCHANGE_UNAVAILABLE and busy.attempts == 3
+    assert not rig.state.book.cancels
 
 
 async def test_expired_unknown_account_and_retired_route_send_nothing_or_explain(

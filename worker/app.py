@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from prometheus_client import start_http_server
 
 from worker.accounts import AccountsError, Credentials, load_accounts
+from worker.clock import ExchangeClock
 from worker.executor import CancelExecutor, RetryPolicy
+from worker.governor import GovernorSettings, RateGovernor
 from worker.kafka_io import (
     AtLeastOnceSink,
     ConsumerSource,
@@ -53,6 +55,17 @@ def policy_from(settings: Settings) -> RetryPolicy:
         backoff_max_s=settings.backoff_max_s,
         default_deadline_ms=settings.default_deadline_ms,
         recv_window_ms=settings.recv_window_ms,
+        reconcile_budget_ms=settings.reconcile_budget_ms,
+    )
+
+
+def governor_from(settings: Settings) -> GovernorSettings:
+    return GovernorSettings(
+        weight_limit=settings.rate_weight_limit,
+        weight_window_ms=settings.rate_weight_window_ms,
+        order_limit=settings.rate_order_limit,
+        order_window_ms=settings.rate_order_window_ms,
+        guard_ms=settings.rate_guard_ms,
     )
 
 
@@ -71,14 +84,23 @@ class Worker:
     def __init__(self, settings: Settings, accounts: Mapping[str, Credentials]) -> None:
         self.settings = settings
         self._accounts = accounts
+        self.clock = ExchangeClock(settings.time_url, refresh_s=settings.clock_refresh_s)
+        self.governor = RateGovernor(governor_from(settings), self.clock.now)
         self._client = PapiClient(
             settings.papi_url,
-            clock=now_ms,
+            clock=self.clock.now,
             timeout_s=settings.http_timeout_s,
             connect_timeout_s=settings.http_connect_timeout_s,
             max_connections=settings.http_max_connections,
+            governor=self.governor,
         )
-        executor = CancelExecutor(self._client, accounts, policy_from(settings), now_ms)
+        executor = CancelExecutor(
+            self._client,
+            accounts,
+            policy_from(settings),
+            self.clock.now,
+            resync_clock=self.clock.resync_after_rejection,
+        )
         self._processor = CommandProcessor(
             executor,
             results_topic=settings.results_topic,
@@ -98,8 +120,9 @@ class Worker:
         )
 
     async def __aenter__(self) -> Worker:
-        await self._producer.start()
         try:
+            await self.clock.start()
+            await self._producer.start()
             await self._consumer.start()
             await self._check_topics()
             self._consumer.subscribe(
@@ -135,6 +158,7 @@ class Worker:
         with contextlib.suppress(Exception):
             await self._producer.stop()
         await self._client.aclose()
+        await self.clock.aclose()
 
     async def run(self) -> None:
         await self.pipeline.run()

@@ -77,7 +77,15 @@ TAXONOMY: tuple[Rule, ...] = (
     Rule(
         "-1003", None, -1003, R, F.RATE_LIMITED, "too many requests or IP banned: wait, then retry"
     ),
-    Rule("-1021", None, -1021, R, F.REJECTED, "resync the clock, re-sign, retry once"),
+    Rule(
+        "-1021",
+        None,
+        -1021,
+        T,
+        F.REJECTED,
+        "re-sync the clock, re-sign and send once more; then terminal",
+    ),
+    Rule("-1015", None, -1015, R, F.RATE_LIMITED, "too many orders: wait for the window"),
     Rule("-1022", None, -1022, T, F.AUTH, "bad signature: configuration error"),
     Rule("-2014", None, -2014, T, F.AUTH, "bad API key format"),
     Rule("-2015", None, -2015, T, F.AUTH, "bad API key, IP or permission"),

@@ -78,10 +78,12 @@ def canceled(
     attempts: int,
     received_at: int,
     completed_at: int,
+    confirmed_by: str = "cancel",
 ) -> dict[str, Any]:
     event = _common(CANCELED, command, origin, attempts, received_at, completed_at)
     event["route"] = route.value
     event["strategy"] = strategy
+    event["confirmed_by"] = confirmed_by
     return event
 
 

@@ -1,16 +1,30 @@
 """Turning one validated command into an outcome: route, sign, send with retry, decide.
 
-The decision is made from the :mod:`worker.errors` taxonomy only. Each attempt is a fresh
-``send`` (fresh timestamp, fresh signature). Retries stop at ``max_attempts`` or when the
-next wait would cross the command's deadline (``expires_at``, or ``received_at`` plus the
-default deadline); a command already past ``expires_at`` is never sent.
+Decisions come from the :mod:`worker.errors` taxonomy:
+
+* **retryable** — sent again with backoff and jitter (fresh timestamp and signature each
+  time), until ``max_attempts`` or until the next attempt would start past the deadline;
+* **terminal** — reported as it is, except -1021 (the clock is re-synced and the cancel
+  re-signed and sent once more) and -2011/-2013 (the order's status is queried: the order
+  was already CANCELED/TRIGGERED/FINISHED/EXPIRED → ``already_closed`` with that status,
+  otherwise ``not_found``);
+* **ambiguous** — the cancel may have happened, so nothing is sent blindly: the order's
+  status is queried (conditional ``openOrder`` then ``orderHistory``; algo ``algoOrder``).
+  CANCELED → ``strategy.canceled`` (``confirmed_by: query``); closed otherwise →
+  ``already_closed``; still NEW → cancel again; nothing learned in time → ``outcome_unknown``.
+
+Deadlines: the command's ``expires_at`` forbids any send after it and caps ``recvWindow``
+(the exchange itself then refuses a late arrival); retries stop at the retry deadline
+(``expires_at`` or ``received_at + default_deadline_ms``); waiting on the rate governor
+never passes either.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from tenacity import (
@@ -22,31 +36,30 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from worker import normalize
+from worker import metrics, normalize
 from worker.accounts import Credentials
 from worker.commands import Command
-from worker.errors import (
-    Disposition,
-    ExchangeError,
-    FailureReason,
-    PapiError,
-    TransportError,
-)
+from worker.errors import Disposition, ExchangeError, FailureReason, PapiError
 from worker.events import ExchangeReply
+from worker.governor import GovernorDeadlineError
 from worker.papi import PapiClient, PapiResponse
-from worker.routes import RETIRED_HINTS, CancelRequest, Route, plan_cancel
+from worker.routes import RETIRED_HINTS, CancelRequest, Route, plan_cancel, plan_queries
 
 log = logging.getLogger(__name__)
+
+GONE_CODES = frozenset({-2011, -2013})
+CLOSED = frozenset({"TRIGGERED", "TRIGGERING", "FINISHED", "EXPIRED", "REJECTED"})
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What became of one command; the pipeline turns it into a result event."""
+    """What became of one command; the processor turns it into a result event."""
 
     canceled: bool
     attempts: int
     route: Route | None = None
     strategy: dict[str, Any] | None = None
+    confirmed_by: str = "cancel"
     reason: FailureReason | None = None
     detail: str = ""
     exchange: ExchangeReply | None = None
@@ -61,6 +74,12 @@ class RetryPolicy:
     backoff_max_s: float = 2.0
     default_deadline_ms: int = 30_000
     recv_window_ms: int = 5_000
+    reconcile_budget_ms: int = 5_000
+    max_cancel_rounds: int = 3
+
+
+class _ExpiredError(Exception):
+    """``expires_at`` passed before the next attempt could be sent."""
 
 
 class _StopBeforeDeadline(stop_base):
@@ -74,24 +93,38 @@ class _StopBeforeDeadline(stop_base):
         return self._clock() + int(retry_state.upcoming_sleep * 1000) >= self._deadline_ms
 
 
-class _ExpiredError(Exception):
-    """``expires_at`` passed before the next attempt could be sent."""
+class Finding(enum.Enum):
+    UNKNOWN = "unknown"
+    NOT_FOUND = "not_found"
+    FOUND = "found"
 
 
 @dataclass
-class _AttemptLog:
-    count: int = 0
-    last_error: PapiError | None = field(default=None)
+class _Job:
+    """Per-command state shared by the attempts."""
+
+    command: Command
+    creds: Credentials
+    route: Route
+    expires_at: int | None
+    deadline: int
+    attempts: int = 0
+    resynced: bool = False
+    last_error: PapiError | None = None
 
 
 def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, PapiError) and exc.retryable
 
 
-def _reply(exc: PapiError) -> ExchangeReply | None:
+def _reply(exc: PapiError | None) -> ExchangeReply | None:
     if isinstance(exc, ExchangeError):
         return ExchangeReply(exc.status, exc.code, exc.msg)
     return None
+
+
+def _code(exc: PapiError) -> int | None:
+    return exc.code if isinstance(exc, ExchangeError) else None
 
 
 class CancelExecutor:
@@ -101,18 +134,22 @@ class CancelExecutor:
         accounts: Mapping[str, Credentials],
         policy: RetryPolicy,
         clock: Callable[[], int],
+        resync_clock: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
         self._accounts = accounts
         self._policy = policy
         self._clock = clock
+        self._resync_clock = resync_clock
 
-    def retry_deadline_ms(self, command: Command, received_at: int) -> int:
-        """No retry starts after this; ``expires_at`` also forbids the first send."""
-        default = received_at + self._policy.default_deadline_ms
+    def retry_deadline_ms(self, command: Command) -> int:
+        """No retry starts after this (exchange clock); ``expires_at`` also forbids any send."""
+        default = self._clock() + self._policy.default_deadline_ms
         return min(command.expires_at, default) if command.expires_at is not None else default
 
     async def execute(self, command: Command, received_at: int) -> Outcome:
+        """Cancel as the command asks. ``received_at`` (local ms) is kept for the caller's
+        records; deadlines are read on the exchange clock from the start of execution."""
         creds = self._accounts.get(command.account)
         if creds is None:
             return Outcome(
@@ -121,94 +158,266 @@ class CancelExecutor:
                 reason=FailureReason.UNKNOWN_ACCOUNT,
                 detail=f"no credentials configured for account {command.account!r}",
             )
-        request = plan_cancel(command, self._policy.recv_window_ms)
-        deadline = self.retry_deadline_ms(command, received_at)
-        attempts = _AttemptLog()
-        try:
-            response = await self._send_with_retry(
-                creds, request, command.expires_at, deadline, attempts
-            )
-        except _ExpiredError:
-            last = attempts.last_error
-            detail = "expires_at passed before the cancel could be sent"
-            if last is not None:
-                detail += f"; last error: {last}"
-            return Outcome(
-                False,
-                attempts.count,
-                route=request.route,
-                reason=FailureReason.EXPIRED,
-                detail=detail,
-                exchange=_reply(last) if last is not None else None,
-            )
-        except PapiError as exc:
-            return self._failure(request.route, exc, attempts.count)
-        return self._success(command, request.route, response, attempts.count)
+        job = _Job(
+            command,
+            creds,
+            plan_cancel(command, 1).route,
+            command.expires_at,
+            self.retry_deadline_ms(command),
+        )
+        for _ in range(self._policy.max_cancel_rounds):
+            try:
+                response = await self._cancel_with_retry(job)
+            except _ExpiredError:
+                return self._expired(job, "expires_at passed before the cancel could be sent")
+            except GovernorDeadlineError as exc:
+                if job.expires_at is not None and exc.wait_until_ms >= job.expires_at:
+                    return self._expired(job, f"expires_at would pass while waiting: {exc}")
+                return Outcome(
+                    False,
+                    job.attempts,
+                    route=job.route,
+                    reason=FailureReason.RATE_LIMITED,
+                    detail=f"not sent within the retry deadline: {exc}",
+                    exchange=_reply(job.last_error),
+                )
+            except PapiError as exc:
+                if exc.ambiguous or _code(exc) in GONE_CODES:
+                    outcome = await self._reconcile(job, exc)
+                    if outcome is None:
+                        continue  # the order still stands: cancel it again
+                    return outcome
+                return self._failure(job, exc)
+            return self._success(job, response)
+        return Outcome(
+            False,
+            job.attempts,
+            route=job.route,
+            reason=FailureReason.OUTCOME_UNKNOWN,
+            detail=f"the order still stood after {self._policy.max_cancel_rounds} cancel rounds",
+            exchange=_reply(job.last_error),
+        )
 
-    async def _send_with_retry(
-        self,
-        creds: Credentials,
-        request: CancelRequest,
-        expires_at: int | None,
-        deadline: int,
-        attempts: _AttemptLog,
-    ) -> PapiResponse:
+    # -- sending ------------------------------------------------------------------------------
+
+    def _recv_window(self, job: _Job) -> int:
+        window = self._policy.recv_window_ms
+        if job.expires_at is not None:
+            left = job.expires_at - self._clock()
+            if left <= 0:
+                raise _ExpiredError
+            window = min(window, left)
+        return window
+
+    async def _cancel_with_retry(self, job: _Job) -> PapiResponse:
         policy = self._policy
-
-        def note(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome is not None else None
-            log.info(
-                "retrying route=%s attempt=%d after %s, sleeping %.3fs",
-                request.route,
-                state.attempt_number,
-                exc,
-                state.upcoming_sleep,
-            )
-
         retrying = AsyncRetrying(
             stop=stop_after_attempt(policy.max_attempts)
-            | _StopBeforeDeadline(self._clock, deadline),
+            | _StopBeforeDeadline(self._clock, job.deadline),
             wait=wait_exponential_jitter(
                 multiplier=policy.backoff_initial_s,
                 max=policy.backoff_max_s,
                 jitter=policy.backoff_initial_s,
             ),
             retry=retry_if_exception(_is_retryable),
-            before_sleep=note,
+            before_sleep=lambda state: log.info(
+                "retrying command_id=%s attempt=%d after %s, sleeping %.3fs",
+                job.command.command_id,
+                state.attempt_number,
+                state.outcome.exception() if state.outcome else None,
+                state.upcoming_sleep,
+            ),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                if expires_at is not None and self._clock() >= expires_at:
-                    raise _ExpiredError
-                attempts.count += 1
-                try:
-                    return await self._client.signed(
-                        creds, request.method, request.path, request.params
-                    )
-                except PapiError as exc:
-                    attempts.last_error = exc
-                    raise
+                return await self._cancel_once(job)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    def _failure(self, route: Route, exc: PapiError, attempts: int) -> Outcome:
-        reply = _reply(exc)
-        if exc.disposition is Disposition.AMBIGUOUS:
-            written = isinstance(exc, TransportError) and exc.written
-            detail = (
-                f"the cancel may have reached the exchange ({exc}); "
-                "its outcome could not be established, so none is claimed"
+    async def _cancel_once(self, job: _Job) -> PapiResponse:
+        """One cancel; a -1021 re-syncs the clock and re-signs once, within this attempt."""
+        while True:
+            request = plan_cancel(job.command, self._recv_window(job))
+            try:
+                return await self._send(
+                    job, request, is_order=True, deadline=job.expires_at or job.deadline
+                )
+            except ExchangeError as exc:
+                if exc.code != -1021 or job.resynced or self._resync_clock is None:
+                    raise
+                job.resynced = True
+                log.warning(
+                    "command_id=%s: -1021, re-syncing the clock and re-signing once",
+                    job.command.command_id,
+                )
+                await self._resync_clock()
+
+    async def _send(
+        self, job: _Job, request: CancelRequest, *, is_order: bool, deadline: int
+    ) -> PapiResponse:
+        job.attempts += 1
+        try:
+            response = await self._client.signed(
+                job.creds,
+                request.method,
+                request.path,
+                request.params,
+                is_order=is_order,
+                deadline_ms=deadline,
             )
-            if written:
-                detail = f"no answer after the request was sent ({exc}); outcome not claimed"
+        except GovernorDeadlineError:
+            job.attempts -= 1  # nothing was sent
+            raise
+        except PapiError as exc:
+            job.last_error = exc
+            metrics.HTTP_REQUESTS.labels(request.route.value, exc.disposition.value).inc()
+            raise
+        metrics.HTTP_REQUESTS.labels(request.route.value, "ok").inc()
+        return response
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    async def _query(self, job: _Job, deadline: int) -> tuple[Finding, dict[str, Any] | None]:
+        """Ask the order's status; retry transient failures until ``deadline``."""
+        policy = self._policy
+        retrying = AsyncRetrying(
+            stop=_StopBeforeDeadline(self._clock, deadline),
+            wait=wait_exponential_jitter(
+                multiplier=policy.backoff_initial_s,
+                max=policy.backoff_max_s,
+                jitter=policy.backoff_initial_s,
+            ),
+            retry=retry_if_exception(
+                lambda e: (
+                    isinstance(e, PapiError)
+                    and not (isinstance(e, ExchangeError) and e.disposition is Disposition.TERMINAL)
+                )
+            ),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    for request in plan_queries(job.command, self._policy.recv_window_ms):
+                        try:
+                            response = await self._send(
+                                job, request, is_order=False, deadline=deadline
+                            )
+                        except ExchangeError as exc:
+                            if exc.code in GONE_CODES:
+                                continue  # not there: ask the next place
+                            raise
+                        body = response.body
+                        if normalize.status_of(body, job.route) is not None:
+                            return Finding.FOUND, body
+                        raise ExchangeError(response.status, None, "unreadable order status")
+                    return Finding.NOT_FOUND, None
+        except (PapiError, GovernorDeadlineError) as exc:
+            log.warning("command_id=%s: order status not learned: %s", job.command.command_id, exc)
+        return Finding.UNKNOWN, None
+
+    async def _reconcile(self, job: _Job, cause: PapiError) -> Outcome | None:
+        """Decide after an ambiguous or 'order gone' answer; None means cancel again."""
+        gone = _code(cause) in GONE_CODES
+        deadline = max(job.deadline, self._clock() + self._policy.reconcile_budget_ms)
+        finding, body = await self._query(job, deadline)
+        status = normalize.status_of(body, job.route) if body is not None else None
+        metrics.RECONCILIATIONS.labels(status or finding.value).inc()
+        reply = _reply(cause)
+        if finding is Finding.UNKNOWN:
+            if gone:
+                return Outcome(
+                    False,
+                    job.attempts,
+                    route=job.route,
+                    reason=FailureReason.NOT_FOUND,
+                    exchange=reply,
+                    detail=f"the exchange says the order is not open ({cause}); its "
+                    "final status could not be learned",
+                )
             return Outcome(
                 False,
-                attempts,
-                route=route,
+                job.attempts,
+                route=job.route,
                 reason=FailureReason.OUTCOME_UNKNOWN,
-                detail=detail,
                 exchange=reply,
+                detail=f"the cancel may have happened ({cause}) and the order's "
+                "status could not be learned in time; none is claimed",
             )
+        if finding is Finding.NOT_FOUND:
+            return Outcome(
+                False,
+                job.attempts,
+                route=job.route,
+                reason=FailureReason.NOT_FOUND,
+                exchange=reply,
+                detail="no such order, open or finished",
+            )
+        if body is None or status is None:  # FOUND always carries a readable status
+            return Outcome(
+                False,
+                job.attempts,
+                route=job.route,
+                reason=FailureReason.OUTCOME_UNKNOWN,
+                exchange=reply,
+                detail="the order's status answer could not be read",
+            )
+        if status == "NEW":
+            if gone:  # the exchange refused the cancel yet lists the order as open
+                return Outcome(
+                    False,
+                    job.attempts,
+                    route=job.route,
+                    reason=FailureReason.REJECTED,
+                    exchange=reply,
+                    order_status=status,
+                    detail=f"cancel refused ({cause}) although the order is open",
+                )
+            log.info(
+                "command_id=%s: order still open after %s; canceling again",
+                job.command.command_id,
+                cause,
+            )
+            return None
+        if status == "CANCELED" and not gone:
+            return Outcome(
+                True,
+                job.attempts,
+                route=job.route,
+                confirmed_by="query",
+                strategy=self._strategy(job, body),
+            )
+        return Outcome(
+            False,
+            job.attempts,
+            route=job.route,
+            reason=FailureReason.ALREADY_CLOSED,
+            exchange=reply,
+            order_status=status,
+            detail=f"the order was already {status} ({cause})",
+        )
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def _strategy(self, job: _Job, body: dict[str, Any]) -> dict[str, Any]:
+        if job.route is Route.UM_ALGO:
+            return normalize.from_algo_object(body)
+        return normalize.from_strategy_object(body, job.route)
+
+    def _expired(self, job: _Job, detail: str) -> Outcome:
+        if job.last_error is not None:
+            detail += f"; last error: {job.last_error}"
+        return Outcome(
+            False,
+            job.attempts,
+            route=job.route,
+            reason=FailureReason.EXPIRED,
+            detail=detail,
+            exchange=_reply(job.last_error),
+        )
+
+    def _failure(self, job: _Job, exc: PapiError) -> Outcome:
+        reply = _reply(exc)
         if exc.disposition is Disposition.RETRYABLE:
             reason = (
                 exc.reason
@@ -217,50 +426,54 @@ class CancelExecutor:
             )
             return Outcome(
                 False,
-                attempts,
-                route=route,
+                job.attempts,
+                route=job.route,
                 reason=reason,
-                detail=f"gave up after {attempts} attempt(s): {exc}",
+                detail=f"gave up after {job.attempts} attempt(s): {exc}",
                 exchange=reply,
             )
-        hint = RETIRED_HINTS[route] if exc.reason is FailureReason.ROUTE_RETIRED else None
+        hint = RETIRED_HINTS[job.route] if exc.reason is FailureReason.ROUTE_RETIRED else None
         return Outcome(
             False,
-            attempts,
-            route=route,
+            job.attempts,
+            route=job.route,
             reason=exc.reason,
             detail=f"exchange refused the cancel: {exc}",
             exchange=reply,
             hint=hint,
         )
 
-    def _success(
-        self, command: Command, route: Route, response: PapiResponse, attempts: int
-    ) -> Outcome:
+    def _success(self, job: _Job, response: PapiResponse) -> Outcome:
         body = response.body
-        if route is Route.UM_ALGO:
+        if job.route is Route.UM_ALGO:
             if isinstance(body, dict) and body.get("complete") is True:
                 return Outcome(
-                    True, attempts, route=route, strategy=normalize.from_algo_cancel(command)
+                    True,
+                    job.attempts,
+                    route=job.route,
+                    strategy=normalize.from_algo_cancel(job.command),
                 )
         elif isinstance(body, dict) and normalize.strategy_status_ok(body):
             return Outcome(
-                True, attempts, route=route, strategy=normalize.from_strategy_object(body, route)
+                True,
+                job.attempts,
+                route=job.route,
+                strategy=normalize.from_strategy_object(body, job.route),
             )
         elif isinstance(body, dict) and body.get("strategyStatus") in normalize.STATUSES:
             status = str(body["strategyStatus"])
             return Outcome(
                 False,
-                attempts,
-                route=route,
+                job.attempts,
+                route=job.route,
                 reason=FailureReason.ALREADY_CLOSED,
-                detail=f"exchange answered with status {status}",
                 order_status=status,
+                detail=f"exchange answered with status {status}",
             )
         return Outcome(
             False,
-            attempts,
-            route=route,
+            job.attempts,
+            route=job.route,
             reason=FailureReason.OUTCOME_UNKNOWN,
             detail="exchange answered 2XX without a recognizable confirmation",
             exchange=ExchangeReply(response.status, None, None),

@@ -18,3 +18,19 @@ COMMAND_SECONDS = Histogram(
     "From receipt to durable result, per command",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+GOVERNOR_WAITS = Counter(
+    "cancel_worker_governor_waits_total", "Requests the rate governor held back", ["reason"]
+)
+GOVERNOR_WAIT_SECONDS = Histogram(
+    "cancel_worker_governor_wait_seconds",
+    "Time requests waited for the rate governor",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+)
+GOVERNOR_STOPS = Counter(
+    "cancel_worker_governor_stops_total", "Traffic stops ordered by the exchange", ["kind"]
+)
+RECONCILIATIONS = Counter(
+    "cancel_worker_reconciliations_total",
+    "Order-status queries after an ambiguous or gone answer",
+    ["finding"],
+)

@@ -123,3 +123,38 @@ def from_algo_cancel(command: Command) -> dict[str, Any]:
 def strategy_status_ok(obj: dict[str, Any]) -> bool:
     """A conditional cancel answer is a confirmation only if it says CANCELED."""
     return obj.get("strategyStatus") == "CANCELED"
+
+
+def from_algo_object(obj: dict[str, Any]) -> dict[str, Any]:
+    """Normalize a UM algo order as ``GET /papi/v1/um/algo/algoOrder`` returns it."""
+    out = empty_strategy()
+    out.update(
+        algo_id=_int(obj.get("algoId")),
+        client_algo_id=_str(obj.get("clientAlgoId")),
+        status=_choice(obj.get("algoStatus"), STATUSES),
+        order_type=_str(obj.get("orderType")),
+        side=_choice(obj.get("side"), _SIDES),
+        position_side=_choice(obj.get("positionSide"), _POSITION_SIDES),
+        orig_qty=_decimal(obj.get("quantity")),
+        price=_decimal(obj.get("price")),
+        stop_price=_decimal(obj.get("triggerPrice")),
+        activate_price=_decimal(obj.get("activatePrice")),
+        price_rate=_decimal(obj.get("callbackRate")),
+        time_in_force=_str(obj.get("timeInForce")),
+        working_type=_str(obj.get("workingType")),
+        reduce_only=_bool(obj.get("reduceOnly")),
+        price_protect=_bool(obj.get("priceProtect")),
+        book_time=_int(obj.get("createTime")),
+        update_time=_int(obj.get("updateTime")),
+        self_trade_prevention_mode=_str(obj.get("selfTradePreventionMode")),
+        good_till_date=_int(obj.get("goodTillDate")),
+        price_match=_str(obj.get("priceMatch")),
+    )
+    return out
+
+
+def status_of(obj: object, route: Route) -> str | None:
+    """The order status in a query answer, if it is one of the known statuses."""
+    if not isinstance(obj, dict):
+        return None
+    return _choice(obj.get("algoStatus" if route is Route.UM_ALGO else "strategyStatus"), STATUSES)

@@ -15,6 +15,7 @@ import orjson
 
 from worker.accounts import Credentials
 from worker.errors import ExchangeError, PapiError, TransportError
+from worker.governor import RateGovernor
 from worker.signing import PapiAuth, encode_params
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,10 @@ class PapiClient:
         connect_timeout_s: float = 2.0,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
+        governor: RateGovernor | None = None,
     ) -> None:
         self._clock = clock
+        self._governor = governor
         self._auth: dict[str, PapiAuth] = {}
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -115,9 +118,22 @@ class PapiClient:
         return auth
 
     async def signed(
-        self, creds: Credentials, method: str, path: str, params: tuple[tuple[str, str], ...]
+        self,
+        creds: Credentials,
+        method: str,
+        path: str,
+        params: tuple[tuple[str, str], ...],
+        *,
+        is_order: bool = False,
+        deadline_ms: int | None = None,
     ) -> PapiResponse:
-        """Send one signed request; raise :class:`PapiError` unless the answer is 2XX JSON."""
+        """Send one signed request; raise :class:`PapiError` unless the answer is 2XX JSON.
+
+        With a governor, first wait for room in the rate budgets (never past ``deadline_ms``:
+        :class:`~worker.governor.GovernorDeadlineError`), and feed it every answer.
+        """
+        if self._governor is not None:
+            await self._governor.acquire(creds.alias, is_order=is_order, deadline_ms=deadline_ms)
         url = f"{path}?{encode_params(params)}" if params else path
         try:
             response = await self._http.request(method, url, auth=self._auth_for(creds))
@@ -131,7 +147,14 @@ class PapiClient:
                 f"{type(exc).__name__} after the request was sent", written=True
             ) from exc
         if not 200 <= response.status_code < 300:
-            raise _error_from(response)
+            error = _error_from(response)
+            if self._governor is not None:
+                self._governor.observe(
+                    creds.alias, response.status_code, response.headers, error.code, error.msg
+                )
+            raise error
+        if self._governor is not None:
+            self._governor.observe(creds.alias, response.status_code, response.headers)
         try:
             body = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:

@@ -67,6 +67,7 @@ class CommandProcessor:
                 outcome.attempts,
                 received_at,
                 completed_at,
+                confirmed_by=outcome.confirmed_by,
             )
         else:
             reason = outcome.reason or FailureReason.OUTCOME_UNKNOWN

@@ -48,6 +48,20 @@ RETIRED_HINTS: dict[Route, str] = {
     ),
 }
 
+QUERY_PATHS: dict[Route, tuple[str, ...]] = {
+    # Open orders first, then finished ones: a conditional order leaves openOrder once it is
+    # CANCELED, TRIGGERED or EXPIRED and appears in orderHistory instead.
+    Route.UM_CONDITIONAL: (
+        "/papi/v1/um/conditional/openOrder",
+        "/papi/v1/um/conditional/orderHistory",
+    ),
+    Route.CM_CONDITIONAL: (
+        "/papi/v1/cm/conditional/openOrder",
+        "/papi/v1/cm/conditional/orderHistory",
+    ),
+    Route.UM_ALGO: ("/papi/v1/um/algo/algoOrder",),
+}
+
 MAX_RECV_WINDOW_MS = 60_000
 
 
@@ -68,13 +82,7 @@ def choose_route(command: Command) -> Route:
     return Route.UM_CONDITIONAL if command.market is Market.UM else Route.CM_CONDITIONAL
 
 
-def plan_cancel(command: Command, recv_window_ms: int) -> CancelRequest:
-    """Build the cancel request for a validated command.
-
-    Only values the schema has already constrained reach the parameters; ``recv_window_ms``
-    is clamped to the exchange's 1..60000 range.
-    """
-    route = choose_route(command)
+def _id_params(command: Command, route: Route) -> list[tuple[str, str]]:
     params: list[tuple[str, str]] = []
     if route is Route.UM_ALGO:
         if command.algo_id is not None:
@@ -89,8 +97,30 @@ def plan_cancel(command: Command, recv_window_ms: int) -> CancelRequest:
             params.append(("strategyId", str(command.strategy_id)))
         else:
             params.append(("newClientStrategyId", str(command.client_strategy_id)))
+    return params
+
+
+def _with_window(params: list[tuple[str, str]], recv_window_ms: int) -> tuple[tuple[str, str], ...]:
     window = max(1, min(recv_window_ms, MAX_RECV_WINDOW_MS))
-    params.append(("recvWindow", str(window)))
-    return CancelRequest(
-        route=route, method="DELETE", path=CANCEL_PATHS[route], params=tuple(params)
+    return (*params, ("recvWindow", str(window)))
+
+
+def plan_cancel(command: Command, recv_window_ms: int) -> CancelRequest:
+    """Build the cancel request for a validated command.
+
+    Only values the schema has already constrained reach the parameters; ``recv_window_ms``
+    is clamped to the exchange's 1..60000 range.
+    """
+    route = choose_route(command)
+    params = _with_window(_id_params(command, route), recv_window_ms)
+    return CancelRequest(route=route, method="DELETE", path=CANCEL_PATHS[route], params=params)
+
+
+def plan_queries(command: Command, recv_window_ms: int) -> tuple[CancelRequest, ...]:
+    """The read-only queries that tell an order's status, in the order to ask them."""
+    route = choose_route(command)
+    params = _with_window(_id_params(command, route), recv_window_ms)
+    return tuple(
+        CancelRequest(route=route, method="GET", path=path, params=params)
+        for path in QUERY_PATHS[route]
     )

@@ -48,6 +48,15 @@ class Settings:
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 2.0
     default_deadline_ms: int = 30_000
+    reconcile_budget_ms: int = 5_000
+    # Exchange clock
+    clock_refresh_s: float = 60.0
+    # Rate governor (the exchange's limits; lower them to leave room for other clients)
+    rate_weight_limit: int = 6000
+    rate_weight_window_ms: int = 60_000
+    rate_order_limit: int = 1200
+    rate_order_window_ms: int = 60_000
+    rate_guard_ms: int = 250
     # Observability
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -65,6 +74,10 @@ class Settings:
             "http_max_connections",
             "max_poll_records",
             "default_deadline_ms",
+            "rate_weight_limit",
+            "rate_weight_window_ms",
+            "rate_order_limit",
+            "rate_order_window_ms",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -1,0 +1,245 @@
+"""The rate governor: keeps the worker inside the exchange's limits instead of hitting them.
+
+Two kinds of budget, both fixed windows like the exchange's:
+
+* IP request weight (default 6000 per 60 s), shared by every account in the process;
+* orders per account (default 1200 per 60 s).
+
+Each budget counts what this process sends and is corrected upwards from the exchange's own
+count on every answer (``X-MBX-USED-WEIGHT-1M``, ``X-MBX-ORDER-COUNT-1M``): the exchange's
+number wins when it is higher (other processes on the IP, requests in flight). Windows are
+read on the exchange clock and start ``guard_ms`` late, so a clock error smaller than that
+never opens a new window early.
+
+Stops: a 429 pauses all sending on the IP until ``Retry-After`` (default 1 s), after which the
+IP budget is reopened gradually over ``ramp_ms``; a 418 or a -1003 "banned until <ms>" stops
+all traffic until the ban ends. ``acquire`` waits for room, but never past the caller's
+deadline: it raises :class:`GovernorDeadlineError` instead, so a waiting command keeps its
+deadline. Per-key order is kept by the pipeline (a key's next command waits for this one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from worker import metrics
+
+log = logging.getLogger(__name__)
+
+_BANNED_UNTIL = re.compile(r"banned until (\d{12,14})", re.IGNORECASE)
+
+
+class GovernorDeadlineError(Exception):
+    """No room before the deadline; nothing was sent."""
+
+    def __init__(self, reason: str, wait_until_ms: int) -> None:
+        super().__init__(f"waiting for the rate governor ({reason}) would pass the deadline")
+        self.reason = reason
+        self.wait_until_ms = wait_until_ms
+
+
+@dataclass
+class WindowBudget:
+    """A fixed-window counter (pure)."""
+
+    limit: int
+    window_ms: int
+    guard_ms: int = 250
+    used: int = 0
+    window: int = -1
+
+    def _index(self, now: int) -> int:
+        return (now - self.guard_ms) // self.window_ms
+
+    def roll(self, now: int) -> None:
+        index = self._index(now)
+        if index != self.window:
+            self.window, self.used = index, 0
+
+    def has_room(self, now: int, limit: int | None = None) -> bool:
+        self.roll(now)
+        return self.used < (self.limit if limit is None else limit)
+
+    def take(self, now: int) -> None:
+        self.roll(now)
+        self.used += 1
+
+    def correct(self, now: int, reported: int) -> None:
+        self.roll(now)
+        self.used = max(self.used, reported)
+
+    def next_window_at(self, now: int) -> int:
+        return (self._index(now) + 1) * self.window_ms + self.guard_ms
+
+
+@dataclass
+class GovernorSettings:
+    weight_limit: int = 6000
+    weight_window_ms: int = 60_000
+    order_limit: int = 1200
+    order_window_ms: int = 60_000
+    guard_ms: int = 250
+    ramp_ms: int = 5_000
+    default_retry_after_ms: int = 1_000
+    default_ban_ms: int = 120_000
+
+
+@dataclass
+class GovernorStats:
+    waits: dict[str, int] = field(default_factory=dict)
+    waited_s: float = 0.0
+    pauses_429: int = 0
+    bans_418: int = 0
+
+
+class RateGovernor:
+    def __init__(self, settings: GovernorSettings, clock: Callable[[], int]) -> None:
+        self._s = settings
+        self._clock = clock
+        self._weight = WindowBudget(
+            settings.weight_limit, settings.weight_window_ms, settings.guard_ms
+        )
+        self._orders: dict[str, WindowBudget] = {}
+        self._ip_paused_until = 0
+        self._banned_until = 0
+        self._ramp_from = 0
+        self.stats = GovernorStats()
+
+    def _account(self, account: str) -> WindowBudget:
+        budget = self._orders.get(account)
+        if budget is None:
+            budget = self._orders[account] = WindowBudget(
+                self._s.order_limit, self._s.order_window_ms, self._s.guard_ms
+            )
+        return budget
+
+    def _ip_limit(self, now: int) -> int:
+        """The IP budget, reopened gradually after a 429 pause or a ban."""
+        since = now - self._ramp_from
+        if self._ramp_from == 0 or since >= self._s.ramp_ms:
+            return self._s.weight_limit
+        share = 0.1 + 0.9 * since / self._s.ramp_ms
+        return max(1, int(self._s.weight_limit * share))
+
+    def _blocked_until(self, account: str, is_order: bool, now: int) -> tuple[str, int] | None:
+        if self._banned_until > now:
+            return "ip_banned", self._banned_until
+        if self._ip_paused_until > now:
+            return "ip_429_pause", self._ip_paused_until
+        if not self._weight.has_room(now, self._ip_limit(now)):
+            if self._ramp_from and now - self._ramp_from < self._s.ramp_ms:
+                return "ip_ramp", min(now + 100, self._weight.next_window_at(now))
+            return "ip_weight", self._weight.next_window_at(now)
+        if is_order:
+            budget = self._account(account)
+            if not budget.has_room(now):
+                return "account_orders", budget.next_window_at(now)
+        return None
+
+    async def acquire(self, account: str, *, is_order: bool, deadline_ms: int | None) -> float:
+        """Wait for room for one request (weight 1, plus one order if ``is_order``).
+
+        Returns the seconds waited. Raises :class:`GovernorDeadlineError` if room would only
+        come at or after ``deadline_ms`` (exchange-clock ms).
+        """
+        started = time.monotonic()
+        first_reason: str | None = None
+        while True:
+            now = self._clock()
+            blocked = self._blocked_until(account, is_order, now)
+            if blocked is None:
+                self._weight.take(now)
+                if is_order:
+                    self._account(account).take(now)
+                waited = time.monotonic() - started
+                if first_reason is not None:
+                    self._record_wait(first_reason, waited, account)
+                return waited
+            reason, until = blocked
+            if deadline_ms is not None and until >= deadline_ms:
+                if first_reason is not None:
+                    self._record_wait(first_reason, time.monotonic() - started, account)
+                raise GovernorDeadlineError(reason, until)
+            first_reason = first_reason or reason
+            # Re-check at least every second: an answer may move a window or lift a pause.
+            await asyncio.sleep(min(max(until - now, 1), 1000) / 1000)
+
+    def _record_wait(self, reason: str, waited_s: float, account: str) -> None:
+        self.stats.waits[reason] = self.stats.waits.get(reason, 0) + 1
+        self.stats.waited_s += waited_s
+        metrics.GOVERNOR_WAITS.labels(reason).inc()
+        metrics.GOVERNOR_WAIT_SECONDS.observe(waited_s)
+        log.info(
+            "rate governor held a request for %.3fs (reason=%s account=%s)",
+            waited_s,
+            reason,
+            account,
+        )
+
+    def observe(
+        self,
+        account: str,
+        status: int,
+        headers: Mapping[str, str],
+        code: int | None = None,
+        msg: str | None = None,
+    ) -> None:
+        """Learn from an answer: the exchange's counts, 429 pauses and 418 bans."""
+        now = self._clock()
+        weight = _int(headers.get("x-mbx-used-weight-1m"))
+        if weight is not None:
+            self._weight.correct(now, weight)
+        orders = _int(headers.get("x-mbx-order-count-1m"))
+        if orders is not None:
+            self._account(account).correct(now, orders)
+        retry_after_ms = _retry_after_ms(headers)
+        banned = _BANNED_UNTIL.search(msg or "") if code == -1003 else None
+        if status == 418 or banned is not None:
+            until = (
+                int(banned.group(1))
+                if banned is not None
+                else now
+                + (retry_after_ms if retry_after_ms is not None else self._s.default_ban_ms)
+            )
+            if until > self._banned_until:
+                self._banned_until = until
+                self._ramp_from = until
+                self.stats.bans_418 += 1
+                metrics.GOVERNOR_STOPS.labels("ban").inc()
+                log.error(
+                    "IP banned by the exchange until %d (in %.1fs): all traffic stopped",
+                    until,
+                    (until - now) / 1000,
+                )
+        elif status == 429:
+            until = now + (
+                retry_after_ms if retry_after_ms is not None else self._s.default_retry_after_ms
+            )
+            if until > self._ip_paused_until:
+                self._ip_paused_until = until
+                self._ramp_from = until
+                self.stats.pauses_429 += 1
+                metrics.GOVERNOR_STOPS.labels("429").inc()
+                log.warning(
+                    "429 from the exchange: pausing the IP for %.1fs, then ramping up",
+                    (until - now) / 1000,
+                )
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _retry_after_ms(headers: Mapping[str, str]) -> int | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0, int(float(value) * 1000))
+    except ValueError:
+        return None
