@@ -49,5 +49,5 @@ def sim(sim_process: tuple[Process, str]) -> Iterator[SimControl]:
     try:
         yield control
     finally:
-        control.configure(um_conditional_enabled=True, clock_skew_ms=0)
+        control.reset()
         control.close()

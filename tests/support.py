@@ -22,6 +22,7 @@ from worker.app import Worker, load_worker_accounts
 from worker.contracts import result_validator
 from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
 from worker.settings import ENV_PREFIX, Settings
+from worker.sim.app import SimConfig
 from worker.timeutil import now_ms
 
 HMAC_ACCOUNTS = {
@@ -87,6 +88,22 @@ class SimControl:
         r = self._http.post("/_sim/config", content=orjson.dumps(changes))
         r.raise_for_status()
         out: dict[str, Any] = r.json()
+        return out
+
+    def reset(self) -> None:
+        """Back to a healthy exchange with the real limits (the session shares one simulator)."""
+        self.configure(**dataclasses.asdict(SimConfig()))
+        self._http.post("/_sim/faults", content=orjson.dumps({"faults": [], "clear": True}))
+
+    def orders(self) -> dict[int, dict[str, Any]]:
+        """The book's ground truth: every order by id."""
+        data = self._http.get("/_sim/orders").json()
+        out = {o["strategy_id"]: o for o in data["conditional"]}
+        out.update({o["algo_id"]: o for o in data["algo"]})
+        return out
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = self._http.get("/_sim/stats").json()
         return out
 
     def close(self) -> None:

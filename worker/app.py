@@ -99,7 +99,8 @@ class Worker:
             accounts,
             policy_from(settings),
             self.clock.now,
-            resync_clock=self.clock.resync_after_rejection,
+            resync_clock=self.clock.resync,
+            clock_generation=lambda: self.clock.generation,
         )
         self._processor = CommandProcessor(
             executor,

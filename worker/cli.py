@@ -100,6 +100,30 @@ def run(config: Path | None) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help='JSON file {"orders": [...]} of orders to place in the book at start-up.',
 )
+@click.option(
+    "--fault-profile",
+    default="none",
+    show_default=True,
+    help="Named fault profile (none, latency, timeouts, resets, 5xx, unknown-503, "
+    "unknown-1006, storm-429, ban-418).",
+)
+@click.option("--fault-seed", default=0, type=int, help="Seed of the fault profile's draws.")
+@click.option(
+    "--order-limit",
+    default=1200,
+    show_default=True,
+    type=int,
+    help="Orders per account per window.",
+)
+@click.option("--order-window-ms", default=60_000, show_default=True, type=int)
+@click.option(
+    "--weight-limit",
+    default=6000,
+    show_default=True,
+    type=int,
+    help="IP request weight per window.",
+)
+@click.option("--weight-window-ms", default=60_000, show_default=True, type=int)
 @click.option("--log-level", default="INFO")
 def sim(
     host: str,
@@ -108,16 +132,34 @@ def sim(
     retire_um_conditional: bool,
     clock_skew_ms: int,
     seed_file: Path | None,
+    fault_profile: str,
+    fault_seed: int,
+    order_limit: int,
+    order_window_ms: int,
+    weight_limit: int,
+    weight_window_ms: int,
     log_level: str,
 ) -> None:
     """Serve the PAPI simulator."""
     from worker.accounts import AccountsError, load_accounts  # noqa: PLC0415
     from worker.sim.app import SimConfig  # noqa: PLC0415
+    from worker.sim.faults import PROFILES  # noqa: PLC0415
     from worker.sim.server import serve_forever  # noqa: PLC0415
 
     configure_logging(log_level)
+    if fault_profile not in PROFILES:
+        raise click.BadParameter(
+            f"known profiles: {', '.join(sorted(PROFILES))}", param_hint="--fault-profile"
+        )
     config = SimConfig(
-        um_conditional_enabled=not retire_um_conditional, clock_skew_ms=clock_skew_ms
+        um_conditional_enabled=not retire_um_conditional,
+        clock_skew_ms=clock_skew_ms,
+        profile=fault_profile,
+        seed=fault_seed,
+        order_limit=order_limit,
+        order_window_ms=order_window_ms,
+        weight_limit=weight_limit,
+        weight_window_ms=weight_window_ms,
     )
     try:
         seed = orjson.loads(seed_file.read_bytes())["orders"] if seed_file is not None else []

@@ -2,8 +2,8 @@
 
 PAPI has no time endpoint; the offset is estimated from ``CANCEL_WORKER_TIME_URL``
 (``{"serverTime": ms}``) as ``serverTime - midpoint(request sent, answer received)``, refreshed
-periodically, and re-estimated at once when the exchange answers -1021. Concurrent
-re-syncs coalesce into one request.
+periodically, and re-estimated when the exchange answers -1021. Rejections of requests signed
+with the same estimate coalesce into one sync (the estimate's ``generation`` tells them apart).
 """
 
 from __future__ import annotations
@@ -40,53 +40,50 @@ class ExchangeClock:
         self._local = local
         self._http = httpx.AsyncClient(timeout=timeout_s, transport=transport)
         self._lock = asyncio.Lock()
-        self._synced_at: int | None = None
         self._refresher: asyncio.Task[None] | None = None
         self.offset_ms = 0
         self.round_trip_ms: int | None = None
-        self.syncs = 0
+        self.generation = 0  # successful syncs so far
 
     def now(self) -> int:
         """Best estimate of the exchange's time, in ms."""
         return self._local() + self.offset_ms
 
-    async def sync(self, *, if_older_than_ms: int | None = None) -> None:
-        """Re-estimate the offset; skipped if another caller synced within ``if_older_than_ms``."""
-        requested_at = self._local()
+    async def sync(self) -> None:
+        """Re-estimate the offset now."""
         async with self._lock:
-            if (
-                if_older_than_ms is not None
-                and self._synced_at is not None
-                and self._synced_at >= requested_at - if_older_than_ms
-            ):
-                return
-            sent = self._local()
-            try:
-                response = await self._http.get(self._url)
-                received = self._local()
-                server = orjson.loads(response.content)["serverTime"]
-            except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ClockSyncError(
-                    f"cannot read the exchange time from {self._url}: {type(exc).__name__}"
-                ) from exc
-            if not isinstance(server, int) or isinstance(server, bool):
-                raise ClockSyncError(f"{self._url} answered a serverTime that is not an integer")
-            self.round_trip_ms = received - sent
-            self.offset_ms = server - (sent + received) // 2
-            self._synced_at = received
-            self.syncs += 1
-            log.info(
-                "exchange clock offset %+d ms (round trip %d ms)",
-                self.offset_ms,
-                self.round_trip_ms,
-            )
+            await self._sync_locked()
 
-    async def resync_after_rejection(self) -> None:
-        """After a -1021: sync now unless another request already did in the last second."""
+    async def resync(self, seen_generation: int) -> None:
+        """After a -1021 on a request signed at ``seen_generation``: sync, unless another
+        caller already did since that request was signed (concurrent rejections coalesce).
+        A failure is logged; the caller's retry then fails on its own terms."""
+        async with self._lock:
+            if self.generation != seen_generation:
+                return
+            try:
+                await self._sync_locked()
+            except ClockSyncError as exc:
+                log.warning("clock resync failed: %s", exc)
+
+    async def _sync_locked(self) -> None:
+        sent = self._local()
         try:
-            await self.sync(if_older_than_ms=1000)
-        except ClockSyncError as exc:
-            log.warning("clock resync failed: %s", exc)
+            response = await self._http.get(self._url)
+            received = self._local()
+            server = orjson.loads(response.content)["serverTime"]
+        except (httpx.HTTPError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ClockSyncError(
+                f"cannot read the exchange time from {self._url}: {type(exc).__name__}"
+            ) from exc
+        if not isinstance(server, int) or isinstance(server, bool):
+            raise ClockSyncError(f"{self._url} answered a serverTime that is not an integer")
+        self.round_trip_ms = received - sent
+        self.offset_ms = server - (sent + received) // 2
+        self.generation += 1
+        log.info(
+            "exchange clock offset %+d ms (round trip %d ms)", self.offset_ms, self.round_trip_ms
+        )
 
     async def start(self) -> None:
         """Sync once (failure is logged, offset stays 0) and keep refreshing in the background."""

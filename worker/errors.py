@@ -74,6 +74,35 @@ F = FailureReason
 TAXONOMY: tuple[Rule, ...] = (
     Rule("418", 418, None, R, F.RATE_LIMITED, "IP banned: stop all traffic until Retry-After"),
     Rule("429", 429, None, R, F.RATE_LIMITED, "back off on this IP, honour Retry-After"),
+    # A 5XX speaks for itself, whatever code the body carries: only the two messages that
+    # say "not executed" are safe to send again; everything else may have happened.
+    Rule(
+        "503 Service Unavailable",
+        503,
+        None,
+        R,
+        F.EXCHANGE_UNAVAILABLE,
+        "not executed: retry with backoff",
+        msg_contains="service unavailable",
+    ),
+    Rule(
+        "503 Internal error; unable to process",
+        503,
+        None,
+        R,
+        F.EXCHANGE_UNAVAILABLE,
+        "not executed: retry with backoff",
+        msg_contains="unable to process",
+    ),
+    Rule(
+        "5XX other (incl. 503 Unknown error)",
+        None,
+        None,
+        A,
+        F.OUTCOME_UNKNOWN,
+        "status unknown: reconcile by query",
+        status_range=(500, 599),
+    ),
     Rule(
         "-1003", None, -1003, R, F.RATE_LIMITED, "too many requests or IP banned: wait, then retry"
     ),
@@ -102,24 +131,6 @@ TAXONOMY: tuple[Rule, ...] = (
     Rule("-1007", None, -1007, A, F.OUTCOME_UNKNOWN, "timeout, status unknown: reconcile"),
     Rule("403", 403, None, T, F.REJECTED, "WAF rule hit: terminal for the request"),
     Rule("404", 404, None, T, F.ROUTE_RETIRED, "route not served: tell the producer"),
-    Rule(
-        "503 Service Unavailable",
-        503,
-        None,
-        R,
-        F.EXCHANGE_UNAVAILABLE,
-        "not executed: retry with backoff",
-        msg_contains="service unavailable",
-    ),
-    Rule(
-        "5XX other",
-        None,
-        None,
-        A,
-        F.OUTCOME_UNKNOWN,
-        "status unknown: reconcile",
-        status_range=(500, 599),
-    ),
     Rule(
         "timeout/reset after write",
         None,

@@ -75,7 +75,7 @@ class RetryPolicy:
     default_deadline_ms: int = 30_000
     recv_window_ms: int = 5_000
     reconcile_budget_ms: int = 5_000
-    max_cancel_rounds: int = 3
+    max_cancel_rounds: int = 8
 
 
 class _ExpiredError(Exception):
@@ -134,13 +134,15 @@ class CancelExecutor:
         accounts: Mapping[str, Credentials],
         policy: RetryPolicy,
         clock: Callable[[], int],
-        resync_clock: Callable[[], Awaitable[None]] | None = None,
+        resync_clock: Callable[[int], Awaitable[None]] | None = None,
+        clock_generation: Callable[[], int] = lambda: 0,
     ) -> None:
         self._client = client
         self._accounts = accounts
         self._policy = policy
         self._clock = clock
         self._resync_clock = resync_clock
+        self._clock_generation = clock_generation
 
     def retry_deadline_ms(self, command: Command) -> int:
         """No retry starts after this (exchange clock); ``expires_at`` also forbids any send."""
@@ -165,7 +167,9 @@ class CancelExecutor:
             command.expires_at,
             self.retry_deadline_ms(command),
         )
-        for _ in range(self._policy.max_cancel_rounds):
+        for round_no in range(self._policy.max_cancel_rounds):
+            if round_no and self._clock() >= job.deadline:
+                break  # the order still stands and the retry budget is spent
             try:
                 response = await self._cancel_with_retry(job)
             except _ExpiredError:
@@ -194,7 +198,7 @@ class CancelExecutor:
             job.attempts,
             route=job.route,
             reason=FailureReason.OUTCOME_UNKNOWN,
-            detail=f"the order still stood after {self._policy.max_cancel_rounds} cancel rounds",
+            detail="the order still stood when the cancel rounds or the retry budget ran out",
             exchange=_reply(job.last_error),
         )
 
@@ -238,6 +242,7 @@ class CancelExecutor:
         """One cancel; a -1021 re-syncs the clock and re-signs once, within this attempt."""
         while True:
             request = plan_cancel(job.command, self._recv_window(job))
+            generation = self._clock_generation()
             try:
                 return await self._send(
                     job, request, is_order=True, deadline=job.expires_at or job.deadline
@@ -250,7 +255,7 @@ class CancelExecutor:
                     "command_id=%s: -1021, re-syncing the clock and re-signing once",
                     job.command.command_id,
                 )
-                await self._resync_clock()
+                await self._resync_clock(generation)
 
     async def _send(
         self, job: _Job, request: CancelRequest, *, is_order: bool, deadline: int

@@ -16,6 +16,8 @@ the book's ground truth, and change the configuration.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 from collections import deque
@@ -40,6 +42,7 @@ from worker.sim.book import (
     SimError,
     decimal_str,
 )
+from worker.sim.faults import PROFILES, TOO_MANY, Fault, Injector
 
 UM_SYMBOLS = frozenset(
     {"BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT", "LTCUSDT"}
@@ -56,31 +59,15 @@ NOT_FOUND_HTML = b"<html><body><h2>404 Not found</h2></body></html>"
 class SimConfig:
     um_conditional_enabled: bool = True
     clock_skew_ms: int = 0
-
-
-@dataclass(frozen=True)
-class Fault:
-    """One scripted answer for the next signed request.
-
-    ``apply``: run the real handler first (the book changes), then answer with the fault:
-    the exchange did the work but the client cannot know it.
-    """
-
-    status: int
-    code: int | None = None
-    msg: str = ""
-    apply: bool = False
-    retry_after_s: int | None = None
-
-    def response(self, headers: Mapping[str, str]) -> Response:
-        extra = dict(headers)
-        if self.retry_after_s is not None:
-            extra["Retry-After"] = str(self.retry_after_s)
-        if self.code is None:
-            return Response(
-                self.msg.encode(), status_code=self.status, media_type="text/plain", headers=extra
-            )
-        return _json({"code": self.code, "msg": self.msg}, self.status, extra)
+    # The exchange's limits (fixed windows); tests set small ones.
+    weight_limit: int = 6000
+    weight_window_ms: int = 60_000
+    order_limit: int = 1200
+    order_window_ms: int = 60_000
+    ban_after_violations: int = 3  # 429s in one weight window before a 418 ban
+    ban_ms: int = 120_000
+    profile: str = "none"
+    seed: int = 0
 
 
 @dataclass
@@ -88,6 +75,10 @@ class SimState:
     accounts_by_key: dict[str, Credentials]
     config: SimConfig = field(default_factory=SimConfig)
     faults: deque[Fault] = field(default_factory=deque)
+    injector: Injector = field(default_factory=Injector)
+    banned_until: int = 0
+    violations: int = 0
+    stats: dict[str, int] = field(default_factory=dict)
     book: Book = field(default_factory=Book)
     requests: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=200_000))
     request_seq: int = 0
@@ -98,20 +89,46 @@ class SimState:
     def server_time(self) -> int:
         return time.time_ns() // 1_000_000 + self.config.clock_skew_ms
 
+    def count(self, name: str) -> None:
+        self.stats[name] = self.stats.get(name, 0) + 1
+
     def use_weight(self, weight: int) -> int:
-        minute = self.server_time() // 60_000
-        if minute != self.weight_window:
-            self.weight_window, self.weight_used = minute, 0
+        window = self.server_time() // self.config.weight_window_ms
+        if window != self.weight_window:
+            self.weight_window, self.weight_used, self.violations = window, 0, 0
         self.weight_used += weight
         return self.weight_used
 
+    def window_left_s(self, window_ms: int) -> int:
+        """Seconds (rounded up) until the current fixed window ends."""
+        now = self.server_time()
+        return max(1, -(-(window_ms - now % window_ms) // 1000))
+
     def count_order(self, account: str) -> int:
-        minute = self.server_time() // 60_000
-        window, used = self.order_windows.get(account, (minute, 0))
-        if window != minute:
-            window, used = minute, 0
-        self.order_windows[account] = (minute, used + 1)
+        index = self.server_time() // self.config.order_window_ms
+        window, used = self.order_windows.get(account, (index, 0))
+        if window != index:
+            used = 0
+        self.order_windows[account] = (index, used + 1)
         return used + 1
+
+    def ban(self, duration_ms: int) -> SimError:
+        self.banned_until = max(self.banned_until, self.server_time() + duration_ms)
+        self.count("bans_418")
+        return self.banned()
+
+    def banned(self) -> SimError:
+        return SimError(
+            418,
+            -1003,
+            f"Way too many requests; IP(127.0.0.1) banned until "
+            f"{self.banned_until}. Please use the websocket for live "
+            "updates to avoid bans.",
+        )
+
+    def apply_config(self) -> None:
+        """Re-arm the fault injector after the profile or seed changed."""
+        self.injector.reset(PROFILES[self.config.profile], self.config.seed)
 
     def log(self, entry: dict[str, Any]) -> None:
         self.request_seq += 1
@@ -130,6 +147,35 @@ def _json(body: object, status: int = 200, headers: Mapping[str, str] | None = N
 
 def _error(exc: SimError, headers: Mapping[str, str]) -> Response:
     return _json({"code": exc.code, "msg": exc.msg}, exc.status, headers)
+
+
+class SimulatedResetError(ConnectionResetError):
+    """Raised after the response head is sent, so the server drops the connection."""
+
+
+class _ResetResponse(Response):
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"1000"), (b"content-type", b"application/json")],
+            }
+        )
+        raise SimulatedResetError("simulated connection reset")
+
+
+def fault_response(fault: Fault, headers: Mapping[str, str]) -> Response:
+    extra = dict(headers)
+    if fault.retry_after_s is not None:
+        extra["Retry-After"] = str(fault.retry_after_s)
+    if fault.kind == "reset":
+        return _ResetResponse()
+    if fault.code is None:
+        return Response(
+            fault.msg.encode(), status_code=fault.status, media_type="text/plain", headers=extra
+        )
+    return _json({"code": fault.code, "msg": fault.msg}, fault.status, extra)
 
 
 def _mandatory(params: Mapping[str, str], name: str) -> str:
@@ -343,6 +389,9 @@ def signed_endpoint(
     async def endpoint(request: Request) -> Response:
         weight = state.use_weight(1)
         headers = {"X-MBX-USED-WEIGHT-1M": str(weight)}
+        fault, latency_ms = state.injector.draw(request.method)
+        if latency_ms:
+            await asyncio.sleep(latency_ms / 1000)
         entry: dict[str, Any] = {
             "method": request.method,
             "path": request.url.path,
@@ -351,6 +400,7 @@ def signed_endpoint(
             "params": None,
         }
         try:
+            _check_limits(state, weight, headers)
             response = await _handle_signed(
                 request,
                 state,
@@ -359,6 +409,7 @@ def signed_endpoint(
                 entry,
                 order_route=order_route,
                 um_conditional=um_conditional,
+                drawn=fault,
             )
         except SimError as exc:
             response = _error(exc, headers)
@@ -379,6 +430,7 @@ async def _handle_signed(
     *,
     order_route: bool,
     um_conditional: bool,
+    drawn: Fault | None,
 ) -> Response:
     if um_conditional and not state.config.um_conditional_enabled:
         return Response(NOT_FOUND_HTML, status_code=404, media_type="text/html", headers=headers)
@@ -390,7 +442,18 @@ async def _handle_signed(
         raise SimError(401, -2015, "Invalid API-key, IP, or permissions for action.")
     entry["account"] = creds.alias
     if order_route:
-        headers["X-MBX-ORDER-COUNT-1M"] = str(state.count_order(creds.alias))
+        orders = state.count_order(creds.alias)
+        headers["X-MBX-ORDER-COUNT-1M"] = str(orders)
+        if orders > state.config.order_limit:
+            state.count("orders_429")
+            headers["Retry-After"] = str(state.window_left_s(state.config.order_window_ms))
+            raise SimError(
+                429,
+                -1015,
+                f"Too many new orders; current limit is "
+                f"{state.config.order_limit} orders per "
+                f"{state.config.order_window_ms // 1000} SECOND.",
+            )
     body = await request.body()
     signed: SignedParams = split_signed(request.scope.get("query_string", b""), body)
     entry["params"] = signed.params
@@ -398,16 +461,37 @@ async def _handle_signed(
         raise SimError(400, -1022, "Signature for this request is not valid.")
     check_timestamp(signed.params, state.server_time())
     entry["signature"] = signed.signature
-    fault = state.faults.popleft() if state.faults else None
-    if fault is not None and not fault.apply:
-        entry["fault"] = asdict(fault)
-        return fault.response(headers)
-    response = handler(state, creds, signed.params)
-    if fault is not None:
-        entry["fault"] = asdict(fault)
-        return fault.response(headers)
-    response.headers.update(headers)
-    return response
+    fault = state.faults.popleft() if state.faults else drawn
+    if fault is None:
+        response = handler(state, creds, signed.params)
+        response.headers.update(headers)
+        return response
+    entry["fault"] = asdict(fault)
+    state.count(f"fault_{fault.kind}_{fault.status}")
+    if fault.kind == "ban":
+        raise state.ban(fault.delay_ms)
+    if fault.apply:
+        # The order may not be there to change; the client gets the fault either way.
+        with contextlib.suppress(SimError):
+            handler(state, creds, signed.params)
+    if fault.kind == "timeout":
+        await asyncio.sleep(fault.delay_ms / 1000)
+    return fault_response(fault, headers)
+
+
+def _check_limits(state: SimState, weight: int, headers: dict[str, str]) -> None:
+    """IP bans and the IP weight limit, checked before anything else, as the exchange does."""
+    if state.banned_until > state.server_time():
+        headers["Retry-After"] = str(max(1, -(-(state.banned_until - state.server_time()) // 1000)))
+        raise state.banned()
+    if weight > state.config.weight_limit:
+        state.violations += 1
+        if state.violations >= state.config.ban_after_violations:
+            headers["Retry-After"] = str(max(1, state.config.ban_ms // 1000))
+            raise state.ban(state.config.ban_ms)
+        state.count("weight_429")
+        headers["Retry-After"] = str(state.window_left_s(state.config.weight_window_ms))
+        raise SimError(429, -1003, TOO_MANY.format(limit=state.config.weight_limit))
 
 
 def build_app(state: SimState) -> Starlette:
@@ -542,11 +626,16 @@ def control_routes(state: SimState) -> list[Route]:
             }
         )
 
+    async def stats(_: Request) -> Response:
+        return _json(state.stats)
+
     async def faults(request: Request) -> Response:
         try:
-            specs = orjson.loads(await request.body())["faults"]
-            state.faults.extend(Fault(**spec) for spec in specs)
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            body = orjson.loads(await request.body())
+            if body.get("clear"):
+                state.faults.clear()
+            state.faults.extend(Fault(**spec) for spec in body["faults"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             return _json({"error": f"bad faults: {exc}"}, 400)
         return _json({"queued": len(state.faults)})
 
@@ -558,6 +647,14 @@ def control_routes(state: SimState) -> list[Route]:
                     if not hasattr(state.config, name):
                         return _json({"error": f"unknown setting {name}"}, 400)
                     setattr(state.config, name, type(getattr(state.config, name))(value))
+                if state.config.profile not in PROFILES:
+                    bad = state.config.profile
+                    state.config.profile = "none"
+                    return _json(
+                        {"error": f"unknown profile {bad!r}; known: {', '.join(sorted(PROFILES))}"},
+                        400,
+                    )
+                state.apply_config()
             except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
                 return _json({"error": f"bad config: {exc}"}, 400)
         return _json(asdict(state.config))
@@ -570,4 +667,5 @@ def control_routes(state: SimState) -> list[Route]:
         Route("/_sim/cancels", cancels),
         Route("/_sim/config", config, methods=["GET", "POST"]),
         Route("/_sim/faults", faults, methods=["POST"]),
+        Route("/_sim/stats", stats),
     ]

@@ -13,13 +13,22 @@ import orjson
 import uvicorn
 
 from worker.accounts import Credentials
-from worker.sim.app import SimConfig, SimState, build_app, seed_order
+from worker.sim.app import SimConfig, SimState, SimulatedResetError, build_app, seed_order
 
 log = logging.getLogger(__name__)
 
 
 def state_from_accounts(accounts: Mapping[str, Credentials], config: SimConfig) -> SimState:
-    return SimState(accounts_by_key={c.api_key: c for c in accounts.values()}, config=config)
+    state = SimState(accounts_by_key={c.api_key: c for c in accounts.values()}, config=config)
+    state.apply_config()
+    return state
+
+
+class _HideSimulatedResets(logging.Filter):
+    """A simulated reset is the point, not a server error worth a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], SimulatedResetError))
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -43,6 +52,7 @@ async def running_sim(
         access_log=False,
         lifespan="off",
     )
+    logging.getLogger("uvicorn.error").addFilter(_HideSimulatedResets())
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(), name="papi-sim")
     try:

@@ -1,0 +1,143 @@
+"""Simulator fault injection: scripted faults and seeded, named fault profiles.
+
+A :class:`Fault` is one scripted answer for a signed request. Kinds:
+
+* ``answer`` — an HTTP error (status, optional Binance code and message, ``Retry-After``);
+* ``timeout`` — hold the request for ``delay_ms`` (longer than the client waits);
+* ``reset`` — send the response head, then drop the connection;
+* ``ban`` — ban the IP for ``delay_ms`` and answer 418.
+
+``apply``: run the real handler first (the book changes), then misbehave — the exchange did
+the work but the client cannot know it. That is what makes an outcome ambiguous.
+
+A profile is a list of (probability, fault) drawn per request from a seeded generator, plus
+a latency range for every answer. Profiles apply to the methods in ``methods`` (cancels by
+default), so reconciliation queries see a healthy exchange unless a test asks otherwise.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+UNKNOWN_503 = "Unknown error, please check your request or try again later."
+TOO_MANY = "Too many requests; current limit of IP(127.0.0.1) is {limit} requests per minute."
+
+
+@dataclass(frozen=True)
+class Fault:
+    status: int = 500
+    code: int | None = None
+    msg: str = ""
+    apply: bool = False
+    retry_after_s: int | None = None
+    kind: str = "answer"
+    delay_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    faults: tuple[tuple[float, Fault], ...] = ()
+    latency_ms: tuple[int, int] = (0, 0)
+    methods: tuple[str, ...] = ("DELETE",)
+
+
+@dataclass
+class Injector:
+    """Draws the fault (if any) and latency for each request, reproducibly from the seed."""
+
+    profile: Profile = field(default_factory=Profile)
+    seed: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def reset(self, profile: Profile, seed: int) -> None:
+        self.profile, self.seed = profile, seed
+        self.rng = random.Random(seed)  # noqa: S311 - reproducible faults, not cryptography
+
+    def draw(self, method: str) -> tuple[Fault | None, int]:
+        low, high = self.profile.latency_ms
+        latency = self.rng.randint(low, high) if high > 0 else 0
+        if method not in self.profile.methods:
+            return None, latency
+        roll = self.rng.random()
+        for probability, fault in self.profile.faults:
+            if roll < probability:
+                return fault, latency
+            roll -= probability
+        return None, latency
+
+
+def _timeout(applied: bool) -> Fault:
+    return Fault(
+        503, None, "held past the client's timeout", apply=applied, kind="timeout", delay_ms=3_000
+    )
+
+
+PROFILES: dict[str, Profile] = {
+    "none": Profile(),
+    "latency": Profile(latency_ms=(20, 150)),
+    "timeouts": Profile(((0.25, _timeout(True)), (0.25, _timeout(False)))),
+    "resets": Profile(
+        ((0.25, Fault(kind="reset", apply=True)), (0.25, Fault(kind="reset", apply=False)))
+    ),
+    "5xx": Profile(
+        (
+            (0.15, Fault(500, None, "Internal Server Error")),
+            (0.15, Fault(502, None, "Bad Gateway", apply=True)),
+            (0.15, Fault(503, None, "Service Unavailable")),
+            (0.10, Fault(504, None, "Gateway Timeout", apply=True)),
+        )
+    ),
+    "unknown-503": Profile(
+        (
+            (0.4, Fault(503, -1000, UNKNOWN_503, apply=True)),
+            (0.2, Fault(503, -1000, UNKNOWN_503, apply=False)),
+        )
+    ),
+    "unknown-1006": Profile(
+        (
+            (
+                0.2,
+                Fault(
+                    400,
+                    -1006,
+                    "An unexpected response was received from the message bus. "
+                    "Execution status unknown.",
+                    apply=True,
+                ),
+            ),
+            (
+                0.2,
+                Fault(
+                    400,
+                    -1006,
+                    "An unexpected response was received from the message bus. "
+                    "Execution status unknown.",
+                    apply=False,
+                ),
+            ),
+            (
+                0.1,
+                Fault(
+                    400,
+                    -1007,
+                    "Timeout waiting for response from backend server. Send "
+                    "status unknown; execution status unknown.",
+                    apply=True,
+                ),
+            ),
+            (
+                0.1,
+                Fault(
+                    400,
+                    -1007,
+                    "Timeout waiting for response from backend server. Send "
+                    "status unknown; execution status unknown.",
+                    apply=False,
+                ),
+            ),
+        )
+    ),
+    "storm-429": Profile(((0.3, Fault(429, -1003, TOO_MANY.format(limit=6000), retry_after_s=1)),)),
+    "ban-418": Profile(((0.1, Fault(418, -1003, "", kind="ban", delay_ms=1_500)),)),
+}
