@@ -19,6 +19,7 @@ from worker.accounts import Credentials, load_accounts
 from worker.commands import Command, Market
 from worker.errors import FailureReason
 from worker.executor import CancelExecutor, RetryPolicy
+from worker.governor import GovernorSettings, RateGovernor
 from worker.papi import PapiClient
 from worker.routes import Route
 from worker.signing import HmacSigner, append_signature, encode_params
@@ -302,3 +303,34 @@ async def test_unreachable_exchange_is_retried_then_reported() -> None:
         executor = CancelExecutor(client, accounts, policy, now_ms)
         out = await executor.execute(cmd(account="a", algo_id=5), now_ms())
     assert out.reason is FailureReason.EXCHANGE_UNAVAILABLE and out.attempts == 2
+
+
+async def test_recv_window_never_exceeds_the_time_left(rig: Rig) -> None:
+    order = rig.seed(kind="algo")
+    out = await rig.executor.execute(
+        cmd(algo_id=order["algo_id"], expires_at=now_ms() + 800), now_ms()
+    )
+    assert out.canceled
+    (request,) = rig.cancel_log()
+    assert 0 < int(request["params"]["recvWindow"]) <= 800
+
+
+async def test_deadline_passing_while_waiting_on_the_governor_means_expired(rig: Rig) -> None:
+    # One order per day: no room will come within any deadline here.
+    governor = RateGovernor(GovernorSettings(order_limit=1, order_window_ms=86_400_000), now_ms)
+    first, second, third = (rig.seed(kind="algo") for _ in range(3))
+    async with PapiClient(rig.url, clock=now_ms, governor=governor) as client:
+        executor = CancelExecutor(
+            client, rig.accounts, RetryPolicy(default_deadline_ms=2_000), now_ms
+        )
+        assert (await executor.execute(cmd(algo_id=first["algo_id"]), now_ms())).canceled
+        late = await executor.execute(
+            cmd(algo_id=second["algo_id"], expires_at=now_ms() + 300), now_ms()
+        )
+        no_deadline = await executor.execute(cmd(algo_id=third["algo_id"]), now_ms())
+    assert late.reason is FailureReason.EXPIRED and late.attempts == 0
+    assert "waiting" in late.detail
+    # Without expires_at the retry budget ends first: rate_limited, nothing sent.
+    assert no_deadline.reason is FailureReason.RATE_LIMITED and no_deadline.attempts == 0
+    assert len(rig.cancel_log()) == 1
+    assert governor.stats.waits == {}  # refused at once: no room would come in time

@@ -1,0 +1,94 @@
+"""The rate governor (pure parts on a fake clock; waits in real time kept short)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.governor import GovernorDeadlineError, GovernorSettings, RateGovernor, WindowBudget
+
+
+class FakeClock:
+    def __init__(self, now: int = 1_795_260_030_000) -> None:  # mid-window
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_window_budget_counts_rolls_and_takes_corrections() -> None:
+    budget = WindowBudget(limit=3, window_ms=10_000, guard_ms=100)
+    now = 55_000
+    for _ in range(3):
+        assert budget.has_room(now)
+        budget.take(now)
+    assert not budget.has_room(now)
+    assert budget.next_window_at(now) == 60_100  # the next window, opened late by the guard
+    assert not budget.has_room(60_050)  # still the old window for us: the guard holds
+    assert budget.has_room(60_100)
+    budget.correct(60_100, 2)  # the exchange counted more than we did: believe it
+    budget.take(60_100)
+    assert not budget.has_room(60_100)
+    budget.correct(60_100, 1)  # a lower count never frees room
+    assert not budget.has_room(60_100)
+
+
+async def test_account_order_budget_blocks_only_that_account() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(order_limit=2, order_window_ms=60_000), clock)
+    for _ in range(2):
+        await governor.acquire("a", is_order=True, deadline_ms=None)
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 1_000)
+    assert info.value.reason == "account_orders"
+    await governor.acquire("b", is_order=True, deadline_ms=clock.now + 1)  # b is unaffected
+    await governor.acquire("a", is_order=False, deadline_ms=clock.now + 1)  # queries still go
+
+
+async def test_429_pauses_the_ip_then_reopens_gradually() -> None:
+    clock = FakeClock()
+    settings = GovernorSettings(weight_limit=100, ramp_ms=10_000)
+    governor = RateGovernor(settings, clock)
+    governor.observe("a", 429, {"retry-after": "2", "x-mbx-used-weight-1m": "40"}, -1003, "x")
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1_500)
+    assert info.value.reason == "ip_429_pause"
+    assert info.value.wait_until_ms == clock.now + 2_000
+    clock.now += 2_000  # pause over: only 10% of the budget at first, then more with time
+    assert governor._ip_limit(clock.now) == 10
+    clock.now += 5_000
+    assert governor._ip_limit(clock.now) == 55
+    clock.now += 5_000
+    assert governor._ip_limit(clock.now) == 100
+    assert governor.stats.pauses_429 == 1
+
+
+async def test_418_and_banned_until_stop_all_traffic_until_the_ban_ends() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(), clock)
+    until = clock.now + 30_000
+    governor.observe(
+        "a", 400, {}, -1003, f"Way too many requests; IP(1.2.3.4) banned until {until}. Please ..."
+    )
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("other", is_order=False, deadline_ms=clock.now + 29_000)
+    assert info.value.reason == "ip_banned" and info.value.wait_until_ms == until
+    governor.observe("a", 418, {"retry-after": "60"})
+    assert governor._banned_until == clock.now + 60_000
+    clock.now += 60_000
+    await governor.acquire("other", is_order=False, deadline_ms=None)
+    assert governor.stats.bans_418 == 2
+
+
+async def test_acquire_waits_for_the_next_window_in_real_time() -> None:
+    import time  # noqa: PLC0415
+
+    def wall() -> int:
+        return time.time_ns() // 1_000_000
+
+    governor = RateGovernor(
+        GovernorSettings(weight_limit=1, weight_window_ms=200, guard_ms=0), wall
+    )
+    await governor.acquire("a", is_order=False, deadline_ms=None)
+    waited = await governor.acquire("a", is_order=False, deadline_ms=wall() + 5_000)
+    assert 0 < waited < 1.0
+    assert governor.stats.waits == {"ip_weight": 1}
