@@ -95,6 +95,11 @@ class SimControl:
         self.configure(**dataclasses.asdict(SimConfig()))
         self._http.post("/_sim/faults", content=orjson.dumps({"faults": [], "clear": True}))
 
+    def script(self, *faults: dict[str, Any]) -> None:
+        """Queue faults for the next signed requests, in order."""
+        r = self._http.post("/_sim/faults", content=orjson.dumps({"faults": list(faults)}))
+        r.raise_for_status()
+
     def orders(self) -> dict[int, dict[str, Any]]:
         """The book's ground truth: every order by id."""
         data = self._http.get("/_sim/orders").json()

@@ -214,3 +214,37 @@ async def test_clock_skew_costs_at_most_one_1021_per_command(
         r["params"]["strategyId"] for r in sim.requests(mid) if r.get("code") == -1021
     )
     assert rejected and max(rejected.values()) == 1  # at most one -1021 per command
+
+
+async def test_a_418_ban_stops_all_traffic_until_it_ends(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    topics = await fresh_topics(broker.bootstrap, partitions=3)
+    orders = sim.seed([{"account": f"desk-{i % 5}", "kind": "algo"} for i in range(30)])
+    sim.script({"kind": "ban", "status": 418, "code": -1003, "delay_ms": 2_000})
+    since = sim.last_seq()
+    settings = worker_settings(
+        broker.bootstrap,
+        topics,
+        sim.url,
+        accounts_file,
+        max_in_flight=4,
+        default_deadline_ms=60_000,
+    )
+    async with running_worker(settings) as worker:
+        await produce(
+            broker.bootstrap,
+            topics.commands,
+            [
+                (f"k{i}".encode(), orjson.dumps(command(f"desk-{i % 5}", o)))
+                for i, o in enumerate(orders)
+            ],
+        )
+        results = events_of(await consume(broker.bootstrap, topics.results, 30))
+        assert worker.governor.stats.bans_418 >= 1
+    assert all(e["type"] == "strategy.canceled" for e in results)
+    requests = sim.requests(since)
+    banned = next(r for r in requests if r["status"] == 418)
+    ban_end = banned["at"] + 2_000
+    during = [r for r in requests if banned["seq"] < r["seq"] and r["at"] < ban_end]
+    assert len(during) <= 4  # only what was already in flight when the ban was announced
