@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.support import SimControl, write_accounts
+from worker.devstack import Broker, Process, start_broker, start_sim
+
 # CI runs the same examples every time (a red run must be reproducible); locally,
 # hypothesis explores new ones on every run.
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-from tests.support import SimControl, write_accounts
-from worker.devstack import Broker, Process, start_broker, start_sim
 
 
 @pytest.fixture(scope="session")
