@@ -17,19 +17,38 @@ class FakeClock:
 
 def test_window_budget_counts_rolls_and_takes_corrections() -> None:
     budget = WindowBudget(limit=3, window_ms=10_000, guard_ms=100)
-    now = 55_000
+    now = 55_000  # window 5 is [50000, 60000) on the exchange clock
     for _ in range(3):
         assert budget.has_room(now)
         budget.take(now)
     assert not budget.has_room(now)
-    assert budget.next_window_at(now) == 60_100  # the next window, opened late by the guard
-    assert not budget.has_room(60_050)  # still the old window for us: the guard holds
+    assert budget.next_window_at(now) == 60_100  # once window 5 is surely over
+    assert not budget.has_room(60_050)  # could still be window 5 for the exchange
     assert budget.has_room(60_100)
-    budget.correct(60_100, 2)  # the exchange counted more than we did: believe it
-    budget.take(60_100)
-    assert not budget.has_room(60_100)
-    budget.correct(60_100, 1)  # a lower count never frees room
-    assert not budget.has_room(60_100)
+    budget.correct(60_500, 2)  # the exchange counted more than we did: believe it
+    budget.take(60_500)
+    assert not budget.has_room(60_500)
+    budget.correct(60_500, 1)  # a lower count never frees room
+    assert not budget.has_room(60_500)
+
+
+def test_requests_near_a_boundary_count_in_both_windows() -> None:
+    """The exchange must never see more than the limit in one window, whatever side of the
+    boundary an uncertain request lands on."""
+    budget = WindowBudget(limit=2, window_ms=1_000, guard_ms=100)
+    budget.take(1_950)  # within the guard of the 2000 boundary: windows 1 and 2
+    budget.take(1_960)
+    assert not budget.has_room(2_050)  # window 2 already holds two possible arrivals
+    assert budget.has_room(2_200) is False
+    assert budget.has_room(3_100)
+    exchange_counts: dict[int, int] = {}
+    budget = WindowBudget(limit=5, window_ms=1_000, guard_ms=100)
+    for t in range(0, 5_000, 7):
+        if budget.has_room(t):
+            budget.take(t)
+            for index in {(t - 100) // 1_000, (t + 100) // 1_000}:  # any skew within the guard
+                exchange_counts[index] = exchange_counts.get(index, 0) + 1
+    assert max(exchange_counts.values()) <= 5
 
 
 async def test_account_order_budget_blocks_only_that_account() -> None:
@@ -92,3 +111,23 @@ async def test_acquire_waits_for_the_next_window_in_real_time() -> None:
     waited = await governor.acquire("a", is_order=False, deadline_ms=wall() + 5_000)
     assert 0 < waited < 1.0
     assert governor.stats.waits == {"ip_weight": 1}
+
+
+async def test_a_window_the_exchange_has_not_counted_yet_admits_only_a_few() -> None:
+    """After a restart the window may already be used (by this account's previous run or
+    another process): a few orders go, then the exchange's own count decides."""
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(order_limit=60, order_window_ms=60_000), clock)
+    for _ in range(5):
+        await governor.acquire("a", is_order=True, deadline_ms=None)
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
+    assert info.value.reason == "awaiting_exchange_count"
+    # The first answer: the exchange has counted 54 (earlier use plus this request); the
+    # four others of ours still in flight are added on top: 58 of 60, so two more may go.
+    governor.observe("a", 200, {"x-mbx-order-count-1m": "54"}, is_order=True)
+    for _ in range(2):
+        await governor.acquire("a", is_order=True, deadline_ms=None)
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
+    assert info.value.reason == "account_orders"

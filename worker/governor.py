@@ -8,8 +8,8 @@ Two kinds of budget, both fixed windows like the exchange's:
 Each budget counts what this process sends and is corrected upwards from the exchange's own
 count on every answer (``X-MBX-USED-WEIGHT-1M``, ``X-MBX-ORDER-COUNT-1M``): the exchange's
 number wins when it is higher (other processes on the IP, requests in flight). Windows are
-read on the exchange clock and start ``guard_ms`` late, so a clock error smaller than that
-never opens a new window early.
+read on the exchange clock; a request within ``guard_ms`` of a boundary counts in both
+windows it might land in, so a clock error smaller than that never overfills either.
 
 Stops: a 429 pauses all sending on the IP until ``Retry-After`` (default 1 s), after which the
 IP budget is reopened gradually over ``ramp_ms``; a 418 or a -1003 "banned until <ms>" stops
@@ -45,36 +45,76 @@ class GovernorDeadlineError(Exception):
 
 @dataclass
 class WindowBudget:
-    """A fixed-window counter (pure)."""
+    """A fixed-window counter that stays right despite clock error (pure).
+
+    The exchange counts per window ``[k*W, (k+1)*W)`` on its clock; ours is an estimate off
+    by up to ``guard_ms``. A request within ``guard_ms`` of a boundary may land in either
+    window, so it must fit in both and is counted in both.
+    """
 
     limit: int
     window_ms: int
     guard_ms: int = 250
-    used: int = 0
-    window: int = -1
+    # Before the exchange has answered anything in a window, its count there is unknown
+    # (another process, or this one before a restart, may have used it): only this many go.
+    unconfirmed_allowance: int = 5
+    used: dict[int, int] = field(default_factory=dict)
+    in_flight: dict[int, int] = field(default_factory=dict)
+    confirmed: set[int] = field(default_factory=set)
 
-    def _index(self, now: int) -> int:
-        return (now - self.guard_ms) // self.window_ms
+    def _indices(self, now: int) -> set[int]:
+        return {(now - self.guard_ms) // self.window_ms, (now + self.guard_ms) // self.window_ms}
 
-    def roll(self, now: int) -> None:
-        index = self._index(now)
-        if index != self.window:
-            self.window, self.used = index, 0
+    def _prune(self, now: int) -> None:
+        oldest = (now - self.guard_ms) // self.window_ms
+        for index in [i for i in self.used if i < oldest]:
+            del self.used[index]
+            self.in_flight.pop(index, None)
+        self.confirmed = {i for i in self.confirmed if i >= oldest}
+
+    def _cap(self, index: int, limit: int | None) -> int:
+        cap = self.limit if limit is None else limit
+        return cap if index in self.confirmed else min(cap, self.unconfirmed_allowance)
 
     def has_room(self, now: int, limit: int | None = None) -> bool:
-        self.roll(now)
-        return self.used < (self.limit if limit is None else limit)
+        return all(self.used.get(i, 0) < self._cap(i, limit) for i in self._indices(now))
+
+    def awaiting_count(self, now: int, limit: int | None = None) -> bool:
+        """Whether the only thing missing is the exchange's count for the window."""
+        cap = self.limit if limit is None else limit
+        indices = self._indices(now)
+        return all(self.used.get(i, 0) < cap for i in indices) and any(
+            i not in self.confirmed for i in indices
+        )
 
     def take(self, now: int) -> None:
-        self.roll(now)
-        self.used += 1
+        self._prune(now)
+        for index in self._indices(now):
+            self.used[index] = self.used.get(index, 0) + 1
+            self.in_flight[index] = self.in_flight.get(index, 0) + 1
 
-    def correct(self, now: int, reported: int) -> None:
-        self.roll(now)
-        self.used = max(self.used, reported)
+    def correct(self, now: int, reported: int | None) -> None:
+        """An answer in this window: believe the exchange's count when it is higher (unless
+        the window is uncertain), and stop holding back for want of it.
 
-    def next_window_at(self, now: int) -> int:
-        return (self._index(now) + 1) * self.window_ms + self.guard_ms
+        The exchange counted this request but perhaps not the others still in flight, so
+        those are added on top: an over-count by a few is safe, an under-count is a 429.
+        """
+        indices = self._indices(now)
+        for index in indices:
+            if self.in_flight.get(index, 0) > 0:
+                self.in_flight[index] -= 1
+        if len(indices) == 1:
+            (index,) = indices
+            self.confirmed.add(index)
+            if reported is not None:
+                pending = self.in_flight.get(index, 0)
+                self.used[index] = max(self.used.get(index, 0), reported + pending)
+
+    def next_window_at(self, now: int, limit: int | None = None) -> int:
+        """When room may next appear: once the latest full window is surely over."""
+        full = [i for i in self._indices(now) if self.used.get(i, 0) >= self._cap(i, limit)]
+        return (max(full) + 1) * self.window_ms + self.guard_ms if full else now
 
 
 @dataclass
@@ -131,13 +171,18 @@ class RateGovernor:
             return "ip_banned", self._banned_until
         if self._ip_paused_until > now:
             return "ip_429_pause", self._ip_paused_until
-        if not self._weight.has_room(now, self._ip_limit(now)):
+        limit = self._ip_limit(now)
+        if not self._weight.has_room(now, limit):
+            if self._weight.awaiting_count(now, limit):
+                return "awaiting_exchange_count", now + 20
             if self._ramp_from and now - self._ramp_from < self._s.ramp_ms:
-                return "ip_ramp", min(now + 100, self._weight.next_window_at(now))
-            return "ip_weight", self._weight.next_window_at(now)
+                return "ip_ramp", min(now + 100, self._weight.next_window_at(now, limit))
+            return "ip_weight", self._weight.next_window_at(now, limit)
         if is_order:
             budget = self._account(account)
             if not budget.has_room(now):
+                if budget.awaiting_count(now):
+                    return "awaiting_exchange_count", now + 20
                 return "account_orders", budget.next_window_at(now)
         return None
 
@@ -188,15 +233,14 @@ class RateGovernor:
         headers: Mapping[str, str],
         code: int | None = None,
         msg: str | None = None,
+        *,
+        is_order: bool = False,
     ) -> None:
         """Learn from an answer: the exchange's counts, 429 pauses and 418 bans."""
         now = self._clock()
-        weight = _int(headers.get("x-mbx-used-weight-1m"))
-        if weight is not None:
-            self._weight.correct(now, weight)
-        orders = _int(headers.get("x-mbx-order-count-1m"))
-        if orders is not None:
-            self._account(account).correct(now, orders)
+        self._weight.correct(now, _int(headers.get("x-mbx-used-weight-1m")))
+        if is_order:
+            self._account(account).correct(now, _int(headers.get("x-mbx-order-count-1m")))
         retry_after_ms = _retry_after_ms(headers)
         banned = _BANNED_UNTIL.search(msg or "") if code == -1003 else None
         if status == 418 or banned is not None:

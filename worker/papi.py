@@ -4,6 +4,7 @@ translation of library errors into the :mod:`worker.errors` tree at this boundar
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -88,6 +89,9 @@ class PapiClient:
     ) -> None:
         self._clock = clock
         self._governor = governor
+        # A request leaves as soon as the governor admits it: it never then queues for a
+        # pooled connection, so it reaches the exchange in the window it was counted in.
+        self._connections = asyncio.Semaphore(max_connections)
         self._auth: dict[str, PapiAuth] = {}
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -132,8 +136,21 @@ class PapiClient:
         With a governor, first wait for room in the rate budgets (never past ``deadline_ms``:
         :class:`~worker.governor.GovernorDeadlineError`), and feed it every answer.
         """
-        if self._governor is not None:
-            await self._governor.acquire(creds.alias, is_order=is_order, deadline_ms=deadline_ms)
+        async with self._connections:
+            if self._governor is not None:
+                await self._governor.acquire(
+                    creds.alias, is_order=is_order, deadline_ms=deadline_ms
+                )
+            return await self._send(creds, method, path, params, is_order)
+
+    async def _send(
+        self,
+        creds: Credentials,
+        method: str,
+        path: str,
+        params: tuple[tuple[str, str], ...],
+        is_order: bool,
+    ) -> PapiResponse:
         url = f"{path}?{encode_params(params)}" if params else path
         try:
             response = await self._http.request(method, url, auth=self._auth_for(creds))
@@ -150,11 +167,18 @@ class PapiClient:
             error = _error_from(response)
             if self._governor is not None:
                 self._governor.observe(
-                    creds.alias, response.status_code, response.headers, error.code, error.msg
+                    creds.alias,
+                    response.status_code,
+                    response.headers,
+                    error.code,
+                    error.msg,
+                    is_order=is_order,
                 )
             raise error
         if self._governor is not None:
-            self._governor.observe(creds.alias, response.status_code, response.headers)
+            self._governor.observe(
+                creds.alias, response.status_code, response.headers, is_order=is_order
+            )
         try:
             body = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
