@@ -122,9 +122,14 @@ async def test_results_are_the_simulators_truth_under_faults(
             assert event["reason"] == "not_found", event
         elif truth == "CANCELED":
             # Every open order ends canceled at the exchange, exactly once, and the result says so.
+            assert event["type"] == "strategy.canceled", (
+                profile,
+                event.get("reason"),
+                event.get("detail"),
+                event["attempts"],
+            )
             assert order is not None and order["status"] == "CANCELED"
             assert canceled_by_book[_order_id(cmd)] == 1
-            assert event["type"] == "strategy.canceled", (profile, event)
         else:
             assert order is not None and order["status"] == truth  # the worker changed nothing
             assert event["reason"] == "already_closed" and event["order_status"] == truth, event

@@ -131,3 +131,17 @@ async def test_a_window_the_exchange_has_not_counted_yet_admits_only_a_few() -> 
     with pytest.raises(GovernorDeadlineError) as info:
         await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
     assert info.value.reason == "account_orders"
+
+
+async def test_unanswered_requests_free_their_place_so_an_uncounted_window_never_stalls() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(order_limit=60, order_window_ms=60_000), clock)
+    for _ in range(5):
+        await governor.acquire("a", is_order=True, deadline_ms=None)
+    for _ in range(2):  # two time out: no count learned, but they are no longer in flight
+        governor.settle("a", is_order=True)
+    for _ in range(2):
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
+    assert info.value.reason == "awaiting_exchange_count"

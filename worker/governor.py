@@ -55,8 +55,9 @@ class WindowBudget:
     limit: int
     window_ms: int
     guard_ms: int = 250
-    # Before the exchange has answered anything in a window, its count there is unknown
-    # (another process, or this one before a restart, may have used it): only this many go.
+    # Until the exchange has answered in a window, its count there is unknown (another
+    # process, or this one before a restart, may have used it): only this many may be in
+    # flight at once there, so the first answer's count arrives before the budget is spent.
     unconfirmed_allowance: int = 5
     used: dict[int, int] = field(default_factory=dict)
     in_flight: dict[int, int] = field(default_factory=dict)
@@ -72,20 +73,32 @@ class WindowBudget:
             self.in_flight.pop(index, None)
         self.confirmed = {i for i in self.confirmed if i >= oldest}
 
-    def _cap(self, index: int, limit: int | None) -> int:
-        cap = self.limit if limit is None else limit
-        return cap if index in self.confirmed else min(cap, self.unconfirmed_allowance)
+    def _under_limit(self, index: int, limit: int | None) -> bool:
+        return self.used.get(index, 0) < (self.limit if limit is None else limit)
+
+    def _unknown_crowded(self, index: int) -> bool:
+        return (
+            index not in self.confirmed
+            and self.in_flight.get(index, 0) >= self.unconfirmed_allowance
+        )
 
     def has_room(self, now: int, limit: int | None = None) -> bool:
-        return all(self.used.get(i, 0) < self._cap(i, limit) for i in self._indices(now))
+        return all(
+            self._under_limit(i, limit) and not self._unknown_crowded(i) for i in self._indices(now)
+        )
 
     def awaiting_count(self, now: int, limit: int | None = None) -> bool:
         """Whether the only thing missing is the exchange's count for the window."""
-        cap = self.limit if limit is None else limit
         indices = self._indices(now)
-        return all(self.used.get(i, 0) < cap for i in indices) and any(
-            i not in self.confirmed for i in indices
+        return all(self._under_limit(i, limit) for i in indices) and any(
+            self._unknown_crowded(i) for i in indices
         )
+
+    def settle(self, now: int) -> None:
+        """A request ended without an answer: no longer in flight, and nothing learned."""
+        for index in self._indices(now):
+            if self.in_flight.get(index, 0) > 0:
+                self.in_flight[index] -= 1
 
     def take(self, now: int) -> None:
         self._prune(now)
@@ -100,10 +113,8 @@ class WindowBudget:
         The exchange counted this request but perhaps not the others still in flight, so
         those are added on top: an over-count by a few is safe, an under-count is a 429.
         """
+        self.settle(now)
         indices = self._indices(now)
-        for index in indices:
-            if self.in_flight.get(index, 0) > 0:
-                self.in_flight[index] -= 1
         if len(indices) == 1:
             (index,) = indices
             self.confirmed.add(index)
@@ -113,7 +124,7 @@ class WindowBudget:
 
     def next_window_at(self, now: int, limit: int | None = None) -> int:
         """When room may next appear: once the latest full window is surely over."""
-        full = [i for i in self._indices(now) if self.used.get(i, 0) >= self._cap(i, limit)]
+        full = [i for i in self._indices(now) if not self._under_limit(i, limit)]
         return (max(full) + 1) * self.window_ms + self.guard_ms if full else now
 
 
@@ -213,6 +224,13 @@ class RateGovernor:
             first_reason = first_reason or reason
             # Re-check at least every second: an answer may move a window or lift a pause.
             await asyncio.sleep(min(max(until - now, 1), 1000) / 1000)
+
+    def settle(self, account: str, *, is_order: bool) -> None:
+        """A request ended without an answer (timeout, reset): it is no longer in flight."""
+        now = self._clock()
+        self._weight.settle(now)
+        if is_order:
+            self._account(account).settle(now)
 
     def _record_wait(self, reason: str, waited_s: float, account: str) -> None:
         self.stats.waits[reason] = self.stats.waits.get(reason, 0) + 1

@@ -141,7 +141,12 @@ class PapiClient:
                 await self._governor.acquire(
                     creds.alias, is_order=is_order, deadline_ms=deadline_ms
                 )
-            return await self._send(creds, method, path, params, is_order)
+            try:
+                return await self._send(creds, method, path, params, is_order)
+            except TransportError:
+                if self._governor is not None:
+                    self._governor.settle(creds.alias, is_order=is_order)
+                raise
 
     async def _send(
         self,
