@@ -21,6 +21,7 @@ def test_window_budget_counts_rolls_and_takes_corrections() -> None:
     for _ in range(3):
         assert budget.has_room(now)
         budget.take(now)
+        budget.correct(now, None)  # answered
     assert not budget.has_room(now)
     assert budget.next_window_at(now) == 60_100  # once window 5 is surely over
     assert not budget.has_room(60_050)  # could still be window 5 for the exchange
@@ -34,18 +35,22 @@ def test_window_budget_counts_rolls_and_takes_corrections() -> None:
 
 def test_requests_near_a_boundary_count_in_both_windows() -> None:
     """The exchange must never see more than the limit in one window, whatever side of the
-    boundary an uncertain request lands on."""
+    boundary an uncertain request lands on, and a request still in flight when a window
+    opens counts there too."""
     budget = WindowBudget(limit=2, window_ms=1_000, guard_ms=100)
     budget.take(1_950)  # within the guard of the 2000 boundary: windows 1 and 2
     budget.take(1_960)
     assert not budget.has_room(2_050)  # window 2 already holds two possible arrivals
     assert budget.has_room(2_200) is False
+    budget.settle(2_400)  # both answered (or given up on) inside window 2
+    budget.settle(2_400)
     assert budget.has_room(3_100)
     exchange_counts: dict[int, int] = {}
     budget = WindowBudget(limit=5, window_ms=1_000, guard_ms=100)
     for t in range(0, 5_000, 7):
         if budget.has_room(t):
             budget.take(t)
+            budget.settle(t + 5)  # answered a few ms later
             for index in {(t - 100) // 1_000, (t + 100) // 1_000}:  # any skew within the guard
                 exchange_counts[index] = exchange_counts.get(index, 0) + 1
     assert max(exchange_counts.values()) <= 5
@@ -108,6 +113,7 @@ async def test_acquire_waits_for_the_next_window_in_real_time() -> None:
         GovernorSettings(weight_limit=1, weight_window_ms=200, guard_ms=0), wall
     )
     await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe("a", 200, {})  # answered
     waited = await governor.acquire("a", is_order=False, deadline_ms=wall() + 5_000)
     assert 0 < waited < 1.0
     assert governor.stats.waits == {"ip_weight": 1}

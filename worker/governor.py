@@ -64,7 +64,18 @@ class WindowBudget:
     confirmed: set[int] = field(default_factory=set)
 
     def _indices(self, now: int) -> set[int]:
-        return {(now - self.guard_ms) // self.window_ms, (now + self.guard_ms) // self.window_ms}
+        """The windows a request made now may be counted in; each is opened on first sight.
+
+        A window opens holding the requests still in flight from the one before: they were
+        counted there, but may arrive (and be counted by the exchange) in this one.
+        """
+        indices = {(now - self.guard_ms) // self.window_ms, (now + self.guard_ms) // self.window_ms}
+        for index in sorted(indices):
+            if index not in self.used:
+                carry = self.in_flight.get(index - 1, 0)
+                self.used[index] = carry
+                self.in_flight[index] = carry
+        return indices
 
     def _prune(self, now: int) -> None:
         oldest = (now - self.guard_ms) // self.window_ms
