@@ -113,6 +113,11 @@ class _Job:
     last_error: PapiError | None = None
 
 
+def _failed(job: _Job, reason: FailureReason, *, detail: str, **extra: Any) -> Outcome:
+    """A failure outcome for this job (route and attempts filled in)."""
+    return Outcome(False, job.attempts, route=job.route, reason=reason, detail=detail, **extra)
+
+
 def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, PapiError) and exc.retryable
 
@@ -177,11 +182,9 @@ class CancelExecutor:
             except GovernorDeadlineError as exc:
                 if job.expires_at is not None and exc.wait_until_ms >= job.expires_at:
                     return self._expired(job, f"expires_at would pass while waiting: {exc}")
-                return Outcome(
-                    False,
-                    job.attempts,
-                    route=job.route,
-                    reason=FailureReason.RATE_LIMITED,
+                return _failed(
+                    job,
+                    FailureReason.RATE_LIMITED,
                     detail=f"not sent within the retry deadline: {exc}",
                     exchange=_reply(job.last_error),
                 )
@@ -193,11 +196,9 @@ class CancelExecutor:
                     return outcome
                 return self._failure(job, exc)
             return self._success(job, response)
-        return Outcome(
-            False,
-            job.attempts,
-            route=job.route,
-            reason=FailureReason.OUTCOME_UNKNOWN,
+        return _failed(
+            job,
+            FailureReason.OUTCOME_UNKNOWN,
             detail="the order still stood when the cancel rounds or the retry budget ran out",
             exchange=_reply(job.last_error),
         )
@@ -331,49 +332,39 @@ class CancelExecutor:
         reply = _reply(cause)
         if finding is Finding.UNKNOWN:
             if gone:
-                return Outcome(
-                    False,
-                    job.attempts,
-                    route=job.route,
-                    reason=FailureReason.NOT_FOUND,
+                return _failed(
+                    job,
+                    FailureReason.NOT_FOUND,
                     exchange=reply,
                     detail=f"the exchange says the order is not open ({cause}); its "
                     "final status could not be learned",
                 )
-            return Outcome(
-                False,
-                job.attempts,
-                route=job.route,
-                reason=FailureReason.OUTCOME_UNKNOWN,
+            return _failed(
+                job,
+                FailureReason.OUTCOME_UNKNOWN,
                 exchange=reply,
                 detail=f"the cancel may have happened ({cause}) and the order's "
                 "status could not be learned in time; none is claimed",
             )
         if finding is Finding.NOT_FOUND:
-            return Outcome(
-                False,
-                job.attempts,
-                route=job.route,
-                reason=FailureReason.NOT_FOUND,
+            return _failed(
+                job,
+                FailureReason.NOT_FOUND,
                 exchange=reply,
                 detail="no such order, open or finished",
             )
         if body is None or status is None:  # FOUND always carries a readable status
-            return Outcome(
-                False,
-                job.attempts,
-                route=job.route,
-                reason=FailureReason.OUTCOME_UNKNOWN,
+            return _failed(
+                job,
+                FailureReason.OUTCOME_UNKNOWN,
                 exchange=reply,
                 detail="the order's status answer could not be read",
             )
         if status == "NEW":
             if gone:  # the exchange refused the cancel yet lists the order as open
-                return Outcome(
-                    False,
-                    job.attempts,
-                    route=job.route,
-                    reason=FailureReason.REJECTED,
+                return _failed(
+                    job,
+                    FailureReason.REJECTED,
                     exchange=reply,
                     order_status=status,
                     detail=f"cancel refused ({cause}) although the order is open",
@@ -392,11 +383,9 @@ class CancelExecutor:
                 confirmed_by="query",
                 strategy=self._strategy(job, body),
             )
-        return Outcome(
-            False,
-            job.attempts,
-            route=job.route,
-            reason=FailureReason.ALREADY_CLOSED,
+        return _failed(
+            job,
+            FailureReason.ALREADY_CLOSED,
             exchange=reply,
             order_status=status,
             detail=f"the order was already {status} ({cause})",
@@ -412,11 +401,9 @@ class CancelExecutor:
     def _expired(self, job: _Job, detail: str) -> Outcome:
         if job.last_error is not None:
             detail += f"; last error: {job.last_error}"
-        return Outcome(
-            False,
-            job.attempts,
-            route=job.route,
-            reason=FailureReason.EXPIRED,
+        return _failed(
+            job,
+            FailureReason.EXPIRED,
             detail=detail,
             exchange=_reply(job.last_error),
         )
@@ -429,20 +416,16 @@ class CancelExecutor:
                 if exc.reason in (FailureReason.RATE_LIMITED, FailureReason.EXCHANGE_UNAVAILABLE)
                 else FailureReason.RETRIES_EXHAUSTED
             )
-            return Outcome(
-                False,
-                job.attempts,
-                route=job.route,
-                reason=reason,
+            return _failed(
+                job,
+                reason,
                 detail=f"gave up after {job.attempts} attempt(s): {exc}",
                 exchange=reply,
             )
         hint = RETIRED_HINTS[job.route] if exc.reason is FailureReason.ROUTE_RETIRED else None
-        return Outcome(
-            False,
-            job.attempts,
-            route=job.route,
-            reason=exc.reason,
+        return _failed(
+            job,
+            exc.reason,
             detail=f"exchange refused the cancel: {exc}",
             exchange=reply,
             hint=hint,
@@ -467,19 +450,15 @@ class CancelExecutor:
             )
         elif isinstance(body, dict) and body.get("strategyStatus") in normalize.STATUSES:
             status = str(body["strategyStatus"])
-            return Outcome(
-                False,
-                job.attempts,
-                route=job.route,
-                reason=FailureReason.ALREADY_CLOSED,
+            return _failed(
+                job,
+                FailureReason.ALREADY_CLOSED,
                 order_status=status,
                 detail=f"exchange answered with status {status}",
             )
-        return Outcome(
-            False,
-            job.attempts,
-            route=job.route,
-            reason=FailureReason.OUTCOME_UNKNOWN,
+        return _failed(
+            job,
+            FailureReason.OUTCOME_UNKNOWN,
             detail="exchange answered 2XX without a recognizable confirmation",
             exchange=ExchangeReply(response.status, None, None),
         )
