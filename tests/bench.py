@@ -62,7 +62,7 @@ async def bench(commands: int, keys: int, in_flight: int) -> None:
             topics.results, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest"
         )
         await consumer.start()
-        async with running_worker(settings):
+        async with running_worker(settings) as worker:
             print(
                 f"sending {commands} commands over {keys} keys (max in flight {in_flight})",
                 flush=True,
@@ -83,6 +83,7 @@ async def bench(commands: int, keys: int, in_flight: int) -> None:
                 if time.monotonic() - started > 600:
                     raise RuntimeError("bench did not finish in 10 minutes")
             wall = time.monotonic() - started
+            governor = worker.governor.stats
         await consumer.stop()
         print()
         print(f"wall time                 {wall:.2f} s")
@@ -93,6 +94,10 @@ async def bench(commands: int, keys: int, in_flight: int) -> None:
         )
         print(
             f"send-to-result ms (batch) p50 {statistics.median(e2e_ms):.0f}  max {max(e2e_ms):.0f}"
+        )
+        print(
+            f"rate governor waits       {governor.waits or 'none'} "
+            f"({governor.waited_s:.1f} s in all)"
         )
     finally:
         sim.close()
