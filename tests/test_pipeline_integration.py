@@ -212,7 +212,10 @@ async def test_invalid_input_is_refused_and_worker_keeps_running(
         None,
     ]
     since = sim.last_seq()
-    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    # The local broker takes 4 MiB records, so the 1 MB poison is kept whole.
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, deadletter_max_bytes=4_000_000
+    )
     async with running_worker(settings):
         await produce(
             broker.bootstrap,

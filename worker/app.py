@@ -107,6 +107,7 @@ class Worker:
             results_topic=settings.results_topic,
             deadletter_topic=settings.deadletter_topic,
             max_command_bytes=settings.max_command_bytes,
+            deadletter_max_bytes=settings.deadletter_max_bytes,
             clock=now_ms,
         )
         self._consumer = make_consumer(settings)

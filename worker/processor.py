@@ -28,12 +28,14 @@ class CommandProcessor:
         results_topic: str,
         deadletter_topic: str,
         max_command_bytes: int,
+        deadletter_max_bytes: int = 1_000_000,
         clock: Callable[[], int],
     ) -> None:
         self._executor = executor
         self._results_topic = results_topic
         self._deadletter_topic = deadletter_topic
         self._max_command_bytes = max_command_bytes
+        self._deadletter_max_bytes = deadletter_max_bytes
         self._clock = clock
 
     async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
@@ -116,11 +118,20 @@ class CommandProcessor:
             invalid.command_id,
             invalid.detail,
         )
+        raw = record.value if record.value is not None else b""
+        # A copy the dead-letter topic cannot take would stop the worker on every restart;
+        # past the limit it keeps the head of the record, and the headers say where the whole
+        # record still is (the source offset) and how long it was.
+        truncated: tuple[tuple[str, bytes], ...] = ()
+        if len(raw) > self._deadletter_max_bytes:
+            truncated = (("x-truncated-from", str(len(raw)).encode()),)
+            raw = raw[: self._deadletter_max_bytes]
         dead = OutRecord(
             topic=self._deadletter_topic,
             key=record.key,
-            value=record.value if record.value is not None else b"",
+            value=raw,
             headers=(
+                *truncated,
                 *record.headers,
                 ("x-source-topic", record.topic.encode()),
                 ("x-source-partition", str(record.partition).encode()),

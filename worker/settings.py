@@ -34,6 +34,7 @@ class Settings:
     # Pipeline
     max_in_flight: int = 256
     max_command_bytes: int = 64 * 1024
+    deadletter_max_bytes: int = 1_000_000
     commit_interval_ms: int = 200
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
@@ -68,6 +69,7 @@ class Settings:
         positive = (
             "max_in_flight",
             "max_command_bytes",
+            "deadletter_max_bytes",
             "commit_interval_ms",
             "max_attempts",
             "recv_window_ms",
