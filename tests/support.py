@@ -15,11 +15,10 @@ from typing import Any
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from worker.app import Worker, load_worker_accounts
 from worker.contracts import result_validator
+from worker.devstack import write_private_key
 from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
 from worker.settings import ENV_PREFIX, Settings
 from worker.sim.app import SimConfig
@@ -36,15 +35,8 @@ def write_accounts(directory: Path) -> Path:
     lines: list[str] = []
     for alias, (key, secret) in HMAC_ACCOUNTS.items():
         lines += [f"[accounts.{alias}]", f'api_key = "{key}"', f'secret = "{secret}"', ""]
-    ed = ed25519.Ed25519PrivateKey.generate()
-    rs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    for alias, key in (("desk-ed", ed), ("desk-rsa", rs)):
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        (directory / f"{alias}.pem").write_bytes(pem)
+    for alias, kind in (("desk-ed", "ed25519"), ("desk-rsa", "rsa")):
+        write_private_key(directory / f"{alias}.pem", kind)
         (directory / f"{alias}.apikey").write_text(f"key-{alias}-" + "k" * 40 + "\n")
         lines += [
             f"[accounts.{alias}]",

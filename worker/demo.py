@@ -19,10 +19,16 @@ from typing import Any
 import httpx
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from worker.devstack import REPO, Broker, Process, start_broker, start_sim, start_worker
+from worker.devstack import (
+    REPO,
+    Broker,
+    Process,
+    start_broker,
+    start_sim,
+    start_worker,
+    write_private_key,
+)
 from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
 from worker.timeutil import now_ms
 
@@ -76,16 +82,8 @@ def step(n: int, total: int, text: str) -> None:
 
 def write_demo_accounts(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    ed = ed25519.Ed25519PrivateKey.generate()
-    rs = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    for name, key in (("desk-b", ed), ("desk-c", rs)):
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        (directory / f"{name}.pem").write_bytes(pem)
-        (directory / f"{name}.pem").chmod(0o600)
+    write_private_key(directory / "desk-b.pem", "ed25519")
+    write_private_key(directory / "desk-c.pem", "rsa")
     path = directory / "accounts.toml"
     path.write_text(
         "# Demo credentials, generated for the local simulator only.\n"

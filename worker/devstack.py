@@ -17,8 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "kafka.sh"
+
+
+def write_private_key(path: Path, kind: str) -> None:
+    """A fresh Ed25519 or RSA-2048 key as PKCS#8 PEM, readable by its owner only."""
+    key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey = (
+        ed25519.Ed25519PrivateKey.generate()
+        if kind == "ed25519"
+        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.write_bytes(pem)
+    path.chmod(0o600)
 
 
 def free_port() -> int:
