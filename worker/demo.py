@@ -332,7 +332,7 @@ def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
         step(4, total, "starting the worker (cancel-worker run) ...")
         worker = start_worker(env, echo=echo)
         procs.insert(0, worker)
-        worker.wait_for_line_containing("partitions assigned", 60)
+        worker.wait_for_line("partitions assigned", 60)
 
         labels, events = send_batches(broker, control, seeded, total)
 

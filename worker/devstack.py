@@ -4,7 +4,6 @@ processes. Everything binds to loopback on free ports.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -12,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -101,8 +100,6 @@ class Process:
         self.name = name
         self.lines: list[str] = []
         self._echo = echo
-        self._ready = threading.Event()
-        self._ready_prefix: str | None = None
         self.proc = subprocess.Popen(  # noqa: S603 - our own entry points
             argv,
             stdout=subprocess.PIPE,
@@ -122,33 +119,19 @@ class Process:
             self.lines.append(line.rstrip("\n"))
             if self._echo is not None:
                 self._echo.write(f"[{self.name}] {line}")
-            if self._ready_prefix and line.startswith(self._ready_prefix):
-                self._ready.set()
 
-    def wait_for_line(self, prefix: str, timeout_s: float) -> str:
-        self._ready_prefix = prefix
+    def wait_for_line(self, text: str, timeout_s: float, *, at_start: bool = False) -> str:
+        """The first output line containing ``text`` (or starting with it)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for line in self.lines:
-                if line.startswith(prefix):
-                    return line
-            if self.proc.poll() is not None:
-                break
-            self._ready.wait(0.05)
-        tail = "\n".join(self.lines[-40:])
-        raise RuntimeError(f"{self.name} did not print {prefix!r} in time; output:\n{tail}")
-
-    def wait_for_line_containing(self, text: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for line in self.lines:
-                if text in line:
+                if line.startswith(text) if at_start else text in line:
                     return line
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
         tail = "\n".join(self.lines[-40:])
-        raise RuntimeError(f"{self.name} did not log {text!r} in time; output:\n{tail}")
+        raise RuntimeError(f"{self.name} did not print {text!r} in time; output:\n{tail}")
 
     def output(self) -> str:
         return "\n".join(self.lines)
@@ -187,18 +170,9 @@ def start_sim(accounts_file: Path, *extra: str, echo: IO[str] | None = None) -> 
     proc = Process(
         "sim", cli_argv("sim", "--port", "0", "--accounts", str(accounts_file), *extra), echo=echo
     )
-    line = proc.wait_for_line("SIM_READY ", 30)
+    line = proc.wait_for_line("SIM_READY ", 30, at_start=True)
     return proc, line.split(" ", 1)[1].strip()
 
 
 def start_worker(env: Mapping[str, str], echo: IO[str] | None = None) -> Process:
     return Process("worker", cli_argv("run"), env=env, echo=echo)
-
-
-@contextlib.contextmanager
-def stopping(*procs: Process) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for proc in procs:
-            proc.stop()
