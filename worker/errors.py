@@ -210,14 +210,11 @@ class TransportError(PapiError):
 class ExchangeError(PapiError):
     """The exchange answered with an error."""
 
-    def __init__(
-        self, status: int, code: int | None, msg: str | None, retry_after_s: float | None = None
-    ) -> None:
+    def __init__(self, status: int, code: int | None, msg: str | None) -> None:
         super().__init__(f"HTTP {status} code={code} msg={msg}")
         self.status = status
         self.code = code
         self.msg = msg
-        self.retry_after_s = retry_after_s
         self.rule = classify(status, code, msg)
         self.disposition = self.rule.disposition
         self.reason = self.rule.reason

@@ -34,27 +34,6 @@ class PapiResponse:
     body: Any
     headers: Mapping[str, str]
 
-    @property
-    def used_weight_1m(self) -> int | None:
-        return _int_header(self.headers, "x-mbx-used-weight-1m")
-
-    @property
-    def order_count_1m(self) -> int | None:
-        return _int_header(self.headers, "x-mbx-order-count-1m")
-
-
-def _int_header(headers: Mapping[str, str], name: str) -> int | None:
-    value = headers.get(name)
-    return int(value) if value is not None and value.isdigit() else None
-
-
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
 
 def _error_from(response: httpx.Response) -> ExchangeError:
     code: int | None = None
@@ -70,7 +49,7 @@ def _error_from(response: httpx.Response) -> ExchangeError:
     if msg is None:
         text = response.text.strip()
         msg = text[:200] if text else (response.reason_phrase or None)
-    return ExchangeError(response.status_code, code, msg, _retry_after(response.headers))
+    return ExchangeError(response.status_code, code, msg)
 
 
 class PapiClient:
