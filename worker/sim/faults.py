@@ -73,6 +73,17 @@ def _timeout(applied: bool) -> Fault:
     )
 
 
+_UNKNOWN_MSG = {
+    -1006: "An unexpected response was received from the message bus. Execution status unknown.",
+    -1007: "Timeout waiting for response from backend server. Send status unknown; execution "
+    "status unknown.",
+}
+
+
+def _unknown(code: int, *, applied: bool) -> Fault:
+    return Fault(400, code, _UNKNOWN_MSG[code], apply=applied)
+
+
 PROFILES: dict[str, Profile] = {
     "none": Profile(),
     "latency": Profile(latency_ms=(20, 150)),
@@ -96,46 +107,10 @@ PROFILES: dict[str, Profile] = {
     ),
     "unknown-1006": Profile(
         (
-            (
-                0.2,
-                Fault(
-                    400,
-                    -1006,
-                    "An unexpected response was received from the message bus. "
-                    "Execution status unknown.",
-                    apply=True,
-                ),
-            ),
-            (
-                0.2,
-                Fault(
-                    400,
-                    -1006,
-                    "An unexpected response was received from the message bus. "
-                    "Execution status unknown.",
-                    apply=False,
-                ),
-            ),
-            (
-                0.1,
-                Fault(
-                    400,
-                    -1007,
-                    "Timeout waiting for response from backend server. Send "
-                    "status unknown; execution status unknown.",
-                    apply=True,
-                ),
-            ),
-            (
-                0.1,
-                Fault(
-                    400,
-                    -1007,
-                    "Timeout waiting for response from backend server. Send "
-                    "status unknown; execution status unknown.",
-                    apply=False,
-                ),
-            ),
+            (0.2, _unknown(-1006, applied=True)),
+            (0.2, _unknown(-1006, applied=False)),
+            (0.1, _unknown(-1007, applied=True)),
+            (0.1, _unknown(-1007, applied=False)),
         )
     ),
     "storm-429": Profile(((0.3, Fault(429, -1003, TOO_MANY.format(limit=6000), retry_after_s=1)),)),
