@@ -43,7 +43,14 @@ from worker.errors import Disposition, ExchangeError, FailureReason, PapiError
 from worker.events import ExchangeReply
 from worker.governor import GovernorDeadlineError
 from worker.papi import PapiClient, PapiResponse
-from worker.routes import RETIRED_HINTS, CancelRequest, Route, plan_cancel, plan_queries
+from worker.routes import (
+    RETIRED_HINTS,
+    CancelRequest,
+    Route,
+    choose_route,
+    plan_cancel,
+    plan_queries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +175,7 @@ class CancelExecutor:
         job = _Job(
             command,
             creds,
-            plan_cancel(command, 1).route,
+            choose_route(command),
             command.expires_at,
             self.retry_deadline_ms(command),
         )
