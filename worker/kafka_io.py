@@ -65,7 +65,7 @@ class ConsumerSource:
                     r.offset,
                     r.key,
                     r.value,
-                    tuple((k, bytes(v)) for k, v in (r.headers or ())),
+                    tuple((k, None if v is None else bytes(v)) for k, v in (r.headers or ())),
                 )
                 for r in records
             )
