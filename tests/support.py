@@ -204,7 +204,6 @@ def worker_settings(
         "papi_url": papi_url,
         "time_url": f"{papi_url}/fapi/v1/time",
         "accounts_file": accounts_file,
-        "commit_interval_ms": 100,
         "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 1000,
     }

@@ -12,7 +12,6 @@ import json
 import random
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.memory_ports import MemoryLog, MemorySink, MemorySource
 from tests.support import (
     SimControl,
     consume,
@@ -35,7 +35,7 @@ from worker.accounts import load_accounts
 from worker.devstack import Broker
 from worker.executor import CancelExecutor, RetryPolicy
 from worker.papi import PapiClient
-from worker.pipeline import InRecord, OutRecord, Partition, Pipeline
+from worker.pipeline import Pipeline
 from worker.processor import CommandProcessor
 from worker.sim.app import SimConfig
 from worker.sim.server import running_sim, state_from_accounts
@@ -98,30 +98,6 @@ records_strategy = st.lists(
 )
 
 
-class MemorySource:
-    def __init__(self, records: Sequence[InRecord]) -> None:
-        self._pending = list(records)
-
-    async def fetch(self, timeout_ms: int) -> Sequence[InRecord]:
-        if not self._pending:
-            await asyncio.sleep(timeout_ms / 1000)
-            return []
-        batch, self._pending = self._pending[:7], self._pending[7:]
-        return batch
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.published: list[OutRecord] = []
-        self.committed: dict[Partition, int] = {}
-
-    async def publish(self, records: Sequence[OutRecord]) -> None:
-        self.published.extend(records)
-
-    async def commit(self, positions: Mapping[Partition, int]) -> None:
-        self.committed.update(positions)
-
-
 async def _run_pipeline(
     raw: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
 ) -> tuple[MemorySink, list[dict[str, Any]]]:
@@ -135,16 +111,15 @@ async def _run_pipeline(
             max_command_bytes=4096,
             clock=now_ms,
         )
-        records = [
-            InRecord("cmd", i % 2, i // 2, key, value, tuple(headers))
-            for i, (key, value, headers) in enumerate(raw)
-        ]
-        sink = MemorySink()
-        pipeline = Pipeline(
-            MemorySource(records), sink, processor, max_in_flight=8, commit_interval_s=0.01
-        )
+        log = MemoryLog()
+        for i, (key, value, headers) in enumerate(raw):
+            log.append(("cmd", i % 2), key, value, headers)
+        source, sink = MemorySource(log, batch=7), MemorySink(log)
+        pipeline = Pipeline(source, sink, processor, max_in_flight=8)
+        source.assign([("cmd", 0), ("cmd", 1)])
+        pipeline.on_assigned([("cmd", 0), ("cmd", 1)])
         task = asyncio.create_task(pipeline.run())
-        while pipeline.processed < len(records) and not task.done():  # noqa: ASYNC110
+        while pipeline.processed < len(raw) and not task.done():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         pipeline.stop()
         await asyncio.wait_for(task, 10)
@@ -169,7 +144,7 @@ def test_pipeline_accounts_for_every_hostile_record(
         for p in (0, 1)
         if any(i % 2 == p for i in range(len(raw)))
     }
-    assert sink.committed == expected_commits
+    assert sink.log.committed == expected_commits
     for request in requests:  # every request the exchange saw was built from checked values
         params = request["params"] or {}
         for name, value in params.items():

@@ -1,18 +1,19 @@
 """Wiring: settings → accounts → PAPI client → executor → Kafka → pipeline, with signals.
 
-Exit codes (``ExitCode``): 0 clean stop, 1 fatal runtime error (e.g. results could not be
-published), 2 configuration error, 3 forced stop (second signal during shutdown).
+Exit codes (``ExitCode``): 0 clean stop, 1 fatal runtime error, 2 configuration error,
+3 forced stop (second signal during shutdown), 4 stopped with work abandoned (commands still
+running at the shutdown bound were cancelled, or results could not be made durable in
+time; their records are read again by the next owner).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 from prometheus_client import start_http_server
 
@@ -24,12 +25,14 @@ from worker.kafka_io import (
     AtLeastOnceSink,
     ConsumerSource,
     PipelineRebalanceListener,
+    TransactionalSink,
     make_consumer,
     make_producer,
     missing_topics,
+    wait_for_kafka,
 )
 from worker.papi import PapiClient
-from worker.pipeline import Pipeline
+from worker.pipeline import Pipeline, ResultSink, RunReport
 from worker.processor import CommandProcessor
 from worker.settings import Settings
 from worker.timeutil import now_ms
@@ -42,6 +45,7 @@ class ExitCode(enum.IntEnum):
     FATAL = 1
     CONFIG = 2
     FORCED = 3
+    ABANDONED = 4
 
 
 class ConfigError(RuntimeError):
@@ -111,19 +115,30 @@ class Worker:
             clock=now_ms,
         )
         self._consumer = make_consumer(settings)
+        # The shared producer publishes in at-least-once mode; in exactly-once mode each
+        # input partition gets a transactional producer of its own (TransactionalSink).
         self._producer = make_producer(settings)
+        self._transactions: TransactionalSink | None = None
+        sink: ResultSink
+        if settings.delivery == "exactly_once":
+            self._transactions = sink = TransactionalSink(settings)
+        else:
+            sink = AtLeastOnceSink(self._producer, self._consumer)
         self.pipeline = Pipeline(
             ConsumerSource(self._consumer),
-            AtLeastOnceSink(self._producer, self._consumer),
+            sink,
             self._processor,
             max_in_flight=settings.max_in_flight,
-            commit_interval_s=settings.commit_interval_ms / 1000,
+            max_buffered=settings.max_buffered_per_partition,
             shutdown_grace_s=settings.shutdown_grace_s,
+            revoke_grace_s=settings.revoke_grace_s,
+            commit_timeout_s=settings.commit_timeout_s,
         )
 
     async def __aenter__(self) -> Worker:
         try:
             await self.clock.start()
+            await wait_for_kafka(self.settings.bootstrap_servers)
             await self._producer.start()
             await self._consumer.start()
             await self._check_topics()
@@ -153,17 +168,26 @@ class Worker:
         await self._close()
 
     async def _close(self) -> None:
-        # Shutdown order: the pipeline has drained and committed in run(); close the
-        # consumer (leaves the group), then the producer (flushes), then HTTP.
-        with contextlib.suppress(Exception):
-            await self._consumer.stop()
-        with contextlib.suppress(Exception):
-            await self._producer.stop()
-        await self._client.aclose()
-        await self.clock.aclose()
+        # Shutdown order: the pipeline has drained and flushed in run(); close the
+        # consumer (leaves the group; a revocation flushes nothing more), then the
+        # producers, then HTTP. Every step is bounded and runs even if one before failed.
+        bound = self.settings.commit_timeout_s + 5
+        steps: list[tuple[str, Awaitable[None]]] = [("consumer", self._consumer.stop())]
+        if self._transactions is not None:
+            steps.append(("transactional producers", self._transactions.close()))
+        steps += [
+            ("producer", self._producer.stop()),
+            ("http client", self._client.aclose()),
+            ("clock", self.clock.aclose()),
+        ]
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step, bound)
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - close the rest
+                log.warning("closing the %s failed: %r", name, exc)
 
-    async def run(self) -> None:
-        await self.pipeline.run()
+    async def run(self) -> RunReport:
+        return await self.pipeline.run()
 
     def stop(self) -> None:
         self.pipeline.stop()
@@ -203,12 +227,21 @@ async def serve(settings: Settings) -> ExitCode:
                 settings.papi_url,
                 len(accounts),
             )
-            await worker.run()
+            report = await worker.run()
     except ConfigError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG
     except Exception:
         log.exception("worker stopped on a fatal error")
         return ExitCode.FATAL
-    log.info("worker stopped cleanly")
+    if report.abandoned or report.unflushed:
+        log.error(
+            "worker stopped with work abandoned: %d command(s) cancelled while running, "
+            "%d result(s) not made durable; their records will be read again (exit %d)",
+            report.abandoned,
+            report.unflushed,
+            ExitCode.ABANDONED,
+        )
+        return ExitCode.ABANDONED
+    log.info("worker stopped cleanly after %d command(s)", report.processed)
     return ExitCode.OK

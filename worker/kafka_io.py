@@ -1,17 +1,25 @@
-"""Kafka adapters: aiokafka consumer and producer, the at-least-once sink, topic admin."""
+"""Kafka adapters: aiokafka consumer and producer, the at-least-once and exactly-once sinks,
+topic admin."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+    TransactionalIdAuthorizationFailed,
+)
 
-from worker.pipeline import InRecord, OutRecord, Partition, Pipeline
+from worker import metrics
+from worker.pipeline import Flush, FlushError, InRecord, Partition, Pipeline
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,7 +35,7 @@ def make_producer(settings: Settings, **extra: object) -> AIOKafkaProducer:
         enable_idempotence=True,
         linger_ms=0,
         max_request_size=MAX_RECORD_BYTES,
-        request_timeout_ms=30_000,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
         **extra,
     )
 
@@ -43,13 +51,18 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         max_poll_records=settings.max_poll_records,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
         max_partition_fetch_bytes=MAX_RECORD_BYTES,
         fetch_max_bytes=4 * MAX_RECORD_BYTES,
     )
 
 
+def _tp(part: Partition) -> TopicPartition:
+    return TopicPartition(part[0], part[1])
+
+
 class ConsumerSource:
-    """Adapts ``getmany`` to the pipeline's :class:`~worker.pipeline.RecordSource`."""
+    """Adapts the consumer to the pipeline's :class:`~worker.pipeline.RecordSource`."""
 
     def __init__(self, consumer: AIOKafkaConsumer) -> None:
         self._consumer = consumer
@@ -71,26 +84,158 @@ class ConsumerSource:
             )
         return out
 
+    def owns(self, part: Partition) -> bool:
+        return _tp(part) in self._consumer.assignment()
+
+    def pause(self, parts: Sequence[Partition]) -> None:
+        owned = self._consumer.assignment()
+        self._consumer.pause(*(tp for tp in map(_tp, parts) if tp in owned))
+
+    def resume(self, parts: Sequence[Partition]) -> None:
+        owned = self._consumer.assignment()
+        self._consumer.resume(*(tp for tp in map(_tp, parts) if tp in owned))
+
+    async def rewind(self, parts: Sequence[Partition]) -> None:
+        positions: dict[TopicPartition, int | None] = {}
+        for tp in map(_tp, parts):
+            positions[tp] = await self._consumer.committed(tp)
+        owned = self._consumer.assignment()
+        for tp, offset in positions.items():  # no await here: the seeks land together
+            if tp not in owned:
+                continue
+            if offset is None:
+                self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, offset)
+
 
 class AtLeastOnceSink:
-    """Publish with acks=all and wait for every ack; then commit consumer offsets."""
+    """Publish with acks=all and wait for every ack; then commit consumer offsets.
+
+    A failure between the two repeats the batch: results can be duplicated, never lost."""
 
     def __init__(self, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer) -> None:
         self._producer = producer
         self._consumer = consumer
 
-    async def publish(self, records: Sequence[OutRecord]) -> None:
+    async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         # send() enqueues in call order (so per-partition order is kept); then wait for acks.
         futures = [
             await self._producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
-            for r in records
+            for batch in batches.values()
+            for r in batch.records
         ]
         await asyncio.gather(*futures)
+        await self._consumer.commit({_tp(p): b.position for p, b in batches.items()})
 
-    async def commit(self, positions: Mapping[Partition, int]) -> None:
-        await self._consumer.commit(
-            {TopicPartition(t, p): off for (t, p), off in positions.items()}
+    async def assigned(self, parts: Sequence[Partition]) -> None:
+        """Nothing to take over: offsets are committed through the group."""
+
+    async def revoked(self, parts: Sequence[Partition]) -> None:
+        """Nothing to let go of."""
+
+
+FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
+
+
+class TransactionalSink:
+    """Exactly-once: each input partition has its own transactional producer.
+
+    Its ``transactional.id`` is ``<prefix>-<topic>-<partition>``, the same on every member,
+    so the member that takes a partition over fences the previous owner's producer (its
+    open transaction is aborted, and it can never commit again). A flush writes the
+    partition's results and its consumer offset in one transaction: both or neither.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        producer_factory: Callable[[str], AIOKafkaProducer] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._group_id = settings.group_id
+        self._prefix = settings.transactional_id_prefix or settings.group_id
+        self._factory = producer_factory or (
+            lambda tid: make_producer(
+                settings,
+                transactional_id=tid,
+                transaction_timeout_ms=settings.transaction_timeout_ms,
+            )
         )
+        self._producers: dict[Partition, AIOKafkaProducer] = {}
+
+    def transactional_id(self, part: Partition) -> str:
+        return f"{self._prefix}-{part[0]}-{part[1]}"
+
+    async def assigned(self, parts: Sequence[Partition]) -> None:
+        for part in parts:
+            if part in self._producers:
+                continue
+            producer = self._factory(self.transactional_id(part))
+            try:
+                await producer.start()  # init_transactions: fences the previous owner
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                raise
+            self._producers[part] = producer
+
+    async def revoked(self, parts: Sequence[Partition]) -> None:
+        for part in parts:
+            producer = self._producers.pop(part, None)
+            if producer is not None:
+                await _stop_quietly(producer, self._settings.commit_timeout_s)
+
+    async def flush(self, batches: Mapping[Partition, Flush]) -> None:
+        outcomes = await asyncio.gather(
+            *(self._flush_one(p, b) for p, b in batches.items()), return_exceptions=True
+        )
+        results = dict(zip(batches, outcomes, strict=True))
+        for outcome in results.values():
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # cancellation
+        failed = {p: o for p, o in results.items() if isinstance(o, Exception)}
+        if not failed:
+            return
+        lost = [p for p, o in failed.items() if isinstance(o, FENCED)]
+        for part in lost:
+            producer = self._producers.pop(part, None)
+            if producer is not None:
+                await _stop_quietly(producer, self._settings.commit_timeout_s)
+        first = next(iter(failed.values()))
+        raise FlushError(
+            f"{len(failed)} of {len(batches)} transaction(s) failed, first: {first!r}",
+            done=[p for p in batches if p not in failed],
+            lost=lost,
+        )
+
+    async def _flush_one(self, part: Partition, batch: Flush) -> None:
+        producer = self._producers.get(part)
+        if producer is None:
+            raise RuntimeError(f"no producer for {part}: not taken over yet")
+        try:
+            async with producer.transaction():
+                futures = [
+                    await producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
+                    for r in batch.records
+                ]
+                await producer.send_offsets_to_transaction(
+                    {_tp(part): batch.position}, self._group_id
+                )
+                await asyncio.gather(*futures)
+        except Exception:
+            metrics.TRANSACTIONS.labels("failed").inc()
+            raise
+        metrics.TRANSACTIONS.labels("committed").inc()
+
+    async def close(self) -> None:
+        await self.revoked(list(self._producers))
+
+
+async def _stop_quietly(producer: AIOKafkaProducer, timeout_s: float) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(producer.stop(), timeout_s)
 
 
 class PipelineRebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -107,6 +252,31 @@ class PipelineRebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc
         parts = [(tp.topic, tp.partition) for tp in assigned]
         log.info("partitions assigned: %s", parts)
         self._pipeline.on_assigned(parts)
+
+
+async def wait_for_kafka(bootstrap: str, *, max_delay_s: float = 5.0) -> None:
+    """Return once the cluster answers; while it does not, say so once and retry.
+
+    A worker started while Kafka is down waits for it instead of exiting (and crash-looping)."""
+    delay, said = 0.2, False
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+        except KafkaError as exc:
+            if not said:
+                log.warning("Kafka unreachable at %s (%s); waiting for it", bootstrap, exc)
+                said = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+            continue
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        if said:
+            log.warning("Kafka reachable at %s", bootstrap)
+        return
 
 
 async def ensure_topics(bootstrap: str, topics: Mapping[str, int]) -> None:

@@ -15,7 +15,7 @@ IN_FLIGHT = Gauge("cancel_worker_in_flight", "Commands being processed")
 COMMITS = Counter("cancel_worker_offset_commits_total", "Offset commits")
 COMMAND_SECONDS = Histogram(
     "cancel_worker_command_seconds",
-    "From receipt to durable result, per command",
+    "From start of processing to result in hand, per command",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 GOVERNOR_WAITS = Counter(
@@ -33,4 +33,17 @@ RECONCILIATIONS = Counter(
     "cancel_worker_reconciliations_total",
     "Order-status queries after an ambiguous or gone answer",
     ["finding"],
+)
+PAUSED_PARTITIONS = Gauge(
+    "cancel_worker_paused_partitions", "Partitions whose fetch is paused (deep queue)"
+)
+KAFKA_REACHABLE = Gauge(
+    "cancel_worker_kafka_reachable", "1 while results can be published and committed, else 0"
+)
+ABANDONED = Counter(
+    "cancel_worker_abandoned_total",
+    "Running commands cancelled at a revocation or shutdown bound (read again later)",
+)
+TRANSACTIONS = Counter(
+    "cancel_worker_transactions_total", "Result transactions, by outcome", ["outcome"]
 )

@@ -1,22 +1,39 @@
 """The consume → process → publish → commit loop.
 
-Ordering: records are chained per *lane* (topic, partition, record key); a record starts
-only after the previous record of its lane has its result durably published, so results
-per key appear in command order. Different lanes run concurrently, at most
-``max_in_flight`` records at once (the fetch loop waits for a free slot: backpressure).
+Ownership: every partition in hand has a :class:`_PartState`, created when the consumer
+assigns the partition and dropped when it is revoked. Work is tagged with the state it was
+read under; a record fetched before a rebalance is never dispatched after it, and a task
+still running for a dropped state publishes nothing. Positions are committed only for
+partitions this worker owns. A newly assigned partition is not processed until the sink
+has taken ownership of it (in exactly-once mode: fenced the previous owner's producer) and
+the consumer has been rewound to the committed position read after that.
 
-Durability: a record's offset is completed only after its outgoing records (the result,
-and for poison the dead-letter copy) are acknowledged by the broker; the commit position of
-a partition never passes an incomplete record (see :mod:`worker.offsets`). A crash
-therefore repeats work but never loses a command (at-least-once).
+Ordering: records are chained per *lane* (partition, record key); a lane's next record
+starts when the previous one has its result in hand. Results of a partition are made
+durable in offset order (the longest completed prefix, see ``_flush_ready``), so results
+per key appear in command order, and a crash or rebalance repeats only work whose results
+were not durable.
 
-The commit path is one replaceable part, :class:`ResultSink`: ``publish`` makes outgoing
-records durable and ``commit`` stores positions.
+Concurrency without head-of-line blocking: a record takes one of ``max_in_flight`` slots
+only when it can run (its lane is free). Lanes wait their turn round-robin, so a burst on
+one key holds one slot while other keys run. Records buffered per partition are bounded
+(``max_buffered``): a partition with a deep queue is paused at the consumer and resumed
+when it has drained to half, so memory stays bounded and other partitions keep flowing.
 
-Shutdown order (``stop``): stop fetching → let in-flight records finish within
-``shutdown_grace_s`` → their results are published by then → commit → return; the caller
-closes the consumer and producer. A failure to publish is fatal: the loop stops without
-committing past the record, and ``run`` re-raises it.
+Durability: a flush hands the sink each partition's completed prefix (its outgoing
+records and the next position); the sink makes them durable and stores the position
+(:class:`ResultSink`). A flush that fails (the broker is down) is retried with backoff,
+for as long as it takes; the outage is reported once, in a log line and in a metric, and
+the pipeline resumes by itself.
+
+Revocation: a revoked partition's queued records are dropped, its running records get
+``revoke_grace_s`` to finish and are then cancelled (they are read again by the next
+owner), its completed prefix is flushed within ``commit_timeout_s``, then the sink lets go
+of it. The bounds keep revocation well inside the group's session timeout.
+
+Shutdown (``stop``): stop fetching → drop queued records → let running records finish
+within ``shutdown_grace_s`` → cancel the rest and count them as abandoned → flush within
+``commit_timeout_s`` → return a :class:`RunReport`. The caller closes the clients.
 """
 
 from __future__ import annotations
@@ -25,12 +42,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from worker import metrics
-from worker.offsets import OffsetTracker
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +78,98 @@ class OutRecord:
 Handler = Callable[[InRecord], Awaitable[Sequence[OutRecord]]]
 
 
-class ResultSink(Protocol):
-    async def publish(self, records: Sequence[OutRecord]) -> None:
-        """Return only once every record is durably stored (acks=all)."""
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """One partition's completed prefix: its outgoing records, in offset order, and the
+    position to store (one past the last record of the prefix)."""
 
-    async def commit(self, positions: Mapping[Partition, int]) -> None:
-        """Store the next position to read, per partition."""
+    records: tuple[OutRecord, ...]
+    position: int
+
+
+class FlushError(Exception):
+    """A flush that partly happened: ``done`` partitions were flushed, ``lost`` ones belong
+    to another member now (nothing more of them may be published); the rest are retried.
+    Any other exception from :meth:`ResultSink.flush` means nothing is known to be stored."""
+
+    def __init__(
+        self, cause: str, done: Sequence[Partition] = (), lost: Sequence[Partition] = ()
+    ) -> None:
+        super().__init__(cause)
+        self.done = frozenset(done)
+        self.lost = frozenset(lost)
+
+
+class ResultSink(Protocol):
+    async def flush(self, batches: Mapping[Partition, Flush]) -> None:
+        """Make each batch's records durable and store its position; raise on failure.
+
+        After a failure any part of it may or may not be stored; the pipeline retries the
+        same batches (at-least-once), or the sink guarantees all-or-nothing per partition
+        (exactly-once)."""
+
+    async def assigned(self, parts: Sequence[Partition]) -> None:
+        """Take ownership of newly assigned partitions (fence their previous owner)."""
+
+    async def revoked(self, parts: Sequence[Partition]) -> None:
+        """Let go of partitions after their last flush."""
 
 
 class RecordSource(Protocol):
     async def fetch(self, timeout_ms: int) -> Sequence[InRecord]: ...
 
+    def owns(self, part: Partition) -> bool:
+        """Whether the partition is in the consumer's current assignment."""
 
-class PublishFailedError(RuntimeError):
-    """Outgoing records could not be made durable; the worker must stop and restart."""
+    def pause(self, parts: Sequence[Partition]) -> None: ...
+
+    def resume(self, parts: Sequence[Partition]) -> None: ...
+
+    async def rewind(self, parts: Sequence[Partition]) -> None:
+        """Seek the partitions to their committed positions."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """How the pipeline stopped."""
+
+    processed: int
+    abandoned: int  # running records cancelled at the shutdown bound
+    unflushed: int  # completed records whose results could not be made durable in time
+
+
+class _Entry:
+    __slots__ = ("done", "outgoing", "record", "task")
+
+    def __init__(self, record: InRecord) -> None:
+        self.record = record
+        self.done = False
+        self.outgoing: tuple[OutRecord, ...] = ()
+        self.task: asyncio.Task[None] | None = None
+
+
+class _PartState:
+    """A partition in hand, for one assignment of it."""
+
+    __slots__ = ("closing", "entries", "lanes", "part", "paused", "ready", "revoked", "running")
+
+    def __init__(self, part: Partition) -> None:
+        self.part = part
+        self.entries: deque[_Entry] = deque()  # every record in hand, in offset order
+        self.lanes: dict[bytes | None, deque[_Entry]] = {}  # records waiting, per key
+        self.running: dict[bytes | None, _Entry] = {}
+        self.ready = False  # the sink owns the partition and the position is rewound
+        self.closing = False  # revoked or stopping: nothing more starts
+        self.revoked = False  # let go of: nothing of it is published any more
+        self.paused = False
+
+    def ready_prefix(self) -> list[_Entry]:
+        out: list[_Entry] = []
+        for entry in self.entries:
+            if not entry.done:
+                break
+            out.append(entry)
+        return out
 
 
 class Pipeline:
@@ -85,21 +180,34 @@ class Pipeline:
         handler: Handler,
         *,
         max_in_flight: int = 256,
-        commit_interval_s: float = 0.2,
+        max_buffered: int = 1000,
         shutdown_grace_s: float = 10.0,
+        revoke_grace_s: float = 2.0,
+        commit_timeout_s: float = 2.0,
+        retry_initial_s: float = 0.1,
+        retry_max_s: float = 5.0,
     ) -> None:
         self._source = source
         self._sink = sink
         self._handler = handler
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._commit_interval_s = commit_interval_s
+        self._max_in_flight = max_in_flight
+        self._max_buffered = max_buffered
         self._shutdown_grace_s = shutdown_grace_s
-        self._tracker: OffsetTracker[Partition] = OffsetTracker()
-        self._lanes: dict[tuple[str, int, bytes | None], asyncio.Task[None]] = {}
-        self._tasks: dict[asyncio.Task[None], Partition] = {}
+        self._revoke_grace_s = revoke_grace_s
+        self._commit_timeout_s = commit_timeout_s
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._parts: dict[Partition, _PartState] = {}
+        self._ready_lanes: deque[tuple[_PartState, bytes | None]] = deque()
+        self._running = 0
         self._stopping = asyncio.Event()
+        self._flush_wanted = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._preparing: dict[Partition, asyncio.Task[None]] = {}
+        self._lost: set[Partition] = set()  # fenced: ignored until assigned again
+        self._revoking: set[Partition] = set()
         self._fatal: BaseException | None = None
-        self._commit_lock = asyncio.Lock()
+        self._unreachable_since: float | None = None
         self.processed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -112,78 +220,111 @@ class Pipeline:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def run(self) -> None:
-        """Fetch and dispatch until :meth:`stop`; then drain, commit and return."""
-        committer = asyncio.create_task(self._commit_periodically(), name="committer")
+    async def run(self) -> RunReport:
+        """Fetch and dispatch until :meth:`stop`; then drain, flush and report."""
+        flusher = asyncio.create_task(self._flush_loop(), name="flusher")
         try:
             while not self._stopping.is_set():
                 records = await self._source.fetch(timeout_ms=100)
-                for record in records:
-                    if self._stopping.is_set():
-                        break  # unstarted records are not tracked: they are read again later
-                    await self._dispatch(record)
+                for record in records:  # no await in here: ownership cannot change under us
+                    self._enqueue(record)
+                self._pump()
         finally:
-            committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await committer
-            await self._drain(self._shutdown_grace_s)
-            if self._fatal is None:
-                await self.commit_now()
+            abandoned = await self._shutdown(flusher)
         if self._fatal is not None:
             raise self._fatal
+        unflushed = sum(len(s.ready_prefix()) for s in self._parts.values())
+        return RunReport(self.processed, abandoned, unflushed)
+
+    async def _shutdown(self, flusher: asyncio.Task[None]) -> int:
+        for state in self._parts.values():
+            self._drop_waiting(state)
+        for task in self._preparing.values():
+            task.cancel()
+        abandoned = await self._finish_running(list(self._parts.values()), self._shutdown_grace_s)
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        if self._fatal is None:
+            async with self._flush_lock:
+                await self._flush_bounded(list(self._parts.values()))
+        return abandoned
 
     # -- dispatch ----------------------------------------------------------------------------
 
-    async def _dispatch(self, record: InRecord) -> None:
-        await self._slots.acquire()  # in-flight tasks always finish, so this always returns
-        if self._stopping.is_set():
-            self._slots.release()
-            return
+    def _enqueue(self, record: InRecord) -> None:
         part = (record.topic, record.partition)
-        try:
-            self._tracker.track(part, record.offset)
-        except ValueError:
-            # Delivered again without a rebalance (should not happen): it is already in hand.
-            log.warning("skipping %s[%d]@%d: already tracked", *part, record.offset)
-            self._slots.release()
-            return
-        lane = (record.topic, record.partition, record.key)
-        previous = self._lanes.get(lane)
-        task = asyncio.create_task(self._process(record, previous), name=f"record-{record.offset}")
-        self._lanes[lane] = task
-        self._tasks[task] = part
-        metrics.IN_FLIGHT.inc()
+        state = self._parts.get(part)
+        if state is None:
+            if part in self._lost or part in self._revoking or not self._source.owns(part):
+                return  # fetched for an assignment that has ended: not ours to process
+            # Assigned, and the assignment callback has not run yet: hold the record; the
+            # callback rewinds the partition before anything of it runs.
+            state = self._parts[part] = _PartState(part)
+        elif state.entries and record.offset <= state.entries[-1].record.offset:
+            return  # read again after a rewind: the copy in hand stands
+        entry = _Entry(record)
+        state.entries.append(entry)
+        lane = state.lanes.setdefault(record.key, deque())
+        lane.append(entry)
+        if len(lane) == 1 and record.key not in state.running and state.ready:
+            self._ready_lanes.append((state, record.key))
+        self._check_pause(state)
 
-        def finished(t: asyncio.Task[None]) -> None:
-            self._tasks.pop(t, None)
-            if self._lanes.get(lane) is t:
-                del self._lanes[lane]
-            self._slots.release()
+    def _pump(self) -> None:
+        """Start waiting records while slots are free, one lane at a time, round-robin."""
+        while self._running < self._max_in_flight and self._ready_lanes:
+            state, key = self._ready_lanes.popleft()
+            lane = state.lanes.get(key)
+            if state.closing or not lane or key in state.running:
+                continue
+            entry = lane.popleft()
+            if not lane:
+                del state.lanes[key]
+            self._start(state, key, entry)
+
+    def _start(self, state: _PartState, key: bytes | None, entry: _Entry) -> None:
+        self._running += 1
+        state.running[key] = entry
+        metrics.IN_FLIGHT.inc()
+        task = asyncio.create_task(
+            self._process(state, entry), name=f"record-{entry.record.offset}"
+        )
+        entry.task = task
+
+        def finished(_: asyncio.Task[None]) -> None:
+            self._running -= 1
             metrics.IN_FLIGHT.dec()
+            if state.running.get(key) is entry:
+                del state.running[key]
+            if not state.closing and state.lanes.get(key):
+                self._ready_lanes.append((state, key))
+            self._pump()
 
         task.add_done_callback(finished)
 
-    async def _process(self, record: InRecord, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        if self._fatal is not None:
-            return  # nothing more is published once one record failed; it is read again later
+    async def _process(self, state: _PartState, entry: _Entry) -> None:
+        record = entry.record
         started = time.monotonic()
-        where = f"{record.topic}[{record.partition}]@{record.offset}"
         try:
             outgoing = await self._handler(record)
-        except Exception as exc:  # noqa: BLE001 - any failure here must stop the worker
-            # Handlers turn every failure into a result; reaching here is a defect.
-            self._fail(RuntimeError(f"handler failed for {where}: {exc!r}"))
+        except Exception as exc:  # noqa: BLE001 - handlers turn failures into results
+            # Reaching here is a defect; nothing is published for the record, so it is
+            # read again after the restart this forces.
+            self._fail(
+                RuntimeError(
+                    f"handler failed for {record.topic}[{record.partition}]@{record.offset}: "
+                    f"{exc!r}"
+                )
+            )
             return
-        try:
-            await self._sink.publish(outgoing)
-        except Exception as exc:  # noqa: BLE001 - any publish failure must stop the worker
-            self._fail(PublishFailedError(f"publishing results for {where} failed: {exc}"))
-            return
-        self._tracker.complete((record.topic, record.partition), record.offset)
+        if state.revoked:
+            return  # the partition moved on: its next owner answers this record
+        entry.outgoing = tuple(outgoing)
+        entry.done = True
         self.processed += 1
         metrics.COMMAND_SECONDS.observe(time.monotonic() - started)
+        self._flush_wanted.set()
 
     def _fail(self, exc: BaseException) -> None:
         if self._fatal is None:
@@ -191,43 +332,219 @@ class Pipeline:
             self._fatal = exc
         self._stopping.set()
 
-    # -- commits and rebalances ------------------------------------------------------------
+    # -- backpressure --------------------------------------------------------------------------
 
-    async def _commit_periodically(self) -> None:
+    def _check_pause(self, state: _PartState) -> None:
+        depth = len(state.entries)
+        if not state.paused and depth >= self._max_buffered:
+            state.paused = True
+            self._source.pause([state.part])
+            metrics.PAUSED_PARTITIONS.inc()
+            log.info("%s[%d]: %d records in hand, pausing its fetch", *state.part, depth)
+        elif state.paused and depth <= self._max_buffered // 2:
+            state.paused = False
+            self._source.resume([state.part])
+            metrics.PAUSED_PARTITIONS.dec()
+
+    def _drop_waiting(self, state: _PartState) -> None:
+        """Start nothing more; forget records that have not started (they are read again
+        from the committed position)."""
+        state.closing = True
+        state.lanes.clear()
+        started = {id(e) for e in state.running.values()}
+        state.entries = deque(e for e in state.entries if e.done or id(e) in started)
+
+    # -- durability ----------------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        delay = self._retry_initial_s
         while True:
-            await asyncio.sleep(self._commit_interval_s)
-            await self.commit_now()
+            await self._flush_wanted.wait()
+            self._flush_wanted.clear()
+            async with self._flush_lock:
+                ok = await self._flush_ready(list(self._parts.values()))
+            if ok:
+                delay = self._retry_initial_s
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max_s)
+            self._flush_wanted.set()
 
-    async def commit_now(self, parts: Sequence[Partition] | None = None) -> None:
-        async with self._commit_lock:
-            positions = self._tracker.to_commit(parts)
-            if not positions:
-                return
-            try:
-                await self._sink.commit(positions)
-            except Exception as exc:  # noqa: BLE001 - a failed commit is retried next round
-                log.warning("offset commit failed (will retry): %s", exc)
-                return
-            self._tracker.mark_committed(positions)
+    async def _flush_ready(self, states: Sequence[_PartState]) -> bool:
+        """Flush every state's completed prefix; False if the sink failed (kept for later)."""
+        taken: dict[Partition, tuple[_PartState, int]] = {}
+        batches: dict[Partition, Flush] = {}
+        for state in states:
+            prefix = state.ready_prefix()
+            if not prefix or not state.ready:
+                continue
+            records = tuple(r for e in prefix for r in e.outgoing)
+            batches[state.part] = Flush(records, prefix[-1].record.offset + 1)
+            taken[state.part] = (state, len(prefix))
+        if not batches:
+            return True
+        failure: Exception | None = None
+        done: frozenset[Partition] = frozenset(batches)
+        try:
+            await self._sink.flush(batches)
+        except FlushError as exc:
+            failure, done = exc, exc.done
+            self._lose([taken[p][0] for p in exc.lost if p in taken])
+        except Exception as exc:  # noqa: BLE001 - any failure is retried; the records stay
+            failure, done = exc, frozenset()
+        for part in done:
+            state, count = taken.pop(part)
+            for _ in range(count):
+                state.entries.popleft()
+            self._check_pause(state)
+        if done:
             metrics.COMMITS.inc()
+        waiting = sum(n for s, n in taken.values() if not s.revoked)
+        if failure is not None and waiting:
+            self._report_unreachable(failure, waiting)
+            return False
+        self._report_reachable()
+        return True
 
-    async def _drain(self, grace_s: float, parts: Sequence[Partition] | None = None) -> None:
-        tasks = [t for t, p in self._tasks.items() if parts is None or p in parts]
+    def _lose(self, states: Sequence[_PartState]) -> None:
+        """Another member owns these partitions now: stop their work, publish nothing."""
+        for state in states:
+            log.warning(
+                "%s[%d] was taken over by another member; dropping its work in hand", *state.part
+            )
+            self._parts.pop(state.part, None)
+            self._lost.add(state.part)
+            self._drop_waiting(state)
+            state.revoked = True
+            for entry in state.running.values():
+                if entry.task is not None:
+                    entry.task.cancel()
+            if state.paused:
+                metrics.PAUSED_PARTITIONS.dec()
+
+    async def _flush_bounded(self, states: Sequence[_PartState]) -> None:
+        """Final flush (shutdown, revocation): retried until ``commit_timeout_s``."""
+        deadline = time.monotonic() + self._commit_timeout_s
+        delay = self._retry_initial_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                ok = await asyncio.wait_for(self._flush_ready(states), left)
+            except TimeoutError:
+                break
+            if ok:
+                return
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, self._retry_max_s)
+        waiting = sum(len(s.ready_prefix()) for s in states)
+        if waiting:
+            log.warning(
+                "%d result(s) not made durable within %.1fs; their records will be read again",
+                waiting,
+                self._commit_timeout_s,
+            )
+
+    def _report_unreachable(self, exc: Exception, waiting: int) -> None:
+        metrics.KAFKA_REACHABLE.set(0)
+        if self._unreachable_since is None:
+            self._unreachable_since = time.monotonic()
+            log.warning(
+                "Kafka unreachable: %d result(s) wait to be published and committed; "
+                "retrying with backoff (%s)",
+                waiting,
+                exc,
+            )
+        else:
+            log.debug("flush failed again: %s", exc)
+
+    def _report_reachable(self) -> None:
+        metrics.KAFKA_REACHABLE.set(1)
+        if self._unreachable_since is not None:
+            log.warning(
+                "Kafka reachable again after %.1fs; results published and committed",
+                time.monotonic() - self._unreachable_since,
+            )
+            self._unreachable_since = None
+
+    # -- rebalances ----------------------------------------------------------------------------
+
+    async def _finish_running(self, states: Sequence[_PartState], grace_s: float) -> int:
+        """Wait up to ``grace_s`` for the states' running records; cancel the rest."""
+        tasks = [e.task for s in states for e in s.running.values() if e.task is not None]
         if not tasks:
-            return
+            return 0
         _, pending = await asyncio.wait(tasks, timeout=grace_s)
         if pending:
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending)
             log.warning(
-                "%d record(s) still in flight after %.1fs; they will be read again",
+                "%d command(s) still running after %.1fs were cancelled; their records "
+                "will be read again (a cancel already sent is reconciled then)",
                 len(pending),
                 grace_s,
             )
+            metrics.ABANDONED.inc(len(pending))
+        return len(pending)
 
     async def on_revoked(self, parts: Sequence[Partition]) -> None:
-        """Finish the revoked partitions' in-flight records (bounded), commit, forget them."""
-        await self._drain(self._shutdown_grace_s, parts)
-        await self.commit_now(parts)
-        self._tracker.drop(parts)
+        """Drop queued work, finish running work (bounded), flush, let go of the parts."""
+        states = [s for p in parts if (s := self._parts.pop(p, None)) is not None]
+        self._lost.difference_update(parts)
+        self._revoking.update(parts)
+        try:
+            await self._let_go(parts, states)
+        finally:
+            self._revoking.difference_update(parts)
+
+    async def _let_go(self, parts: Sequence[Partition], states: Sequence[_PartState]) -> None:
+        for part in parts:
+            task = self._preparing.pop(part, None)
+            if task is not None:
+                task.cancel()
+        for state in states:
+            self._drop_waiting(state)  # running records may still finish and be flushed
+        await self._finish_running(states, self._revoke_grace_s)
+        async with self._flush_lock:
+            await self._flush_bounded(states)
+        for state in states:
+            state.revoked = True
+            if state.paused:
+                metrics.PAUSED_PARTITIONS.dec()
+        await self._sink.revoked(list(parts))
 
     def on_assigned(self, parts: Sequence[Partition]) -> None:
-        self._tracker.drop(parts)  # start clean from the committed position
+        """Hold the parts' records until the sink owns them and their position is rewound."""
+        self._lost.difference_update(parts)
+        for part in parts:
+            self._parts.setdefault(part, _PartState(part))
+        if parts:
+            task = asyncio.create_task(self._prepare(list(parts)), name="prepare-partitions")
+            for part in parts:
+                self._preparing[part] = task
+
+    async def _prepare(self, parts: list[Partition]) -> None:
+        delay = self._retry_initial_s
+        while True:
+            try:
+                await self._sink.assigned(parts)
+                await self._source.rewind(parts)
+                break
+            except Exception as exc:  # noqa: BLE001 - retried until it works or is revoked
+                level = logging.WARNING if delay == self._retry_initial_s else logging.DEBUG
+                log.log(level, "taking over %s failed (retrying with backoff): %s", parts, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+        for part in parts:
+            if self._preparing.get(part) is asyncio.current_task():
+                del self._preparing[part]
+            state = self._parts.get(part)
+            if state is None:
+                continue
+            # Records read before the rewind are dropped; they come again from the position.
+            state.entries.clear()
+            state.lanes.clear()
+            state.ready = True
+            self._check_pause(state)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 ENV_PREFIX = "CANCEL_WORKER_"
+DELIVERY_MODES = ("exactly_once", "at_least_once")
 
 
 class SettingsError(ValueError):
@@ -31,15 +32,23 @@ class Settings:
     papi_url: str = "https://papi.binance.com"
     time_url: str = "https://fapi.binance.com/fapi/v1/time"
     accounts_file: Path | None = None
+    # Delivery: "exactly_once" (results and offsets in one Kafka transaction per input
+    # partition) or "at_least_once" (publish, then commit: a crash can repeat results).
+    delivery: str = "exactly_once"
+    transactional_id_prefix: str = ""  # empty: the group id
+    transaction_timeout_ms: int = 300_000
+    kafka_request_timeout_ms: int = 30_000
     # Pipeline
     max_in_flight: int = 256
+    max_buffered_per_partition: int = 1000
     max_command_bytes: int = 64 * 1024
     deadletter_max_bytes: int = 1_000_000
-    commit_interval_ms: int = 200
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
     max_poll_records: int = 500
     shutdown_grace_s: float = 10.0
+    revoke_grace_s: float = 2.0
+    commit_timeout_s: float = 2.0
     # HTTP and retries
     http_timeout_s: float = 5.0
     http_connect_timeout_s: float = 2.0
@@ -70,7 +79,6 @@ class Settings:
             "max_in_flight",
             "max_command_bytes",
             "deadletter_max_bytes",
-            "commit_interval_ms",
             "max_attempts",
             "recv_window_ms",
             "http_max_connections",
@@ -80,6 +88,12 @@ class Settings:
             "rate_weight_window_ms",
             "rate_order_limit",
             "rate_order_window_ms",
+            "max_buffered_per_partition",
+            "transaction_timeout_ms",
+            "kafka_request_timeout_ms",
+            "session_timeout_ms",
+            "heartbeat_interval_ms",
+            "commit_timeout_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -89,6 +103,30 @@ class Settings:
         for name in ("papi_url", "time_url"):
             if not str(getattr(self, name)).startswith(("http://", "https://")):
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be an http(s) URL")
+        if self.delivery not in DELIVERY_MODES:
+            raise SettingsError(f"{ENV_PREFIX}DELIVERY must be one of {', '.join(DELIVERY_MODES)}")
+        for name in ("shutdown_grace_s", "revoke_grace_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must not be negative")
+        # A member that spends longer than the session timeout in a rebalance callback is
+        # expelled, and the group rebalances again: revocation must fit well inside it.
+        revoke_ms = (self.revoke_grace_s + self.commit_timeout_s) * 1000
+        if revoke_ms > self.session_timeout_ms / 2:
+            raise SettingsError(
+                f"{ENV_PREFIX}REVOKE_GRACE_S + {ENV_PREFIX}COMMIT_TIMEOUT_S "
+                f"({revoke_ms / 1000:g}s) must be at most half of "
+                f"{ENV_PREFIX}SESSION_TIMEOUT_MS ({self.session_timeout_ms} ms)"
+            )
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise SettingsError(
+                f"{ENV_PREFIX}HEARTBEAT_INTERVAL_MS must be at most a third of "
+                f"{ENV_PREFIX}SESSION_TIMEOUT_MS"
+            )
+        if self.max_buffered_per_partition < self.max_poll_records:
+            raise SettingsError(
+                f"{ENV_PREFIX}MAX_BUFFERED_PER_PARTITION must be at least "
+                f"{ENV_PREFIX}MAX_POLL_RECORDS ({self.max_poll_records})"
+            )
         if self.log_format not in ("text", "json"):
             raise SettingsError(f"{ENV_PREFIX}LOG_FORMAT must be text or json")
         return self

@@ -1,0 +1,117 @@
+"""In-memory ports for fast pipeline tests: a partitioned log with a consumer's assignment,
+positions, pauses and committed offsets, and a sink that can be made to fail or fence.
+
+They behave like the Kafka adapters where the pipeline depends on it: ``fetch`` returns
+records of owned, unpaused partitions from their positions; ``rewind`` seeks to the
+committed offset; a flush stores outgoing records and positions atomically per partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition
+
+
+class MemoryLog:
+    """Partitions of records plus the group's committed offsets (shared by members)."""
+
+    def __init__(self) -> None:
+        self.records: dict[Partition, list[InRecord]] = {}
+        self.committed: dict[Partition, int] = {}
+
+    def append(
+        self,
+        part: Partition,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]] = (),
+    ) -> InRecord:
+        records = self.records.setdefault(part, [])
+        record = InRecord(part[0], part[1], len(records), key, value, tuple(headers))
+        records.append(record)
+        return record
+
+
+class MemorySource:
+    def __init__(self, log: MemoryLog, *, batch: int = 50) -> None:
+        self.log = log
+        self.batch = batch
+        self.assignment: set[Partition] = set()
+        self.positions: dict[Partition, int] = {}
+        self.paused: set[Partition] = set()
+        self.pause_calls = 0
+        self.fetch_hook: asyncio.Event | None = None
+
+    async def fetch(self, timeout_ms: int) -> Sequence[InRecord]:
+        out: list[InRecord] = []
+        for part in sorted(self.assignment):
+            if part in self.paused:
+                continue
+            position = self.positions.get(part, 0)
+            chunk = self.log.records.get(part, [])[position : position + self.batch]
+            out.extend(chunk)
+            self.positions[part] = position + len(chunk)
+        if not out:
+            await asyncio.sleep(min(timeout_ms, 10) / 1000)
+        else:
+            await asyncio.sleep(0)
+        return out
+
+    def owns(self, part: Partition) -> bool:
+        return part in self.assignment
+
+    def pause(self, parts: Sequence[Partition]) -> None:
+        self.pause_calls += 1
+        self.paused.update(parts)
+
+    def resume(self, parts: Sequence[Partition]) -> None:
+        self.paused.difference_update(parts)
+
+    async def rewind(self, parts: Sequence[Partition]) -> None:
+        for part in parts:
+            if part in self.assignment:
+                self.positions[part] = self.log.committed.get(part, 0)
+
+    def assign(self, parts: Sequence[Partition]) -> None:
+        """The consumer's side of an assignment: positions from the committed offsets."""
+        self.assignment = set(parts)
+        for part in parts:
+            self.positions[part] = self.log.committed.get(part, 0)
+        self.paused = set()  # a new assignment starts unpaused, as in the consumer
+
+
+class MemorySink:
+    """Stores flushed records per partition with their positions, atomically."""
+
+    def __init__(self, log: MemoryLog) -> None:
+        self.log = log
+        self.published: list[OutRecord] = []
+        self.fail = False  # every flush fails (the broker is down)
+        self.fenced: set[Partition] = set()
+        self.owned: set[Partition] = set()
+        self.flushes = 0
+        self.delay_s = 0.0
+
+    async def flush(self, batches: Mapping[Partition, Flush]) -> None:
+        self.flushes += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+        lost = [p for p in batches if p in self.fenced]
+        done = [p for p in batches if p not in self.fenced]
+        for part in done:
+            self.published.extend(batches[part].records)
+            self.log.committed[part] = batches[part].position
+        if lost:
+            raise FlushError("fenced", done=done, lost=lost)
+
+    async def assigned(self, parts: Sequence[Partition]) -> None:
+        if self.fail:
+            raise ConnectionError("broker unreachable")
+        self.owned.update(parts)
+
+    async def revoked(self, parts: Sequence[Partition]) -> None:
+        self.owned.difference_update(parts)

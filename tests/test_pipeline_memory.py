@@ -1,0 +1,383 @@
+"""The pipeline's ownership, ordering, backpressure and durability rules, on in-memory ports.
+
+Every test checks the delivery invariant at the end: across all members, each consumed
+offset has its result published exactly once, in offset order per partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import pytest
+
+from tests.memory_ports import MemoryLog, MemorySink, MemorySource
+from worker import metrics
+from worker.pipeline import InRecord, OutRecord, Partition, Pipeline, RunReport
+
+P0: Partition = ("cmd", 0)
+P1: Partition = ("cmd", 1)
+P2: Partition = ("cmd", 2)
+
+
+class Handler:
+    """Answers each record with one result naming its origin; can be held per key."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.started: list[InRecord] = []
+        self.running: collections.Counter[tuple[Partition, bytes | None]] = collections.Counter()
+        self.max_running = 0
+        self.overlap = False
+        self.hold: dict[bytes | None, asyncio.Event] = {}
+        self.stuck: set[bytes | None] = set()
+
+    async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
+        lane = ((record.topic, record.partition), record.key)
+        self.started.append(record)
+        self.running[lane] += 1
+        self.overlap |= self.running[lane] > 1
+        self.max_running = max(self.max_running, sum(self.running.values()))
+        try:
+            if record.key in self.stuck:
+                await asyncio.Event().wait()
+            gate = self.hold.get(record.key)
+            if gate is not None:
+                await gate.wait()
+            await asyncio.sleep(self.delay_s)
+        finally:
+            self.running[lane] -= 1
+        value = f"{record.partition}:{record.offset}".encode()
+        return [OutRecord("res", record.key, value)]
+
+
+def origins(sink: MemorySink) -> list[tuple[int, int]]:
+    out = []
+    for r in sink.published:
+        p, o = r.value.decode().split(":")
+        out.append((int(p), int(o)))
+    return out
+
+
+def assert_exactly_once(log: MemoryLog, *sinks: MemorySink) -> None:
+    published = [o for s in sinks for o in origins(s)]
+    counts = collections.Counter(published)
+    dupes = {k: v for k, v in counts.items() if v > 1}
+    assert not dupes, f"published more than once: {sorted(dupes)[:10]}"
+    expected = {(p[1], r.offset) for p, recs in log.records.items() for r in recs}
+    assert set(counts) == expected, f"missing: {sorted(expected - set(counts))[:10]}"
+    for sink in sinks:  # offset order per partition within each member's output
+        per_part: dict[int, list[int]] = collections.defaultdict(list)
+        for p, o in origins(sink):
+            per_part[p].append(o)
+        for offsets in per_part.values():
+            assert offsets == sorted(offsets)
+    for part, recs in log.records.items():
+        assert log.committed.get(part) == len(recs), part
+
+
+class Member:
+    """One pipeline over the shared log, as one consumer-group member."""
+
+    def __init__(self, log: MemoryLog, handler: Handler, **options: float) -> None:
+        self.source = MemorySource(log)
+        self.sink = MemorySink(log)
+        opts: dict[str, float] = {
+            "max_in_flight": 8,
+            "max_buffered": 100,
+            "shutdown_grace_s": 1.0,
+            "revoke_grace_s": 0.5,
+            "commit_timeout_s": 1.0,
+            "retry_initial_s": 0.01,
+            "retry_max_s": 0.05,
+        }
+        opts.update(options)
+        self.pipeline = Pipeline(
+            self.source,
+            self.sink,
+            handler,
+            max_in_flight=int(opts.pop("max_in_flight")),
+            max_buffered=int(opts.pop("max_buffered")),
+            **opts,
+        )
+        self.task: asyncio.Task[RunReport] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.pipeline.run())
+
+    def assign(self, parts: Sequence[Partition]) -> None:
+        self.source.assign(parts)
+        self.pipeline.on_assigned(parts)
+
+    async def revoke(self, parts: Sequence[Partition]) -> None:
+        await self.pipeline.on_revoked(parts)
+        self.source.assignment -= set(parts)
+
+    async def stop(self) -> RunReport:
+        self.pipeline.stop()
+        assert self.task is not None
+        return await asyncio.wait_for(self.task, 10)
+
+
+@contextlib.asynccontextmanager
+async def member(log: MemoryLog, handler: Handler, **options: float) -> AsyncIterator[Member]:
+    m = Member(log, handler, **options)
+    m.start()
+    try:
+        yield m
+    finally:
+        if m.task is not None and not m.task.done():
+            await m.stop()
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+def fill(log: MemoryLog, part: Partition, count: int, keys: Sequence[bytes | None]) -> None:
+    for i in range(count):
+        log.append(part, keys[i % len(keys)], b"{}")
+
+
+def flushed(log: MemoryLog) -> Callable[[], bool]:
+    return lambda: all(log.committed.get(p) == len(r) for p, r in log.records.items())
+
+
+async def test_every_record_once_in_key_order() -> None:
+    log = MemoryLog()
+    for part in (P0, P1, P2):
+        fill(log, part, 200, [b"a", b"b", b"c", None])
+    handler = Handler(delay_s=0.001)
+    async with member(log, handler, max_in_flight=16) as m:
+        m.assign([P0, P1, P2])
+        await until(flushed(log))
+        report = await m.stop()
+    assert report == RunReport(600, 0, 0)
+    assert not handler.overlap  # one record per key at a time
+    assert handler.max_running > 4  # but keys run concurrently
+    for part in (P0, P1, P2):
+        for key in (b"a", b"b", b"c", None):
+            seq = [r.offset for r in handler.started if r.partition == part[1] and r.key == key]
+            assert seq == sorted(seq)
+    assert_exactly_once(log, m.sink)
+
+
+async def test_hot_key_holds_one_slot_and_pauses_only_its_partition() -> None:
+    log = MemoryLog()
+    fill(log, P0, 1000, [b"hot"])
+    handler = Handler()
+    handler.hold[b"hot"] = asyncio.Event()
+    async with member(log, handler, max_in_flight=4, max_buffered=100) as m:
+        m.assign([P0, P1])
+        await until(lambda: P0 in m.source.paused)
+        fill(log, P1, 30, [b"x", b"y", b"z"])
+        log.append(P0, b"hot", b"{}")
+        await until(lambda: log.committed.get(P1) == 30, timeout_s=2)
+        in_hand = len([r for r in handler.started if r.partition == 0])
+        assert in_hand == 1  # the hot key runs one record at a time, holding one slot
+        assert m.source.positions[P0] <= 100 + m.source.batch  # bounded: the rest stays in Kafka
+        handler.hold[b"hot"].set()
+        await until(flushed(log), timeout_s=20)
+    assert_exactly_once(log, m.sink)
+
+
+async def test_busy_key_does_not_starve_other_keys_of_its_partition() -> None:
+    log = MemoryLog()
+    for i in range(300):
+        log.append(P0, b"hot" if i < 290 else f"k{i}".encode(), b"{}")
+    handler = Handler()
+    handler.hold[b"hot"] = asyncio.Event()
+    async with member(log, handler, max_in_flight=2, max_buffered=1000) as m:
+        m.assign([P0])
+        await until(
+            lambda: {r.key for r in handler.started} >= {f"k{i}".encode() for i in range(290, 300)}
+        )
+        handler.hold[b"hot"].set()
+        await until(flushed(log))
+    assert_exactly_once(log, m.sink)
+
+
+async def test_partition_moved_away_mid_batch_is_answered_once_by_its_new_owner() -> None:
+    log = MemoryLog()
+    for part in (P0, P1):
+        fill(log, part, 300, [b"a", b"b", b"c"])
+    slow = Handler(delay_s=0.002)
+    async with member(log, slow, max_in_flight=4) as first:
+        first.assign([P0, P1])
+        await until(lambda: log.committed.get(P1, 0) > 20)
+        await first.revoke([P1])
+        started_at_revoke = len([r for r in slow.started if r.partition == 1])
+        committed_at_revoke = log.committed.get(P1, 0)
+        published_p1 = [o for p, o in origins(first.sink) if p == 1]
+        assert published_p1 == list(range(committed_at_revoke))  # flushed prefix only
+        assert P1 not in first.sink.owned
+        async with member(log, Handler()) as second:
+            second.assign([P1])
+            await until(flushed(log))
+            await asyncio.sleep(0.05)  # nothing more of P1 may start on the first member
+            assert len([r for r in slow.started if r.partition == 1]) == started_at_revoke
+    assert_exactly_once(log, first.sink, second.sink)
+
+
+async def test_same_partition_back_is_processed_from_its_committed_position() -> None:
+    log = MemoryLog()
+    fill(log, P0, 400, [b"a", b"b"])
+    handler = Handler(delay_s=0.001)
+    async with member(log, handler, max_in_flight=4) as m:
+        m.assign([P0])
+        await until(lambda: log.committed.get(P0, 0) > 30)
+        await m.revoke([P0])
+        m.assign([P0])  # a rebalance that gives the same partition back
+        await until(flushed(log))
+    assert_exactly_once(log, m.sink)
+
+
+async def test_records_fetched_before_the_assignment_callback_are_not_run_twice() -> None:
+    log = MemoryLog()
+    fill(log, P0, 50, [b"a"])
+    handler = Handler()
+    async with member(log, handler) as m:
+        m.source.assign([P0])  # the consumer has the partition; the callback is late
+        await until(lambda: m.source.positions[P0] == 50)
+        await asyncio.sleep(0.02)
+        assert handler.started == []  # nothing runs before the sink owns the partition
+        m.pipeline.on_assigned([P0])
+        await until(flushed(log))
+    assert_exactly_once(log, m.sink)
+
+
+async def test_revocation_cancels_what_cannot_finish_within_its_bound() -> None:
+    log = MemoryLog()
+    fill(log, P0, 10, [b"a", b"stuck"])
+    handler = Handler()
+    handler.stuck.add(b"stuck")
+    before = metrics.ABANDONED._value.get()
+    async with member(log, handler, revoke_grace_s=0.2, commit_timeout_s=0.2) as first:
+        first.assign([P0])
+        await until(lambda: any(r.key == b"stuck" for r in handler.started))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await first.revoke([P0])
+        assert time.monotonic() - t0 < 1.0  # well inside any session timeout
+    assert metrics.ABANDONED._value.get() == before + 1
+    assert log.committed[P0] == 1  # offset 0 (key a) done; offset 1 (stuck) was cancelled
+    handler.stuck.clear()
+    async with member(log, handler) as second:
+        second.assign([P0])
+        await until(flushed(log))
+    assert_exactly_once(log, first.sink, second.sink)
+
+
+async def test_shutdown_cancels_stuck_work_and_reports_it() -> None:
+    log = MemoryLog()
+    fill(log, P0, 6, [b"a", b"stuck"])
+    handler = Handler()
+    handler.stuck.add(b"stuck")
+    m = Member(log, handler, shutdown_grace_s=0.2)
+    m.start()
+    m.assign([P0])
+    await until(lambda: any(r.key == b"stuck" for r in handler.started))
+    await until(lambda: log.committed.get(P0) == 1)
+    t0 = time.monotonic()
+    report = await m.stop()
+    assert time.monotonic() - t0 < 1.5
+    assert report.abandoned == 1
+    assert log.committed[P0] == 1  # nothing past the abandoned record
+
+
+async def test_broker_outage_is_ridden_out_and_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    log = MemoryLog()
+    fill(log, P0, 50, [b"a", b"b"])
+    handler = Handler()
+    caplog.set_level(logging.WARNING, logger="worker.pipeline")
+    async with member(log, handler) as m:
+        m.sink.fail = True
+        m.assign([P0])
+        await asyncio.sleep(0.05)
+        assert handler.started == []  # not taken over: nothing may run
+        m.sink.fail = False
+        await until(lambda: P0 in m.sink.owned)
+        m.sink.fail = True
+        await until(lambda: len(handler.started) == 50)
+        await until(lambda: m.sink.flushes > 5)
+        assert metrics.KAFKA_REACHABLE._value.get() == 0
+        assert log.committed.get(P0) is None
+        m.sink.fail = False
+        await until(flushed(log))
+        assert metrics.KAFKA_REACHABLE._value.get() == 1
+    unreachable = [r for r in caplog.records if "Kafka unreachable" in r.getMessage()]
+    assert len(unreachable) == 1
+    takeover = [r for r in caplog.records if "taking over" in r.getMessage()]
+    assert len(takeover) == 1
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+    assert_exactly_once(log, m.sink)
+
+
+async def test_outage_backpressure_stops_fetching_a_full_partition() -> None:
+    log = MemoryLog()
+    fill(log, P0, 500, [b"a", b"b", b"c"])
+    async with member(log, Handler(), max_buffered=60) as m:
+        m.assign([P0])
+        await until(lambda: log.committed.get(P0, 0) > 0)
+        m.sink.fail = True
+        await until(lambda: P0 in m.source.paused)
+        position = m.source.positions[P0]
+        await asyncio.sleep(0.1)
+        assert m.source.positions[P0] == position  # nothing more is read while it is full
+        m.sink.fail = False
+        await until(flushed(log))
+    assert_exactly_once(log, m.sink)
+
+
+async def test_fenced_partition_publishes_nothing_more() -> None:
+    log = MemoryLog()
+    fill(log, P0, 100, [b"a"])
+    fill(log, P1, 100, [b"a"])
+    handler = Handler(delay_s=0.001)
+    async with member(log, handler) as zombie:
+        zombie.assign([P0, P1])
+        await until(lambda: log.committed.get(P0, 0) > 10)
+        zombie.sink.fenced.add(P0)  # another member took P0 over
+        committed = log.committed[P0]
+        await until(lambda: log.committed.get(P1) == 100)
+        log.append(P0, b"a", b"{}")
+        await asyncio.sleep(0.05)
+        assert log.committed[P0] == committed
+        assert all(p != 0 or o < committed for p, o in origins(zombie.sink))
+    async with member(log, Handler()) as owner:
+        owner.assign([P0])
+        await until(flushed(log))
+    assert_exactly_once(log, zombie.sink, owner.sink)
+
+
+async def test_rebalance_storm_with_three_members_keeps_exactly_once() -> None:
+    log = MemoryLog()
+    parts = [("cmd", i) for i in range(6)]
+    for part in parts:
+        fill(log, part, 150, [b"a", b"b", b"c", b"d"])
+    members = [Member(log, Handler(delay_s=0.001), max_in_flight=4) for _ in range(3)]
+    for m in members:
+        m.start()
+    plans = [
+        [parts[:3], parts[3:], []],
+        [parts[:2], parts[2:4], parts[4:]],
+        [parts[::2], parts[1::2], []],
+        [parts, [], []],
+    ]
+    for plan in plans:
+        await asyncio.sleep(0.03)
+        await asyncio.gather(*(m.revoke(list(m.source.assignment)) for m in members))
+        for m, owned in zip(members, plan, strict=True):
+            m.assign(owned)
+    await until(flushed(log), timeout_s=20)
+    for m in members:
+        await m.stop()
+    assert_exactly_once(log, *(m.sink for m in members))
