@@ -21,6 +21,7 @@ from worker.errors import (
     classify,
     taxonomy_markdown,
 )
+from worker.executor import Gone, decide_gone
 from worker.offsets import OffsetTracker, PartitionOffsets
 from worker.routes import Route, choose_route, plan_cancel
 from worker.settings import SettingsError, load_settings
@@ -190,6 +191,43 @@ def test_readme_taxonomy_table_matches_the_code() -> None:
     assert len(TAXONOMY) == len(
         re.findall(r"^\| .+ \| (retryable|terminal|ambiguous) \|", readme, re.MULTILINE)
     )
+
+
+# -- decision after a refused or unanswered cancel --------------------------------------------
+
+ISSUED = 1_800_000_000_000
+OURS, CLOSED, OPEN = Gone.CANCELED_BY_COMMAND, Gone.ALREADY_CLOSED, Gone.STILL_OPEN
+
+
+@pytest.mark.parametrize(
+    ("status", "cancel_time", "maybe_landed", "expected"),
+    [
+        # Canceled after the risk engine decided: an earlier delivery of this command did it.
+        ("CANCELED", ISSUED + 250, False, OURS),
+        ("CANCELED", ISSUED, False, OURS),  # at issued_at counts as after
+        # Canceled before this command existed: it canceled nothing.
+        ("CANCELED", ISSUED - 1, False, CLOSED),
+        ("CANCELED", None, False, CLOSED),  # cancel time unknown, nothing of ours landed
+        # An attempt of this execution may have landed: the cancel is ours, whatever the time.
+        ("CANCELED", ISSUED - 60_000, True, OURS),
+        ("CANCELED", None, True, OURS),
+        ("CANCELED", ISSUED + 1, True, OURS),
+        # Closed otherwise: never claimed as a cancel, whatever the times.
+        ("TRIGGERED", ISSUED + 1, True, CLOSED),
+        ("TRIGGERING", ISSUED + 1, False, CLOSED),
+        ("FINISHED", ISSUED + 1, True, CLOSED),
+        ("EXPIRED", ISSUED + 1, False, CLOSED),
+        ("EXPIRED", None, True, CLOSED),
+        ("REJECTED", ISSUED - 1, False, CLOSED),
+        # Still open: not gone at all.
+        ("NEW", ISSUED + 1, True, OPEN),
+        ("NEW", None, False, OPEN),
+    ],
+)
+def test_decide_gone(
+    status: str, cancel_time: int | None, maybe_landed: bool, expected: Gone
+) -> None:
+    assert decide_gone(status, cancel_time, ISSUED, maybe_landed) is expected
 
 
 # -- settings -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ The simulator runs in this event loop (uvicorn on 127.0.0.1); requests are real.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from worker.papi import PapiClient
 from worker.routes import Route
 from worker.signing import HmacSigner, append_signature, encode_params
 from worker.sim.app import Fault, SimConfig, SimState, seed_order
+from worker.sim.faults import Profile
 from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
 
@@ -241,6 +243,7 @@ async def test_gone_orders_report_their_real_status(rig: Rig) -> None:
     assert out.reason is FailureReason.ALREADY_CLOSED and out.order_status == "EXPIRED"
 
     canceled_before = rig.seed(kind="algo", status="CANCELED")
+    rig.state.book.algo[canceled_before["algo_id"]].update_time -= 60_000  # a minute ago
     out = await rig.executor.execute(cmd(algo_id=canceled_before["algo_id"]), now_ms())
     assert not out.canceled  # this command canceled nothing: the order was already closed
     assert out.reason is FailureReason.ALREADY_CLOSED and out.order_status == "CANCELED"
@@ -248,6 +251,124 @@ async def test_gone_orders_report_their_real_status(rig: Rig) -> None:
     out = await rig.executor.execute(cmd(symbol="BTCUSDT", strategy_id=987654321), now_ms())
     assert out.reason is FailureReason.NOT_FOUND
     assert out.attempts == 3  # cancel, openOrder, orderHistory
+
+
+def _answer_code(request: dict[str, Any]) -> int | None:
+    code = request.get("code") or (request.get("fault") or {}).get("code")
+    return int(code) if code is not None else None
+
+
+def _command_for(order: dict[str, Any], **fields: Any) -> Command:
+    if order["kind"] == "algo":
+        return cmd(algo_id=order["algo_id"], **fields)
+    return cmd(
+        market=Market(order["market"]),
+        symbol=order["symbol"],
+        client_strategy_id=order["client_strategy_id"],
+        **fields,
+    )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"market": "UM", "symbol": "BTCUSDT"},
+        {"market": "CM", "symbol": "BTCUSD_PERP"},
+        {"kind": "algo"},
+    ],
+    ids=["um_conditional", "cm_conditional", "um_algo"],
+)
+async def test_redelivered_command_gets_the_same_answer(rig: Rig, spec: dict[str, Any]) -> None:
+    order = rig.seed(**spec)
+    command = _command_for(order)
+    first = await rig.executor.execute(command, now_ms())
+    assert first.canceled and first.confirmed_by == "cancel"
+
+    again = await rig.executor.execute(command, now_ms())  # a crash, a rebalance, a replay
+    assert again.canceled and again.confirmed_by == "query"
+    assert again.route is first.route and again.reason is None
+    assert again.strategy is not None and again.strategy["status"] == "CANCELED"
+    (cancel,) = rig.state.book.cancels  # the exchange canceled once
+    assert again.strategy["update_time"] == cancel.at >= command.issued_at
+    key = "algo_id" if order["kind"] == "algo" else "strategy_id"
+    assert again.strategy[key] == order[key]
+
+
+async def test_order_canceled_before_the_command_was_issued_is_already_closed(rig: Rig) -> None:
+    order = rig.seed(market="UM", symbol="ETHUSDT")
+    earlier = await rig.executor.execute(
+        cmd(command_id="c-earlier", symbol="ETHUSDT", strategy_id=order["strategy_id"]), now_ms()
+    )
+    assert earlier.canceled
+    (cancel,) = rig.state.book.cancels
+
+    # Another command, decided after the order was already canceled: it canceled nothing.
+    later = cmd(
+        command_id="c-later",
+        symbol="ETHUSDT",
+        strategy_id=order["strategy_id"],
+        issued_at=cancel.at + 1,
+    )
+    out = await rig.executor.execute(later, now_ms())
+    assert not out.canceled
+    assert out.reason is FailureReason.ALREADY_CLOSED and out.order_status == "CANCELED"
+    assert out.exchange is not None and out.exchange.code == -2011
+    assert str(cancel.at) in out.detail and "before this command was issued" in out.detail
+
+    # Issued in the very millisecond of the cancel: at issued_at counts as this command's.
+    same_ms = cmd(
+        command_id="c-same-ms",
+        symbol="ETHUSDT",
+        strategy_id=order["strategy_id"],
+        issued_at=cancel.at,
+    )
+    out = await rig.executor.execute(same_ms, now_ms())
+    assert out.canceled and out.confirmed_by == "query"
+    assert len(rig.state.book.cancels) == 1
+
+
+@pytest.mark.parametrize(
+    "ambiguous",
+    [
+        Fault(400, -1007, "Timeout waiting for response from backend server."),
+        Fault(kind="reset"),
+        Fault(503, None, "held past the client's timeout", kind="timeout", delay_ms=2_300),
+    ],
+    ids=["-1007", "reset", "timeout"],
+)
+async def test_gone_after_an_ambiguous_attempt_is_this_commands_cancel(
+    rig: Rig, ambiguous: Fault
+) -> None:
+    """Attempt 1 goes unanswered but stays queued at the exchange; the query still sees the
+    order open; by the time the second cancel arrives the first has landed: -2011."""
+    order = rig.seed(market="UM", symbol="BTCUSDT")
+    rig.state.faults.append(ambiguous)  # the first signed request: the first cancel
+    # Every later cancel: the queued first cancel lands just before it, so it is refused.
+    landed = Fault(400, -2011, "Unknown order sent.", apply=True)
+    rig.state.injector.reset(Profile(((1.0, landed),)), seed=0)
+    # The risk engine's clock runs a minute ahead of the exchange's: by the cancel time
+    # alone the order was canceled before this command; only attempt 1 tells otherwise.
+    command = cmd(symbol="BTCUSDT", strategy_id=order["strategy_id"], issued_at=now_ms() + 60_000)
+
+    out = await rig.executor.execute(command, now_ms())
+
+    assert out.canceled and out.confirmed_by == "query", out
+    assert out.strategy is not None and out.strategy["strategy_id"] == order["strategy_id"]
+    assert out.strategy["status"] == "CANCELED"
+    # A held request is logged only when the simulator lets it go; then read arrival order.
+    for _ in range(200):
+        if len(rig.state.requests) >= 5:
+            break
+        await asyncio.sleep(0.01)
+    arrivals = sorted(rig.state.requests, key=lambda r: (r["at"], r["seq"]))
+    assert [(r["method"], r["path"].rsplit("/", 1)[1], _answer_code(r)) for r in arrivals] == [
+        ("DELETE", "order", ambiguous.code),  # no answer the worker could trust
+        ("GET", "openOrder", None),  # still NEW: cancel again
+        ("DELETE", "order", -2011),  # the first cancel landed just before
+        ("GET", "openOrder", -2013),
+        ("GET", "orderHistory", None),  # CANCELED
+    ]
+    assert [c.order_id for c in rig.state.book.cancels] == [order["strategy_id"]]
 
 
 async def test_terminal_and_retryable_answers(rig: Rig) -> None:

@@ -5,13 +5,30 @@ Decisions come from the :mod:`worker.errors` taxonomy:
 * **retryable** — sent again with backoff and jitter (fresh timestamp and signature each
   time), until ``max_attempts`` or until the next attempt would start past the deadline;
 * **terminal** — reported as it is, except -1021 (the clock is re-synced and the cancel
-  re-signed and sent once more) and -2011/-2013 (the order's status is queried: the order
-  was already CANCELED/TRIGGERED/FINISHED/EXPIRED → ``already_closed`` with that status,
-  otherwise ``not_found``);
+  re-signed and sent once more) and -2011/-2013 (the order's status is queried: no such
+  order → ``not_found``; listed as open → ``rejected``; closed → :func:`decide_gone`);
 * **ambiguous** — the cancel may have happened, so nothing is sent blindly: the order's
   status is queried (conditional ``openOrder`` then ``orderHistory``; algo ``algoOrder``).
-  CANCELED → ``strategy.canceled`` (``confirmed_by: query``); closed otherwise →
-  ``already_closed``; still NEW → cancel again; nothing learned in time → ``outcome_unknown``.
+  Still NEW → cancel again; closed → :func:`decide_gone`; nothing learned in time →
+  ``outcome_unknown``.
+
+Decisions on an order found closed (:func:`decide_gone`, pure). Contract: a command
+processed again (after a crash, a rebalance, a replay) ends with the answer it would have
+had once.
+
+* CANCELED, and an attempt of *this* execution may have reached the exchange (an ambiguous
+  answer: timeout or reset after the write, an ambiguous 5XX, -1006/-1007) →
+  ``strategy.canceled``, ``confirmed_by: query``, the strategy as the query returned it;
+* CANCELED at or after the command's ``issued_at`` (cancel time = the order's
+  ``updateTime``, conditional and algo alike): canceled after the risk engine decided, most
+  likely by an earlier delivery of this command → the same ``strategy.canceled``;
+* CANCELED before ``issued_at``, or with no readable cancel time while nothing of this
+  execution can have landed → ``already_closed`` with ``order_status: CANCELED`` (this
+  command canceled nothing);
+* TRIGGERED, TRIGGERING, FINISHED, EXPIRED, REJECTED → ``already_closed`` with that status.
+
+Cancel time (exchange clock) and ``issued_at`` (the producer's clock) are compared as they
+are; a skew between the two clocks moves the boundary by that much.
 
 Deadlines: the command's ``expires_at`` forbids any send after it and caps ``recvWindow``
 (the exchange itself then refuses a late arrival); retries stop at the retry deadline
@@ -100,6 +117,30 @@ class _StopBeforeDeadline(stop_base):
         return self._clock() + int(retry_state.upcoming_sleep * 1000) >= self._deadline_ms
 
 
+class Gone(enum.Enum):
+    """What an order's status, learned after a cancel was refused or went unanswered, means."""
+
+    CANCELED_BY_COMMAND = "canceled_by_command"  # this command's cancel (any delivery of it)
+    ALREADY_CLOSED = "already_closed"  # closed before this command, or not by a cancel
+    STILL_OPEN = "still_open"
+
+
+def decide_gone(status: str, cancel_time: int | None, issued_at: int, maybe_landed: bool) -> Gone:
+    """Decide whose doing a closed order is (the contract is in the module docstring).
+
+    ``cancel_time`` is the order's ``updateTime`` (None when unreadable), ``issued_at`` the
+    command's, and ``maybe_landed`` whether an attempt of this execution may have reached the
+    exchange (an ambiguous answer). Only CANCELED can be this command's doing.
+    """
+    if status == "NEW":
+        return Gone.STILL_OPEN
+    if status != "CANCELED":
+        return Gone.ALREADY_CLOSED
+    if maybe_landed or (cancel_time is not None and cancel_time >= issued_at):
+        return Gone.CANCELED_BY_COMMAND
+    return Gone.ALREADY_CLOSED
+
+
 class Finding(enum.Enum):
     UNKNOWN = "unknown"
     NOT_FOUND = "not_found"
@@ -118,6 +159,7 @@ class _Job:
     attempts: int = 0
     resynced: bool = False
     last_error: PapiError | None = None
+    maybe_landed: bool = False  # a cancel of this execution got an ambiguous answer
 
 
 def _failed(job: _Job, reason: FailureReason, *, detail: str, **extra: Any) -> Outcome:
@@ -283,6 +325,8 @@ class CancelExecutor:
             raise
         except PapiError as exc:
             job.last_error = exc
+            if is_order and exc.ambiguous:
+                job.maybe_landed = True
             metrics.HTTP_REQUESTS.labels(request.route.value, exc.disposition.value).inc()
             raise
         metrics.HTTP_REQUESTS.labels(request.route.value, "ok").inc()
@@ -367,7 +411,14 @@ class CancelExecutor:
                 exchange=reply,
                 detail="the order's status answer could not be read",
             )
-        if status == "NEW":
+        strategy = self._strategy(job, body)
+        verdict = decide_gone(
+            status,
+            strategy["update_time"],
+            job.command.issued_at,
+            job.maybe_landed or cause.ambiguous,
+        )
+        if verdict is Gone.STILL_OPEN:
             if gone:  # the exchange refused the cancel yet lists the order as open
                 return _failed(
                     job,
@@ -382,20 +433,39 @@ class CancelExecutor:
                 cause,
             )
             return None
-        if status == "CANCELED" and not gone:
+        if verdict is Gone.CANCELED_BY_COMMAND:
+            if gone:
+                log.info(
+                    "command_id=%s: %s, but the order was canceled by this command "
+                    "(update_time=%s, issued_at=%d, maybe_landed=%s)",
+                    job.command.command_id,
+                    cause,
+                    strategy["update_time"],
+                    job.command.issued_at,
+                    job.maybe_landed,
+                )
             return Outcome(
                 True,
                 job.attempts,
                 route=job.route,
                 confirmed_by="query",
-                strategy=self._strategy(job, body),
+                strategy=strategy,
+            )
+        detail = f"the order was already {status} ({cause})"
+        if status == "CANCELED":
+            when = strategy["update_time"]
+            detail += (
+                f"; canceled at {when}, before this command was issued at {job.command.issued_at}"
+                if when is not None
+                else "; its cancel time is unknown and no cancel of this command can have "
+                "reached the exchange"
             )
         return _failed(
             job,
             FailureReason.ALREADY_CLOSED,
             exchange=reply,
             order_status=status,
-            detail=f"the order was already {status} ({cause})",
+            detail=detail,
         )
 
     # -- decisions ------------------------------------------------------------------------------
