@@ -206,6 +206,8 @@ def worker_settings(
         "accounts_file": accounts_file,
         "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 1000,
+        "revoke_grace_s": 1.0,
+        "commit_timeout_s": 1.5,
     }
     base.update(overrides)
     return dataclasses.replace(Settings(), **base).check()

@@ -145,9 +145,7 @@ async def test_sigkill_mid_stream_then_restart_every_command_gets_a_result(
         command(s["account"], o, command_id=f"kill-{i:04d}")
         for i, (s, o) in enumerate(zip(specs, orders, strict=True))
     ]
-    settings = worker_settings(
-        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=8
-    )
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=8)
     env = worker_env(settings)
 
     async def feed() -> None:

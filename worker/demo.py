@@ -189,6 +189,7 @@ async def collect(bootstrap: str, expected: int, timeout_s: float) -> list[dict[
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
+        isolation_level="read_committed",  # results are written in transactions
     )
     await consumer.start()
     events: list[dict[str, Any]] = []
@@ -261,7 +262,11 @@ def demo_env(broker: Broker, sim_url: str, accounts: Path) -> dict[str, str]:
         "CANCEL_WORKER_COMMANDS_TOPIC": TOPICS["commands"],
         "CANCEL_WORKER_RESULTS_TOPIC": TOPICS["results"],
         "CANCEL_WORKER_DEADLETTER_TOPIC": TOPICS["deadletter"],
+        # A short session so the demo's group forms fast; revocation fits well inside it.
         "CANCEL_WORKER_SESSION_TIMEOUT_MS": "6000",
+        "CANCEL_WORKER_HEARTBEAT_INTERVAL_MS": "1000",
+        "CANCEL_WORKER_REVOKE_GRACE_S": "1",
+        "CANCEL_WORKER_COMMIT_TIMEOUT_S": "1.5",
     }
 
 

@@ -99,13 +99,13 @@ class ConsumerSource:
         positions: dict[TopicPartition, int | None] = {}
         for tp in map(_tp, parts):
             positions[tp] = await self._consumer.committed(tp)
+        never = [tp for tp, offset in positions.items() if offset is None]
+        if never:  # nothing committed yet: from the beginning (auto_offset_reset=earliest)
+            positions.update(await self._consumer.beginning_offsets(never))
         owned = self._consumer.assignment()
-        for tp, offset in positions.items():  # no await here: the seeks land together
-            if tp not in owned:
-                continue
-            if offset is None:
-                self._consumer.seek_to_beginning(tp)
-            else:
+        # No await from here on: the caller drops what was read before, atomically.
+        for tp, offset in positions.items():
+            if tp in owned and offset is not None:
                 self._consumer.seek(tp, offset)
 
 
