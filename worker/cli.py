@@ -1,4 +1,4 @@
-"""``cancel-worker``: run | sim | send | demo | check.
+"""``cancel-worker``: run | sim | send | replay | demo | check.
 
 Only this module configures logging handlers.
 """
@@ -205,6 +205,91 @@ def send(config: Path | None, payload: str | None, key: str | None, **fields: An
         key = f"{obj.get('account', '')}:{obj.get('symbol') or obj.get('market', '')}"
     where = asyncio.run(publish(settings, key.encode() if key else None, value))
     click.echo(f"sent to {where}: {value.decode(errors='replace')}")
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--from-topic",
+    type=click.Choice(["commands", "deadletter"]),
+    default="commands",
+    show_default=True,
+    help="Read the commands topic or the dead-letter topic (always publish to commands).",
+)
+@click.option("--partition", type=int, help="Only this partition (default: all).")
+@click.option("--start-offset", type=int, help="First offset (needs --partition).")
+@click.option("--end-offset", type=int, help="Stop before this offset (exclusive).")
+@click.option("--since", help="First record time: ms since the epoch or ISO-8601 (UTC if naive).")
+@click.option("--until", help="Stop at records from this time on (exclusive); same formats.")
+@click.option(
+    "--skip-processed",
+    is_flag=True,
+    help="Skip command ids that already have a final result on the results topic.",
+)
+@click.option(
+    "--restamp",
+    is_flag=True,
+    help="Set issued_at to now and move expires_at (if any) by as much.",
+)
+@click.option("--expires-in-ms", type=int, help="Set expires_at to now plus this.")
+@click.option("--dry-run", is_flag=True, help="Print one line per record; send nothing.")
+def replay(
+    config: Path | None,
+    from_topic: str,
+    partition: int | None,
+    start_offset: int | None,
+    end_offset: int | None,
+    since: str | None,
+    until: str | None,
+    skip_processed: bool,
+    restamp: bool,
+    expires_in_ms: int | None,
+    dry_run: bool,
+) -> None:
+    """Publish a range of commands (or dead letters) to the commands topic again.
+
+    Bounded by the end offsets found at start; every publish is acknowledged before the
+    summary line. Exit codes: 0 done, 1 Kafka failed (the message says how many records
+    were published), 2 bad arguments.
+    """
+    from worker.replay import (  # noqa: PLC0415
+        ConsoleReport,
+        ReplayArgumentError,
+        ReplayError,
+        ReplayRequest,
+        parse_time,
+    )
+    from worker.replay import replay as run_replay  # noqa: PLC0415
+
+    settings = _settings(config)
+    configure_logging(settings.log_level, settings.log_format)
+    times: dict[str, int | None] = {}
+    for name, text in (("since", since), ("until", until)):
+        try:
+            times[name] = None if text is None else parse_time(text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"--{name}") from exc
+    request = ReplayRequest(
+        from_topic=from_topic,
+        partition=partition,
+        start_offset=start_offset,
+        end_offset=end_offset,
+        since_ms=times["since"],
+        until_ms=times["until"],
+        skip_processed=skip_processed,
+        restamp=restamp,
+        expires_in_ms=expires_in_ms,
+        dry_run=dry_run,
+    )
+    try:
+        summary = asyncio.run(
+            run_replay(settings, request.check(), observer=ConsoleReport(dry_run=dry_run))
+        )
+    except ReplayArgumentError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(summary.line())
 
 
 @cli.command()

@@ -1,0 +1,650 @@
+"""Re-publishing commands after an incident (``cancel-worker replay``).
+
+A replay reads a bounded range of the commands topic or of the dead-letter topic and
+publishes each record again, to the commands topic, for the worker to process once more.
+
+Contracts:
+
+* **Bounded.** The end offsets of the source partitions are captured when the replay starts
+  (``read_committed``: the last stable offsets); nothing at or past them is read, so a
+  replay always ends, even while producers keep writing.
+* **Faithful copies.** A replayed record keeps its key and its headers (for a dead-letter
+  record that includes ``x-source-topic``/``x-source-partition``/``x-source-offset`` and
+  ``x-error``) and gains ``x-replayed-from: <topic>:<partition>:<offset>`` and
+  ``x-replayed-at: <ms>``. A record replayed before keeps its earlier ``x-replayed-*``
+  headers too; the last one is this replay's. The value is sent byte for byte, unless it
+  is re-stamped. The key chooses the target partition (the producer's partitioner), so a
+  key's records stay together with the commands producers send for that key.
+* **Never lost, never guessed.** The producer is idempotent with ``acks=all`` and every
+  send is acknowledged before the replay reports it as published.
+* **Skip what is done.** With ``skip_processed`` a command whose ``command_id`` already has
+  a final result (:data:`FINAL_RESULT_TYPES`) on the results topic is not published, and a
+  ``command_id`` is published at most once per replay. The results are read once, when the
+  replay starts: run it while the worker is caught up on the range (or stopped), or a
+  result still on its way is not seen.
+* **Anything else goes back as it was.** A record whose value is not a JSON object with a
+  string ``command_id`` (poison) is published unchanged, also when re-stamping was asked
+  (it is then counted as not re-stamped); the worker refuses it again, as it should.
+
+Re-stamping (``restamp``) sets ``issued_at`` to now and moves ``expires_at``, when present,
+by the same amount; ``expires_in_ms`` sets ``expires_at`` to now plus that. Re-stamp only
+commands that never reached the exchange (expired ones, say): the executor compares an
+order's cancel time with ``issued_at``, so a re-stamped command whose order an earlier
+delivery did cancel reports ``already_closed`` instead of ``strategy.canceled``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import click
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from worker.kafka_io import MAX_RECORD_BYTES, make_producer
+from worker.settings import Settings
+from worker.timeutil import now_ms
+
+log = logging.getLogger(__name__)
+
+FINAL_RESULT_TYPES = frozenset({"strategy.canceled", "cancel.failed", "strategies.canceled"})
+"""Result types that close a command. ``cancel.duplicate`` is not one of them."""
+
+SOURCES = ("commands", "deadletter")
+REPLAYED_FROM = "x-replayed-from"
+REPLAYED_AT = "x-replayed-at"
+ACK_BATCH = 500  # sends in flight before waiting for their acks
+STALL_TIMEOUT_S = 60.0  # a partition that stops advancing this long ends the replay in error
+
+Headers = list[tuple[str, bytes | None]]
+
+
+class ReplayArgumentError(ValueError):
+    """The replay cannot be served as asked (bad range, unknown topic or partition)."""
+
+
+class ReplayError(RuntimeError):
+    """Kafka failed during a replay; the message says how many records were published."""
+
+
+def parse_time(text: str) -> int:
+    """Milliseconds since the epoch from ``text``: digits (already ms) or ISO-8601.
+
+    An ISO-8601 time without an offset is taken as UTC. Raises :class:`ValueError`."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text[:40]!r} is neither milliseconds since the epoch nor an ISO-8601 time"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    ms = int(when.timestamp() * 1000)
+    if ms < 0:
+        raise ValueError(f"{text[:40]!r} is before the epoch")
+    return ms
+
+
+@dataclass(frozen=True)
+class ReplayRequest:
+    """What to replay. Offsets are per partition (so they need ``partition``); the end
+    offset and ``until_ms`` are exclusive. Give offsets or times, not both; neither means
+    everything up to the end offsets captured at start."""
+
+    from_topic: str = "commands"
+    partition: int | None = None
+    start_offset: int | None = None
+    end_offset: int | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    skip_processed: bool = False
+    restamp: bool = False
+    expires_in_ms: int | None = None
+    dry_run: bool = False
+
+    def check(self) -> ReplayRequest:
+        """Raise :class:`ReplayArgumentError` for a request no broker state can make valid."""
+        if self.from_topic not in SOURCES:
+            raise ReplayArgumentError(
+                f"unknown source {self.from_topic!r}: use {' or '.join(SOURCES)}"
+            )
+        by_offset = self.start_offset is not None or self.end_offset is not None
+        by_time = self.since_ms is not None or self.until_ms is not None
+        if by_offset and by_time:
+            raise ReplayArgumentError(
+                "give offsets (--start-offset/--end-offset) or times (--since/--until), not both"
+            )
+        if by_offset and self.partition is None:
+            raise ReplayArgumentError(
+                "offsets belong to one partition: give --partition with --start-offset/--end-offset"
+            )
+        for name in ("partition", "start_offset", "end_offset", "since_ms", "until_ms"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ReplayArgumentError(f"{name.replace('_', ' ')} must not be negative")
+        if (
+            self.start_offset is not None
+            and self.end_offset is not None
+            and self.end_offset < self.start_offset
+        ):
+            raise ReplayArgumentError(
+                f"end offset {self.end_offset} is before start offset {self.start_offset}"
+                " (the end offset is exclusive)"
+            )
+        if (
+            self.since_ms is not None
+            and self.until_ms is not None
+            and self.until_ms < self.since_ms
+        ):
+            raise ReplayArgumentError(
+                f"--until ({self.until_ms}) is before --since ({self.since_ms})"
+            )
+        if self.expires_in_ms is not None and self.expires_in_ms <= 0:
+            raise ReplayArgumentError("--expires-in-ms must be positive")
+        return self
+
+    @property
+    def restamping(self) -> bool:
+        return self.restamp or self.expires_in_ms is not None
+
+    def source_topic(self, settings: Settings) -> str:
+        return (
+            settings.deadletter_topic
+            if self.from_topic == "deadletter"
+            else settings.commands_topic
+        )
+
+
+@dataclass(frozen=True)
+class PlannedRecord:
+    """One source record and what the replay does (or, on a dry run, would do) with it."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    command_id: str | None
+    publish: bool
+    action: str  # "publish", "publish unchanged (not a command)", "skip: ..."
+
+    def describe(self) -> str:
+        key = "-" if self.key is None else self.key.decode("utf-8", "backslashreplace")[:80]
+        cid = self.command_id if self.command_id is not None else "-"
+        where = f"{self.topic}[{self.partition}]@{self.offset}"
+        return f"{where} key={key} command_id={cid}: {self.action}"
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay read and did. ``published`` counts acknowledged records (0 on a dry run);
+    ``selected`` counts the records that are (or on a dry run would be) published."""
+
+    source_topic: str
+    target_topic: str
+    ranges: dict[int, tuple[int, int]]  # partition -> [start, end) offsets
+    dry_run: bool
+    read: int = 0
+    selected: int = 0
+    published: int = 0
+    skipped_processed: int = 0
+    skipped_repeated: int = 0
+    not_commands: int = 0
+    restamped: int = 0
+    not_restamped: int = 0
+    planned: list[PlannedRecord] = field(default_factory=list)  # every record read: dry run only
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints last."""
+        counts = (
+            f"read {self.read}, "
+            + (f"would publish {self.selected}" if self.dry_run else f"published {self.published}")
+            + f", skipped as processed {self.skipped_processed}"
+            + f", skipped as repeated {self.skipped_repeated}"
+            + f", not a command (sent as is) {self.not_commands}"
+            + f", restamped {self.restamped}"
+        )
+        if self.not_restamped:
+            counts += f", not restamped {self.not_restamped}"
+        ranges = ", ".join(f"[{p}]@{s}..{e}" for p, (s, e) in sorted(self.ranges.items()))
+        head = "dry run (nothing sent)" if self.dry_run else "replayed"
+        return f"{head} {self.source_topic} {ranges or '(empty)'} -> {self.target_topic}: {counts}"
+
+
+class ReplayObserver(Protocol):
+    """Progress of a replay, for a console or a test."""
+
+    def started(self, total: int) -> None:
+        """The range holds at most ``total`` records (aborted ones and markers are not read)."""
+
+    def record(self, planned: PlannedRecord) -> None:
+        """One source record was read and dealt with."""
+
+    def finished(self) -> None:
+        """Every publish was acknowledged (or the replay failed)."""
+
+
+class ConsoleReport:
+    """Dry run: one line per record on stdout. Otherwise: a progress bar on stderr."""
+
+    def __init__(self, *, dry_run: bool) -> None:
+        self._dry_run = dry_run
+        self._stack = contextlib.ExitStack()
+        self._bar: Any = None
+
+    def started(self, total: int) -> None:
+        if not self._dry_run and total:
+            self._bar = self._stack.enter_context(
+                click.progressbar(length=total, label="replaying", file=sys.stderr)
+            )
+
+    def record(self, planned: PlannedRecord) -> None:
+        if self._dry_run:
+            click.echo(planned.describe())
+        elif self._bar is not None:
+            self._bar.update(1)
+
+    def finished(self) -> None:
+        self._stack.close()
+        self._bar = None
+
+
+def _consumer(bootstrap: str, client_id: str, request_timeout_ms: int) -> AIOKafkaConsumer:
+    # No group: nothing is committed, and the replay never joins the worker's group.
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        request_timeout_ms=request_timeout_ms,
+        max_partition_fetch_bytes=MAX_RECORD_BYTES,
+        fetch_max_bytes=4 * MAX_RECORD_BYTES,
+    )
+
+
+async def _topics(bootstrap: str, request_timeout_ms: int) -> dict[str, list[int]]:
+    """Every topic of the cluster and its partitions. Asks for all topics on purpose: asking
+    for one by name would create it on a broker that auto-creates topics."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="cancel-worker-replay-admin",
+        request_timeout_ms=request_timeout_ms,
+    )
+    try:
+        await admin.start()
+        described = await admin.describe_topics(None)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    return {
+        t["topic"]: sorted(p["partition"] for p in t["partitions"])
+        for t in described
+        if t["error_code"] == 0
+    }
+
+
+def _partitions(topics: Mapping[str, list[int]], topic: str) -> list[int]:
+    """The topic's partitions; :class:`ReplayArgumentError` when it does not exist."""
+    parts = topics.get(topic)
+    if not parts:
+        raise ReplayArgumentError(
+            f"topic {topic!r} does not exist (cancel-worker check --create-topics makes them)"
+        )
+    return parts
+
+
+async def _read_ranges(
+    consumer: AIOKafkaConsumer,
+    ranges: Mapping[TopicPartition, tuple[int, int]],
+    stall_timeout_s: float,
+) -> AsyncIterator[list[Any]]:
+    """Yield batches of records in ``[start, end)`` per partition, in offset order per
+    partition, until every partition's position reaches its end. Raises :class:`ReplayError`
+    when no partition advances for ``stall_timeout_s``."""
+    active = {tp: bounds for tp, bounds in ranges.items() if bounds[0] < bounds[1]}
+    if not active:
+        return
+    consumer.assign(list(active))
+    for tp, (start, _) in active.items():
+        consumer.seek(tp, start)
+    positions = {tp: start for tp, (start, _) in active.items()}
+    last_progress = time.monotonic()
+    while active:
+        batches = await consumer.getmany(*active, timeout_ms=500)
+        for tp, records in batches.items():
+            end = active.get(tp, (0, 0))[1]
+            inside = [r for r in records if r.offset < end]
+            if inside:
+                yield inside
+        moved = False
+        for tp in list(active):
+            # The position also moves past transaction markers and aborted records.
+            position = await consumer.position(tp)
+            moved = moved or position != positions[tp]
+            positions[tp] = position
+            if position >= active[tp][1]:
+                del active[tp]
+                consumer.pause(tp)
+        if moved:
+            last_progress = time.monotonic()
+        elif time.monotonic() - last_progress > stall_timeout_s:
+            stuck = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in active)
+            raise ReplayError(f"no progress for {stall_timeout_s:g}s reading {stuck}")
+
+
+async def final_result_ids(
+    bootstrap: str, results_topic: str, *, since_ms: int | None = None
+) -> set[str]:
+    """The ``command_id`` of every final result (:data:`FINAL_RESULT_TYPES`) on the topic.
+
+    Reads every partition of ``results_topic`` from the beginning (or, with ``since_ms``,
+    from the first record at or after that time) up to the end offsets captured when it
+    starts, ``read_committed`` (results of aborted transactions do not count), without a
+    consumer group. Records that are not JSON objects, and results of any other type
+    (``cancel.duplicate`` included), are ignored. Raises :class:`ReplayArgumentError` when
+    the topic does not exist, :class:`ReplayError` when the read stalls, and aiokafka's
+    ``KafkaError`` when the cluster cannot be reached."""
+    parts = _partitions(await _topics(bootstrap, 30_000), results_topic)
+    consumer = _consumer(bootstrap, "cancel-worker-replay-results", 30_000)
+    try:
+        await consumer.start()
+        tps = [TopicPartition(results_topic, p) for p in parts]
+        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
+        starts: dict[TopicPartition, int] = await consumer.beginning_offsets(tps)
+        if since_ms is not None:
+            found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+            starts = {tp: ends[tp] if found[tp] is None else found[tp].offset for tp in tps}
+        ids: set[str] = set()
+        async for batch in _read_ranges(
+            consumer, {tp: (starts[tp], ends[tp]) for tp in tps}, STALL_TIMEOUT_S
+        ):
+            for record in batch:
+                result = _json_object(record.value)
+                if result is None or result.get("type") not in FINAL_RESULT_TYPES:
+                    continue
+                command_id = result.get("command_id")
+                if isinstance(command_id, str):
+                    ids.add(command_id)
+    finally:
+        await consumer.stop()
+    log.info("read %d final result id(s) from %s", len(ids), results_topic)
+    return ids
+
+
+def _json_object(value: bytes | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    try:
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def restamp(
+    command: dict[str, Any], now: int, *, shift: bool, expires_in_ms: int | None
+) -> dict[str, Any] | None:
+    """A re-stamped copy of ``command``, or None when it has no integer ``issued_at`` to
+    move. ``shift``: ``issued_at`` becomes ``now`` and ``expires_at`` (if any) moves by the
+    same amount; ``expires_in_ms``: ``expires_at`` becomes ``now + expires_in_ms``."""
+    issued = command.get("issued_at")
+    if type(issued) is not int:
+        return None
+    out = dict(command)
+    if shift:
+        out["issued_at"] = now
+        expires = command.get("expires_at")
+        if type(expires) is int:
+            out["expires_at"] = expires + (now - issued)
+    if expires_in_ms is not None:
+        out["expires_at"] = now + expires_in_ms
+    return out
+
+
+async def _ranges(
+    consumer: AIOKafkaConsumer, request: ReplayRequest, tps: Sequence[TopicPartition]
+) -> dict[TopicPartition, tuple[int, int]]:
+    """``[start, end)`` per partition, inside the offsets that exist now."""
+    firsts: dict[TopicPartition, int] = await consumer.beginning_offsets(list(tps))
+    lasts: dict[TopicPartition, int] = await consumer.end_offsets(list(tps))  # captured once
+    starts = dict(firsts)
+    ends = dict(lasts)
+    if request.start_offset is not None or request.end_offset is not None:
+        for tp in tps:
+            if request.start_offset is not None:
+                if request.start_offset < firsts[tp]:
+                    log.warning(
+                        "%s[%d]: offsets before %d are gone (retention); starting there",
+                        tp.topic,
+                        tp.partition,
+                        firsts[tp],
+                    )
+                starts[tp] = max(request.start_offset, firsts[tp])
+            if request.end_offset is not None:
+                ends[tp] = min(request.end_offset, lasts[tp])
+    for bound, target in ((request.since_ms, starts), (request.until_ms, ends)):
+        if bound is None:
+            continue
+        found = await consumer.offsets_for_times(dict.fromkeys(tps, bound))
+        for tp in tps:
+            at = found[tp]
+            target[tp] = lasts[tp] if at is None else min(at.offset, lasts[tp])
+    return {tp: (min(starts[tp], ends[tp]), ends[tp]) for tp in tps}
+
+
+class _Plan:
+    """Decides, record by record, what to publish (pure; no I/O)."""
+
+    def __init__(
+        self,
+        request: ReplayRequest,
+        processed: set[str],
+        summary: ReplaySummary,
+        clock: Callable[[], int],
+    ) -> None:
+        self._request = request
+        self._processed = processed
+        self._summary = summary
+        self._clock = clock
+        self._sent_ids: set[str] = set()
+
+    def decide(self, record: Any) -> tuple[PlannedRecord, bytes | None, Headers]:
+        """What to do with one source record: the plan, and the value and headers to send."""
+        request, summary = self._request, self._summary
+        summary.read += 1
+        now = self._clock()
+        value: bytes | None = record.value
+        command = _json_object(value)
+        command_id = command.get("command_id") if command is not None else None
+        if not isinstance(command_id, str):
+            command_id = None
+        publish, action = True, "publish"
+        if command_id is None:
+            summary.not_commands += 1
+            action = "publish unchanged (not a command)"
+            if request.restamping:
+                summary.not_restamped += 1
+                action += ", not restamped"
+        elif request.skip_processed and command_id in self._processed:
+            summary.skipped_processed += 1
+            publish, action = False, "skip (already has a final result)"
+        elif request.skip_processed and command_id in self._sent_ids:
+            summary.skipped_repeated += 1
+            publish, action = False, "skip (command_id already replayed in this run)"
+        elif request.restamping and command is not None:
+            stamped = restamp(
+                command, now, shift=request.restamp, expires_in_ms=request.expires_in_ms
+            )
+            if stamped is None:
+                summary.not_restamped += 1
+                action = "publish unchanged (no integer issued_at), not restamped"
+            else:
+                summary.restamped += 1
+                value = orjson.dumps(stamped)
+                action = "publish restamped"
+        headers: Headers = [(k, None if v is None else bytes(v)) for k, v in record.headers or ()]
+        if publish:
+            summary.selected += 1
+            if command_id is not None:
+                self._sent_ids.add(command_id)
+            if any(k == "x-truncated-from" for k, _ in headers):
+                action += " (a truncated dead-letter copy: the whole record is at x-source-*)"
+            headers += [
+                (REPLAYED_FROM, f"{record.topic}:{record.partition}:{record.offset}".encode()),
+                (REPLAYED_AT, str(now).encode()),
+            ]
+        planned = PlannedRecord(
+            record.topic, record.partition, record.offset, record.key, command_id, publish, action
+        )
+        if request.dry_run:
+            summary.planned.append(planned)
+        return planned, value, headers
+
+
+async def replay(
+    settings: Settings,
+    request: ReplayRequest,
+    *,
+    observer: ReplayObserver | None = None,
+    clock: Callable[[], int] = now_ms,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
+) -> ReplaySummary:
+    """Replay ``request`` from its source topic to ``settings.commands_topic``.
+
+    Returns once every published record is acknowledged. Raises
+    :class:`ReplayArgumentError` for a bad request (unknown topic or partition included)
+    before anything is published, and :class:`ReplayError` when Kafka fails (the message
+    says how many records were acknowledged before that)."""
+    request.check()
+    source, target = request.source_topic(settings), settings.commands_topic
+    try:
+        topics = await _topics(settings.bootstrap_servers, settings.kafka_request_timeout_ms)
+    except KafkaError as exc:
+        raise ReplayError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
+    partitions = _partitions(topics, source)
+    _partitions(topics, target)
+    if request.skip_processed:
+        _partitions(topics, settings.results_topic)
+    if request.partition is not None and request.partition not in partitions:
+        raise ReplayArgumentError(
+            f"partition {request.partition} does not exist: {source} has partitions "
+            f"{', '.join(map(str, partitions))}"
+        )
+    consumer = _consumer(
+        settings.bootstrap_servers,
+        f"{settings.client_id}-replay",
+        settings.kafka_request_timeout_ms,
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        raise ReplayError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
+    try:
+        chosen = partitions if request.partition is None else [request.partition]
+        tps = [TopicPartition(source, p) for p in chosen]
+        ranges = await _ranges(consumer, request, tps)
+        summary = ReplaySummary(
+            source, target, {tp.partition: r for tp, r in ranges.items()}, request.dry_run
+        )
+        processed: set[str] = set()
+        if request.skip_processed:
+            processed = await final_result_ids(settings.bootstrap_servers, settings.results_topic)
+        log.info(
+            "replay %s -> %s ranges=%s dry_run=%s skip_processed=%s",
+            source,
+            target,
+            summary.ranges,
+            request.dry_run,
+            request.skip_processed,
+        )
+        await _run(
+            settings,
+            request,
+            consumer,
+            ranges,
+            summary,
+            processed,
+            observer,
+            clock,
+            stall_timeout_s,
+        )
+    except KafkaError as exc:
+        raise ReplayError(f"Kafka failed during the replay: {exc!r}") from exc
+    finally:
+        await consumer.stop()
+    log.info("%s", summary.line())
+    return summary
+
+
+async def _run(
+    settings: Settings,
+    request: ReplayRequest,
+    consumer: AIOKafkaConsumer,
+    ranges: Mapping[TopicPartition, tuple[int, int]],
+    summary: ReplaySummary,
+    processed: set[str],
+    observer: ReplayObserver | None,
+    clock: Callable[[], int],
+    stall_timeout_s: float,
+) -> None:
+    plan = _Plan(request, processed, summary, clock)
+    if observer is not None:
+        observer.started(sum(end - start for start, end in ranges.values()))
+    producer = None if request.dry_run else make_producer(settings)
+    try:
+        if producer is not None:
+            await producer.start()
+        pending: list[asyncio.Future[Any]] = []
+        async for batch in _read_ranges(consumer, ranges, stall_timeout_s):
+            for record in batch:
+                planned, value, headers = plan.decide(record)
+                if producer is not None and planned.publish:
+                    # send() enqueues in call order: per partition, copies keep source order.
+                    pending.append(
+                        await producer.send(
+                            summary.target_topic, value, key=record.key, headers=headers
+                        )
+                    )
+                if observer is not None:
+                    observer.record(planned)
+            if len(pending) >= ACK_BATCH:
+                await _acked(pending, summary)
+        await _acked(pending, summary)
+    except KafkaError as exc:
+        raise ReplayError(
+            f"Kafka failed during the replay after {summary.published} record(s) were "
+            f"published: {exc!r}"
+        ) from exc
+    finally:
+        if observer is not None:
+            observer.finished()
+        if producer is not None:
+            await producer.stop()
+
+
+async def _acked(pending: list[asyncio.Future[Any]], summary: ReplaySummary) -> None:
+    """Wait for the acks of ``pending`` (cleared), counting them in ``summary.published``."""
+    if not pending:
+        return
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    pending.clear()
+    summary.published += sum(1 for o in outcomes if not isinstance(o, BaseException))
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
