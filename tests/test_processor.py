@@ -1,47 +1,342 @@
-"""The processor's handling of poison records (no exchange involved: nothing is sent)."""
+"""The processor's handling of poison and hostile records (no exchange involved: nothing is
+sent; the executor only records what reaches it and answers for an account it does not know).
+
+Every record Kafka can carry must end in one result, and every outgoing record must fit in
+the dead-letter limit, counted both by the processor and by aiokafka's own size estimate.
+"""
 
 from __future__ import annotations
 
-import orjson
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
-from worker.accounts import Credentials
-from worker.executor import CancelExecutor, RetryPolicy
+import orjson
+import pytest
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from worker.commands import Command
+from worker.executor import CancelExecutor, Outcome, RetryPolicy
 from worker.papi import PapiClient
-from worker.pipeline import InRecord
-from worker.processor import CommandProcessor
-from worker.signing import HmacSigner
+from worker.pipeline import InRecord, OutRecord
+from worker.processor import (
+    MAX_HEADER_BYTES,
+    MAX_KEY_BYTES,
+    CommandProcessor,
+    key_stand_in,
+    record_bytes,
+)
 from worker.timeutil import now_ms
 
+MB = 1_000_000
+VALID = orjson.dumps(
+    {
+        "command_id": "c-1",
+        "account": "nobody",  # unknown to the executor: answered without any request
+        "market": "UM",
+        "symbol": "BTCUSDT",
+        "strategy_id": 7,
+        "issued_at": 1_795_260_000_000,
+    }
+)
 
-async def _process(record: InRecord, dlq_max: int) -> list[tuple[str, bytes, dict[str, bytes]]]:
-    accounts = {"a": Credentials("a", "k", HmacSigner("s"), hmac_secret="s")}
+
+class RecordingExecutor(CancelExecutor):
+    """A real executor without accounts that records every command reaching it."""
+
+    def __init__(self, client: PapiClient) -> None:
+        super().__init__(client, {}, RetryPolicy(), now_ms)
+        self.seen: list[Command] = []
+
+    async def execute(self, command: Command, received_at: int) -> Outcome:
+        self.seen.append(command)
+        return await super().execute(command, received_at)
+
+
+@pytest.fixture
+async def executor() -> AsyncIterator[RecordingExecutor]:
     async with PapiClient("http://127.0.0.1:9", clock=now_ms) as client:  # never reached
-        processor = CommandProcessor(
-            CancelExecutor(client, accounts, RetryPolicy(), now_ms),
-            results_topic="res",
-            deadletter_topic="dlq",
-            max_command_bytes=65_536,
-            deadletter_max_bytes=dlq_max,
-            clock=now_ms,
-        )
-        out = await processor(record)
-    return [(r.topic, r.value, dict(r.headers)) for r in out]
+        yield RecordingExecutor(client)
 
 
-async def test_poison_is_copied_whole_to_the_dead_letter_topic() -> None:
+def _processor(executor: CancelExecutor, dlq_max: int = MB, **bounds: int) -> CommandProcessor:
+    return CommandProcessor(
+        executor,
+        results_topic="res",
+        deadletter_topic="dlq",
+        max_command_bytes=65_536,
+        deadletter_max_bytes=dlq_max,
+        clock=now_ms,
+        **bounds,
+    )
+
+
+def _wire_size(record: OutRecord) -> int:
+    """aiokafka's upper bound for the record in a batch of its own."""
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        record.key, record.value, list(record.headers)
+    )
+    return size
+
+
+def _check_sizes(out: Sequence[OutRecord], dlq_max: int) -> None:
+    for record in out:
+        assert record_bytes(record) <= dlq_max, (record.topic, record_bytes(record))
+        assert _wire_size(record) <= record_bytes(record)
+
+
+def _split(out: Sequence[OutRecord]) -> tuple[OutRecord | None, dict[str, Any], OutRecord]:
+    """(dead-letter copy or None, result event, result record)."""
+    results = [r for r in out if r.topic == "res"]
+    dead = [r for r in out if r.topic == "dlq"]
+    assert len(results) == 1 and len(dead) <= 1 and len(out) == len(results) + len(dead)
+    return (dead[0] if dead else None), orjson.loads(results[0].value), results[0]
+
+
+async def test_poison_is_copied_whole_to_the_dead_letter_topic(
+    executor: RecordingExecutor,
+) -> None:
     record = InRecord("cmd", 2, 41, b"key", b"\x00not json", (("trace", b"t-1"),))
-    (dlq_topic, dlq_value, dlq_headers), (res_topic, res_value, _) = await _process(record, 1000)
-    assert (dlq_topic, dlq_value) == ("dlq", b"\x00not json")
-    assert dlq_headers["trace"] == b"t-1"  # the producer's headers travel along
-    assert dlq_headers["x-source-offset"] == b"41" and dlq_headers["x-source-partition"] == b"2"
-    assert "x-truncated-from" not in dlq_headers
-    assert res_topic == "res" and orjson.loads(res_value)["reason"] == "invalid_command"
+    out = await _processor(executor, 10_000)(record)
+    dead, event, result = _split(out)
+    assert dead is not None and out[0] is dead  # the copy first, then the result
+    assert (dead.topic, dead.key, dead.value) == ("dlq", b"key", b"\x00not json")
+    headers = dict(dead.headers)
+    assert headers["trace"] == b"t-1"  # the producer's headers travel along
+    assert headers["x-source-offset"] == b"41" and headers["x-source-partition"] == b"2"
+    assert headers["x-source-topic"] == b"cmd"
+    assert "x-truncated-from" not in headers and "x-headers-dropped" not in headers
+    assert event["reason"] == "invalid_command" and result.key == b"key"
+    assert not executor.seen
+    _check_sizes(out, 10_000)
 
 
-async def test_a_poison_record_too_big_for_the_dead_letter_topic_keeps_its_head() -> None:
-    big = b"x" * 5_000
-    record = InRecord("cmd", 0, 7, None, big)
-    (_, dlq_value, dlq_headers), _ = await _process(record, 1_000)
-    assert dlq_value == big[:1_000]
-    assert dlq_headers["x-truncated-from"] == b"5000"
-    assert dlq_headers["x-source-offset"] == b"7"  # where the whole record still is
+async def test_a_poison_record_too_big_for_the_dead_letter_topic_keeps_its_head(
+    executor: RecordingExecutor,
+) -> None:
+    big = b"x" * 50_000
+    out = await _processor(executor, 10_000)(InRecord("cmd", 0, 7, None, big))
+    dead, _, _ = _split(out)
+    assert dead is not None
+    assert 8_000 < len(dead.value) < 10_000 and big.startswith(dead.value)
+    headers = dict(dead.headers)
+    assert headers["x-truncated-from"] == b"50000"
+    assert headers["x-source-offset"] == b"7"  # where the whole record still is
+    _check_sizes(out, 10_000)
+
+
+async def test_a_header_without_a_value_is_fine(executor: RecordingExecutor) -> None:
+    headers = (("trace", None), ("b3", b"x"))
+    out = await _processor(executor)(InRecord("cmd", 0, 1, b"k", VALID, headers))
+    dead, event, result = _split(out)
+    assert dead is None and [c.command_id for c in executor.seen] == ["c-1"]
+    assert event["reason"] == "unknown_account" and result.key == b"k"
+    # An invalid one keeps the null header value in its dead-letter copy.
+    out = await _processor(executor)(InRecord("cmd", 0, 2, b"k", b"nope", headers))
+    dead, event, _ = _split(out)
+    assert dead is not None and dead.headers[:2] == headers
+    assert event["reason"] == "invalid_command" and len(executor.seen) == 1
+    _check_sizes(out, MB)
+
+
+async def test_a_command_without_a_key_is_processed(executor: RecordingExecutor) -> None:
+    out = await _processor(executor)(InRecord("cmd", 1, 3, None, VALID))
+    dead, event, result = _split(out)
+    assert dead is None and len(executor.seen) == 1
+    assert result.key is None and event["origin"]["key"] is None
+    assert event["command_id"] == "c-1" and event["reason"] == "unknown_account"
+    # Without a key, a poison record's copy has none either.
+    out = await _processor(executor)(InRecord("cmd", 1, 4, None, b"[]"))
+    dead, event, result = _split(out)
+    assert dead is not None and dead.key is None and result.key is None
+    assert event["reason"] == "invalid_command"
+
+
+async def test_a_tombstone_is_an_invalid_command(executor: RecordingExecutor) -> None:
+    out = await _processor(executor)(InRecord("cmd", 0, 9, b"desk-0:BTCUSDT", None))
+    dead, event, result = _split(out)
+    assert dead is not None and not executor.seen
+    assert (dead.key, dead.value) == (b"desk-0:BTCUSDT", b"")
+    assert dict(dead.headers)["x-null-value"] == b"1"
+    assert event["detail"] == "empty record (null value)"
+    assert event["origin"]["key"] == "desk-0:BTCUSDT" and result.key == b"desk-0:BTCUSDT"
+
+
+async def test_a_one_megabyte_key_is_refused_and_keyed_with_a_stand_in(
+    executor: RecordingExecutor,
+) -> None:
+    key = b"desk-0:" + b"k" * (MB - 7)
+    out = await _processor(executor)(InRecord("cmd", 0, 5, key, VALID, (("h", None),)))
+    dead, event, result = _split(out)
+    assert not executor.seen  # a valid command, but not executed
+    assert event["reason"] == "invalid_command"
+    assert event["detail"] == f"record key of {MB} bytes exceeds the {MAX_KEY_BYTES}-byte limit"
+    assert event["command_id"] == "c-1" and event["account"] == "nobody"  # still identifiable
+    assert len(event["origin"]["key"]) == 256
+    stand_in = key[:64] + b"...sha256:" + hashlib.sha256(key).hexdigest().encode()
+    assert result.key == stand_in == key_stand_in(key) and len(stand_in) == 138
+    assert dead is not None and dead.key == stand_in
+    headers = dict(dead.headers)
+    assert headers["x-key-truncated-from"] == str(MB).encode()
+    assert headers["h"] is None and dead.value == VALID
+    _check_sizes(out, MB)
+    # Another key with the same head gets another stand-in; the same key, the same one.
+    other = key[:-1] + b"x"
+    assert key_stand_in(other) != stand_in and key_stand_in(bytes(key)) == stand_in
+
+
+async def test_the_key_bound_is_inclusive(executor: RecordingExecutor) -> None:
+    processor = _processor(executor)
+    key = b"k" * MAX_KEY_BYTES
+    dead, _, result = _split(await processor(InRecord("cmd", 0, 0, key, VALID)))
+    assert dead is None and result.key == key and len(executor.seen) == 1
+    dead, event, result = _split(await processor(InRecord("cmd", 0, 1, key + b"k", VALID)))
+    assert dead is not None and event["reason"] == "invalid_command"
+    assert result.key == key_stand_in(key + b"k") and len(executor.seen) == 1
+
+
+async def test_a_megabyte_of_small_headers_is_refused(executor: RecordingExecutor) -> None:
+    headers = tuple((f"h{i:04d}", b"v" * 995) for i in range(1000))  # 1000 x 1000 bytes
+    out = await _processor(executor)(InRecord("cmd", 0, 6, b"k", VALID, headers))
+    dead, event, result = _split(out)
+    assert not executor.seen and result.key == b"k"
+    assert event["detail"] == (
+        f"record headers of {MB} bytes exceed the {MAX_HEADER_BYTES}-byte limit"
+    )
+    assert dead is not None and dead.value == VALID
+    kept = [h for h in dead.headers if h[0].startswith("h")]
+    assert kept == list(headers[: MAX_HEADER_BYTES // 1000])  # a prefix, within the bound
+    assert dict(dead.headers)["x-headers-dropped"] == str(1000 - len(kept)).encode()
+    _check_sizes(out, MB)
+
+
+async def test_one_huge_header_is_dropped_and_the_small_ones_kept(
+    executor: RecordingExecutor,
+) -> None:
+    headers = (("before", b"1"), ("huge", b"h" * MB), ("none", None), ("after", b"2"))
+    out = await _processor(executor)(InRecord("cmd", 0, 8, b"k", VALID, headers))
+    dead, event, _ = _split(out)
+    assert not executor.seen and event["detail"].startswith(f"record headers of {MB + 21} bytes")
+    assert dead is not None
+    assert [h for h in dead.headers if not h[0].startswith("x-")] == [
+        ("before", b"1"),
+        ("none", None),
+        ("after", b"2"),
+    ]
+    assert dict(dead.headers)["x-headers-dropped"] == b"1"
+    _check_sizes(out, MB)
+
+
+async def test_headers_at_the_bound_are_fine(executor: RecordingExecutor) -> None:
+    headers = (("h", b"v" * (MAX_HEADER_BYTES - 1)),)
+    dead, _, _ = _split(await _processor(executor)(InRecord("cmd", 0, 0, b"k", VALID, headers)))
+    assert dead is None and len(executor.seen) == 1
+
+
+HOSTILE = [
+    InRecord("cmd", 0, 1, b"k", VALID, (("trace", None),)),
+    InRecord("cmd", 0, 2, None, VALID),
+    InRecord("cmd", 0, 3, b"k", None),
+    InRecord("cmd", 0, 4, b"K" * MB, VALID),
+    InRecord("cmd", 0, 5, b"k", VALID, tuple((f"h{i}", b"v" * 1000) for i in range(1000))),
+    InRecord("cmd", 0, 6, b"k", VALID, (("a", None), ("huge", b"h" * MB), ("b", b""))),
+    InRecord("cmd", 0, 7, b"k", b"{" * (3 * MB)),
+    # Everything at once: a huge key, huge headers, a huge poison value.
+    InRecord(
+        "c" * 249,
+        2**31 - 1,
+        2**63 - 1,
+        b"\xff" * MB,
+        b"\x00" * (3 * MB),
+        (("n" * 100_000, None), *((str(i), b"x" * 2000) for i in range(600))),
+    ),
+    # Many headers with nothing in them: each still costs framing in the copy.
+    InRecord("cmd", 0, 8, b"k", b"bad", tuple(("", None) for _ in range(200_000))),
+]
+
+
+@pytest.mark.parametrize("dlq_max", [MAX_KEY_BYTES + 4096, 20_000, 1_000_000])
+async def test_every_outgoing_record_fits_the_dead_letter_limit(
+    executor: RecordingExecutor, dlq_max: int
+) -> None:
+    processor = _processor(executor, dlq_max)
+    for record in HOSTILE:
+        out = await processor(record)
+        dead, event, _ = _split(out)
+        assert event["origin"]["offset"] == record.offset
+        assert (dead is None) == (event["reason"] == "unknown_account")
+        if dead is not None:
+            headers = dict(dead.headers)
+            assert headers["x-source-offset"] == str(record.offset).encode()
+            assert headers["x-source-partition"] == str(record.partition).encode()
+            assert headers["x-source-topic"] == record.topic.encode()
+            assert dead.value == (record.value or b"")[: len(dead.value)]
+        _check_sizes(out, dlq_max)
+    assert [c.command_id for c in executor.seen] == ["c-1", "c-1"]  # the first two only
+
+
+async def test_a_dead_letter_limit_too_small_for_a_key_is_refused(
+    executor: RecordingExecutor,
+) -> None:
+    with pytest.raises(ValueError, match="deadletter_max_bytes must be at least 8192"):
+        _processor(executor, 8191)
+    _processor(executor, 8192)
+    # A smaller key bound still leaves room for a stand-in (138 bytes) and the headers.
+    with pytest.raises(ValueError, match="at least 4234"):
+        _processor(executor, 4233, max_key_bytes=16)
+    _processor(executor, 4234, max_key_bytes=16)
+
+
+hostile_records = st.builds(
+    InRecord,
+    st.just("cmd"),
+    st.integers(0, 5),
+    st.integers(0, 10**6),
+    st.one_of(st.none(), st.binary(max_size=100)),
+    st.one_of(st.none(), st.just(VALID), st.binary(max_size=6000)),
+    st.lists(
+        st.tuples(st.text(max_size=20), st.one_of(st.none(), st.binary(max_size=300))),
+        max_size=30,
+    ).map(tuple),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    records=st.lists(hostile_records, min_size=1, max_size=5),
+    slack=st.integers(0, 3000),
+)
+def test_small_bounds_hold_for_any_record(records: list[InRecord], slack: int) -> None:
+    """With small bounds, the edges are crossed often: every record still ends in one
+    result, and what is published fits."""
+
+    async def run() -> None:
+        async with PapiClient("http://127.0.0.1:9", clock=now_ms) as client:
+            executor = RecordingExecutor(client)
+            dlq_max = 138 + 4096 + slack  # the smallest allowed, and up
+            processor = _processor(executor, dlq_max, max_key_bytes=50, max_header_bytes=500)
+            for record in records:
+                out = await processor(record)
+                dead, event, result = _split(out)
+                refused = event["reason"] == "invalid_command"
+                assert (dead is not None) == refused
+                key = record.key
+                assert result.key == (key if key is None or len(key) <= 50 else key_stand_in(key))
+                if dead is not None:
+                    assert dead.key == result.key
+                    assert dead.value == (record.value or b"")[: len(dead.value)]
+                    own = [h for h in dead.headers if h in record.headers]
+                    assert sum(len(n.encode()) + len(v or b"") for n, v in own) <= 500
+                _check_sizes(out, dlq_max)
+            assert len(executor.seen) == sum(
+                1
+                for r in records
+                if r.value == VALID
+                and (r.key is None or len(r.key) <= 50)
+                and sum(len(n.encode()) + len(v or b"") for n, v in r.headers) <= 500
+            )
+
+    asyncio.run(run())

@@ -3,10 +3,40 @@
 Never raises: an invalid record becomes ``cancel.failed``/``invalid_command`` plus a copy of
 its raw bytes on the dead-letter topic; an unexpected error while executing becomes
 ``outcome_unknown`` (the request may have been sent, so nothing is claimed).
+
+Any record Kafka can carry is accounted for, and nothing this module publishes can be
+larger than the dead-letter limit (``deadletter_max_bytes``), so no record can stop the
+worker (or, by stopping every member in turn, the group):
+
+* A null key is fine: the record is processed, and its results are published without a key.
+  A null value (a tombstone) is an invalid command. A header without a value stays None,
+  in the dead-letter copy too.
+* A record whose key is longer than ``max_key_bytes`` (:data:`MAX_KEY_BYTES`), or whose
+  headers add up (names plus values) to more than ``max_header_bytes``
+  (:data:`MAX_HEADER_BYTES`), is not executed, even if its value is a valid command: it is
+  an invalid command whose detail says which bound it broke (identifying fields of the value
+  are kept in the event where they are well-formed).
+* Key rule: the result and the dead-letter copy of a record are keyed with the record's key,
+  except when that key is longer than ``max_key_bytes``; then with a bounded stand-in, its
+  first :data:`KEY_HEAD_BYTES` bytes, ``b"...sha256:"`` and the 64-hex-digit SHA-256 of the
+  whole key (at most 138 bytes). The stand-in depends only on the key, so every record with
+  the same oversize key still lands in the same partition, in order. (The event's
+  ``origin.key`` is the key as text, clipped to 256 characters, as for every record.)
+* The dead-letter copy as a whole fits in ``deadletter_max_bytes``, counted with
+  :func:`record_bytes` (key, value, header names and values, plus Kafka's framing at its
+  largest). Room is given in this order: the key (or its stand-in) and the worker's own
+  headers (``x-source-topic``, ``x-source-partition``, ``x-source-offset``, ``x-error``,
+  ``x-null-value``, and, where they apply, ``x-key-truncated-from: <key bytes>``,
+  ``x-truncated-from: <value bytes>``, ``x-headers-dropped: <count>``); then the record's
+  own headers, in order, each kept if it still fits both ``max_header_bytes`` and the
+  remaining room, dropped otherwise (so one huge header does not push out the small ones
+  after it); then the value, cut to its head if it does not fit. The whole record stays at
+  its source offset.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -19,6 +49,49 @@ from worker.pipeline import InRecord, OutRecord
 
 log = logging.getLogger(__name__)
 
+MAX_KEY_BYTES = 4096
+"""A longer record key is refused (and replaced by a stand-in where it is published)."""
+MAX_HEADER_BYTES = 64 * 1024
+"""Records whose header names and values add up to more are refused."""
+KEY_HEAD_BYTES = 64
+"""How much of an oversize key its stand-in keeps, before the digest."""
+_STAND_IN_BYTES = KEY_HEAD_BYTES + len(b"...sha256:") + 64
+
+# Kafka's framing at its largest: the record batch header (61 bytes) plus one record's
+# length, attributes, timestamp and offset deltas and the key, value and header-count
+# varints (< 40 bytes); each header adds two length varints (<= 5 bytes each).
+RECORD_OVERHEAD = 128
+HEADER_OVERHEAD = 10
+# Room a dead-letter copy needs besides the key: the worker's own headers (the error clipped
+# to _ERROR_MAX bytes, a topic name of up to 249 characters), with framing.
+_DEADLETTER_ROOM = 4096
+_ERROR_MAX = 1024
+_NUMBER_MAX = 20  # digits of any size or count written in a header
+
+Header = tuple[str, bytes | None]
+
+
+def header_bytes(name: str, value: bytes | None) -> int:
+    """The size of one header as the record's header bound counts it: name plus value."""
+    return len(name.encode("utf-8", errors="surrogatepass")) + (
+        len(value) if value is not None else 0
+    )
+
+
+def record_bytes(record: OutRecord) -> int:
+    """An upper bound of the size of ``record`` on the wire, as one record in its own batch."""
+    return (
+        RECORD_OVERHEAD
+        + (len(record.key) if record.key is not None else 0)
+        + len(record.value)
+        + sum(HEADER_OVERHEAD + header_bytes(n, v) for n, v in record.headers)
+    )
+
+
+def key_stand_in(key: bytes) -> bytes:
+    """The bounded key published in place of an oversize one (see the module docstring)."""
+    return key[:KEY_HEAD_BYTES] + b"...sha256:" + hashlib.sha256(key).hexdigest().encode()
+
 
 class CommandProcessor:
     def __init__(
@@ -29,19 +102,34 @@ class CommandProcessor:
         deadletter_topic: str,
         max_command_bytes: int,
         deadletter_max_bytes: int = 1_000_000,
+        max_key_bytes: int = MAX_KEY_BYTES,
+        max_header_bytes: int = MAX_HEADER_BYTES,
         clock: Callable[[], int],
     ) -> None:
+        if max_key_bytes <= 0 or max_header_bytes < 0:
+            raise ValueError("max_key_bytes must be positive, max_header_bytes not negative")
+        smallest = max(max_key_bytes, _STAND_IN_BYTES) + _DEADLETTER_ROOM
+        if deadletter_max_bytes < smallest:
+            raise ValueError(
+                f"deadletter_max_bytes must be at least {smallest} "
+                f"(a {max_key_bytes}-byte key plus the dead-letter headers)"
+            )
         self._executor = executor
         self._results_topic = results_topic
         self._deadletter_topic = deadletter_topic
         self._max_command_bytes = max_command_bytes
         self._deadletter_max_bytes = deadletter_max_bytes
+        self._max_key_bytes = max_key_bytes
+        self._max_header_bytes = max_header_bytes
         self._clock = clock
 
     async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
         received_at = self._clock()
         origin = Origin(record.topic, record.partition, record.offset, record.key)
         decoded = decode(record.value, self._max_command_bytes)
+        oversize = self._oversize(record)
+        if oversize is not None:
+            decoded = _refused(decoded, oversize)
         if isinstance(decoded, InvalidCommand):
             return self._invalid(record, origin, decoded, received_at)
         try:
@@ -55,6 +143,23 @@ class CommandProcessor:
                 detail="internal error while executing; outcome not claimed",
             )
         return [self._result(record, self._event(decoded, origin, outcome, received_at))]
+
+    def _oversize(self, record: InRecord) -> str | None:
+        """Why the record's key or headers are too large to process, or None."""
+        limit = self._max_key_bytes
+        if record.key is not None and len(record.key) > limit:
+            return f"record key of {len(record.key)} bytes exceeds the {limit}-byte limit"
+        size = sum(header_bytes(n, v) for n, v in record.headers)
+        if size > self._max_header_bytes:
+            return f"record headers of {size} bytes exceed the {self._max_header_bytes}-byte limit"
+        return None
+
+    def _key(self, record: InRecord) -> bytes | None:
+        """The key to publish a record's results and dead-letter copy with."""
+        key = record.key
+        if key is not None and len(key) > self._max_key_bytes:
+            return key_stand_in(key)
+        return key
 
     def _event(
         self, command: Command, origin: Origin, outcome: Outcome, received_at: int
@@ -118,32 +223,68 @@ class CommandProcessor:
             invalid.command_id,
             invalid.detail,
         )
-        raw = record.value if record.value is not None else b""
-        # A copy the dead-letter topic cannot take would stop the worker on every restart;
-        # past the limit it keeps the head of the record, and the headers say where the whole
-        # record still is (the source offset) and how long it was.
-        truncated: tuple[tuple[str, bytes], ...] = ()
-        if len(raw) > self._deadletter_max_bytes:
-            truncated = (("x-truncated-from", str(len(raw)).encode()),)
-            raw = raw[: self._deadletter_max_bytes]
-        dead = OutRecord(
-            topic=self._deadletter_topic,
-            key=record.key,
-            value=raw,
-            headers=(
-                *truncated,
-                *record.headers,
-                ("x-source-topic", record.topic.encode()),
-                ("x-source-partition", str(record.partition).encode()),
-                ("x-source-offset", str(record.offset).encode()),
-                ("x-error", invalid.detail.encode("utf-8", errors="replace")),
-                ("x-null-value", b"1" if record.value is None else b"0"),
-            ),
-        )
+        dead = self._deadletter(record, invalid.detail)
         metrics.DEADLETTERS.inc()
         return [dead, self._result(record, event)]
 
+    def _deadletter(self, record: InRecord, detail: str) -> OutRecord:
+        """The record's copy for the dead-letter topic, within ``deadletter_max_bytes``.
+
+        A copy the topic cannot take would stop the worker on every restart; what does not
+        fit is cut or dropped, and the headers say so (the whole record stays at its source
+        offset)."""
+        key = self._key(record)
+        own: list[Header] = [
+            ("x-source-topic", record.topic.encode()),
+            ("x-source-partition", str(record.partition).encode()),
+            ("x-source-offset", str(record.offset).encode()),
+            ("x-error", detail.encode("utf-8", errors="replace")[:_ERROR_MAX]),
+            ("x-null-value", b"1" if record.value is None else b"0"),
+        ]
+        if record.key is not None and key != record.key:
+            own.append(("x-key-truncated-from", str(len(record.key)).encode()))
+        # Room for the markers that may still be added, at their largest.
+        markers = sum(
+            HEADER_OVERHEAD + header_bytes(name, b"9" * _NUMBER_MAX)
+            for name in ("x-truncated-from", "x-headers-dropped")
+        )
+        room = (
+            self._deadletter_max_bytes
+            - record_bytes(OutRecord(self._deadletter_topic, key, b"", tuple(own)))
+            - markers
+        )
+        kept: list[Header] = []
+        kept_bytes = 0
+        dropped = 0
+        for name, value in record.headers:
+            size = header_bytes(name, value)
+            if kept_bytes + size <= self._max_header_bytes and HEADER_OVERHEAD + size <= room:
+                kept.append((name, value))
+                kept_bytes += size
+                room -= HEADER_OVERHEAD + size
+            else:
+                dropped += 1
+        raw = record.value if record.value is not None else b""
+        truncated: tuple[Header, ...] = ()
+        if len(raw) > room:
+            truncated = (("x-truncated-from", str(len(raw)).encode()),)
+            raw = raw[: max(room, 0)]
+        if dropped:
+            own.append(("x-headers-dropped", str(dropped).encode()))
+        return OutRecord(self._deadletter_topic, key, raw, (*truncated, *kept, *own))
+
     def _result(self, record: InRecord, event: dict[str, object]) -> OutRecord:
         metrics.RESULTS.labels(str(event["type"]), str(event.get("reason", ""))).inc()
-        headers: tuple[tuple[str, bytes], ...] = (("type", str(event["type"]).encode()),)
-        return OutRecord(self._results_topic, record.key, events.serialize(event), headers)
+        headers: tuple[Header, ...] = (("type", str(event["type"]).encode()),)
+        return OutRecord(self._results_topic, self._key(record), events.serialize(event), headers)
+
+
+def _refused(decoded: Command | InvalidCommand, detail: str) -> InvalidCommand:
+    """A record refused for its key or headers, keeping what identifies its command."""
+    return InvalidCommand(
+        detail=detail,
+        command_id=decoded.command_id,
+        account=decoded.account,
+        market=decoded.market,
+        symbol=decoded.symbol,
+    )
