@@ -184,6 +184,38 @@ async def consume(
     return out
 
 
+async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
+    """Every committed record of ``topic`` (read_committed), up to its end as of now."""
+    consumer = AIOKafkaConsumer(  # no group: every partition of the topic is assigned
+        topic,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=MAX_RECORD_BYTES,
+    )
+    await consumer.start()
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not consumer.assignment():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no partitions of {topic} assigned in time")
+            await asyncio.sleep(0.05)
+        parts = sorted(consumer.assignment())
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"could not read {topic} to its end in time")
+            batches = await consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
 def events_of(records: Sequence[Any]) -> list[dict[str, Any]]:
     return [orjson.loads(r.value) for r in records]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from worker.errors import (
     taxonomy_markdown,
 )
 from worker.executor import Gone, decide_gone
-from worker.offsets import OffsetTracker, PartitionOffsets
+from worker.logs import RateLimitFilter
 from worker.routes import Route, choose_route, plan_cancel
 from worker.settings import SettingsError, load_settings
 
@@ -80,38 +81,6 @@ def test_normalize_keeps_decimal_strings_and_drops_junk() -> None:
     cm = normalize.from_strategy_object(obj, Route.CM_CONDITIONAL)
     assert cm["self_trade_prevention_mode"] is None and cm["good_till_date"] is None
     assert set(um) == set(normalize.STRATEGY_FIELDS)
-
-
-# -- offsets --------------------------------------------------------------------------------
-
-
-def test_commit_position_never_passes_an_unfinished_record() -> None:
-    part = PartitionOffsets()
-    for off in (10, 11, 12, 13):
-        part.track(off)
-    part.complete(12)
-    assert part.uncommitted_position() is None
-    part.complete(10)
-    assert part.uncommitted_position() == 11
-    part.mark_committed(11)
-    assert part.uncommitted_position() is None
-    part.complete(11)
-    assert part.uncommitted_position() == 13
-    part.complete(13)
-    assert part.uncommitted_position() == 14 and part.in_flight == 0
-    with pytest.raises(ValueError, match="out of order"):
-        part.track(5)
-
-
-def test_tracker_per_partition_and_drop() -> None:
-    tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
-    tracker.track(("t", 0), 0)
-    tracker.track(("t", 1), 0)
-    tracker.complete(("t", 1), 0)
-    assert tracker.to_commit() == {("t", 1): 1}
-    tracker.drop([("t", 0)])
-    tracker.complete(("t", 0), 0)  # late completion of a revoked partition is ignored
-    assert tracker.to_commit() == {("t", 1): 1}
 
 
 # -- taxonomy -------------------------------------------------------------------------------
@@ -319,3 +288,19 @@ def test_garbage_private_key_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a.toml").write_text('[accounts.x]\napi_key = "k"\nprivate_key_file = "p.pem"\n')
     with pytest.raises(AccountsError, match="cannot be loaded"):
         load_accounts(tmp_path / "a.toml")
+
+
+def test_library_log_noise_is_rate_limited_and_counted() -> None:
+    now = [0.0]
+    limit = RateLimitFilter(prefixes=("aiokafka",), burst=3, interval_s=10.0, clock=lambda: now[0])
+
+    def record(name: str, msg: str = "Unable to update metadata from %s") -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, ("node",), None)
+
+    passed = [limit.filter(record("aiokafka.client")) for _ in range(1000)]
+    assert sum(passed) == 3  # a burst, then silence
+    assert all(limit.filter(record("worker.pipeline", "result %s")) for _ in range(50))
+    now[0] = 11.0
+    first = record("aiokafka.client")
+    assert limit.filter(first)
+    assert "[997 similar line(s) suppressed]" in first.getMessage()

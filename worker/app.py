@@ -9,6 +9,7 @@ time; their records are read again by the next owner).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
@@ -30,6 +31,7 @@ from worker.kafka_io import (
     make_producer,
     missing_topics,
     wait_for_kafka,
+    watch_kafka,
 )
 from worker.papi import PapiClient
 from worker.pipeline import Pipeline, ResultSink, RunReport
@@ -187,7 +189,13 @@ class Worker:
                 log.warning("closing the %s failed: %r", name, exc)
 
     async def run(self) -> RunReport:
-        return await self.pipeline.run()
+        watch = asyncio.create_task(watch_kafka(self._producer, self.pipeline), name="kafka-watch")
+        try:
+            return await self.pipeline.run()
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
 
     def stop(self) -> None:
         self.pipeline.stop()

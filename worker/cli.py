@@ -15,6 +15,7 @@ from typing import Any
 import click
 import orjson
 
+from worker.logs import RateLimitFilter
 from worker.settings import Settings, SettingsError, load_settings
 
 
@@ -44,6 +45,12 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     # INFO, and a signed URL is not something to keep in logs.
     for noisy in ("aiokafka", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # While a broker is down aiokafka repeats the same errors many times a second; the
+    # worker says itself, once, that Kafka is unreachable.
+    handler.addFilter(_library_noise)
+
+
+_library_noise = RateLimitFilter(prefixes=("aiokafka",), burst=5, interval_s=10.0)
 
 
 def _settings(config: Path | None, **overrides: object) -> Settings:

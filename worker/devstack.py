@@ -54,6 +54,10 @@ class Broker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def restart(self, timeout_s: int = 180) -> None:
+        """Start this broker again after :meth:`stop` (same ports, same data)."""
+        start_broker(self.data_dir, timeout_s, port=self.port, controller_port=self.controller_port)
+
     def stop(self) -> None:
         subprocess.run(  # noqa: S603 - the project's own script
             [str(KAFKA_SCRIPT), "stop", "--data-dir", str(self.data_dir)],
@@ -62,9 +66,14 @@ class Broker:
         )
 
 
-def start_broker(data_dir: Path, timeout_s: int = 180) -> Broker:
-    """Start a single-node KRaft broker with the project's script; returns once ready."""
-    broker = Broker(data_dir, free_port(), free_port())
+def start_broker(
+    data_dir: Path, timeout_s: int = 180, *, port: int = 0, controller_port: int = 0
+) -> Broker:
+    """Start a single-node KRaft broker with the project's script; returns once ready.
+
+    Given the ports of a stopped broker and its data dir, this starts that broker again
+    (same cluster, same topics and offsets)."""
+    broker = Broker(data_dir, port or free_port(), controller_port or free_port())
     result = subprocess.run(  # noqa: S603 - the project's own script
         [
             str(KAFKA_SCRIPT),

@@ -279,6 +279,21 @@ async def wait_for_kafka(bootstrap: str, *, max_delay_s: float = 5.0) -> None:
         return
 
 
+async def watch_kafka(
+    producer: AIOKafkaProducer, pipeline: Pipeline, *, interval_s: float = 2.0
+) -> None:
+    """Ask the cluster for metadata every ``interval_s``; tell the pipeline when Kafka
+    stops or starts answering, so an outage is reported even while nothing is published."""
+    while True:
+        try:
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), interval_s)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            pipeline.kafka_unreachable(exc)
+        else:
+            pipeline.kafka_reachable()
+        await asyncio.sleep(interval_s)
+
+
 async def ensure_topics(bootstrap: str, topics: Mapping[str, int]) -> None:
     """Create the topics (name → partitions) that do not exist yet."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)

@@ -401,9 +401,9 @@ class Pipeline:
             metrics.COMMITS.inc()
         waiting = sum(n for s, n in taken.values() if not s.revoked)
         if failure is not None and waiting:
-            self._report_unreachable(failure, waiting)
+            self.kafka_unreachable(failure, waiting)
             return False
-        self._report_reachable()
+        self.kafka_reachable()
         return True
 
     def _lose(self, states: Sequence[_PartState]) -> None:
@@ -446,20 +446,23 @@ class Pipeline:
                 self._commit_timeout_s,
             )
 
-    def _report_unreachable(self, exc: Exception, waiting: int) -> None:
+    def kafka_unreachable(self, exc: BaseException, waiting: int | None = None) -> None:
+        """Say once per outage (and in a metric) that Kafka cannot be reached."""
         metrics.KAFKA_REACHABLE.set(0)
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
+            if waiting is None:
+                waiting = sum(len(s.ready_prefix()) for s in self._parts.values())
             log.warning(
                 "Kafka unreachable: %d result(s) wait to be published and committed; "
-                "retrying with backoff (%s)",
+                "fetching pauses, retrying with backoff (%s)",
                 waiting,
                 exc,
             )
         else:
-            log.debug("flush failed again: %s", exc)
+            log.debug("Kafka still unreachable: %s", exc)
 
-    def _report_reachable(self) -> None:
+    def kafka_reachable(self) -> None:
         metrics.KAFKA_REACHABLE.set(1)
         if self._unreachable_since is not None:
             log.warning(

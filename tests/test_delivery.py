@@ -1,0 +1,284 @@
+"""Delivery guarantees with real processes, real signals and real faults.
+
+Each test runs worker processes (``cancel-worker run``) against the session's broker and
+simulator, breaks something for real (SIGKILL, a member joining and dying, the broker
+stopped, a burst on one key) and then reads the results topic ``read_committed`` to its
+end: exactly one final result per command, per-key order, and the simulator's book agrees
+with every result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from tests.support import (
+    SimControl,
+    command,
+    events_of,
+    fresh_topics,
+    produce,
+    read_to_end,
+    worker_env,
+    worker_settings,
+)
+from worker.devstack import Broker, Process, start_worker
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+FINAL = {"strategy.canceled", "cancel.failed"}
+
+
+SYMBOLS = [
+    *(("UM", s) for s in ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT")),
+    *(("CM", s) for s in ("BTCUSD_PERP", "ETHUSD_PERP", "BNBUSD_PERP", "SOLUSD_PERP")),
+    *(("UM", s) for s in ("ADAUSDT", "LTCUSDT")),
+]
+
+
+def seed_commands(
+    sim: SimControl, total: int, keys: int, prefix: str, first_key: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``total`` conditional orders over ``keys`` account:symbol keys (at most 60), one
+    command each, key ``first_key + i % keys``."""
+    assert first_key + keys <= 5 * len(SYMBOLS)
+    specs = []
+    for i in range(total):
+        k = first_key + i % keys
+        market, symbol = SYMBOLS[k // 5]
+        specs.append({"account": f"desk-{k % 5}", "market": market, "symbol": symbol})
+    orders: list[dict[str, Any]] = []
+    for start in range(0, total, 1000):
+        orders += sim.seed(specs[start : start + 1000])
+    commands = [
+        command(s["account"], o, command_id=f"{prefix}-{i:05d}")
+        for i, (s, o) in enumerate(zip(specs, orders, strict=True))
+    ]
+    return orders, commands
+
+
+def key_of(cmd: dict[str, Any]) -> bytes:
+    return f"{cmd['account']}:{cmd['symbol']}".encode()
+
+
+async def feed(bootstrap: str, topic: str, commands: list[dict[str, Any]], per_s: int) -> None:
+    """Produce the commands as a steady stream of ``per_s`` a second (in chunks of 50)."""
+    for start in range(0, len(commands), 50):
+        chunk = commands[start : start + 50]
+        await produce(bootstrap, topic, [(key_of(c), orjson.dumps(c)) for c in chunk])
+        await asyncio.sleep(50 / per_s)
+
+
+async def produce_commands(bootstrap: str, topic: str, commands: list[dict[str, Any]]) -> None:
+    for start in range(0, len(commands), 500):
+        chunk = commands[start : start + 500]
+        await produce(bootstrap, topic, [(key_of(c), orjson.dumps(c)) for c in chunk])
+
+
+async def results_so_far(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    return events_of(await read_to_end(bootstrap, topic))
+
+
+async def wait_for_results(
+    bootstrap: str, topic: str, wanted: int, timeout_s: float, procs: list[Process]
+) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        events = await results_so_far(bootstrap, topic)
+        if len({e["command_id"] for e in events}) >= wanted:
+            return events
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {p.name}\n" + "\n".join(p.lines[-30:]) for p in procs)
+            raise AssertionError(
+                f"{len(events)} results, {len({e['command_id'] for e in events})} commands "
+                f"answered of {wanted}\n{tails}"
+            )
+        await asyncio.sleep(0.5)
+
+
+def check_exactly_once_in_order(
+    events: list[dict[str, Any]],
+    commands: list[dict[str, Any]],
+    orders: list[dict[str, Any]],
+    sim: SimControl,
+) -> None:
+    per_command = collections.Counter(e["command_id"] for e in events)
+    extra = {c: n for c, n in per_command.items() if n > 1}
+    assert not extra, f"{len(extra)} command(s) with more than one result: {list(extra)[:5]}"
+    assert set(per_command) == {c["command_id"] for c in commands}, "results lost"
+    assert all(e["type"] in FINAL for e in events)
+    # Per-key order: the results of a key appear in the order its commands were produced.
+    index = {c["command_id"]: i for i, c in enumerate(commands)}
+    per_key: dict[str, list[int]] = collections.defaultdict(list)
+    for e in events:
+        per_key[e["origin"]["key"]].append(index[e["command_id"]])
+    for key, seq in per_key.items():
+        assert seq == sorted(seq), f"key {key} out of order"
+    # Ground truth: each order canceled exactly once, and every result says canceled.
+    ids = {o["strategy_id"] for o in orders}
+    cancels = collections.Counter(c["order_id"] for c in sim.cancels() if c["order_id"] in ids)
+    types = collections.Counter((e["type"], e.get("reason")) for e in events)
+    assert set(cancels) == ids, f"{len(ids - set(cancels))} order(s) not canceled; {types}"
+    assert set(cancels.values()) == {1}
+    book = sim.orders()
+    for e in events:
+        assert e["type"] == "strategy.canceled", e
+        assert book[e["strategy"]["strategy_id"]]["status"] == "CANCELED"
+
+
+def fast_limits(sim: SimControl) -> dict[str, Any]:
+    """The exchange's limits raised: these tests measure delivery, not the governor."""
+    sim.configure(order_limit=1_000_000, weight_limit=1_000_000)
+    return {"rate_order_limit": 1_000_000, "rate_weight_limit": 1_000_000}
+
+
+async def test_sigkill_at_five_random_moments_gives_exactly_one_result_each(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    total = 5000
+    topics = await fresh_topics(broker.bootstrap, partitions=6)
+    orders, commands = seed_commands(sim, total, keys=50, prefix="crash")
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file, **fast_limits(sim))
+    env = worker_env(settings)
+    feeder = asyncio.create_task(feed(broker.bootstrap, topics.commands, commands, per_s=250))
+    rng = random.Random(20261121)
+    kill_points = sorted(rng.sample(range(300, total - 500), 5))
+    procs: list[Process] = []
+    answered_at_kill: list[int] = []
+    for point in kill_points:
+        proc = start_worker(env)
+        procs.append(proc)
+        await wait_for_results(broker.bootstrap, topics.results, point, 180, procs)
+        await asyncio.sleep(rng.random() * 0.3)  # land anywhere in the flow
+        proc.kill()
+        assert proc.proc.returncode == -signal.SIGKILL
+        answered_at_kill.append(len(await results_so_far(broker.bootstrap, topics.results)))
+    assert answered_at_kill[-1] < total, "every kill must land mid-stream"
+    last = start_worker(env)
+    procs.append(last)
+    try:
+        last.wait_for_line("partitions assigned", 60)
+        await feeder
+        await wait_for_results(broker.bootstrap, topics.results, total, 240, procs)
+    finally:
+        code = last.stop()
+    assert code == 0, last.output()[-3000:]
+    events = await results_so_far(broker.bootstrap, topics.results)
+    check_exactly_once_in_order(events, commands, orders, sim)
+
+
+async def test_scale_out_and_a_member_killed_keep_exactly_one_result(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    total = 3000
+    topics = await fresh_topics(broker.bootstrap, partitions=6)
+    orders, commands = seed_commands(sim, total, keys=60, prefix="scale")
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=16, **fast_limits(sim)
+    )
+    env = worker_env(settings)
+    members = [start_worker(env) for _ in range(3)]
+    for m in members:
+        m.wait_for_line("partitions assigned", 60)
+
+    # A steady stream, so the group changes under load.
+    feeder = asyncio.create_task(feed(broker.bootstrap, topics.commands, commands, per_s=200))
+    try:
+        await wait_for_results(broker.bootstrap, topics.results, total // 4, 120, members)
+        members[0].kill()  # SIGKILL one member mid-run ...
+        joiner = start_worker(env)  # ... and add another
+        members.append(joiner)
+        await feeder
+        events = await wait_for_results(broker.bootstrap, topics.results, total, 240, members)
+    finally:
+        codes = [m.stop() for m in members[1:]]
+    assert codes == [0, 0, 0], [m.output()[-2000:] for m in members[1:]]
+    assert "partitions assigned" in joiner.output()
+    events = await results_so_far(broker.bootstrap, topics.results)
+    check_exactly_once_in_order(events, commands, orders, sim)
+
+
+async def test_broker_stopped_for_20s_the_same_process_finishes_the_run(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    total = 1500
+    topics = await fresh_topics(broker.bootstrap, partitions=3)
+    orders, commands = seed_commands(sim, total, keys=20, prefix="outage")
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=16, **fast_limits(sim)
+    )
+    worker = start_worker(worker_env(settings))
+    try:
+        worker.wait_for_line("partitions assigned", 60)
+        await produce_commands(broker.bootstrap, topics.commands, commands[: total // 2])
+        await wait_for_results(broker.bootstrap, topics.results, 200, 120, [worker])
+        broker.stop()
+        down_at = time.monotonic()
+        await asyncio.sleep(20)
+        assert worker.proc.poll() is None, worker.output()[-3000:]  # it rides the outage out
+        broker.restart()
+        outage_s = time.monotonic() - down_at
+        await produce_commands(broker.bootstrap, topics.commands, commands[total // 2 :])
+        events = await wait_for_results(broker.bootstrap, topics.results, total, 240, [worker])
+        assert worker.proc.poll() is None
+    finally:
+        code = worker.stop()
+    assert outage_s >= 20
+    assert code == 0, worker.output()[-3000:]
+    out = worker.output()
+    assert out.count("Kafka unreachable") <= 2, "the outage is said once (publish, and start-up)"
+    assert "reachable again" in out
+    events = await results_so_far(broker.bootstrap, topics.results)
+    check_exactly_once_in_order(events, commands, orders, sim)
+
+
+async def test_hot_key_does_not_delay_other_partitions(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    topics = await fresh_topics(broker.bootstrap, partitions=3)
+    sim.configure(profile="latency")  # every cancel takes 20-150 ms at the exchange
+    hot_orders, hot = seed_commands(sim, 1000, keys=1, prefix="hot")
+    cold_orders, cold = seed_commands(sim, 6, keys=6, prefix="cold", first_key=10)
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=4, **fast_limits(sim)
+    )
+    worker = start_worker(worker_env(settings))
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        worker.wait_for_line("partitions assigned", 60)
+        for c in hot:
+            await producer.send(topics.commands, orjson.dumps(c), key=key_of(c), partition=0)
+        await producer.flush()
+        await wait_for_results(broker.bootstrap, topics.results, 20, 60, [worker])
+        sent_at = time.monotonic()
+        for i, c in enumerate(cold):  # other keys, on the other partitions
+            await producer.send(
+                topics.commands, orjson.dumps(c), key=key_of(c), partition=1 + i % 2
+            )
+        await producer.flush()
+        cold_ids = {c["command_id"] for c in cold}
+        while True:
+            events = await results_so_far(broker.bootstrap, topics.results)
+            done = {e["command_id"] for e in events}
+            if cold_ids <= done:
+                break
+            assert time.monotonic() - sent_at < 10, "cold keys waited for the hot key"
+            await asyncio.sleep(0.1)
+        waited = time.monotonic() - sent_at
+        hot_done = len(done - cold_ids)
+    finally:
+        await producer.stop()
+        worker.stop()
+    assert hot_done < 500, "the hot key was still draining when the others were answered"
+    assert waited < 5, waited
+    del hot_orders, cold_orders
