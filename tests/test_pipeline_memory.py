@@ -381,3 +381,27 @@ async def test_rebalance_storm_with_three_members_keeps_exactly_once() -> None:
     for m in members:
         await m.stop()
     assert_exactly_once(log, *(m.sink for m in members))
+
+
+async def test_revocation_never_commits_past_a_record_that_did_not_run() -> None:
+    """Key b's second record is still queued when the partition is revoked, while key a's
+    later record and b's running one finish within the grace: the position must stop
+    before the record that never ran."""
+    log = MemoryLog()
+    for key in (b"a", b"b", b"b", b"a"):
+        log.append(P0, key, b"{}")
+    handler = Handler()
+    handler.hold[b"b"] = asyncio.Event()
+    async with member(log, handler, max_in_flight=4, revoke_grace_s=1.0) as first:
+        first.assign([P0])
+        await until(lambda: len(handler.started) == 3)  # 0:a, 1:b (held), 3:a
+        revoking = asyncio.create_task(first.revoke([P0]))
+        await asyncio.sleep(0.05)
+        handler.hold[b"b"].set()  # 1:b finishes inside the grace; 2:b never starts
+        await revoking
+    assert log.committed[P0] == 2
+    assert sorted(origins(first.sink)) == [(0, 0), (0, 1)]
+    async with member(log, Handler()) as second:
+        second.assign([P0])
+        await until(flushed(log))
+    assert_exactly_once(log, first.sink, second.sink)

@@ -347,12 +347,11 @@ class Pipeline:
             metrics.PAUSED_PARTITIONS.dec()
 
     def _drop_waiting(self, state: _PartState) -> None:
-        """Start nothing more; forget records that have not started (they are read again
-        from the committed position)."""
+        """Start nothing more: records that have not started are read again from the
+        committed position. They stay in ``entries``, where they end the flushable prefix:
+        a record done after one that never ran must not carry the position past it."""
         state.closing = True
         state.lanes.clear()
-        started = {id(e) for e in state.running.values()}
-        state.entries = deque(e for e in state.entries if e.done or id(e) in started)
 
     # -- durability ----------------------------------------------------------------------------
 
@@ -551,3 +550,4 @@ class Pipeline:
             state.lanes.clear()
             state.ready = True
             self._check_pause(state)
+        log.info("taken over, processing from the committed positions: %s", parts)
