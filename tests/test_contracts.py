@@ -10,6 +10,7 @@ import pytest
 from worker import events, normalize
 from worker.commands import Command, InvalidCommand, Market, decode
 from worker.contracts import command_validator, result_validator, schema_dir
+from worker.dedup import first_result_of
 from worker.errors import FailureReason
 from worker.events import ExchangeReply, Origin
 from worker.routes import Route
@@ -128,3 +129,33 @@ def test_exchange_message_and_detail_are_bounded() -> None:
     )
     result_validator().validate(event)
     assert len(event["detail"]) == 2048 and len(event["exchange"]["msg"]) == 1024
+
+
+def _final_results() -> list[dict[str, object]]:
+    """A final result of every shape the code builds: each failure reason (with a route, with
+    an order status), and a cancel on each route."""
+    out: list[dict[str, object]] = []
+    for reason in FailureReason:
+        out.append(events.failed(CMD, ORIGIN, reason, "d", 1, 10, 11, route=Route.CM_CONDITIONAL))
+        out.append(events.failed(CMD, ORIGIN, reason, "d", 1, 10, 11, order_status="FINISHED"))
+    strategy = normalize.from_algo_cancel(CMD)
+    out += [events.canceled(CMD, ORIGIN, route, strategy, 1, 10, 11) for route in Route]
+    return out
+
+
+@pytest.mark.parametrize(
+    "first", _final_results(), ids=lambda e: f"{e['type']}-{e.get('reason') or e['route']}"
+)
+def test_duplicate_events_carry_any_first_result_the_code_builds(first: dict[str, object]) -> None:
+    """Every final result the code builds counts for the window, and the duplicate event
+    built from it matches the schema."""
+    found = first_result_of(first)
+    assert found is not None and found[0] == "c1"
+    event = events.duplicate(CMD, Origin("cmds", 1, 9, None), found[1].as_dict(), 20, 21)
+    result_validator().validate(event)
+    assert event["first_result"]["origin"] == {"topic": "cmds", "partition": 0, "offset": 5}
+    assert (event["first_result"]["type"], event["first_result"]["reason"]) == (
+        first["type"],
+        first.get("reason"),
+    )
+    assert event["attempts"] == 0 and event["origin"]["offset"] == 9

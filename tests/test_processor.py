@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.commands import Command
+from worker.contracts import result_validator
+from worker.dedup import FirstResult, RecordAt, SeenCommands
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
 from worker.papi import PapiClient
 from worker.pipeline import InRecord, OutRecord
@@ -62,7 +64,12 @@ async def executor() -> AsyncIterator[RecordingExecutor]:
         yield RecordingExecutor(client)
 
 
-def _processor(executor: CancelExecutor, dlq_max: int = MB, **bounds: int) -> CommandProcessor:
+def _processor(
+    executor: CancelExecutor,
+    dlq_max: int = MB,
+    seen: SeenCommands | None = None,
+    **bounds: int,
+) -> CommandProcessor:
     return CommandProcessor(
         executor,
         results_topic="res",
@@ -70,6 +77,7 @@ def _processor(executor: CancelExecutor, dlq_max: int = MB, **bounds: int) -> Co
         max_command_bytes=65_536,
         deadletter_max_bytes=dlq_max,
         clock=now_ms,
+        seen=seen,
         **bounds,
     )
 
@@ -340,3 +348,99 @@ def test_small_bounds_hold_for_any_record(records: list[InRecord], slack: int) -
             )
 
     asyncio.run(run())
+
+
+# -- the duplicate-command window -------------------------------------------------------------
+
+
+def _window() -> SeenCommands:
+    return SeenCommands(3_600_000, 1000)
+
+
+def _canceled_on_topic(seen: SeenCommands, at: RecordAt) -> FirstResult:
+    """c-1 canceled, its result read back from the results topic (as the loader does)."""
+    first = FirstResult("strategy.canceled", None, "um_conditional", "CANCELED", at, now_ms())
+    seen.put("c-1", first, on_topic=True)
+    return first
+
+
+async def test_a_duplicate_from_another_record_gets_the_first_outcome_and_no_request(
+    executor: RecordingExecutor,
+) -> None:
+    seen = _window()
+    first = _canceled_on_topic(seen, RecordAt("cmd", 0, 3))
+    out = await _processor(executor, seen=seen)(InRecord("cmd", 1, 9, b"k", VALID, (("h", b"1"),)))
+    assert not executor.seen  # no request
+    (result,) = out
+    event = orjson.loads(result.value)
+    result_validator().validate(event)
+    assert (result.topic, result.key) == ("res", b"k")
+    assert dict(result.headers) == {"type": b"cancel.duplicate"}
+    assert event["type"] == "cancel.duplicate" and event["attempts"] == 0
+    assert (event["command_id"], event["account"], event["market"]) == ("c-1", "nobody", "UM")
+    assert event["symbol"] == "BTCUSDT"
+    assert event["origin"] == {"topic": "cmd", "partition": 1, "offset": 9, "key": "k"}
+    assert event["first_result"] == first.as_dict()
+    assert event["first_result"]["origin"] == {"topic": "cmd", "partition": 0, "offset": 3}
+    assert event["received_at"] <= event["completed_at"]
+    # The duplicate is not recorded: the first result stays the one to report.
+    entry = seen.get("c-1")
+    assert entry is not None and entry.first == first
+
+
+async def test_the_record_a_result_on_the_topic_answers_gets_nothing_and_no_request(
+    executor: RecordingExecutor,
+) -> None:
+    seen = _window()
+    _canceled_on_topic(seen, RecordAt("cmd", 1, 9))
+    assert await _processor(executor, seen=seen)(InRecord("cmd", 1, 9, b"k", VALID)) == []
+    assert not executor.seen
+
+
+async def test_a_result_produced_here_catches_the_duplicate_right_behind_it(
+    executor: RecordingExecutor,
+) -> None:
+    seen = _window()
+    processor = _processor(executor, seen=seen)
+    (first,) = await processor(InRecord("cmd", 0, 1, b"k", VALID))
+    assert orjson.loads(first.value)["reason"] == "unknown_account"
+    entry = seen.get("c-1")
+    assert entry is not None and not entry.on_topic
+    assert entry.first.origin == RecordAt("cmd", 0, 1)
+    (second,) = await processor(InRecord("cmd", 0, 2, b"k", VALID))
+    event = orjson.loads(second.value)
+    result_validator().validate(event)
+    assert event["type"] == "cancel.duplicate"
+    assert event["first_result"]["type"] == "cancel.failed"
+    assert event["first_result"]["reason"] == "unknown_account"
+    assert event["first_result"]["origin"]["offset"] == 1
+    assert len(executor.seen) == 1  # one request path for the two records
+
+
+async def test_a_record_answered_here_but_not_read_back_is_answered_again(
+    executor: RecordingExecutor,
+) -> None:
+    """Its first answer may not have been made durable (a failed flush, an aborted
+    transaction): answering it again is the only way it gets a result."""
+    seen = _window()
+    processor = _processor(executor, seen=seen)
+    await processor(InRecord("cmd", 0, 1, b"k", VALID))
+    (again,) = await processor(InRecord("cmd", 0, 1, b"k", VALID))
+    assert orjson.loads(again.value)["type"] == "cancel.failed" and len(executor.seen) == 2
+
+
+async def test_invalid_commands_are_not_checked_against_the_window_but_recorded(
+    executor: RecordingExecutor,
+) -> None:
+    seen = _window()
+    _canceled_on_topic(seen, RecordAt("cmd", 0, 3))
+    processor = _processor(executor, seen=seen)
+    bad = orjson.dumps({"command_id": "c-1", "account": "nobody"})  # no market, no id
+    dead, event, _ = _split(await processor(InRecord("cmd", 0, 4, b"k", bad)))
+    assert dead is not None and event["reason"] == "invalid_command"
+    bad_2 = orjson.dumps({"command_id": "c-2"})
+    await processor(InRecord("cmd", 0, 5, b"k", bad_2))
+    entry = seen.get("c-2")
+    assert entry is not None and entry.first.reason == "invalid_command"
+    await processor(InRecord("cmd", 0, 6, b"k", b"\x00"))  # no command id: nothing to key on
+    assert len(seen) == 2 and not executor.seen

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 
 from worker.accounts import AccountsError, Credentials, load_accounts
 from worker.clock import ExchangeClock
+from worker.dedup import ResultsFeed, SeenCommands
 from worker.executor import CancelExecutor, RetryPolicy
 from worker.governor import GovernorSettings, RateGovernor
 from worker.kafka_io import (
@@ -108,6 +109,12 @@ class Worker:
             resync_clock=self.clock.resync,
             clock_generation=lambda: self.clock.generation,
         )
+        # The duplicate-command window, rebuilt from the results topic in __aenter__.
+        self.seen: SeenCommands | None = None
+        self._dedup: ResultsFeed | None = None
+        if settings.dedup_window_ms > 0:
+            self.seen = SeenCommands(settings.dedup_window_ms, settings.dedup_max_entries)
+            self._dedup = ResultsFeed(self.seen, settings)
         self._processor = CommandProcessor(
             executor,
             results_topic=settings.results_topic,
@@ -115,6 +122,7 @@ class Worker:
             max_command_bytes=settings.max_command_bytes,
             deadletter_max_bytes=settings.deadletter_max_bytes,
             clock=now_ms,
+            seen=self.seen,
         )
         self._consumer = make_consumer(settings)
         # The shared producer publishes in at-least-once mode; in exactly-once mode each
@@ -144,6 +152,8 @@ class Worker:
             await self._producer.start()
             await self._consumer.start()
             await self._check_topics()
+            if self._dedup is not None:
+                await self._dedup.start()  # before the first command is read
             self._consumer.subscribe(
                 [self.settings.commands_topic], listener=PipelineRebalanceListener(self.pipeline)
             )
@@ -175,6 +185,8 @@ class Worker:
         # producers, then HTTP. Every step is bounded and runs even if one before failed.
         bound = self.settings.commit_timeout_s + 5
         steps: list[tuple[str, Awaitable[None]]] = [("consumer", self._consumer.stop())]
+        if self._dedup is not None:
+            steps.append(("duplicate window", self._dedup.stop()))
         if self._transactions is not None:
             steps.append(("transactional producers", self._transactions.close()))
         steps += [

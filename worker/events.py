@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,7 @@ from worker.routes import Route
 SCHEMA_VERSION = 1
 CANCELED = "strategy.canceled"
 FAILED = "cancel.failed"
+DUPLICATE = "cancel.duplicate"
 _MSG_MAX = 1024
 _DETAIL_MAX = 2048
 
@@ -109,6 +111,21 @@ def failed(
         order_status=order_status,
         hint=hint,
     )
+    return event
+
+
+def duplicate(
+    command: Command,
+    origin: Origin,
+    first_result: Mapping[str, Any],
+    received_at: int,
+    completed_at: int,
+) -> dict[str, Any]:
+    """A command whose id already has a final result within the duplicate window: no request
+    was sent (``attempts`` 0); ``first_result`` is that result's outcome
+    (:meth:`worker.dedup.FirstResult.as_dict`). ``origin`` is this record's."""
+    event = _common(DUPLICATE, command, origin, 0, received_at, completed_at)
+    event["first_result"] = dict(first_result)
     return event
 
 

@@ -11,6 +11,10 @@ HTTP_REQUESTS = Counter(
 DEADLETTERS = Counter(
     "cancel_worker_deadletters_total", "Raw records sent to the dead-letter topic"
 )
+ALREADY_ANSWERED = Counter(
+    "cancel_worker_already_answered_total",
+    "Commands read again whose result is already on the results topic (nothing published)",
+)
 IN_FLIGHT = Gauge("cancel_worker_in_flight", "Commands being processed")
 COMMITS = Counter("cancel_worker_offset_commits_total", "Offset commits")
 COMMAND_SECONDS = Histogram(

@@ -32,6 +32,17 @@ worker (or, by stopping every member in turn, the group):
   remaining room, dropped otherwise (so one huge header does not push out the small ones
   after it); then the value, cut to its head if it does not fit. The whole record stays at
   its source offset.
+
+Duplicate commands (with a :class:`~worker.dedup.SeenCommands` window; ``seen`` None turns
+it off): a valid command whose ``command_id`` already has a final result in the window is
+not executed. When the result answers another record (a producer retry, a replay), the
+command gets one ``cancel.duplicate`` event carrying the first result's outcome. When it
+answers this very record (same topic, partition and offset: the record is read again, after
+a restart or by a new group, and its result is already on the results topic), nothing is
+published. A record this process answered whose result has not been read back from the
+results topic yet is answered again: its first answer may not have been made durable.
+Every final result the processor produces is recorded in the window at once. Invalid
+commands are never checked against the window (they get their own ``invalid_command``).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from collections.abc import Callable, Sequence
 
 from worker import events, metrics
 from worker.commands import Command, InvalidCommand, decode
+from worker.dedup import RecordAt, Seen, SeenCommands
 from worker.errors import FailureReason
 from worker.events import Origin
 from worker.executor import CancelExecutor, Outcome
@@ -105,6 +117,7 @@ class CommandProcessor:
         max_key_bytes: int = MAX_KEY_BYTES,
         max_header_bytes: int = MAX_HEADER_BYTES,
         clock: Callable[[], int],
+        seen: SeenCommands | None = None,
     ) -> None:
         if max_key_bytes <= 0 or max_header_bytes < 0:
             raise ValueError("max_key_bytes must be positive, max_header_bytes not negative")
@@ -122,6 +135,7 @@ class CommandProcessor:
         self._max_key_bytes = max_key_bytes
         self._max_header_bytes = max_header_bytes
         self._clock = clock
+        self._seen = seen
 
     async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
         received_at = self._clock()
@@ -132,6 +146,12 @@ class CommandProcessor:
             decoded = _refused(decoded, oversize)
         if isinstance(decoded, InvalidCommand):
             return self._invalid(record, origin, decoded, received_at)
+        if self._seen is not None:
+            seen = self._seen.get(decoded.command_id)
+            if seen is not None:
+                repeat = self._repeat(record, origin, decoded, seen, received_at)
+                if repeat is not None:
+                    return repeat
         try:
             outcome = await self._executor.execute(decoded, received_at)
         except Exception:
@@ -142,7 +162,59 @@ class CommandProcessor:
                 reason=FailureReason.OUTCOME_UNKNOWN,
                 detail="internal error while executing; outcome not claimed",
             )
-        return [self._result(record, self._event(decoded, origin, outcome, received_at))]
+        event = self._event(decoded, origin, outcome, received_at)
+        self._remember(event)
+        return [self._result(record, event)]
+
+    def _repeat(
+        self, record: InRecord, origin: Origin, command: Command, seen: Seen, received_at: int
+    ) -> Sequence[OutRecord] | None:
+        """What to publish for a command whose id is in the window (see the module
+        docstring), or None when the record is to be processed."""
+        first = seen.first
+        if first.origin == RecordAt(record.topic, record.partition, record.offset):
+            if not seen.on_topic:
+                log.info(
+                    "command_id=%s at %s[%d]@%d read again before its result was read back "
+                    "from the results topic; answering it again",
+                    command.command_id,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                )
+                return None
+            log.info(
+                "command_id=%s at %s[%d]@%d already answered (%s, on the results topic); "
+                "nothing published",
+                command.command_id,
+                record.topic,
+                record.partition,
+                record.offset,
+                first.type,
+            )
+            metrics.ALREADY_ANSWERED.inc()
+            return []
+        event = events.duplicate(command, origin, first.as_dict(), received_at, self._clock())
+        log.info(
+            "duplicate command_id=%s account=%s at %s[%d]@%d: first answered at %s[%d]@%d "
+            "(type=%s reason=%s); no request sent",
+            command.command_id,
+            command.account,
+            record.topic,
+            record.partition,
+            record.offset,
+            first.origin.topic,
+            first.origin.partition,
+            first.origin.offset,
+            first.type,
+            first.reason,
+        )
+        return [self._result(record, event)]
+
+    def _remember(self, event: dict[str, object]) -> None:
+        """Record a final result in the window as soon as it is produced."""
+        if self._seen is not None:
+            self._seen.add(event, on_topic=False)
 
     def _oversize(self, record: InRecord) -> str | None:
         """Why the record's key or headers are too large to process, or None."""
@@ -223,6 +295,7 @@ class CommandProcessor:
             invalid.command_id,
             invalid.detail,
         )
+        self._remember(event)
         dead = self._deadletter(record, invalid.detail)
         metrics.DEADLETTERS.inc()
         return [dead, self._result(record, event)]

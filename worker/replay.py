@@ -39,8 +39,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -48,12 +47,21 @@ from typing import Any, Protocol
 import click
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from worker.kafka_io import MAX_RECORD_BYTES, make_producer
+from worker.kafka_io import make_producer
 from worker.settings import Settings
 from worker.timeutil import now_ms
+from worker.topic_reader import (
+    STALL_TIMEOUT_S,
+    MissingTopicError,
+    ReadStalledError,
+    ResultsReader,
+    cluster_topics,
+    json_object,
+    read_ranges,
+    reader_consumer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +72,6 @@ SOURCES = ("commands", "deadletter")
 REPLAYED_FROM = "x-replayed-from"
 REPLAYED_AT = "x-replayed-at"
 ACK_BATCH = 500  # sends in flight before waiting for their acks
-STALL_TIMEOUT_S = 60.0  # a partition that stops advancing this long ends the replay in error
 
 Headers = list[tuple[str, bytes | None]]
 
@@ -261,42 +268,6 @@ class ConsoleReport:
         self._bar = None
 
 
-def _consumer(bootstrap: str, client_id: str, request_timeout_ms: int) -> AIOKafkaConsumer:
-    # No group: nothing is committed, and the replay never joins the worker's group.
-    return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        client_id=client_id,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        request_timeout_ms=request_timeout_ms,
-        max_partition_fetch_bytes=MAX_RECORD_BYTES,
-        fetch_max_bytes=4 * MAX_RECORD_BYTES,
-    )
-
-
-async def _topics(bootstrap: str, request_timeout_ms: int) -> dict[str, list[int]]:
-    """Every topic of the cluster and its partitions. Asks for all topics on purpose: asking
-    for one by name would create it on a broker that auto-creates topics."""
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="cancel-worker-replay-admin",
-        request_timeout_ms=request_timeout_ms,
-    )
-    try:
-        await admin.start()
-        described = await admin.describe_topics(None)
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-    return {
-        t["topic"]: sorted(p["partition"] for p in t["partitions"])
-        for t in described
-        if t["error_code"] == 0
-    }
-
-
 def _partitions(topics: Mapping[str, list[int]], topic: str) -> list[int]:
     """The topic's partitions; :class:`ReplayArgumentError` when it does not exist."""
     parts = topics.get(topic)
@@ -307,45 +278,6 @@ def _partitions(topics: Mapping[str, list[int]], topic: str) -> list[int]:
     return parts
 
 
-async def _read_ranges(
-    consumer: AIOKafkaConsumer,
-    ranges: Mapping[TopicPartition, tuple[int, int]],
-    stall_timeout_s: float,
-) -> AsyncIterator[list[Any]]:
-    """Yield batches of records in ``[start, end)`` per partition, in offset order per
-    partition, until every partition's position reaches its end. Raises :class:`ReplayError`
-    when no partition advances for ``stall_timeout_s``."""
-    active = {tp: bounds for tp, bounds in ranges.items() if bounds[0] < bounds[1]}
-    if not active:
-        return
-    consumer.assign(list(active))
-    for tp, (start, _) in active.items():
-        consumer.seek(tp, start)
-    positions = {tp: start for tp, (start, _) in active.items()}
-    last_progress = time.monotonic()
-    while active:
-        batches = await consumer.getmany(*active, timeout_ms=500)
-        for tp, records in batches.items():
-            end = active.get(tp, (0, 0))[1]
-            inside = [r for r in records if r.offset < end]
-            if inside:
-                yield inside
-        moved = False
-        for tp in list(active):
-            # The position also moves past transaction markers and aborted records.
-            position = await consumer.position(tp)
-            moved = moved or position != positions[tp]
-            positions[tp] = position
-            if position >= active[tp][1]:
-                del active[tp]
-                consumer.pause(tp)
-        if moved:
-            last_progress = time.monotonic()
-        elif time.monotonic() - last_progress > stall_timeout_s:
-            stuck = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in active)
-            raise ReplayError(f"no progress for {stall_timeout_s:g}s reading {stuck}")
-
-
 async def final_result_ids(
     bootstrap: str, results_topic: str, *, since_ms: int | None = None
 ) -> set[str]:
@@ -354,45 +286,31 @@ async def final_result_ids(
     Reads every partition of ``results_topic`` from the beginning (or, with ``since_ms``,
     from the first record at or after that time) up to the end offsets captured when it
     starts, ``read_committed`` (results of aborted transactions do not count), without a
-    consumer group. Records that are not JSON objects, and results of any other type
-    (``cancel.duplicate`` included), are ignored. Raises :class:`ReplayArgumentError` when
-    the topic does not exist, :class:`ReplayError` when the read stalls, and aiokafka's
-    ``KafkaError`` when the cluster cannot be reached."""
-    parts = _partitions(await _topics(bootstrap, 30_000), results_topic)
-    consumer = _consumer(bootstrap, "cancel-worker-replay-results", 30_000)
+    consumer group (:class:`~worker.topic_reader.ResultsReader`). Records that are not JSON
+    objects, and results of any other type (``cancel.duplicate`` included), are ignored.
+    Raises :class:`ReplayArgumentError` when the topic does not exist, :class:`ReplayError`
+    when the read stalls, and aiokafka's ``KafkaError`` when the cluster cannot be
+    reached."""
+    reader = ResultsReader(bootstrap, results_topic, client_id="cancel-worker-replay-results")
+    ids: set[str] = set()
     try:
-        await consumer.start()
-        tps = [TopicPartition(results_topic, p) for p in parts]
-        ends: dict[TopicPartition, int] = await consumer.end_offsets(tps)
-        starts: dict[TopicPartition, int] = await consumer.beginning_offsets(tps)
-        if since_ms is not None:
-            found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
-            starts = {tp: ends[tp] if found[tp] is None else found[tp].offset for tp in tps}
-        ids: set[str] = set()
-        async for batch in _read_ranges(
-            consumer, {tp: (starts[tp], ends[tp]) for tp in tps}, STALL_TIMEOUT_S
-        ):
-            for record in batch:
-                result = _json_object(record.value)
-                if result is None or result.get("type") not in FINAL_RESULT_TYPES:
-                    continue
-                command_id = result.get("command_id")
-                if isinstance(command_id, str):
-                    ids.add(command_id)
+        await reader.start()
+        async for result in reader.read_since(since_ms):
+            if result.event.get("type") not in FINAL_RESULT_TYPES:
+                continue
+            command_id = result.event.get("command_id")
+            if isinstance(command_id, str):
+                ids.add(command_id)
+    except MissingTopicError as exc:
+        raise ReplayArgumentError(
+            f"{exc} (cancel-worker check --create-topics makes them)"
+        ) from exc
+    except ReadStalledError as exc:
+        raise ReplayError(str(exc)) from exc
     finally:
-        await consumer.stop()
+        await reader.stop()
     log.info("read %d final result id(s) from %s", len(ids), results_topic)
     return ids
-
-
-def _json_object(value: bytes | None) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    try:
-        obj = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def restamp(
@@ -468,7 +386,7 @@ class _Plan:
         summary.read += 1
         now = self._clock()
         value: bytes | None = record.value
-        command = _json_object(value)
+        command = json_object(value)
         command_id = command.get("command_id") if command is not None else None
         if not isinstance(command_id, str):
             command_id = None
@@ -532,7 +450,11 @@ async def replay(
     request.check()
     source, target = request.source_topic(settings), settings.commands_topic
     try:
-        topics = await _topics(settings.bootstrap_servers, settings.kafka_request_timeout_ms)
+        topics = await cluster_topics(
+            settings.bootstrap_servers,
+            settings.kafka_request_timeout_ms,
+            client_id="cancel-worker-replay-admin",
+        )
     except KafkaError as exc:
         raise ReplayError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
     partitions = _partitions(topics, source)
@@ -544,7 +466,7 @@ async def replay(
             f"partition {request.partition} does not exist: {source} has partitions "
             f"{', '.join(map(str, partitions))}"
         )
-    consumer = _consumer(
+    consumer = reader_consumer(
         settings.bootstrap_servers,
         f"{settings.client_id}-replay",
         settings.kafka_request_timeout_ms,
@@ -611,7 +533,7 @@ async def _run(
         if producer is not None:
             await producer.start()
         pending: list[asyncio.Future[Any]] = []
-        async for batch in _read_ranges(consumer, ranges, stall_timeout_s):
+        async for batch in read_ranges(consumer, ranges, stall_timeout_s):
             for record in batch:
                 planned, value, headers = plan.decide(record)
                 if producer is not None and planned.publish:
@@ -631,6 +553,8 @@ async def _run(
             f"Kafka failed during the replay after {summary.published} record(s) were "
             f"published: {exc!r}"
         ) from exc
+    except ReadStalledError as exc:
+        raise ReplayError(f"{exc} (after {summary.published} record(s) were published)") from exc
     finally:
         if observer is not None:
             observer.finished()

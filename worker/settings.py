@@ -49,6 +49,11 @@ class Settings:
     shutdown_grace_s: float = 10.0
     revoke_grace_s: float = 2.0
     commit_timeout_s: float = 2.0
+    # Duplicate-command window: a command id with a final result completed less than this
+    # long ago gets cancel.duplicate instead of a second request (0 turns it off); rebuilt
+    # at start from the results topic.
+    dedup_window_ms: int = 3_600_000
+    dedup_max_entries: int = 1_000_000
     # HTTP and retries
     http_timeout_s: float = 5.0
     http_connect_timeout_s: float = 2.0
@@ -94,6 +99,7 @@ class Settings:
             "session_timeout_ms",
             "heartbeat_interval_ms",
             "commit_timeout_s",
+            "dedup_max_entries",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -105,7 +111,7 @@ class Settings:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be an http(s) URL")
         if self.delivery not in DELIVERY_MODES:
             raise SettingsError(f"{ENV_PREFIX}DELIVERY must be one of {', '.join(DELIVERY_MODES)}")
-        for name in ("shutdown_grace_s", "revoke_grace_s"):
+        for name in ("shutdown_grace_s", "revoke_grace_s", "dedup_window_ms"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must not be negative")
         # A member that spends longer than the session timeout in a rebalance callback is

@@ -1,0 +1,157 @@
+"""The duplicate-command window with the real broker and simulator: rebuilt from the results
+topic when a worker starts, kept up to date from it while the worker runs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support import (
+    SimControl,
+    Topics,
+    cancel_requests,
+    command,
+    consume,
+    events_of,
+    fresh_topics,
+    produce,
+    read_to_end,
+    running_worker,
+    worker_settings,
+)
+from worker import events, normalize
+from worker.commands import Command, decode
+from worker.devstack import Broker
+from worker.events import Origin
+from worker.routes import Route
+from worker.timeutil import now_ms
+
+pytestmark = pytest.mark.integration
+
+KEY = b"desk-0:UM"
+
+
+def _algo_orders(sim: SimControl, count: int) -> list[dict[str, Any]]:
+    return sim.seed([{"account": "desk-0", "kind": "algo", "symbol": "BTCUSDT"}] * count)
+
+
+async def _until(condition: Any, what: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_retry_after_a_restart_gets_the_first_outcome_and_sends_nothing(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """The window is rebuilt from the results topic by a new worker: a producer retry of
+    an answered command (same command, another offset) is a duplicate."""
+    topics = await fresh_topics(broker.bootstrap, partitions=2)
+    (order,) = _algo_orders(sim, 1)
+    cmd = orjson.dumps(command("desk-0", order))
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    async with running_worker(settings):
+        await produce(broker.bootstrap, topics.commands, [(KEY, cmd)])
+        (first,) = events_of(await consume(broker.bootstrap, topics.results, 1))
+    assert first["type"] == "strategy.canceled", first
+
+    since = sim.last_seq()
+    async with running_worker(settings) as worker:  # a new process would do the same
+        assert worker.seen is not None and worker.seen.get(first["command_id"]) is not None
+        await produce(broker.bootstrap, topics.commands, [(KEY, cmd)])
+        results = events_of(await consume(broker.bootstrap, topics.results, 2))
+    assert len(results) == 2 and results[0] == first
+    duplicate = results[1]
+    assert duplicate["type"] == "cancel.duplicate" and duplicate["attempts"] == 0
+    assert duplicate["command_id"] == first["command_id"]
+    assert duplicate["origin"]["offset"] == first["origin"]["offset"] + 1
+    assert duplicate["first_result"] == {
+        "type": "strategy.canceled",
+        "reason": None,
+        "route": "um_algo",
+        "order_status": "CANCELED",
+        "origin": {k: first["origin"][k] for k in ("topic", "partition", "offset")},
+        "completed_at": first["completed_at"],
+    }
+    assert cancel_requests(sim, since) == []  # no second DELETE for the order
+    assert len(await read_to_end(broker.bootstrap, topics.results)) == 2
+
+
+async def test_records_read_again_after_their_results_were_published_get_nothing(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """At-least-once: a record whose result is on the results topic but whose offset was not
+    committed is read again. A worker in a fresh group reads every record again, as after
+    such a crash: the window says each was answered at that very record, so no request
+    goes out and no second result appears."""
+    topics = await fresh_topics(broker.bootstrap, partitions=3)
+    orders = _algo_orders(sim, 4)
+    cmds = [command("desk-0", o) for o in orders]
+    records = [(f"desk-0:{i}".encode(), orjson.dumps(c)) for i, c in enumerate(cmds)]
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, delivery="at_least_once"
+    )
+    async with running_worker(settings):
+        await produce(broker.bootstrap, topics.commands, records)
+        first = events_of(await consume(broker.bootstrap, topics.results, len(cmds)))
+    assert sorted(e["type"] for e in first) == ["strategy.canceled"] * len(cmds)
+
+    since = sim.last_seq()
+    again = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, delivery="at_least_once"
+    )
+    assert again.group_id != settings.group_id  # nothing committed: every record is read
+    async with running_worker(again) as worker:
+        await _until(lambda: worker.pipeline.processed == len(cmds), "the records read again")
+    assert cancel_requests(sim, since) == []
+    after = events_of(await read_to_end(broker.bootstrap, topics.results))
+
+    def by_id(e: dict[str, Any]) -> str:
+        return str(e["command_id"])
+
+    assert sorted(after, key=by_id) == sorted(first, key=by_id)  # partitions: any order
+
+
+async def test_results_published_by_another_member_are_followed(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """A result that appears on the results topic while the worker runs (another member
+    answered the command) closes the command id for this worker too."""
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    (order,) = _algo_orders(sim, 1)
+    raw = command("desk-0", order)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    async with running_worker(settings) as worker:
+        answered = _result_from_another_member(raw, topics)
+        await produce(broker.bootstrap, topics.results, [(KEY, orjson.dumps(answered))])
+        seen = worker.seen
+        assert seen is not None
+        await _until(lambda: seen.get(raw["command_id"]) is not None, "the result to be followed")
+        since = sim.last_seq()
+        await produce(broker.bootstrap, topics.commands, [(KEY, orjson.dumps(raw))])
+        results = events_of(await consume(broker.bootstrap, topics.results, 2))
+    assert results[1]["type"] == "cancel.duplicate"
+    assert results[1]["first_result"]["origin"] == {
+        "topic": topics.commands,
+        "partition": 0,
+        "offset": 1_000,
+    }
+    assert cancel_requests(sim, since) == []
+
+
+def _result_from_another_member(raw: dict[str, Any], topics: Topics) -> dict[str, Any]:
+    """The strategy.canceled result another member would have published for ``raw``, read
+    at an offset this worker never reads."""
+    cmd = decode(orjson.dumps(raw))
+    assert isinstance(cmd, Command)
+    origin = Origin(topics.commands, 0, 1_000, KEY)
+    strategy = normalize.from_algo_cancel(cmd)
+    now = now_ms()
+    return events.canceled(cmd, origin, Route.UM_ALGO, strategy, 1, now, now)

@@ -1,0 +1,190 @@
+"""The duplicate-command window (``worker.dedup.SeenCommands``): pure, with an injected clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker.dedup import FirstResult, RecordAt, SeenCommands, first_result_of
+from worker.settings import Settings, SettingsError
+
+HOUR = 3_600_000
+T0 = 1_795_260_000_000
+
+
+class Clock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def canceled(command_id: str | None, offset: int = 0, completed_at: int = T0) -> dict[str, Any]:
+    return {
+        "type": "strategy.canceled",
+        "command_id": command_id,
+        "origin": {"topic": "cmd", "partition": 1, "offset": offset, "key": "k"},
+        "completed_at": completed_at,
+        "route": "um_algo",
+        "strategy": {"status": "CANCELED"},
+        "confirmed_by": "cancel",
+    }
+
+
+def failed(
+    command_id: str | None, reason: str, offset: int = 0, completed_at: int = T0
+) -> dict[str, Any]:
+    return {
+        "type": "cancel.failed",
+        "command_id": command_id,
+        "origin": {"topic": "cmd", "partition": 1, "offset": offset, "key": None},
+        "completed_at": completed_at,
+        "reason": reason,
+        "route": None,
+        "order_status": None,
+    }
+
+
+def window(clock: Clock, max_entries: int = 100) -> SeenCommands:
+    return SeenCommands(HOUR, max_entries, clock=clock)
+
+
+def test_a_final_result_is_remembered_with_its_outcome() -> None:
+    seen = window(Clock())
+    assert seen.add(canceled("c-1", offset=7), on_topic=True)
+    entry = seen.get("c-1")
+    assert entry is not None and entry.on_topic
+    assert entry.first == FirstResult(
+        "strategy.canceled", None, "um_algo", "CANCELED", RecordAt("cmd", 1, 7), T0
+    )
+    assert entry.first.as_dict() == {
+        "type": "strategy.canceled",
+        "reason": None,
+        "route": "um_algo",
+        "order_status": "CANCELED",
+        "origin": {"topic": "cmd", "partition": 1, "offset": 7},
+        "completed_at": T0,
+    }
+    assert seen.get("c-2") is None
+
+
+def test_which_results_count() -> None:
+    seen = window(Clock())
+    assert seen.add(failed("c-1", "already_closed") | {"order_status": "FINISHED"}, on_topic=True)
+    assert seen.add(failed("c-2", "outcome_unknown"), on_topic=True)
+    # An invalid command counts when it has an id to key on, not without one.
+    assert seen.add(failed("c-3", "invalid_command"), on_topic=True)
+    assert not seen.add(failed(None, "invalid_command"), on_topic=True)
+    # Duplicates, other types, and results that are not shaped as the schema says do not.
+    assert not seen.add(canceled("c-4") | {"type": "cancel.duplicate"}, on_topic=True)
+    assert not seen.add(canceled("c-5") | {"type": "strategies.canceled"}, on_topic=True)
+    assert not seen.add(failed("c-6", "no_such_reason"), on_topic=True)
+    assert not seen.add(canceled("c-7") | {"route": None}, on_topic=True)
+    bad_origin = {"topic": "cmd", "partition": -1, "offset": 0}
+    assert not seen.add(canceled("c-8") | {"origin": bad_origin}, on_topic=True)
+    assert not seen.add(canceled("c-9") | {"completed_at": True}, on_topic=True)
+    assert not seen.add(failed("c-10", "rejected") | {"order_status": "GONE"}, on_topic=True)
+    assert not seen.add(canceled(""), on_topic=True)
+    assert len(seen) == 3
+    first = seen.get("c-1")
+    assert first is not None and first.first.reason == "already_closed"
+    assert first.first.order_status == "FINISHED" and first.first.type == "cancel.failed"
+
+
+def test_an_unknown_order_status_in_a_canceled_strategy_is_not_counted() -> None:
+    assert first_result_of(canceled("c-1") | {"strategy": {"status": "WEIRD"}}) is None
+    found = first_result_of(canceled("c-1") | {"strategy": None})
+    assert found is not None and found[1].order_status is None
+
+
+def test_entries_are_forgotten_when_their_result_leaves_the_window() -> None:
+    clock = Clock()
+    seen = window(clock)
+    seen.add(canceled("old", completed_at=T0 - HOUR + 1_000), on_topic=True)
+    seen.add(canceled("new", completed_at=T0), on_topic=True)
+    # Already out of the window when it arrives (read from the topic, say): not stored.
+    assert not seen.add(canceled("older", completed_at=T0 - HOUR - 1), on_topic=True)
+    assert seen.get("old") is not None and len(seen) == 2
+    clock.now += 1_000  # "old" completed exactly one window ago: still in
+    assert seen.get("old") is not None
+    clock.now += 1
+    assert seen.get("old") is None and seen.get("new") is not None
+    clock.now += HOUR
+    assert seen.get("new") is None and len(seen) == 0
+
+
+def test_beyond_max_entries_the_oldest_go_first() -> None:
+    seen = window(Clock(), max_entries=3)
+    # Arrival order is not completion order (several partitions, several members).
+    for command_id, at in (("b", T0 - 20), ("a", T0 - 30), ("d", T0), ("c", T0 - 10)):
+        seen.add(canceled(command_id, completed_at=at), on_topic=True)
+    assert len(seen) == 3
+    assert [c for c in "abcd" if seen.get(c) is not None] == ["b", "c", "d"]
+    # A result older than everything held is dropped at once when the window is full.
+    assert not seen.add(canceled("z", completed_at=T0 - 100), on_topic=True)
+    assert seen.get("z") is None and len(seen) == 3
+
+
+def test_the_first_result_stays() -> None:
+    seen = window(Clock())
+    seen.add(canceled("c-1", offset=1), on_topic=True)
+    # A later result for the id, from another record or the same one: the first stays.
+    assert not seen.add(failed("c-1", "already_closed", offset=2), on_topic=True)
+    assert not seen.add(failed("c-1", "already_closed", offset=1), on_topic=False)
+    entry = seen.get("c-1")
+    assert entry is not None and entry.first.origin.offset == 1
+    assert entry.first.type == "strategy.canceled"
+
+
+def test_what_is_on_the_topic_replaces_what_was_only_recorded_here() -> None:
+    seen = window(Clock())
+    seen.add(failed("c-1", "outcome_unknown", offset=1), on_topic=False)
+    # The same record answered again (its first answer may be lost): the new answer stands.
+    assert seen.add(canceled("c-1", offset=1), on_topic=False)
+    entry = seen.get("c-1")
+    assert entry is not None and entry.first.type == "strategy.canceled" and not entry.on_topic
+    # Another record's answer recorded here does not replace it...
+    assert not seen.add(failed("c-1", "already_closed", offset=2), on_topic=False)
+    # ...but one read back from the topic does, and then it is final.
+    assert seen.add(failed("c-1", "already_closed", offset=3), on_topic=True)
+    entry = seen.get("c-1")
+    assert entry is not None and entry.on_topic and entry.first.origin.offset == 3
+    assert not seen.add(canceled("c-1", offset=3), on_topic=True)
+
+
+def test_a_result_read_back_marks_its_entry_as_on_the_topic() -> None:
+    seen = window(Clock())
+    seen.add(canceled("c-1", offset=4), on_topic=False)
+    seen.add(canceled("c-1", offset=4), on_topic=True)
+    entry = seen.get("c-1")
+    assert entry is not None and entry.on_topic
+
+
+def test_replacements_do_not_let_the_bookkeeping_grow() -> None:
+    clock = Clock()
+    seen = window(clock, max_entries=10)
+    for i in range(5_000):
+        # The same record answered again and again: each answer replaces the last.
+        seen.add(canceled("same", offset=3, completed_at=T0 + i), on_topic=False)
+        clock.now = T0 + i
+    assert len(seen) == 1 and len(seen._heap) <= 2 * len(seen) + 1024
+    entry = seen.get("same")
+    assert entry is not None and entry.first.completed_at == T0 + 4_999
+
+
+def test_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        SeenCommands(0, 10)
+    with pytest.raises(ValueError, match="positive"):
+        SeenCommands(10, 0)
+
+
+def test_settings() -> None:
+    assert Settings().dedup_window_ms == HOUR and Settings().dedup_max_entries == 1_000_000
+    Settings(dedup_window_ms=0).check()  # off
+    with pytest.raises(SettingsError, match="DEDUP_WINDOW_MS must not be negative"):
+        Settings(dedup_window_ms=-1).check()
+    with pytest.raises(SettingsError, match="DEDUP_MAX_ENTRIES must be positive"):
+        Settings(dedup_max_entries=0).check()
