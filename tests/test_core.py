@@ -304,3 +304,24 @@ def test_library_log_noise_is_rate_limited_and_counted() -> None:
     first = record("aiokafka.client")
     assert limit.filter(first)
     assert "[997 similar line(s) suppressed]" in first.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CANCEL_WORKER_DEADLETTER_MAX_BYTES": "4000"}, "DEADLETTER_MAX_BYTES must be at least"),
+        ({"CANCEL_WORKER_DELIVERY": "maybe_once"}, "DELIVERY must be one of"),
+        (
+            {"CANCEL_WORKER_SESSION_TIMEOUT_MS": "6000"},
+            "REVOKE_GRACE_S \\+ CANCEL_WORKER_COMMIT_TIMEOUT_S",
+        ),
+        (
+            {"CANCEL_WORKER_SESSION_TIMEOUT_MS": "8000", "CANCEL_WORKER_REVOKE_GRACE_S": "1"},
+            "HEARTBEAT_INTERVAL_MS must be at most a third",
+        ),
+        ({"CANCEL_WORKER_MAX_BUFFERED_PER_PARTITION": "10"}, "at least CANCEL_WORKER_MAX_POLL"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ENV_PREFIX = "CANCEL_WORKER_"
 DELIVERY_MODES = ("exactly_once", "at_least_once")
+MIN_DEADLETTER_BYTES = 8192  # worker.processor refuses less with its default key bound
 
 
 class SettingsError(ValueError):
@@ -109,6 +110,11 @@ class Settings:
         for name in ("papi_url", "time_url"):
             if not str(getattr(self, name)).startswith(("http://", "https://")):
                 raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be an http(s) URL")
+        if self.deadletter_max_bytes < MIN_DEADLETTER_BYTES:
+            # A dead-letter copy holds a key of up to 4096 bytes plus the origin headers.
+            raise SettingsError(
+                f"{ENV_PREFIX}DEADLETTER_MAX_BYTES must be at least {MIN_DEADLETTER_BYTES}"
+            )
         if self.delivery not in DELIVERY_MODES:
             raise SettingsError(f"{ENV_PREFIX}DELIVERY must be one of {', '.join(DELIVERY_MODES)}")
         for name in ("shutdown_grace_s", "revoke_grace_s", "dedup_window_ms"):
