@@ -14,6 +14,7 @@ import collections
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from aiokafka import AIOKafkaProducer
 
 from tests.support import (
     SimControl,
+    Topics,
     command,
     events_of,
     fresh_topics,
@@ -32,6 +34,7 @@ from tests.support import (
     worker_settings,
 )
 from worker.devstack import Broker, Process, start_worker
+from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -145,14 +148,50 @@ def fast_limits(sim: SimControl) -> dict[str, Any]:
     return {"rate_order_limit": 1_000_000, "rate_weight_limit": 1_000_000}
 
 
+@dataclass
+class Scenario:
+    """Fresh topics, seeded orders with one command each, and the workers' environment."""
+
+    topics: Topics
+    orders: list[dict[str, Any]]
+    commands: list[dict[str, Any]]
+    settings: Settings
+
+    @property
+    def env(self) -> dict[str, str]:
+        return worker_env(self.settings)
+
+    async def check(self, bootstrap: str, sim: SimControl) -> None:
+        """Read the results topic to its end and check the delivery invariants."""
+        events = await results_so_far(bootstrap, self.topics.results)
+        check_exactly_once_in_order(events, self.commands, self.orders, sim)
+
+
+async def scenario(
+    broker: Broker,
+    sim: SimControl,
+    accounts_file: Path,
+    *,
+    total: int,
+    keys: int,
+    prefix: str,
+    partitions: int = 6,
+    **overrides: Any,
+) -> Scenario:
+    topics = await fresh_topics(broker.bootstrap, partitions=partitions)
+    orders, commands = seed_commands(sim, total, keys=keys, prefix=prefix)
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, **fast_limits(sim), **overrides
+    )
+    return Scenario(topics, orders, commands, settings)
+
+
 async def test_sigkill_at_five_random_moments_gives_exactly_one_result_each(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
     total = 5000
-    topics = await fresh_topics(broker.bootstrap, partitions=6)
-    orders, commands = seed_commands(sim, total, keys=50, prefix="crash")
-    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file, **fast_limits(sim))
-    env = worker_env(settings)
+    run = await scenario(broker, sim, accounts_file, total=total, keys=50, prefix="crash")
+    topics, commands, env = run.topics, run.commands, run.env
     feeder = asyncio.create_task(feed(broker.bootstrap, topics.commands, commands, per_s=250))
     rng = random.Random(20261121)
     kill_points = sorted(rng.sample(range(300, total - 500), 5))
@@ -176,20 +215,17 @@ async def test_sigkill_at_five_random_moments_gives_exactly_one_result_each(
     finally:
         code = last.stop()
     assert code == 0, last.output()[-3000:]
-    events = await results_so_far(broker.bootstrap, topics.results)
-    check_exactly_once_in_order(events, commands, orders, sim)
+    await run.check(broker.bootstrap, sim)
 
 
 async def test_scale_out_and_a_member_killed_keep_exactly_one_result(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
     total = 3000
-    topics = await fresh_topics(broker.bootstrap, partitions=6)
-    orders, commands = seed_commands(sim, total, keys=60, prefix="scale")
-    settings = worker_settings(
-        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=16, **fast_limits(sim)
+    run = await scenario(
+        broker, sim, accounts_file, total=total, keys=60, prefix="scale", max_in_flight=16
     )
-    env = worker_env(settings)
+    topics, commands, env = run.topics, run.commands, run.env
     members = [start_worker(env) for _ in range(3)]
     for m in members:
         m.wait_for_line("partitions assigned", 60)
@@ -202,25 +238,30 @@ async def test_scale_out_and_a_member_killed_keep_exactly_one_result(
         joiner = start_worker(env)  # ... and add another
         members.append(joiner)
         await feeder
-        events = await wait_for_results(broker.bootstrap, topics.results, total, 240, members)
+        await wait_for_results(broker.bootstrap, topics.results, total, 240, members)
     finally:
         codes = [m.stop() for m in members[1:]]
     assert codes == [0, 0, 0], [m.output()[-2000:] for m in members[1:]]
     assert "partitions assigned" in joiner.output()
-    events = await results_so_far(broker.bootstrap, topics.results)
-    check_exactly_once_in_order(events, commands, orders, sim)
+    await run.check(broker.bootstrap, sim)
 
 
 async def test_broker_stopped_for_20s_the_same_process_finishes_the_run(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
     total = 1500
-    topics = await fresh_topics(broker.bootstrap, partitions=3)
-    orders, commands = seed_commands(sim, total, keys=20, prefix="outage")
-    settings = worker_settings(
-        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=16, **fast_limits(sim)
+    run = await scenario(
+        broker,
+        sim,
+        accounts_file,
+        total=total,
+        keys=20,
+        prefix="outage",
+        partitions=3,
+        max_in_flight=16,
     )
-    worker = start_worker(worker_env(settings))
+    topics, commands = run.topics, run.commands
+    worker = start_worker(run.env)
     try:
         worker.wait_for_line("partitions assigned", 60)
         await produce_commands(broker.bootstrap, topics.commands, commands[: total // 2])
@@ -232,7 +273,7 @@ async def test_broker_stopped_for_20s_the_same_process_finishes_the_run(
         broker.restart()
         outage_s = time.monotonic() - down_at
         await produce_commands(broker.bootstrap, topics.commands, commands[total // 2 :])
-        events = await wait_for_results(broker.bootstrap, topics.results, total, 240, [worker])
+        await wait_for_results(broker.bootstrap, topics.results, total, 240, [worker])
         assert worker.proc.poll() is None
     finally:
         code = worker.stop()
@@ -241,8 +282,7 @@ async def test_broker_stopped_for_20s_the_same_process_finishes_the_run(
     out = worker.output()
     assert out.count("Kafka unreachable") <= 2, "the outage is said once (publish, and start-up)"
     assert "reachable again" in out
-    events = await results_so_far(broker.bootstrap, topics.results)
-    check_exactly_once_in_order(events, commands, orders, sim)
+    await run.check(broker.bootstrap, sim)
 
 
 async def test_hot_key_does_not_delay_other_partitions(
@@ -250,8 +290,8 @@ async def test_hot_key_does_not_delay_other_partitions(
 ) -> None:
     topics = await fresh_topics(broker.bootstrap, partitions=3)
     sim.configure(profile="latency")  # every cancel takes 20-150 ms at the exchange
-    hot_orders, hot = seed_commands(sim, 1000, keys=1, prefix="hot")
-    cold_orders, cold = seed_commands(sim, 6, keys=6, prefix="cold", first_key=10)
+    _, hot = seed_commands(sim, 1000, keys=1, prefix="hot")
+    _, cold = seed_commands(sim, 6, keys=6, prefix="cold", first_key=10)
     settings = worker_settings(
         broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=4, **fast_limits(sim)
     )
@@ -285,7 +325,6 @@ async def test_hot_key_does_not_delay_other_partitions(
         worker.stop()
     assert hot_done < 500, "the hot key was still draining when the others were answered"
     assert waited < 5, waited
-    del hot_orders, cold_orders
 
 
 async def test_a_paused_member_that_lost_its_partitions_is_fenced(
@@ -294,12 +333,10 @@ async def test_a_paused_member_that_lost_its_partitions_is_fenced(
     """SIGSTOP one member past its session timeout, let the other take its partitions over,
     then SIGCONT it: whatever it had in hand is fenced, nothing is answered twice."""
     total = 2000
-    topics = await fresh_topics(broker.bootstrap, partitions=6)
-    orders, commands = seed_commands(sim, total, keys=40, prefix="zombie")
-    settings = worker_settings(
-        broker.bootstrap, topics, sim.url, accounts_file, max_in_flight=16, **fast_limits(sim)
+    run = await scenario(
+        broker, sim, accounts_file, total=total, keys=40, prefix="zombie", max_in_flight=16
     )
-    env = worker_env(settings)
+    topics, commands, env = run.topics, run.commands, run.env
     zombie, owner = start_worker(env), start_worker(env)
     try:
         for m in (zombie, owner):
@@ -321,8 +358,7 @@ async def test_a_paused_member_that_lost_its_partitions_is_fenced(
         codes = [zombie.stop(), owner.stop()]
     assert codes[1] == 0, owner.output()[-2000:]
     assert codes[0] in (0, 4), zombie.output()[-2000:]  # it may have had work cancelled
-    events = await results_so_far(broker.bootstrap, topics.results)
-    check_exactly_once_in_order(events, commands, orders, sim)
+    await run.check(broker.bootstrap, sim)
 
 
 async def test_shutdown_bound_and_second_signal(
@@ -331,7 +367,7 @@ async def test_shutdown_bound_and_second_signal(
     """A cancel hung at the exchange: one SIGTERM waits SHUTDOWN_GRACE_S, cancels it, says
     so in one line and exits 4; a second SIGTERM during the drain exits 3 at once."""
     topics = await fresh_topics(broker.bootstrap, partitions=1)
-    orders, commands = seed_commands(sim, 2, keys=1, prefix="hang")
+    _, commands = seed_commands(sim, 2, keys=1, prefix="hang")
     settings = worker_settings(
         broker.bootstrap,
         topics,
@@ -367,4 +403,3 @@ async def test_shutdown_bound_and_second_signal(
         else:
             assert "exiting at once" in out and took < 5
         assert "Traceback" not in out, out[-3000:]
-    del orders
