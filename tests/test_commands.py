@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.commands import Command, InvalidCommand, Market, decode, encode
-from worker.contracts import command_validator
+from worker.contracts import COMMAND_SCHEMA, command_validator, load_schema
 
 BASE = {
     "command_id": "c-1",
@@ -154,11 +157,96 @@ field_names = st.sampled_from(
 )
 
 
+def _schema_pattern(field: str) -> str:
+    schema = load_schema(COMMAND_SCHEMA)
+    prop = schema["properties"][field]
+    if "$ref" in prop:
+        prop = schema["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
+    pattern = prop["pattern"]
+    assert isinstance(pattern, str)
+    assert pattern.startswith("^") and pattern.endswith("$")
+    return pattern[1:-1]
+
+
+# The string fields that go into a request, an event key or a log line, each with the body
+# of its schema pattern (`^body$`): the whole value must match the body.
+PATTERNED = {
+    name: re.compile(_schema_pattern(name))
+    for name in ("command_id", "account", "symbol", "client_strategy_id", "client_algo_id")
+}
+
+
+def _assert_fields_fullmatch(command: Command) -> None:
+    for name, pattern in PATTERNED.items():
+        value = getattr(command, name)
+        assert value is None or pattern.fullmatch(value), (name, value)
+
+
+@st.composite
+def valid_commands(draw: st.DrawFn) -> dict[str, Any]:
+    """Commands the schema accepts, of every identifier kind."""
+
+    def text(name: str) -> str:
+        return draw(st.from_regex(PATTERNED[name], fullmatch=True))
+
+    ident = draw(
+        st.sampled_from(["strategy_id", "client_strategy_id", "algo_id", "client_algo_id"])
+    )
+    algo = ident in ("algo_id", "client_algo_id")
+    obj: dict[str, Any] = {
+        "command_id": text("command_id"),
+        "account": text("account"),
+        "market": "UM" if algo else draw(st.sampled_from(["UM", "CM"])),
+        "issued_at": draw(st.integers(0, 253402300799999)),
+    }
+    if ident in ("strategy_id", "algo_id"):
+        obj[ident] = draw(st.integers(1, 2**63 - 1))
+    else:
+        obj[ident] = text(ident)
+    if not algo or draw(st.booleans()):
+        obj["symbol"] = text("symbol")
+    return obj
+
+
+@settings(max_examples=200, deadline=None)
+@given(valid_commands())
+def test_valid_commands_decode_to_fields_that_fullmatch(obj: dict[str, Any]) -> None:
+    result = decode(orjson.dumps(obj))
+    assert isinstance(result, Command), result
+    _assert_fields_fullmatch(result)
+
+
+# Every C0 and C1 control character, DEL, and the Unicode line and paragraph separators.
+control_chars = st.characters(categories=["Cc"]) | st.sampled_from(["\u2028", "\u2029"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(valid_commands(), st.data())
+def test_a_control_character_in_a_patterned_field_is_always_rejected(
+    obj: dict[str, Any], data: st.DataObject
+) -> None:
+    r"""A trailing "\n" (Python's `$` matches before it), "\r\n", or any control character
+    anywhere: never a Command, never salvaged into the failure event."""
+    field = data.draw(st.sampled_from(sorted(PATTERNED.keys() & obj.keys())), label="field")
+    value: str = obj[field]
+    extra = data.draw(st.sampled_from(["\n", "\r\n", "\n\n"]) | control_chars, label="extra")
+    at = data.draw(st.sampled_from([len(value), 0]) | st.integers(0, len(value)), label="at")
+    bad = {**obj, field: value[:at] + extra + value[at:]}
+    result = decode(orjson.dumps(bad))
+    assert isinstance(result, InvalidCommand), (field, bad[field])
+    assert not command_validator().is_valid(bad)
+    assert getattr(result, field, None) is None
+    assert field in result.detail, result.detail
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     st.dictionaries(
         field_names,
-        json_values | st.sampled_from(["UM", "CM", "BTCUSDT", "c-1", 5, 1795260543136]),
+        json_values
+        | st.sampled_from(
+            ["UM", "CM", "BTCUSDT", "c-1", 5, 1795260543136, "BTCUSDT\n", "c-1\n", "a\r\n"]
+        ),
         max_size=8,
     )
 )
@@ -169,6 +257,7 @@ def test_decode_agrees_with_the_schema(obj: dict[str, object]) -> None:
     if isinstance(result, Command):
         ids = [result.strategy_id, result.client_strategy_id, result.algo_id, result.client_algo_id]
         assert sum(i is not None for i in ids) == 1
+        _assert_fields_fullmatch(result)
 
 
 @settings(max_examples=300, deadline=None)

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker import events, normalize
 from worker.commands import Command, InvalidCommand, Market, decode
-from worker.contracts import command_validator, result_validator, schema_dir
+from worker.contracts import (
+    COMMAND_SCHEMA,
+    RESULT_SCHEMA,
+    StrictValidator,
+    command_validator,
+    ecma_anchors,
+    load_schema,
+    result_validator,
+    schema_dir,
+)
 from worker.dedup import first_result_of
 from worker.errors import FailureReason
 from worker.events import ExchangeReply, Origin
@@ -159,3 +175,219 @@ def test_duplicate_events_carry_any_first_result_the_code_builds(first: dict[str
         first.get("reason"),
     )
     assert event["attempts"] == 0 and event["origin"]["offset"] == 9
+
+
+# --- `pattern`: ECMA-262 semantics, where `$` is the end of the string ---------------------
+
+
+def _walk_patterns(node: object, where: str) -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                yield where, value
+            else:
+                yield from _walk_patterns(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk_patterns(value, f"{where}/{i}")
+
+
+def _walk_keys(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key
+            yield from _walk_keys(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk_keys(value)
+
+
+PATTERNS = [
+    (f"{name}#{where}", pattern)
+    for name in (COMMAND_SCHEMA, RESULT_SCHEMA)
+    for where, pattern in _walk_patterns(load_schema(name), "")
+]
+UNIQUE_PATTERNS = sorted({pattern for _, pattern in PATTERNS})
+
+
+def _ends_with_unescaped_dollar(pattern: str) -> bool:
+    backslashes = len(pattern[:-1]) - len(pattern[:-1].rstrip("\\"))
+    return pattern.endswith("$") and backslashes % 2 == 0
+
+
+def _outside_the_common_subset(body: str) -> list[str]:
+    r"""What in the body of a `^body$` pattern could make Python and ECMA-262 disagree even
+    with the end anchor fixed: anchors, `.`, a top-level `|`, class escapes (`\d`, `\w`,
+    `\s`, `\b`: Unicode in one and ASCII in the other), `(?` constructs, nested classes."""
+    problems: list[str] = []
+    depth, in_class, i = 0, False, 0
+    while i < len(body):
+        char = body[i]
+        if char == "\\":
+            escaped = body[i + 1 : i + 2]
+            if not escaped or escaped.isalnum():
+                problems.append(f"escape \\{escaped} at {i}")
+            i += 2
+            continue
+        if in_class:
+            if char == "[":
+                problems.append(f"nested class at {i}")
+            elif char == "]":
+                in_class = False
+        elif char == "[":
+            in_class = True
+            if body[i + 1 : i + 2] == "]" or body[i + 1 : i + 3] == "^]":
+                problems.append(f"class starting with ] at {i}")
+        elif char in "^$.":
+            problems.append(f"{char} outside a class at {i}")
+        elif char == "(":
+            if body[i + 1 : i + 2] == "?":
+                problems.append(f"(? at {i}")
+            depth += 1
+        elif char == ")":
+            depth -= 1
+        elif char == "|" and depth == 0:
+            problems.append(f"top-level | at {i}")
+        i += 1
+    return problems
+
+
+def test_the_schemas_have_patterns_and_no_pattern_properties() -> None:
+    assert len(PATTERNS) >= 6, PATTERNS
+    for name in (COMMAND_SCHEMA, RESULT_SCHEMA):
+        keys = set(_walk_keys(load_schema(name)))
+        # Our `pattern` keyword is the only regex the validator fixes; these use Python's.
+        assert not keys & {"patternProperties", "propertyNames"}, name
+
+
+@pytest.mark.parametrize(("where", "pattern"), PATTERNS, ids=[w for w, _ in PATTERNS])
+def test_every_pattern_is_anchored_and_portable(where: str, pattern: str) -> None:
+    """`^...$` so that every validator, in any language, matches the whole string; and
+    nothing inside on which Python and ECMA-262 read differently."""
+    assert pattern.startswith("^"), where
+    assert _ends_with_unescaped_dollar(pattern), where
+    assert _outside_the_common_subset(pattern[1:-1]) == [], where
+
+
+def _ours(pattern: str, text: str) -> bool:
+    return bool(StrictValidator({"pattern": pattern}).is_valid(text))
+
+
+def _ecma(pattern: str, text: str) -> bool:
+    """ECMA-262 `new RegExp(pattern).test(text)` for a `^body$` pattern whose body is in the
+    common subset: `^` is the start and `$` the end of the string, so the body must match
+    the whole string."""
+    return re.fullmatch(pattern[1:-1], text) is not None
+
+
+def _probes(sample: str) -> list[str]:
+    middle = len(sample) // 2
+    return [
+        sample,
+        sample + "\n",
+        "\n" + sample,
+        sample + "\r\n",
+        sample + "\r",
+        sample[:middle] + "\n" + sample[middle:],
+        sample + "\n\n",
+        sample + "\u2028",
+        sample + "\x00",
+        sample + " ",
+        "",
+        "\n",
+        "\r\n",
+    ]
+
+
+def _samples(pattern: str) -> st.SearchStrategy[str]:
+    return st.from_regex(pattern[1:-1], fullmatch=True)
+
+
+@pytest.mark.parametrize("pattern", UNIQUE_PATTERNS)
+@settings(max_examples=50, deadline=None)
+@given(data=st.data())
+def test_our_pattern_agrees_with_ecma(pattern: str, data: st.DataObject) -> None:
+    sample = data.draw(_samples(pattern), label="sample")
+    assert _ours(pattern, sample) and _ecma(pattern, sample)
+    for probe in _probes(sample):
+        assert _ours(pattern, probe) == _ecma(pattern, probe), (pattern, probe)
+        if probe != sample:
+            assert not _ours(pattern, probe), (pattern, probe)
+
+
+@pytest.mark.parametrize("pattern", UNIQUE_PATTERNS)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_python_dollar_accepts_a_trailing_newline_ours_does_not(
+    pattern: str, data: st.DataObject
+) -> None:
+    """The defect: `re.search` with a plain `$` takes "x\n" for "x"."""
+    sample = data.draw(_samples(pattern), label="sample")
+    assert re.search(pattern, sample + "\n")
+    assert not _ours(pattern, sample + "\n")
+    assert ecma_anchors(pattern).endswith(r"\Z")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("^a$", r"^a\Z"),
+        (r"^a\$$", r"^a\$\Z"),
+        (r"^a\\$", r"^a\\\Z"),
+        ("^[$]$", r"^[$]\Z"),
+        ("^[]$]$", r"^[]$]\Z"),
+        ("^[^]$]$", r"^[^]$]\Z"),
+        ("^(a$|b)$", r"^(a\Z|b)\Z"),
+        (r"^[\]$]$", r"^[\]$]\Z"),
+        ("^a", "^a"),
+    ],
+)
+def test_ecma_anchors_rewrites_only_end_anchors(pattern: str, expected: str) -> None:
+    assert ecma_anchors(pattern) == expected
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="no node on PATH for a real ECMA-262 engine")
+@settings(max_examples=5, deadline=None)
+@given(samples=st.tuples(*(_samples(pattern) for pattern in UNIQUE_PATTERNS)))
+def test_our_patterns_agree_with_a_real_ecma_engine(samples: tuple[str, ...]) -> None:
+    cases = [
+        (pattern, probe)
+        for pattern, sample in zip(UNIQUE_PATTERNS, samples, strict=True)
+        for probe in _probes(sample)
+    ]
+    script = (
+        "let s='';process.stdin.on('data',d=>s+=d).on('end',()=>{"
+        "const cases=JSON.parse(s);"
+        "process.stdout.write(JSON.stringify(cases.map(([p,t])=>new RegExp(p,'u').test(t))));});"
+    )
+    assert NODE is not None
+    done = subprocess.run(
+        [NODE, "-e", script], input=json.dumps(cases), capture_output=True, text=True, check=True
+    )
+    ecma = json.loads(done.stdout)
+    ours = [_ours(pattern, probe) for pattern, probe in cases]
+    assert ours == ecma, [c for c, o, e in zip(cases, ours, ecma, strict=True) if o != e]
+
+
+@pytest.mark.parametrize("route", [Route.UM_CONDITIONAL, Route.CM_CONDITIONAL])
+@pytest.mark.parametrize("bad", ["1.50\n", "\n1.50", "1.50\r\n", "1.\n50", "1.50\x00"])
+def test_exchange_decimals_with_a_newline_become_null_not_a_bad_event(
+    route: Route, bad: str
+) -> None:
+    obj = {"strategyId": 7, "strategyStatus": "CANCELED", "origQty": bad, "stopPrice": bad}
+    strategy = normalize.from_strategy_object(obj, route)
+    assert strategy["orig_qty"] is None and strategy["stop_price"] is None
+    result_validator().validate(events.canceled(CMD, ORIGIN, route, strategy, 1, 10, 11))
+    algo = normalize.from_algo_object({"algoId": 9, "algoStatus": "CANCELED", "quantity": bad})
+    assert algo["orig_qty"] is None
+
+
+def test_a_command_id_with_a_newline_is_not_salvaged_into_the_event() -> None:
+    invalid = decode(orjson.dumps({"command_id": "c1\n", "account": "desk\n", "market": "UM"}))
+    assert isinstance(invalid, InvalidCommand)
+    assert invalid.command_id is None and invalid.account is None
+    event = events.failed(invalid, ORIGIN, FailureReason.INVALID_COMMAND, invalid.detail, 0, 1, 2)
+    result_validator().validate(event)

@@ -1,4 +1,4 @@
-"""The JSON Schema contracts in ``schemas/``, loaded once and compiled.
+r"""The JSON Schema contracts in ``schemas/``, loaded once and compiled.
 
 The schemas are the single source of truth for commands and result events. They are
 read from the package (``worker/_schemas`` in a wheel) or, in a source checkout, from the
@@ -6,16 +6,24 @@ repository's ``schemas/`` folder.
 
 ``integer`` is narrowed to real JSON integers: JSON Schema counts ``1.0`` as an integer,
 but a float must never reach a signed request as ``strategyId=1.0``.
+
+``pattern`` follows ECMA-262, as JSON Schema says: ``$`` is the end of the string. Python's
+``$`` also matches before a final newline, so ``"BTCUSDT\n"`` would pass ``^[A-Z0-9_]{1,32}$``
+and reach the exchange as ``symbol=BTCUSDT%0A``. Every ``$`` outside a character class is
+compiled as ``\Z`` instead.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 from jsonschema import Draft202012Validator, FormatChecker
+from jsonschema.exceptions import ValidationError
 from jsonschema.protocols import Validator
 from jsonschema.validators import extend
 
@@ -27,9 +35,61 @@ def _is_strict_integer(_checker: object, instance: object) -> bool:
     return isinstance(instance, int) and not isinstance(instance, bool)
 
 
+def ecma_anchors(pattern: str) -> str:
+    """``pattern`` with each ``$`` that is an end anchor (unescaped, outside a character
+    class) written as ``\\Z``, so that Python matches it where ECMA-262 does: only at the
+    end of the string, never before a final newline. Everything else is kept as is."""
+    out: list[str] = []
+    in_class = False
+    i, n = 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if char == "\\" and i + 1 < n:
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            if char == "]":
+                in_class = False
+        elif char == "[":
+            in_class = True
+            # As Python reads it: a `]` first in the class (after an optional `^`) is literal.
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            out.append(pattern[i:j])
+            i = j
+            continue
+        elif char == "$":
+            out.append(r"\Z")
+            i += 1
+            continue
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """A schema ``pattern`` compiled with ECMA-262 end anchors (cached)."""
+    return re.compile(ecma_anchors(pattern))
+
+
+def _pattern(
+    validator: Validator, pattern: str, instance: object, _schema: object
+) -> Iterator[ValidationError]:
+    # As jsonschema's own `pattern` (a search, not a match), but `$` is the end of input.
+    if isinstance(instance, str) and not compile_pattern(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 _type_checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_strict_integer)
 # jsonschema's `extend` is untyped; the result is a validator class like the one it extends.
-StrictValidator = extend(Draft202012Validator, type_checker=_type_checker)  # type: ignore[no-untyped-call]
+StrictValidator = extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator, validators={"pattern": _pattern}, type_checker=_type_checker
+)
 
 
 def schema_dir() -> Path:
