@@ -12,12 +12,16 @@
     private_key_passphrase_file = "/run/secrets/desk-b/pass"   # optional
 
 Values read from files are stripped of surrounding whitespace, so Kubernetes secret
-mounts work as they are. Secrets never appear in ``repr`` or in error messages.
+mounts work as they are. Secrets never appear in ``repr`` or in error messages. An unknown
+field or top-level table (a misspelt ``secret_flie``) is refused, with a did-you-mean; only
+names are ever quoted, never values.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +32,28 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 
 from worker.signing import Ed25519Signer, HmacSigner, RsaSigner, Signer
 
+TABLES = ("accounts",)
+FIELDS = (
+    "api_key",
+    "api_key_file",
+    "secret",
+    "secret_file",
+    "private_key_file",
+    "private_key_passphrase",
+    "private_key_passphrase_file",
+)
+
 
 class AccountsError(ValueError):
     """The accounts file is missing, malformed or names a key that cannot be loaded."""
+
+
+def _unknown(what: str, name: str, known: Iterable[str]) -> AccountsError:
+    """The error for a name that is not in ``known`` (only names are quoted, never values)."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+    return AccountsError(f"{what} {name!r}{hint}")
 
 
 @dataclass(frozen=True)
@@ -92,13 +115,19 @@ def _private_key_signer(
 
 def parse_accounts(data: dict[str, Any], base: Path) -> dict[str, Credentials]:
     """Build credentials from parsed TOML; ``base`` resolves relative file paths."""
+    for name in data:
+        if name not in TABLES:
+            raise _unknown("unknown top-level table or key", name, TABLES)
     accounts = data.get("accounts")
     if not isinstance(accounts, dict) or not accounts:
-        raise AccountsError("accounts file has no [accounts.<alias>] tables")
+        raise AccountsError("no [accounts.<alias>] tables")
     result: dict[str, Credentials] = {}
     for alias, entry in accounts.items():
         if not isinstance(entry, dict):
             raise AccountsError(f"account {alias!r} must be a table")
+        for name in entry:
+            if name not in FIELDS:
+                raise _unknown(f"account {alias!r}: unknown field", name, FIELDS)
         api_key = _value(alias, entry, "api_key", base)
         if not api_key:
             raise AccountsError(f"account {alias!r}: api_key is required")
@@ -128,4 +157,7 @@ def load_accounts(path: Path) -> dict[str, Credentials]:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise AccountsError(f"accounts file {path} is not valid TOML: {exc}") from exc
-    return parse_accounts(data, path.parent)
+    try:
+        return parse_accounts(data, path.parent)
+    except AccountsError as exc:
+        raise AccountsError(f"accounts file {path}: {exc}") from None

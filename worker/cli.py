@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 import orjson
@@ -53,11 +53,24 @@ def configure_logging(level: str, fmt: str = "text") -> None:
 _library_noise = RateLimitFilter(prefixes=("aiokafka",), burst=5, interval_s=10.0)
 
 
+CONFIG_EXIT_CODE = 2  # worker.app.ExitCode.CONFIG, without importing the worker here
+
+
+class ConfigurationError(click.ClickException):
+    """A setting or file no worker can run with: one line on stderr, exit code 2."""
+
+    exit_code = CONFIG_EXIT_CODE
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        message = " ".join(self.format_message().split("\n"))
+        click.echo(f"configuration error: {message}", file=file, err=file is None)
+
+
 def _settings(config: Path | None, **overrides: object) -> Settings:
     try:
         return load_settings(os.environ, config, **overrides)
     except SettingsError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise ConfigurationError(str(exc)) from None
 
 
 config_option = click.option(
@@ -78,11 +91,22 @@ def cli() -> None:
 @config_option
 def run(config: Path | None) -> None:
     """Run the worker until SIGTERM/SIGINT (a second signal exits at once, code 3)."""
+    settings = _settings(config)  # checked in full, the log level too: no traceback below
+    configure_logging(settings.log_level, settings.log_format)
     from worker.app import serve  # noqa: PLC0415 - keeps `sim`/`send` start-up light
 
-    settings = _settings(config)
-    configure_logging(settings.log_level, settings.log_format)
-    sys.exit(int(asyncio.run(serve(settings))))
+    try:
+        code = asyncio.run(serve(settings))
+    except OSError as exc:
+        # serve() turns every failure of the running worker into an exit code; the one
+        # step before it that can raise is binding the metrics endpoint.
+        if not settings.metrics_port:
+            raise
+        raise ConfigurationError(
+            f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
+            f"(CANCEL_WORKER_METRICS_HOST / CANCEL_WORKER_METRICS_PORT): {exc}"
+        ) from None
+    sys.exit(int(code))
 
 
 @cli.command()
@@ -131,7 +155,11 @@ def run(config: Path | None) -> None:
     help="IP request weight per window.",
 )
 @click.option("--weight-window-ms", default=60_000, show_default=True, type=int)
-@click.option("--log-level", default="INFO")
+@click.option(
+    "--log-level",
+    default="INFO",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False),
+)
 def sim(
     host: str,
     port: int,
@@ -172,7 +200,7 @@ def sim(
         seed = orjson.loads(seed_file.read_bytes())["orders"] if seed_file is not None else []
         asyncio.run(serve_forever(load_accounts(accounts_file), host, port, config, seed))
     except AccountsError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise ConfigurationError(str(exc)) from None
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise click.ClickException(f"cannot seed the book from {seed_file}: {exc}") from exc
 
@@ -329,7 +357,7 @@ def check(config: Path | None, create_topics: bool, partitions: int, taxonomy: b
     try:
         accounts = load_worker_accounts(settings)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise ConfigurationError(str(exc)) from None
     click.echo(f"accounts: {', '.join(f'{a} ({c.key_kind})' for a, c in sorted(accounts.items()))}")
     if create_topics:
         topics = {

@@ -3,23 +3,58 @@
 Every setting has an environment variable ``CANCEL_WORKER_<NAME>`` and may also come from a
 TOML file given with ``--config`` (keys in lower case, same names). Precedence, lowest first:
 defaults, the TOML file, the environment. Nothing else in the package reads ``os.environ``.
+
+Configuration is checked before anything starts: an unknown ``CANCEL_WORKER_*`` variable or
+TOML key (with a did-you-mean), a value of the wrong kind, a number out of its range or
+settings that cannot work together raise :class:`SettingsError`, whose message names the
+variable, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ENV_PREFIX = "CANCEL_WORKER_"
 DELIVERY_MODES = ("exactly_once", "at_least_once")
+LOG_FORMATS = ("text", "json")
+# The standard logging level names (a fixed list: libraries may register more at import time).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")
 MIN_DEADLETTER_BYTES = 8192  # worker.processor refuses less with its default key bound
+# The producer's max_request_size and the consumer's fetch size (worker.kafka_io.MAX_RECORD_BYTES,
+# kept equal by a test): a command or dead-letter copy above it can never be sent or read.
+MAX_KAFKA_RECORD_BYTES = 4 * 1024 * 1024
+# Kafka broker defaults: group.min.session.timeout.ms / group.max.session.timeout.ms (a broker
+# refuses to let a member join outside them) and transaction.max.timeout.ms.
+MIN_SESSION_TIMEOUT_MS = 6_000
+MAX_SESSION_TIMEOUT_MS = 1_800_000
+MAX_TRANSACTION_TIMEOUT_MS = 900_000
+MAX_RECV_WINDOW_MS = 60_000  # the exchange refuses a larger recvWindow
+INT32_MAX = 2**31 - 1  # Kafka protocol timeouts are 32-bit
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+# CANCEL_WORKER_* environment names that are not settings, accepted and ignored (any other
+# unknown CANCEL_WORKER_* name is a configuration error). Nothing in this repository sets or
+# reads such a name (tests, demo, bench, deploy/ and the Makefile use setting names only);
+# what is left are the service links Kubernetes puts into every pod of a namespace that has a
+# Service named "cancel-worker": CANCEL_WORKER_SERVICE_HOST, CANCEL_WORKER_SERVICE_PORT,
+# CANCEL_WORKER_SERVICE_PORT_<PORT NAME>, CANCEL_WORKER_PORT and
+# CANCEL_WORKER_PORT_<N>_<PROTOCOL>[_PROTO|_PORT|_ADDR].
+OTHER_ENV_NAMES = re.compile(
+    r"CANCEL_WORKER_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?"
+    r"|PORT(?:_[0-9]+_(?:TCP|UDP|SCTP)(?:_PROTO|_PORT|_ADDR)?)?)"
+)
 
 
 class SettingsError(ValueError):
-    """A setting is missing or has a value of the wrong kind."""
+    """A setting is missing, unknown, of the wrong kind or out of its range."""
 
 
 @dataclass(frozen=True)
@@ -81,109 +116,292 @@ class Settings:
 
     def check(self) -> Settings:
         """Raise :class:`SettingsError` for values no worker can run with."""
-        positive = (
-            "max_in_flight",
-            "max_command_bytes",
-            "deadletter_max_bytes",
-            "max_attempts",
-            "recv_window_ms",
-            "http_max_connections",
-            "max_poll_records",
-            "default_deadline_ms",
-            "rate_weight_limit",
-            "rate_weight_window_ms",
-            "rate_order_limit",
-            "rate_order_window_ms",
-            "max_buffered_per_partition",
-            "transaction_timeout_ms",
-            "kafka_request_timeout_ms",
-            "session_timeout_ms",
-            "heartbeat_interval_ms",
-            "commit_timeout_s",
-            "dedup_max_entries",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be positive")
-        if self.recv_window_ms > 60_000:
-            raise SettingsError(f"{ENV_PREFIX}RECV_WINDOW_MS must be at most 60000")
-        for name in ("papi_url", "time_url"):
-            if not str(getattr(self, name)).startswith(("http://", "https://")):
-                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must be an http(s) URL")
-        if self.deadletter_max_bytes < MIN_DEADLETTER_BYTES:
-            # A dead-letter copy holds a key of up to 4096 bytes plus the origin headers.
-            raise SettingsError(
-                f"{ENV_PREFIX}DEADLETTER_MAX_BYTES must be at least {MIN_DEADLETTER_BYTES}"
-            )
-        if self.delivery not in DELIVERY_MODES:
-            raise SettingsError(f"{ENV_PREFIX}DELIVERY must be one of {', '.join(DELIVERY_MODES)}")
-        for name in ("shutdown_grace_s", "revoke_grace_s", "dedup_window_ms"):
-            if getattr(self, name) < 0:
-                raise SettingsError(f"{ENV_PREFIX}{name.upper()} must not be negative")
-        # A member that spends longer than the session timeout in a rebalance callback is
-        # expelled, and the group rebalances again: revocation must fit well inside it.
-        revoke_ms = (self.revoke_grace_s + self.commit_timeout_s) * 1000
-        if revoke_ms > self.session_timeout_ms / 2:
-            raise SettingsError(
-                f"{ENV_PREFIX}REVOKE_GRACE_S + {ENV_PREFIX}COMMIT_TIMEOUT_S "
-                f"({revoke_ms / 1000:g}s) must be at most half of "
-                f"{ENV_PREFIX}SESSION_TIMEOUT_MS ({self.session_timeout_ms} ms)"
-            )
-        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
-            raise SettingsError(
-                f"{ENV_PREFIX}HEARTBEAT_INTERVAL_MS must be at most a third of "
-                f"{ENV_PREFIX}SESSION_TIMEOUT_MS"
-            )
-        if self.max_buffered_per_partition < self.max_poll_records:
-            raise SettingsError(
-                f"{ENV_PREFIX}MAX_BUFFERED_PER_PARTITION must be at least "
-                f"{ENV_PREFIX}MAX_POLL_RECORDS ({self.max_poll_records})"
-            )
-        if self.log_format not in ("text", "json"):
-            raise SettingsError(f"{ENV_PREFIX}LOG_FORMAT must be text or json")
+        _check_kinds(self)
+        for name, bound in RANGES.items():
+            bound.check(name, getattr(self, name))
+        _check_text(self)
+        _check_relations(self)
         return self
+
+
+def env_name(name: str) -> str:
+    """A setting's environment variable: ``max_in_flight`` → ``CANCEL_WORKER_MAX_IN_FLIGHT``."""
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def _num(value: float) -> str:
+    """A number as people write it: 6000, 0.05, 1800000."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _show(value: object) -> str:
+    """A value for a message: numbers as written, text quoted (and cut) on one line."""
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a number may lie: ``low`` (inclusive unless ``open_low``) up to ``high``."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False  # "more than low": 0 for durations where zero cannot work
+    why: str = ""  # who imposes the bound, said after the range
+
+    def allowed(self) -> str:
+        low = _num(self.low)
+        if self.high is None:
+            return f"more than {low}" if self.open_low else f"{low} or more"
+        if self.open_low:
+            return f"more than {low} and at most {_num(self.high)}"
+        return f"{low}..{_num(self.high)}"
+
+    def check(self, name: str, value: float) -> None:
+        if value < self.low or (self.open_low and value == self.low):
+            if self.low == 0 and not self.open_low:
+                problem = "must not be negative"
+            elif self.low == 0 or (self.low == 1 and not self.open_low):
+                problem = "must be positive"
+            else:
+                problem = f"must be {'more than' if self.open_low else 'at least'} {_num(self.low)}"
+        elif self.high is not None and value > self.high:
+            problem = f"must be at most {_num(self.high)}"
+        else:
+            return
+        why = f"; {self.why}" if self.why else ""
+        raise SettingsError(
+            f"{env_name(name)} {problem}: got {_show(value)} (allowed: {self.allowed()}){why}"
+        )
+
+
+POSITIVE = Range(0, open_low=True)  # zero cannot work
+NON_NEGATIVE = Range(0)  # zero means "off" or "none"
+ONE_OR_MORE = Range(1)
+
+# Every numeric setting and its range; the relations between settings are checked after.
+RANGES: dict[str, Range] = {
+    "transaction_timeout_ms": Range(
+        1, MAX_TRANSACTION_TIMEOUT_MS, why="Kafka broker default transaction.max.timeout.ms"
+    ),
+    "kafka_request_timeout_ms": Range(1, INT32_MAX),
+    "max_in_flight": ONE_OR_MORE,
+    "max_buffered_per_partition": ONE_OR_MORE,
+    "max_command_bytes": Range(
+        1, MAX_KAFKA_RECORD_BYTES, why="the largest record the worker's Kafka clients move"
+    ),
+    "deadletter_max_bytes": Range(
+        MIN_DEADLETTER_BYTES,
+        MAX_KAFKA_RECORD_BYTES,
+        why="a dead-letter copy holds a key of up to 4096 bytes plus the origin headers, "
+        "and must fit in the largest record the worker's Kafka clients move",
+    ),
+    "session_timeout_ms": Range(
+        MIN_SESSION_TIMEOUT_MS,
+        MAX_SESSION_TIMEOUT_MS,
+        why="Kafka broker defaults group.min.session.timeout.ms, group.max.session.timeout.ms",
+    ),
+    "heartbeat_interval_ms": ONE_OR_MORE,
+    "max_poll_records": ONE_OR_MORE,
+    "shutdown_grace_s": NON_NEGATIVE,
+    "revoke_grace_s": NON_NEGATIVE,
+    "commit_timeout_s": POSITIVE,
+    "dedup_window_ms": NON_NEGATIVE,
+    "dedup_max_entries": ONE_OR_MORE,
+    "http_timeout_s": POSITIVE,
+    "http_connect_timeout_s": POSITIVE,
+    "http_max_connections": ONE_OR_MORE,
+    "recv_window_ms": Range(1, MAX_RECV_WINDOW_MS, why="the exchange refuses a larger recvWindow"),
+    "max_attempts": ONE_OR_MORE,
+    "backoff_initial_s": POSITIVE,
+    "backoff_max_s": POSITIVE,
+    "default_deadline_ms": ONE_OR_MORE,
+    "reconcile_budget_ms": NON_NEGATIVE,
+    "clock_refresh_s": POSITIVE,
+    "rate_weight_limit": ONE_OR_MORE,
+    "rate_weight_window_ms": ONE_OR_MORE,
+    "rate_order_limit": ONE_OR_MORE,
+    "rate_order_window_ms": ONE_OR_MORE,
+    "rate_guard_ms": NON_NEGATIVE,
+    "metrics_port": Range(0, 65535, why="0 turns the metrics endpoint off"),
+}
+
+
+def _check_kinds(s: Settings) -> None:
+    """Numbers must be numbers (and finite): settings may also be built in code."""
+    for f in fields(s):
+        value = getattr(s, f.name)
+        if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise SettingsError(f"{env_name(f.name)} must be a whole number: got {_show(value)}")
+        if f.type == "float":
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise SettingsError(f"{env_name(f.name)} must be a number: got {_show(value)}")
+            if not math.isfinite(value):
+                raise SettingsError(
+                    f"{env_name(f.name)} must be a finite number: got {_show(value)}"
+                )
+        if f.type == "str" and not isinstance(value, str):
+            raise SettingsError(f"{env_name(f.name)} must be text: got {_show(value)}")
+
+
+def _one_of(name: str, value: str, allowed: Iterable[str], *, fold: bool = False) -> None:
+    """``value`` must be one of ``allowed`` (``fold``: in any case, listed in lower case)."""
+    choices = list(allowed)
+    if (value.upper() if fold else value) not in choices:
+        listed = ", ".join(c.lower() for c in choices) if fold else ", ".join(choices)
+        raise SettingsError(
+            f"{env_name(name)} must be one of {listed}{' (any case)' if fold else ''}: "
+            f"got {_show(value)}"
+        )
+
+
+def _check_text(s: Settings) -> None:
+    for name in ("bootstrap_servers", "group_id", "client_id", "metrics_host"):
+        if not getattr(s, name).strip():
+            raise SettingsError(f"{env_name(name)} must not be empty")
+    for server in s.bootstrap_servers.split(","):
+        host, colon, port = server.strip().rpartition(":")
+        if not server.strip() or (colon and (not host or not port.isdigit())):
+            raise SettingsError(
+                f"{env_name('bootstrap_servers')} must be a comma-separated list of host:port: "
+                f"got {_show(s.bootstrap_servers)}"
+            )
+        if colon and not 0 < int(port) <= 65535:
+            raise SettingsError(
+                f"{env_name('bootstrap_servers')}: port {port} of {_show(server.strip())} "
+                "must be between 1 and 65535"
+            )
+    topics = ("commands_topic", "results_topic", "deadletter_topic")
+    for name in topics:
+        topic = getattr(s, name)
+        if not _TOPIC_NAME.fullmatch(topic) or topic in {".", ".."}:
+            raise SettingsError(
+                f"{env_name(name)} must be a Kafka topic name (1 to 249 of A-Z a-z 0-9 . _ -): "
+                f"got {_show(topic)}"
+            )
+    for i, first in enumerate(topics):
+        for second in topics[i + 1 :]:
+            if getattr(s, first) == getattr(s, second):
+                raise SettingsError(
+                    f"{env_name(first)} and {env_name(second)} must be different topics: "
+                    f"both are {_show(getattr(s, first))}"
+                )
+    for name in ("papi_url", "time_url"):
+        url = getattr(s, name)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise SettingsError(f"{env_name(name)} must be an http(s) URL: got {_show(url)}")
+    _one_of("delivery", s.delivery, DELIVERY_MODES)
+    _one_of("log_format", s.log_format, LOG_FORMATS)
+    _one_of("log_level", s.log_level, LOG_LEVELS, fold=True)
+
+
+def _check_relations(s: Settings) -> None:
+    # A member that spends longer than the session timeout in a rebalance callback is
+    # expelled, and the group rebalances again: revocation must fit well inside it.
+    revoke_ms = (s.revoke_grace_s + s.commit_timeout_s) * 1000
+    if revoke_ms > s.session_timeout_ms / 2:
+        raise SettingsError(
+            f"{env_name('revoke_grace_s')} + {env_name('commit_timeout_s')} "
+            f"({revoke_ms / 1000:g}s) must be at most half of "
+            f"{env_name('session_timeout_ms')} ({s.session_timeout_ms} ms)"
+        )
+    if s.heartbeat_interval_ms * 3 > s.session_timeout_ms:
+        raise SettingsError(
+            f"{env_name('heartbeat_interval_ms')} must be at most a third of "
+            f"{env_name('session_timeout_ms')}: got {s.heartbeat_interval_ms} with a "
+            f"session timeout of {s.session_timeout_ms} (allowed: 1..{s.session_timeout_ms // 3})"
+        )
+    # A JoinGroup request is answered only when the group has formed, which may take up to
+    # the session (rebalance) timeout; a shorter request timeout gives up on every rebalance.
+    if s.kafka_request_timeout_ms <= s.session_timeout_ms:
+        raise SettingsError(
+            f"{env_name('kafka_request_timeout_ms')} must be more than "
+            f"{env_name('session_timeout_ms')}: got {s.kafka_request_timeout_ms} with a "
+            f"session timeout of {s.session_timeout_ms}"
+        )
+    if s.max_buffered_per_partition < s.max_poll_records:
+        raise SettingsError(
+            f"{env_name('max_buffered_per_partition')} must be at least "
+            f"{env_name('max_poll_records')} ({s.max_poll_records}): "
+            f"got {s.max_buffered_per_partition}"
+        )
+    if s.backoff_initial_s > s.backoff_max_s:
+        raise SettingsError(
+            f"{env_name('backoff_initial_s')} must be at most {env_name('backoff_max_s')} "
+            f"({_num(s.backoff_max_s)}): got {_num(s.backoff_initial_s)}"
+        )
+    # A request within the guard of a window boundary counts in both neighbours; a guard
+    # wider than half a window would skip the window in between.
+    for window in ("rate_weight_window_ms", "rate_order_window_ms"):
+        if s.rate_guard_ms * 2 > getattr(s, window):
+            raise SettingsError(
+                f"{env_name('rate_guard_ms')} must be at most half of {env_name(window)} "
+                f"({getattr(s, window)}): got {s.rate_guard_ms}"
+            )
+
+
+def _did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
 
 
 def _coerce(name: str, type_name: object, raw: object) -> object:
     """Convert a TOML or environment value to the field's type (annotations are strings here)."""
-    label = f"{ENV_PREFIX}{name.upper()}"
+    label = env_name(name)
     if isinstance(raw, bool | dict | list):
-        raise SettingsError(f"{label}: expected a scalar value")
+        raise SettingsError(f"{label}: expected a single value, got a {type(raw).__name__}")
     text = str(raw).strip()
-    try:
-        if type_name == "int":
-            return int(text)
-        if type_name == "float":
-            return float(text)
-    except ValueError as exc:
-        raise SettingsError(f"{label}: cannot read {text[:40]!r} as {type_name}") from exc
+    if type_name in ("int", "float"):
+        try:
+            number: float | None = int(text) if type_name == "int" else float(text)
+        except ValueError:
+            number = None
+        if number is None or not math.isfinite(number):
+            kind = "a whole number" if type_name == "int" else "a finite number"
+            raise SettingsError(f"{label}: cannot read {_show(text)} as {kind}")
+        return number
     if type_name == "Path | None":
         return Path(text) if text else None
     return text
+
+
+def _from_file(config_file: Path, known: Mapping[str, object]) -> dict[str, object]:
+    try:
+        data = tomllib.loads(config_file.read_text("utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {config_file}: {exc}") from exc
+    values: dict[str, object] = {}
+    for key, raw in data.items():
+        name = key.lower()
+        if name not in known:
+            hint = _did_you_mean(name, known)
+            if name.startswith(ENV_PREFIX.lower()) and name[len(ENV_PREFIX) :] in known:
+                hint = f"; did you mean {name[len(ENV_PREFIX) :]}? (keys have no prefix here)"
+            raise SettingsError(f"config file {config_file}: unknown setting {key!r}{hint}")
+        values[name] = _coerce(name, known[name], raw)
+    return values
 
 
 def load_settings(
     environ: Mapping[str, str], config_file: Path | None = None, **overrides: object
 ) -> Settings:
     """Build settings from defaults, an optional TOML file, the environment, then overrides."""
-    values: dict[str, object] = {}
     known = {f.name: f.type for f in fields(Settings)}
-    if config_file is not None:
-        try:
-            data = tomllib.loads(config_file.read_text("utf-8"))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"cannot read config file {config_file}: {exc}") from exc
-        for key, raw in data.items():
-            name = key.lower()
-            if name not in known:
-                raise SettingsError(f"config file {config_file}: unknown setting {key!r}")
+    values = _from_file(config_file, known) if config_file is not None else {}
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name in known:
             values[name] = _coerce(name, known[name], raw)
-    for key, raw in environ.items():
-        if key.startswith(ENV_PREFIX):
-            name = key[len(ENV_PREFIX) :].lower()
-            if name in known:
-                values[name] = _coerce(name, known[name], raw)
-    for name, raw in overrides.items():
-        if raw is not None:
-            values[name] = _coerce(name, known[name], raw)
+        elif not OTHER_ENV_NAMES.fullmatch(key):
+            hint = _did_you_mean(name.upper(), (n.upper() for n in known), ENV_PREFIX)
+            raise SettingsError(f"unknown environment variable {key}{hint}")
+    for field_name, value in overrides.items():
+        if value is not None:
+            values[field_name] = _coerce(field_name, known[field_name], value)
     return dataclasses.replace(Settings(), **values).check()  # type: ignore[arg-type]
