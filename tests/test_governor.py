@@ -38,19 +38,19 @@ def test_requests_near_a_boundary_count_in_both_windows() -> None:
     boundary an uncertain request lands on, and a request still in flight when a window
     opens counts there too."""
     budget = WindowBudget(limit=2, window_ms=1_000, guard_ms=100)
-    budget.take(1_950)  # within the guard of the 2000 boundary: windows 1 and 2
-    budget.take(1_960)
+    first = budget.take(1_950)  # within the guard of the 2000 boundary: windows 1 and 2
+    second = budget.take(1_960)
+    assert first == second == {1, 2}
     assert not budget.has_room(2_050)  # window 2 already holds two possible arrivals
     assert budget.has_room(2_200) is False
-    budget.settle(2_400)  # both answered (or given up on) inside window 2
-    budget.settle(2_400)
+    budget.settle(2_400, first)  # both answered (or given up on) inside window 2
+    budget.settle(2_400, second)
     assert budget.has_room(3_100)
     exchange_counts: dict[int, int] = {}
     budget = WindowBudget(limit=5, window_ms=1_000, guard_ms=100)
     for t in range(0, 5_000, 7):
         if budget.has_room(t):
-            budget.take(t)
-            budget.settle(t + 5)  # answered a few ms later
+            budget.settle(t + 5, budget.take(t))  # answered a few ms later
             for index in {(t - 100) // 1_000, (t + 100) // 1_000}:  # any skew within the guard
                 exchange_counts[index] = exchange_counts.get(index, 0) + 1
     assert max(exchange_counts.values()) <= 5
@@ -72,7 +72,8 @@ async def test_429_pauses_the_ip_then_reopens_gradually() -> None:
     clock = FakeClock()
     settings = GovernorSettings(weight_limit=100, ramp_ms=10_000)
     governor = RateGovernor(settings, clock)
-    governor.observe("a", 429, {"retry-after": "2", "x-mbx-used-weight-1m": "40"}, -1003, "x")
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe(ticket, 429, {"retry-after": "2", "x-mbx-used-weight-1m": "40"}, -1003, "x")
     with pytest.raises(GovernorDeadlineError) as info:
         await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1_500)
     assert info.value.reason == "ip_429_pause"
@@ -90,13 +91,14 @@ async def test_418_and_banned_until_stop_all_traffic_until_the_ban_ends() -> Non
     clock = FakeClock()
     governor = RateGovernor(GovernorSettings(), clock)
     until = clock.now + 30_000
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
     governor.observe(
-        "a", 400, {}, -1003, f"Way too many requests; IP(1.2.3.4) banned until {until}. Please ..."
+        ticket, 400, {}, -1003, f"Way too many requests; IP(1.2.3.4) banned until {until}. Please"
     )
     with pytest.raises(GovernorDeadlineError) as info:
         await governor.acquire("other", is_order=False, deadline_ms=clock.now + 29_000)
     assert info.value.reason == "ip_banned" and info.value.wait_until_ms == until
-    governor.observe("a", 418, {"retry-after": "60"})
+    governor.observe(ticket, 418, {"retry-after": "60"})
     assert governor._banned_until == clock.now + 60_000
     clock.now += 60_000
     await governor.acquire("other", is_order=False, deadline_ms=None)
@@ -112,9 +114,9 @@ async def test_acquire_waits_for_the_next_window_in_real_time() -> None:
     governor = RateGovernor(
         GovernorSettings(weight_limit=1, weight_window_ms=200, guard_ms=0), wall
     )
-    await governor.acquire("a", is_order=False, deadline_ms=None)
-    governor.observe("a", 200, {})  # answered
-    waited = await governor.acquire("a", is_order=False, deadline_ms=wall() + 5_000)
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe(ticket, 200, {})  # answered
+    waited = (await governor.acquire("a", is_order=False, deadline_ms=wall() + 5_000)).waited_s
     assert 0 < waited < 1.0
     assert governor.stats.waits == {"ip_weight": 1}
 
@@ -124,14 +126,13 @@ async def test_a_window_the_exchange_has_not_counted_yet_admits_only_a_few() -> 
     another process): a few orders go, then the exchange's own count decides."""
     clock = FakeClock()
     governor = RateGovernor(GovernorSettings(order_limit=60, order_window_ms=60_000), clock)
-    for _ in range(5):
-        await governor.acquire("a", is_order=True, deadline_ms=None)
+    tickets = [await governor.acquire("a", is_order=True, deadline_ms=None) for _ in range(5)]
     with pytest.raises(GovernorDeadlineError) as info:
         await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
     assert info.value.reason == "awaiting_exchange_count"
     # The first answer: the exchange has counted 54 (earlier use plus this request); the
     # four others of ours still in flight are added on top: 58 of 60, so two more may go.
-    governor.observe("a", 200, {"x-mbx-order-count-1m": "54"}, is_order=True)
+    governor.observe(tickets[0], 200, {"x-mbx-order-count-1m": "54"})
     for _ in range(2):
         await governor.acquire("a", is_order=True, deadline_ms=None)
     with pytest.raises(GovernorDeadlineError) as info:
@@ -142,12 +143,51 @@ async def test_a_window_the_exchange_has_not_counted_yet_admits_only_a_few() -> 
 async def test_unanswered_requests_free_their_place_so_an_uncounted_window_never_stalls() -> None:
     clock = FakeClock()
     governor = RateGovernor(GovernorSettings(order_limit=60, order_window_ms=60_000), clock)
-    for _ in range(5):
-        await governor.acquire("a", is_order=True, deadline_ms=None)
-    for _ in range(2):  # two time out: no count learned, but they are no longer in flight
-        governor.settle("a", is_order=True)
+    tickets = [await governor.acquire("a", is_order=True, deadline_ms=None) for _ in range(5)]
+    for ticket in tickets[:2]:  # two time out: no count learned, but no longer in flight
+        governor.settle(ticket)
     for _ in range(2):
         await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
     with pytest.raises(GovernorDeadlineError) as info:
         await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
     assert info.value.reason == "awaiting_exchange_count"
+
+
+async def test_nothing_is_admitted_at_or_after_its_deadline_even_with_room() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(), clock)
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now)
+    assert info.value.reason == "deadline_passed"
+    await governor.acquire("a", is_order=True, deadline_ms=clock.now + 1)
+
+
+async def test_a_request_that_never_left_is_refunded() -> None:
+    """Refused connections cost no budget: a minute of them must not use up the window."""
+    clock = FakeClock()
+    governor = RateGovernor(
+        GovernorSettings(weight_limit=10, order_limit=3, order_window_ms=60_000), clock
+    )
+    for _ in range(50):
+        governor.refund(await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10))
+    tickets = [
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10) for _ in range(3)
+    ]
+    with pytest.raises(GovernorDeadlineError):
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
+    for ticket in tickets:
+        governor.settle(ticket)  # sent, unanswered: still counted
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("a", is_order=True, deadline_ms=clock.now + 10)
+    assert info.value.reason == "account_orders"
+
+
+async def test_a_ticket_covers_only_the_windows_it_was_counted_in() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(weight_window_ms=1_000, guard_ms=100), clock)
+    clock.now = 10_400
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    clock.now = 10_850
+    assert governor.covers(ticket)  # still inside window 10, away from its end
+    clock.now = 10_950
+    assert not governor.covers(ticket)  # may land in window 11, where it was not counted

@@ -14,8 +14,16 @@ windows it might land in, so a clock error smaller than that never overfills eit
 Stops: a 429 pauses all sending on the IP until ``Retry-After`` (default 1 s), after which the
 IP budget is reopened gradually over ``ramp_ms``; a 418 or a -1003 "banned until <ms>" stops
 all traffic until the ban ends. ``acquire`` waits for room, but never past the caller's
-deadline: it raises :class:`GovernorDeadlineError` instead, so a waiting command keeps its
-deadline. Per-key order is kept by the pipeline (a key's next command waits for this one).
+deadline, and never admits a request at or after it: it raises
+:class:`GovernorDeadlineError` instead, so a waiting command keeps its deadline. Per-key
+order is kept by the pipeline (a key's next command waits for this one).
+
+A :class:`Ticket` records the windows one admitted request was counted in. Exactly one of
+three things ends it: ``observe`` (an answer came: the exchange's counts are learned),
+``settle`` (the request went out and no answer came: no longer in flight, still counted) or
+``refund`` (it never left: uncounted, so a refused connection costs no budget). A ticket
+whose windows no longer cover the time of sending (``covers``) is refunded and the request
+admitted again.
 """
 
 from __future__ import annotations
@@ -105,26 +113,43 @@ class WindowBudget:
             self._unknown_crowded(i) for i in indices
         )
 
-    def settle(self, now: int) -> None:
-        """A request ended without an answer: no longer in flight, and nothing learned."""
-        for index in self._indices(now):
+    def settle(self, now: int, taken: frozenset[int] = frozenset()) -> None:
+        """A request ended without an answer: no longer in flight, and nothing learned.
+
+        ``taken`` are the windows it was counted in; windows opened since carry it too.
+        """
+        for index in taken | self._indices(now):
             if self.in_flight.get(index, 0) > 0:
                 self.in_flight[index] -= 1
 
-    def take(self, now: int) -> None:
+    def refund(self, now: int, taken: frozenset[int]) -> None:
+        """A request counted in ``taken`` never left: neither used nor in flight there."""
+        self.settle(now, taken)
+        for index in taken:
+            if self.used.get(index, 0) > 0:
+                self.used[index] -= 1
+
+    def take(self, now: int) -> frozenset[int]:
+        """Count one request sent now; return the windows it was counted in."""
         self._prune(now)
-        for index in self._indices(now):
+        indices = self._indices(now)
+        for index in indices:
             self.used[index] = self.used.get(index, 0) + 1
             self.in_flight[index] = self.in_flight.get(index, 0) + 1
+        return frozenset(indices)
 
-    def correct(self, now: int, reported: int | None) -> None:
+    def covers(self, now: int, taken: frozenset[int]) -> bool:
+        """Whether a request counted in ``taken`` may still be sent now."""
+        return self._indices(now) <= taken
+
+    def correct(self, now: int, reported: int | None, taken: frozenset[int] = frozenset()) -> None:
         """An answer in this window: believe the exchange's count when it is higher (unless
         the window is uncertain), and stop holding back for want of it.
 
         The exchange counted this request but perhaps not the others still in flight, so
         those are added on top: an over-count by a few is safe, an under-count is a 429.
         """
-        self.settle(now)
+        self.settle(now, taken)
         indices = self._indices(now)
         if len(indices) == 1:
             (index,) = indices
@@ -149,6 +174,17 @@ class GovernorSettings:
     ramp_ms: int = 5_000
     default_retry_after_ms: int = 1_000
     default_ban_ms: int = 120_000
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted request: the windows it was counted in (see the module docstring)."""
+
+    account: str
+    is_order: bool
+    weight_windows: frozenset[int]
+    order_windows: frozenset[int]
+    waited_s: float = 0.0
 
 
 @dataclass
@@ -208,25 +244,27 @@ class RateGovernor:
                 return "account_orders", budget.next_window_at(now)
         return None
 
-    async def acquire(self, account: str, *, is_order: bool, deadline_ms: int | None) -> float:
+    async def acquire(self, account: str, *, is_order: bool, deadline_ms: int | None) -> Ticket:
         """Wait for room for one request (weight 1, plus one order if ``is_order``).
 
-        Returns the seconds waited. Raises :class:`GovernorDeadlineError` if room would only
-        come at or after ``deadline_ms`` (exchange-clock ms).
+        Returns the :class:`Ticket` to end with ``observe``, ``settle`` or ``refund``. Raises
+        :class:`GovernorDeadlineError` if the deadline (exchange-clock ms) has passed, or if
+        room would only come at or after it.
         """
         started = time.monotonic()
         first_reason: str | None = None
         while True:
             now = self._clock()
             blocked = self._blocked_until(account, is_order, now)
+            if blocked is None and deadline_ms is not None and now >= deadline_ms:
+                blocked = "deadline_passed", now
             if blocked is None:
-                self._weight.take(now)
-                if is_order:
-                    self._account(account).take(now)
+                weight = self._weight.take(now)
+                orders = self._account(account).take(now) if is_order else frozenset()
                 waited = time.monotonic() - started
                 if first_reason is not None:
                     self._record_wait(first_reason, waited, account)
-                return waited
+                return Ticket(account, is_order, weight, orders, waited)
             reason, until = blocked
             if deadline_ms is not None and until >= deadline_ms:
                 if first_reason is not None:
@@ -236,12 +274,26 @@ class RateGovernor:
             # Re-check at least every second: an answer may move a window or lift a pause.
             await asyncio.sleep(min(max(until - now, 1), 1000) / 1000)
 
-    def settle(self, account: str, *, is_order: bool) -> None:
-        """A request ended without an answer (timeout, reset): it is no longer in flight."""
+    def covers(self, ticket: Ticket) -> bool:
+        """Whether the request may still be sent now in the windows it was counted in."""
         now = self._clock()
-        self._weight.settle(now)
-        if is_order:
-            self._account(account).settle(now)
+        return self._weight.covers(now, ticket.weight_windows) and (
+            not ticket.is_order or self._account(ticket.account).covers(now, ticket.order_windows)
+        )
+
+    def settle(self, ticket: Ticket) -> None:
+        """The request went out and no answer came (timeout, reset): no longer in flight."""
+        now = self._clock()
+        self._weight.settle(now, ticket.weight_windows)
+        if ticket.is_order:
+            self._account(ticket.account).settle(now, ticket.order_windows)
+
+    def refund(self, ticket: Ticket) -> None:
+        """The request never left (connection refused, signing refused): uncount it."""
+        now = self._clock()
+        self._weight.refund(now, ticket.weight_windows)
+        if ticket.is_order:
+            self._account(ticket.account).refund(now, ticket.order_windows)
 
     def _record_wait(self, reason: str, waited_s: float, account: str) -> None:
         self.stats.waits[reason] = self.stats.waits.get(reason, 0) + 1
@@ -257,19 +309,19 @@ class RateGovernor:
 
     def observe(
         self,
-        account: str,
+        ticket: Ticket,
         status: int,
         headers: Mapping[str, str],
         code: int | None = None,
         msg: str | None = None,
-        *,
-        is_order: bool = False,
     ) -> None:
         """Learn from an answer: the exchange's counts, 429 pauses and 418 bans."""
         now = self._clock()
-        self._weight.correct(now, _int(headers.get("x-mbx-used-weight-1m")))
-        if is_order:
-            self._account(account).correct(now, _int(headers.get("x-mbx-order-count-1m")))
+        self._weight.correct(now, _int(headers.get("x-mbx-used-weight-1m")), ticket.weight_windows)
+        if ticket.is_order:
+            self._account(ticket.account).correct(
+                now, _int(headers.get("x-mbx-order-count-1m")), ticket.order_windows
+            )
         retry_after_ms = _retry_after_ms(headers)
         banned = _BANNED_UNTIL.search(msg or "") if code == -1003 else None
         if status == 418 or banned is not None:
