@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -12,17 +14,20 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from worker import normalize
 from worker.accounts import AccountsError, load_accounts
+from worker.app import _Closers
 from worker.commands import Command, Market
+from worker.decisions import Gone, decide_gone
 from worker.errors import (
     TAXONOMY,
     Disposition,
     ExchangeError,
     FailureReason,
-    TransportError,
+    NoAnswerError,
+    NotAdmittedError,
+    NotSentError,
     classify,
     taxonomy_markdown,
 )
-from worker.executor import Gone, decide_gone
 from worker.logs import RateLimitFilter
 from worker.routes import Route, choose_route, plan_cancel
 from worker.settings import SettingsError, load_settings
@@ -38,17 +43,13 @@ def test_routes_follow_market_and_identifier() -> None:
     cm = Command("c", "a", Market.CM, 1, symbol="BTCUSD_PERP", client_strategy_id="x/y")
     algo = Command("c", "a", Market.UM, 1, symbol="BTCUSDT", client_algo_id="q")
     assert choose_route(um) is Route.UM_CONDITIONAL
-    assert plan_cancel(um, 5000).params == (
-        ("symbol", "BTCUSDT"),
-        ("strategyId", "5"),
-        ("recvWindow", "5000"),
-    )
-    assert plan_cancel(um, 5000).path == "/papi/v1/um/conditional/order"
-    assert plan_cancel(cm, 5000).path == "/papi/v1/cm/conditional/order"
-    assert plan_cancel(cm, 5000).params[1] == ("newClientStrategyId", "x/y")
-    req = plan_cancel(algo, 99_999)
+    assert plan_cancel(um).params == (("symbol", "BTCUSDT"), ("strategyId", "5"))
+    assert plan_cancel(um).path == "/papi/v1/um/conditional/order"
+    assert plan_cancel(cm).path == "/papi/v1/cm/conditional/order"
+    assert plan_cancel(cm).params[1] == ("newClientStrategyId", "x/y")
+    req = plan_cancel(algo)
     assert req.route is Route.UM_ALGO and req.path == "/papi/v1/um/algo/order"
-    assert req.params == (("clientAlgoId", "q"), ("recvWindow", "60000"))  # no symbol, clamped
+    assert req.params == (("clientAlgoId", "q"),)  # no symbol; the signer adds the rest
     assert req.method == "DELETE"
 
 
@@ -113,6 +114,9 @@ def test_normalize_keeps_decimal_strings_and_drops_junk() -> None:
             FailureReason.OUTCOME_UNKNOWN,
         ),
         (502, None, "Bad Gateway", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
+        # A 503 without a JSON msg (a gateway's, which may have forwarded the cancel).
+        (503, None, None, Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
+        (503, None, "", Disposition.AMBIGUOUS, FailureReason.OUTCOME_UNKNOWN),
         (
             503,
             -1000,
@@ -140,7 +144,7 @@ def test_normalize_keeps_decimal_strings_and_drops_junk() -> None:
     ],
 )
 def test_classify(
-    status: int, code: int | None, msg: str, disposition: Disposition, reason: FailureReason
+    status: int, code: int | None, msg: str | None, disposition: Disposition, reason: FailureReason
 ) -> None:
     rule = classify(status, code, msg)
     assert (rule.disposition, rule.reason) == (disposition, reason)
@@ -149,9 +153,11 @@ def test_classify(
     assert err.ambiguous == (disposition is Disposition.AMBIGUOUS)
 
 
-def test_transport_errors_split_on_whether_the_request_was_written() -> None:
-    assert TransportError("x", written=False).retryable
-    assert TransportError("x", written=True).ambiguous
+def test_errors_without_an_answer_split_on_whether_the_request_left() -> None:
+    assert NotSentError("refused").retryable and not NotSentError("refused").sent
+    assert NoAnswerError("reset after the write").ambiguous
+    late = NotAdmittedError("x", why="expired", wait_until_ms=1, expired=True)
+    assert not late.sent and not late.retryable and not late.ambiguous
 
 
 def test_readme_taxonomy_table_matches_the_code() -> None:
@@ -325,3 +331,34 @@ def test_library_log_noise_is_rate_limited_and_counted() -> None:
 def test_settings_that_cannot_work_together_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         load_settings(env)
+
+
+# -- closing --------------------------------------------------------------------------------
+
+
+async def test_close_steps_run_in_reverse_each_bounded_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One failing close and one hanging close skip nothing, and each failure is said."""
+    closed: list[str] = []
+
+    def step(name: str, behaviour: str) -> Callable[[], Awaitable[None]]:
+        async def close() -> None:
+            closed.append(name)
+            if behaviour == "fail":
+                raise RuntimeError(f"{name} broke")
+            if behaviour == "hang":
+                await asyncio.sleep(60)
+
+        return close
+
+    closers = _Closers(bound_s=0.2)
+    for name, behaviour in [("clock", "ok"), ("producer", "fail"), ("consumer", "hang")]:
+        closers.add(name, step(name, behaviour))
+    with caplog.at_level(logging.WARNING, logger="worker.app"):
+        await closers.close_all()
+    assert closed == ["consumer", "producer", "clock"]  # reverse order of opening
+    said = [r.getMessage() for r in caplog.records]
+    assert any("consumer" in m and "0.2s" in m for m in said), said
+    assert any("producer" in m and "producer broke" in m for m in said), said
+    assert len(said) == 2

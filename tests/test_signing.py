@@ -15,9 +15,11 @@ from worker.signing import (
     HmacSigner,
     PapiAuth,
     RsaSigner,
+    SigningRefusedError,
     append_signature,
     encode_params,
     hmac_sha256_hex,
+    recv_window_for,
 )
 
 
@@ -80,6 +82,34 @@ def test_auth_signs_each_send_afresh_with_signature_last() -> None:
     assert first.rsplit("=", 1)[1] != second.rsplit("=", 1)[1]
     payload, sig = first.rsplit("&signature=", 1)
     assert sig == hmac_sha256_hex("s3cret", payload.encode())
+
+
+def test_recv_window_and_timestamp_come_from_one_reading_and_never_pass_expires_at() -> None:
+    times = iter([1_000, 4_000, 9_000])
+    base = PapiAuth("k", HmacSigner("s"), lambda: next(times))
+    auth = base.for_request(5_000, expires_at=9_000)
+    queries = []
+    for _ in range(2):
+        request = httpx.Request("DELETE", "http://papi.test/papi/v1/um/algo/order?algoId=5")
+        queries.append(next(auth.auth_flow(request)).url.query.decode())
+    assert queries[0].startswith("algoId=5&recvWindow=5000&timestamp=1000&signature=")
+    assert queries[1].startswith("algoId=5&recvWindow=5000&timestamp=4000&signature=")
+    request = httpx.Request("DELETE", "http://papi.test/papi/v1/um/algo/order?algoId=5")
+    with pytest.raises(SigningRefusedError):
+        next(auth.auth_flow(request))  # 9000: the deadline itself
+
+
+@pytest.mark.parametrize(
+    ("now", "window", "expires_at", "expected"),
+    [
+        (1_000, 5_000, None, 5_000),
+        (1_000, 99_000, None, 60_000),  # the exchange's ceiling
+        (1_000, 5_000, 3_000, 2_000),  # timestamp + recvWindow == expires_at
+        (2_999, 5_000, 3_000, 1),
+    ],
+)
+def test_recv_window_for(now: int, window: int, expires_at: int | None, expected: int) -> None:
+    assert recv_window_for(now, window, expires_at) == expected
 
 
 def test_signers_do_not_reveal_keys_in_repr() -> None:

@@ -417,13 +417,21 @@ async def test_ed25519_and_rsa_accounts_sign_accepted_requests(rig: Rig) -> None
     assert results == {True: 2}
 
 
-async def test_unreachable_exchange_is_retried_then_reported() -> None:
+async def test_unreachable_exchange_is_retried_until_the_deadline_then_reported() -> None:
+    """Nothing listens: each try is refused before anything is sent, so the count of
+    attempts does not stop it; the deadline does."""
     accounts = {"a": Credentials("a", "k", HmacSigner("s"), hmac_secret="s")}
-    policy = RetryPolicy(max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.02)
+    policy = RetryPolicy(
+        max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.05, default_deadline_ms=600
+    )
     async with PapiClient("http://127.0.0.1:9", clock=now_ms, timeout_s=1) as client:
         executor = CancelExecutor(client, accounts, policy, now_ms)
+        started = now_ms()
         out = await executor.execute(cmd(account="a", algo_id=5), now_ms())
-    assert out.reason is FailureReason.EXCHANGE_UNAVAILABLE and out.attempts == 2
+    assert out.reason is FailureReason.EXCHANGE_UNAVAILABLE
+    assert out.attempts == 0  # nothing reached the exchange
+    assert "nothing was sent" in out.detail
+    assert 400 <= now_ms() - started < 2_000  # kept trying for (about) the deadline
 
 
 async def test_recv_window_never_exceeds_the_time_left(rig: Rig) -> None:

@@ -1,22 +1,33 @@
 """The error taxonomy: every exchange signal maps to retryable, terminal or ambiguous.
 
-Error tree (the retry policy reads ``disposition``; nothing else decides)::
+The PAPI client (:mod:`worker.papi`) raises only this tree; every library error is
+translated at that boundary::
 
-    PapiError                      base; carries disposition and failure reason
-     ├── TransportError            no HTTP answer
-     │     written=False           connect failed / pool timeout: retryable
-     │     written=True            timeout or reset after the request was sent: ambiguous
-     └── ExchangeError             the exchange answered with an error (status, code, msg)
+    PapiError                  base; carries the taxonomy rule, disposition and failure reason
+     ├── NotSentError          nothing reached the exchange (connect refused or timed out, no
+     │    │                    pooled connection): retryable until the command's deadline
+     │    └── NotAdmittedError the deadline would pass first (the rate governor has no room
+     │                         in time, or it passed before signing): nothing was sent
+     ├── NoAnswerError         written, no readable answer (read timeout, reset, protocol
+     │                         error, undecodable, truncated or oversized body, a 2XX that is
+     │                         not JSON): ambiguous
+     └── ExchangeError         an error status; ``code``/``msg`` from the JSON body only,
+                               classified by ``TAXONOMY``; ``reply`` is the ExchangeReply
 
-``TAXONOMY`` is the one table, in order of precedence; ``classify`` picks the first rule that
-matches. The README's table is generated from it (``cancel-worker check --taxonomy``) and a
-test keeps the two equal.
+``TAXONOMY`` is the one table, in order of precedence; ``classify`` picks the first answer rule
+that matches, and the three rules without an answer (:data:`NOT_SENT`, :data:`NOT_ADMITTED`,
+:data:`NO_ANSWER`) belong to their error classes. What each disposition leads to is decided
+in :mod:`worker.decisions`. The README's table is generated from this one (``cancel-worker
+check --taxonomy``) and a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
+
+REPLY_MSG_MAX = 1024  # longest exchange message carried in a result event
 
 
 class Disposition(enum.StrEnum):
@@ -44,7 +55,9 @@ class FailureReason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One row of the taxonomy. ``None`` matches anything; ``msg_contains`` is case-insensitive."""
+    """One row of the taxonomy. ``None`` matches anything; ``msg_contains`` is case-insensitive
+    and looks at the JSON body's ``msg`` only (never the HTTP reason phrase). Rules whose
+    ``answered`` is False describe a request that got no answer; they never match one."""
 
     signal: str
     status: int | None
@@ -54,8 +67,11 @@ class Rule:
     action: str
     msg_contains: str | None = None
     status_range: tuple[int, int] | None = None
+    answered: bool = True
 
     def matches(self, status: int, code: int | None, msg: str | None) -> bool:
+        if not self.answered:
+            return False
         if self.status is not None and status != self.status:
             return False
         if (
@@ -71,13 +87,45 @@ class Rule:
 R, T, A = Disposition.RETRYABLE, Disposition.TERMINAL, Disposition.AMBIGUOUS
 F = FailureReason
 
+NOT_SENT = Rule(
+    "connect refused or timed out (not sent)",
+    None,
+    None,
+    Disposition.RETRYABLE,
+    FailureReason.EXCHANGE_UNAVAILABLE,
+    "nothing reached the exchange: send again with capped backoff until the deadline",
+    answered=False,
+)
+NOT_ADMITTED = Rule(
+    "deadline before room or signing (not sent)",
+    None,
+    None,
+    Disposition.TERMINAL,
+    FailureReason.RATE_LIMITED,
+    "nothing sent: `expired` if expires_at stood in the way, else `rate_limited`",
+    answered=False,
+)
+NO_ANSWER = Rule(
+    "timeout, reset or unreadable answer after the write",
+    None,
+    None,
+    Disposition.AMBIGUOUS,
+    FailureReason.OUTCOME_UNKNOWN,
+    "status unknown: reconcile by query",
+    answered=False,
+)
+
 TAXONOMY: tuple[Rule, ...] = (
+    NOT_SENT,
+    NOT_ADMITTED,
+    NO_ANSWER,
     Rule("418", 418, None, R, F.RATE_LIMITED, "IP banned: stop all traffic until Retry-After"),
     Rule("429", 429, None, R, F.RATE_LIMITED, "back off on this IP, honour Retry-After"),
-    # A 5XX speaks for itself, whatever code the body carries: only the two messages that
-    # say "not executed" are safe to send again; everything else may have happened.
+    # A 5XX speaks for itself, whatever code the body carries: only the two JSON messages
+    # that say "not executed" are safe to send again; everything else, a bare 503 from a
+    # gateway that may already have forwarded the cancel included, may have happened.
     Rule(
-        "503 Service Unavailable",
+        "503 JSON msg Service Unavailable",
         503,
         None,
         R,
@@ -86,7 +134,7 @@ TAXONOMY: tuple[Rule, ...] = (
         msg_contains="service unavailable",
     ),
     Rule(
-        "503 Internal error; unable to process",
+        "503 JSON msg Internal error; unable to process",
         503,
         None,
         R,
@@ -95,7 +143,7 @@ TAXONOMY: tuple[Rule, ...] = (
         msg_contains="unable to process",
     ),
     Rule(
-        "5XX other (incl. 503 Unknown error)",
+        "5XX other (503 Unknown error, a 503 without a JSON msg)",
         None,
         None,
         A,
@@ -131,15 +179,6 @@ TAXONOMY: tuple[Rule, ...] = (
     Rule("-1007", None, -1007, A, F.OUTCOME_UNKNOWN, "timeout, status unknown: reconcile"),
     Rule("403", 403, None, T, F.REJECTED, "WAF rule hit: terminal for the request"),
     Rule("404", 404, None, T, F.ROUTE_RETIRED, "route not served: tell the producer"),
-    Rule(
-        "timeout/reset after write",
-        None,
-        None,
-        A,
-        F.OUTCOME_UNKNOWN,
-        "status unknown: reconcile",
-        status_range=(0, 0),
-    ),
     Rule(
         "4XX other",
         None,
@@ -181,10 +220,11 @@ def taxonomy_markdown() -> str:
 
 
 class PapiError(Exception):
-    """Base of everything that can go wrong talking to PAPI."""
+    """Base of everything the PAPI client raises (the whole tree is in the module docstring)."""
 
     disposition: Disposition = Disposition.AMBIGUOUS
     reason: FailureReason = FailureReason.OUTCOME_UNKNOWN
+    rule: Rule = _FALLBACK
 
     @property
     def retryable(self) -> bool:
@@ -194,27 +234,86 @@ class PapiError(Exception):
     def ambiguous(self) -> bool:
         return self.disposition is Disposition.AMBIGUOUS
 
+    @property
+    def sent(self) -> bool:
+        """Whether the request may have reached the exchange."""
+        return True
 
-class TransportError(PapiError):
-    """No HTTP answer. ``written`` tells whether the request may have reached the exchange."""
 
-    def __init__(self, message: str, *, written: bool) -> None:
+class NotSentError(PapiError):
+    """The request never reached the exchange: sending it again is safe."""
+
+    rule = NOT_SENT
+    disposition = NOT_SENT.disposition
+    reason = NOT_SENT.reason
+
+    @property
+    def sent(self) -> bool:
+        return False
+
+
+class NotAdmittedError(NotSentError):
+    """Not sent because its deadline would pass first: the rate governor had no room in
+    time, or the deadline passed before the request could be signed.
+
+    ``expired`` is True when ``expires_at`` itself stood in the way (signing refused past it,
+    or the governor's room would only come after it); ``wait_until_ms`` is when room would
+    have come (exchange clock), or the time signing was refused.
+    """
+
+    rule = NOT_ADMITTED
+    disposition = NOT_ADMITTED.disposition
+    reason = NOT_ADMITTED.reason
+
+    def __init__(self, message: str, *, why: str, wait_until_ms: int, expired: bool) -> None:
         super().__init__(message)
-        self.written = written
-        self.disposition = Disposition.AMBIGUOUS if written else Disposition.RETRYABLE
-        self.reason = (
-            FailureReason.OUTCOME_UNKNOWN if written else FailureReason.EXCHANGE_UNAVAILABLE
-        )
+        self.why = why
+        self.wait_until_ms = wait_until_ms
+        self.expired = expired
+
+
+class NoAnswerError(PapiError):
+    """The request was (or may have been) written and no readable answer came back: a read
+    timeout, a reset, a protocol error, a body that cannot be decoded, is cut short, is too
+    large, or (for a 2XX) is not JSON. Whether the exchange acted is unknown."""
+
+    rule = NO_ANSWER
+    disposition = NO_ANSWER.disposition
+    reason = NO_ANSWER.reason
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeReply:
+    """What the exchange answered, as the result event carries it."""
+
+    http_status: int
+    code: int | None
+    msg: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        msg = self.msg[:REPLY_MSG_MAX] if self.msg is not None else None
+        return {"http_status": self.http_status, "code": self.code, "msg": msg}
 
 
 class ExchangeError(PapiError):
-    """The exchange answered with an error."""
+    """The exchange (or something in front of it) answered with an error status.
 
-    def __init__(self, status: int, code: int | None, msg: str | None) -> None:
-        super().__init__(f"HTTP {status} code={code} msg={msg}")
+    ``code`` and ``msg`` come from the JSON body only; ``text`` is a short, printable excerpt
+    of a body that was not Binance's JSON (a proxy's page), for the detail and never for
+    classification.
+    """
+
+    def __init__(self, status: int, code: int | None, msg: str | None, text: str = "") -> None:
+        where = f" body={text!r}" if text and msg is None else ""
+        super().__init__(f"HTTP {status} code={code} msg={msg}{where}")
         self.status = status
         self.code = code
         self.msg = msg
+        self.text = text
         self.rule = classify(status, code, msg)
         self.disposition = self.rule.disposition
         self.reason = self.rule.reason
+
+    @property
+    def reply(self) -> ExchangeReply:
+        return ExchangeReply(self.status, self.code, self.msg)

@@ -9,14 +9,13 @@ from typing import Any
 import orjson
 
 from worker.commands import Command, InvalidCommand
-from worker.errors import FailureReason
+from worker.errors import ExchangeReply, FailureReason
 from worker.routes import Route
 
 SCHEMA_VERSION = 1
 CANCELED = "strategy.canceled"
 FAILED = "cancel.failed"
 DUPLICATE = "cancel.duplicate"
-_MSG_MAX = 1024
 _DETAIL_MAX = 2048
 
 
@@ -34,17 +33,6 @@ class Origin:
         if self.key is not None:
             key = self.key.decode("utf-8", errors="backslashreplace")[:256]
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset, "key": key}
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeReply:
-    http_status: int
-    code: int | None
-    msg: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        msg = self.msg[:_MSG_MAX] if self.msg is not None else None
-        return {"http_status": self.http_status, "code": self.code, "msg": msg}
 
 
 def _common(

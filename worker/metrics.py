@@ -51,3 +51,15 @@ ABANDONED = Counter(
 TRANSACTIONS = Counter(
     "cancel_worker_transactions_total", "Result transactions, by outcome", ["outcome"]
 )
+EXCHANGE_REACHABLE = Gauge(
+    "cancel_worker_exchange_reachable",
+    "0 while the exchange refuses connections (requests are not sent), else 1",
+)
+EXCHANGE_OUTAGES = Counter(
+    "cancel_worker_exchange_unreachable_total",
+    "Times the exchange went from accepting connections to refusing them",
+)
+NOT_SENT = Counter(
+    "cancel_worker_http_not_sent_total",
+    "Requests that never left (connection refused or timed out), tried again until the deadline",
+)

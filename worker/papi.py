@@ -1,11 +1,28 @@
 """HTTP adapter for PAPI: one pooled ``httpx.AsyncClient``, signing per send, and the
-translation of library errors into the :mod:`worker.errors` tree at this boundary.
+translation of every library error into the :mod:`worker.errors` tree at this boundary.
+
+One request, in order:
+
+1. **admission** by the rate governor (waiting for room, never past the deadline) — nothing
+   held meanwhile, so an account waiting for its order window blocks no other account;
+2. a **connection permit** (at most ``max_connections`` requests on the wire); if the wait
+   for it moved the request out of the windows it was counted in, it is uncounted and
+   admitted again;
+3. **signing** (:class:`~worker.signing.PapiAuth`): one clock reading gives ``timestamp``
+   and ``recvWindow``, and nothing is signed after ``expires_at``;
+4. the **exchange**: the answer's head is read and fed to the governor, then the body, at
+   most :data:`MAX_ANSWER_BYTES`.
+
+Whatever happens, the governor's ticket is ended exactly once: ``observe`` for an answer,
+``refund`` for a request that never left, ``settle`` for one that left and got no answer.
+Only :class:`~worker.errors.PapiError` subclasses leave this module.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,18 +31,24 @@ from typing import Any
 import httpx
 import orjson
 
+from worker import metrics
 from worker.accounts import Credentials
-from worker.errors import ExchangeError, PapiError, TransportError
-from worker.governor import RateGovernor
-from worker.signing import PapiAuth, encode_params
+from worker.errors import ExchangeError, NoAnswerError, NotAdmittedError, NotSentError, PapiError
+from worker.governor import GovernorDeadlineError, RateGovernor, Ticket
+from worker.signing import PapiAuth, SigningRefusedError, encode_params
 
 log = logging.getLogger(__name__)
 
 _USER_AGENT = "cancel-worker/0.1"
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # a cancel answer is < 2 KiB; a full open-orders list fits
+_TEXT_MAX = 120
+
+# Library errors raised before a byte of the request can have left.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
-class MalformedAnswerError(PapiError):
-    """A 2XX answer whose body cannot be read: whether the cancel happened is unknown."""
+# Statuses whose meaning does not depend on the body: a rate-limit stop is a rate-limit stop.
+_STATUS_SPEAKS = frozenset({418, 429})
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,21 +58,66 @@ class PapiResponse:
     headers: Mapping[str, str]
 
 
-def _error_from(response: httpx.Response) -> ExchangeError:
+def _printable(raw: bytes) -> str:
+    text = raw[: _TEXT_MAX * 4].decode("utf-8", errors="replace")
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(text.split())[:_TEXT_MAX]
+
+
+def _error_from(status: int, raw: bytes) -> ExchangeError:
+    """An error answer: ``code`` and ``msg`` from Binance's JSON body only, never from the
+    reason phrase, so a gateway's bare "503 Service Unavailable" is not mistaken for the
+    exchange's "not executed" message."""
     code: int | None = None
     msg: str | None = None
     try:
-        body = orjson.loads(response.content)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         body = None
     if isinstance(body, dict):
         raw_code, raw_msg = body.get("code"), body.get("msg")
         code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
         msg = raw_msg if isinstance(raw_msg, str) else None
-    if msg is None:
-        text = response.text.strip()
-        msg = text[:200] if text else (response.reason_phrase or None)
-    return ExchangeError(response.status_code, code, msg)
+    return ExchangeError(status, code, msg, text="" if msg is not None else _printable(raw))
+
+
+class Reachability:
+    """Whether the exchange accepts connections; each change said once, at WARNING."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._down_since: float | None = None
+        self._not_sent = 0
+        metrics.EXCHANGE_REACHABLE.set(1)
+
+    def refused(self, exc: BaseException) -> None:
+        self._not_sent += 1
+        metrics.NOT_SENT.inc()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            metrics.EXCHANGE_REACHABLE.set(0)
+            metrics.EXCHANGE_OUTAGES.inc()
+            log.warning(
+                "exchange unreachable at %s (%s): requests that were not sent are tried "
+                "again until their deadline",
+                self._url,
+                type(exc).__name__,
+            )
+
+    def answered(self) -> None:
+        if self._down_since is not None:
+            log.warning(
+                "exchange reachable again at %s after %.1fs (%d attempt(s) not sent meanwhile)",
+                self._url,
+                time.monotonic() - self._down_since,
+                self._not_sent,
+            )
+            self._down_since, self._not_sent = None, 0
+            metrics.EXCHANGE_REACHABLE.set(1)
+
+    @property
+    def reachable(self) -> bool:
+        return self._down_since is None
 
 
 class PapiClient:
@@ -68,10 +136,9 @@ class PapiClient:
     ) -> None:
         self._clock = clock
         self._governor = governor
-        # A request leaves as soon as the governor admits it: it never then queues for a
-        # pooled connection, so it reaches the exchange in the window it was counted in.
         self._connections = asyncio.Semaphore(max_connections)
         self._auth: dict[str, PapiAuth] = {}
+        self.reachability = Reachability(base_url)
         self._http = httpx.AsyncClient(
             base_url=base_url,
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
@@ -109,64 +176,156 @@ class PapiClient:
         *,
         is_order: bool = False,
         deadline_ms: int | None = None,
+        expires_at: int | None = None,
+        recv_window_ms: int = 5_000,
     ) -> PapiResponse:
-        """Send one signed request; raise :class:`PapiError` unless the answer is 2XX JSON.
+        """Send one signed request; return its 2XX JSON answer or raise a :class:`PapiError`.
 
-        With a governor, first wait for room in the rate budgets (never past ``deadline_ms``:
-        :class:`~worker.governor.GovernorDeadlineError`), and feed it every answer.
+        ``deadline_ms``: the governor admits nothing at or after it (``NotAdmittedError``).
+        ``expires_at``: nothing is signed at or after it, and ``recvWindow`` never reaches
+        past it (``NotAdmittedError`` with ``expired``).
         """
-        async with self._connections:
-            if self._governor is not None:
-                await self._governor.acquire(
-                    creds.alias, is_order=is_order, deadline_ms=deadline_ms
+        limit = deadline_ms if expires_at is None else min(deadline_ms or expires_at, expires_at)
+        while True:
+            ticket = await self._admit(creds.alias, is_order, limit, expires_at)
+            async with self._connections:
+                if (
+                    ticket is not None
+                    and self._governor is not None
+                    and not self._governor.covers(ticket)
+                ):
+                    # The wait for a permit moved it out of the windows it was counted in.
+                    self._governor.refund(ticket)
+                    continue
+                return await self._exchange(
+                    creds, method, path, params, ticket, recv_window_ms, expires_at
                 )
-            try:
-                return await self._send(creds, method, path, params, is_order)
-            except TransportError:
-                if self._governor is not None:
-                    self._governor.settle(creds.alias, is_order=is_order)
-                raise
 
-    async def _send(
+    async def _admit(
+        self, account: str, is_order: bool, deadline_ms: int | None, expires_at: int | None
+    ) -> Ticket | None:
+        if self._governor is None:
+            return None
+        try:
+            return await self._governor.acquire(account, is_order=is_order, deadline_ms=deadline_ms)
+        except GovernorDeadlineError as exc:
+            expired = expires_at is not None and exc.wait_until_ms >= expires_at
+            raise NotAdmittedError(
+                str(exc), why=exc.reason, wait_until_ms=exc.wait_until_ms, expired=expired
+            ) from None
+
+    async def _exchange(
         self,
         creds: Credentials,
         method: str,
         path: str,
         params: tuple[tuple[str, str], ...],
-        is_order: bool,
+        ticket: Ticket | None,
+        recv_window_ms: int,
+        expires_at: int | None,
     ) -> PapiResponse:
+        """Sign, send and read one request, ending the governor's ticket exactly once."""
+        end = _TicketEnd(self._governor, ticket)
         url = f"{path}?{encode_params(params)}" if params else path
+        auth = self._auth_for(creds).for_request(recv_window_ms, expires_at)
         try:
-            response = await self._http.request(method, url, auth=self._auth_for(creds))
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise TransportError(
-                f"{type(exc).__name__} before the request was sent", written=False
-            ) from exc
-        except httpx.TransportError as exc:
+            response = await self._transmit(self._http.build_request(method, url), auth, end)
+            self.reachability.answered()
+            try:
+                status, headers = response.status_code, response.headers
+                raw, unreadable = await _read_body(response)
+            finally:
+                await response.aclose()
+            error = None if 200 <= status < 300 or raw is None else _error_from(status, raw)
+            end.observe(status, headers, error)
+            return _interpret(status, headers, raw, unreadable, error)
+        except PapiError:
+            raise
+        except Exception as exc:
+            # A library error of a kind not foreseen: the request may have left.
+            log.exception("unexpected error from the HTTP client on %s %s", method, path)
+            raise NoAnswerError(f"{type(exc).__name__} from the HTTP client") from exc
+        finally:
+            end.settle()
+
+    async def _transmit(
+        self, request: httpx.Request, auth: PapiAuth, end: _TicketEnd
+    ) -> httpx.Response:
+        """Send and wait for the answer's head; translate what can go wrong before it."""
+        try:
+            return await self._http.send(request, auth=auth, stream=True)
+        except SigningRefusedError as exc:
+            end.refund()
+            raise NotAdmittedError(
+                str(exc), why="expired", wait_until_ms=exc.now_ms, expired=True
+            ) from None
+        except _NOT_SENT as exc:
+            end.refund()
+            self.reachability.refused(exc)
+            raise NotSentError(f"{type(exc).__name__}: nothing was sent") from exc
+        except httpx.HTTPError as exc:
             # Read/write timeouts, resets, protocol errors: the request may have arrived.
-            raise TransportError(
-                f"{type(exc).__name__} after the request was sent", written=True
-            ) from exc
-        if not 200 <= response.status_code < 300:
-            error = _error_from(response)
-            if self._governor is not None:
-                self._governor.observe(
-                    creds.alias,
-                    response.status_code,
-                    response.headers,
-                    error.code,
-                    error.msg,
-                    is_order=is_order,
-                )
-            raise error
-        if self._governor is not None:
-            self._governor.observe(
-                creds.alias, response.status_code, response.headers, is_order=is_order
-            )
-        try:
-            body = orjson.loads(response.content)
-        except orjson.JSONDecodeError as exc:
-            raise MalformedAnswerError(
-                f"HTTP {response.status_code} with a body that is not JSON"
-            ) from exc
-        return PapiResponse(response.status_code, body, response.headers)
+            raise NoAnswerError(f"{type(exc).__name__} after the request was sent") from exc
+
+
+class _TicketEnd:
+    """Ends one governor ticket exactly once: observed, refunded, or settled."""
+
+    def __init__(self, governor: RateGovernor | None, ticket: Ticket | None) -> None:
+        self._governor = governor
+        self._ticket = ticket
+        self._ended = governor is None or ticket is None
+
+    def observe(self, status: int, headers: Mapping[str, str], error: ExchangeError | None) -> None:
+        if not self._ended and self._governor is not None and self._ticket is not None:
+            code, msg = (error.code, error.msg) if error is not None else (None, None)
+            self._governor.observe(self._ticket, status, headers, code, msg)
+        self._ended = True
+
+    def refund(self) -> None:
+        if not self._ended and self._governor is not None and self._ticket is not None:
+            self._governor.refund(self._ticket)
+        self._ended = True
+
+    def settle(self) -> None:
+        if not self._ended and self._governor is not None and self._ticket is not None:
+            self._governor.settle(self._ticket)
+        self._ended = True
+
+
+def _interpret(
+    status: int,
+    headers: Mapping[str, str],
+    raw: bytes | None,
+    unreadable: str | None,
+    error: ExchangeError | None,
+) -> PapiResponse:
+    """The answer as a response, or the error it is (pure)."""
+    if error is not None:
+        raise error
+    ok = 200 <= status < 300
+    if unreadable is not None and (ok or status not in _STATUS_SPEAKS):
+        # What the exchange said, or whether it acted, is in the part that cannot be read.
+        raise NoAnswerError(f"HTTP {status} with {unreadable}")
+    if not ok:
+        raise ExchangeError(status, None, None, text=unreadable or "")
+    try:
+        body = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        raise NoAnswerError(f"HTTP {status} with a body that is not JSON") from None
+    return PapiResponse(status, body, headers)
+
+
+async def _read_body(response: httpx.Response) -> tuple[bytes | None, str | None]:
+    """The decoded body, at most :data:`MAX_ANSWER_BYTES`; or None and why it is unreadable."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                return None, f"a body over {MAX_ANSWER_BYTES} bytes"
+            chunks.append(chunk)
+    except httpx.HTTPError as exc:  # DecodingError, a read timeout or reset mid-body
+        return None, f"a body that could not be read ({type(exc).__name__})"
+    return b"".join(chunks), None

@@ -62,12 +62,11 @@ QUERY_PATHS: dict[Route, tuple[str, ...]] = {
     Route.UM_ALGO: ("/papi/v1/um/algo/algoOrder",),
 }
 
-MAX_RECV_WINDOW_MS = 60_000
-
 
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
-    """An unsigned cancel: the signer adds timestamp and signature at send time."""
+    """An unsigned request: the signer adds ``recvWindow``, ``timestamp`` and ``signature``
+    at send time (:class:`worker.signing.PapiAuth`)."""
 
     route: Route
     method: str
@@ -100,26 +99,20 @@ def _id_params(command: Command, route: Route) -> list[tuple[str, str]]:
     return params
 
 
-def _with_window(params: list[tuple[str, str]], recv_window_ms: int) -> tuple[tuple[str, str], ...]:
-    window = max(1, min(recv_window_ms, MAX_RECV_WINDOW_MS))
-    return (*params, ("recvWindow", str(window)))
-
-
-def plan_cancel(command: Command, recv_window_ms: int) -> CancelRequest:
+def plan_cancel(command: Command) -> CancelRequest:
     """Build the cancel request for a validated command.
 
-    Only values the schema has already constrained reach the parameters; ``recv_window_ms``
-    is clamped to the exchange's 1..60000 range.
+    Only values the schema has already constrained reach the parameters.
     """
     route = choose_route(command)
-    params = _with_window(_id_params(command, route), recv_window_ms)
+    params = tuple(_id_params(command, route))
     return CancelRequest(route=route, method="DELETE", path=CANCEL_PATHS[route], params=params)
 
 
-def plan_queries(command: Command, recv_window_ms: int) -> tuple[CancelRequest, ...]:
+def plan_queries(command: Command) -> tuple[CancelRequest, ...]:
     """The read-only queries that tell an order's status, in the order to ask them."""
     route = choose_route(command)
-    params = _with_window(_id_params(command, route), recv_window_ms)
+    params = tuple(_id_params(command, route))
     return tuple(
         CancelRequest(route=route, method="GET", path=path, params=params)
         for path in QUERY_PATHS[route]

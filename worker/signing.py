@@ -8,8 +8,9 @@ this worker never uses for a DELETE). ``signature`` is appended last. Three key 
 * RSA (PKCS#8): base64 of RSASSA-PKCS1-v1_5 / SHA-256 of the payload.
 
 Base64 signatures are URL-encoded when appended. The signer signs exactly the bytes sent:
-:class:`PapiAuth` adds ``timestamp`` and ``signature`` to the request's final query at send
-time, so every attempt (every ``send``) carries a fresh timestamp and a fresh signature.
+:class:`PapiAuth` adds ``recvWindow``, ``timestamp`` and ``signature`` to the request's final
+query at send time, from one clock reading, so every attempt (every ``send``) carries a fresh
+timestamp and a fresh signature, and none is signed after its deadline.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+MAX_RECV_WINDOW_MS = 60_000  # the exchange refuses more
 
 
 class Signer(Protocol):
@@ -93,21 +96,72 @@ def append_signature(query: str, signer: Signer) -> str:
     return f"{query}{sep}signature={quote(signature, safe='')}"
 
 
-class PapiAuth(httpx.Auth):
-    """Adds ``timestamp``, ``signature`` and ``X-MBX-APIKEY`` to a request as it is sent.
+class SigningRefusedError(Exception):
+    """The request's deadline has passed: it is not signed, so it cannot be sent."""
 
-    ``clock`` returns the exchange-corrected time in ms; it is read once per send, so each
-    attempt is signed afresh.
+    def __init__(self, now_ms: int, expires_at: int) -> None:
+        super().__init__(f"not signed: expires_at {expires_at} has passed (now {now_ms})")
+        self.now_ms = now_ms
+        self.expires_at = expires_at
+
+
+def recv_window_for(now_ms: int, recv_window_ms: int, expires_at: int | None) -> int:
+    """The ``recvWindow`` for a request signed at ``now_ms``: at most ``recv_window_ms`` (and
+    the exchange's 60000), and never reaching past ``expires_at`` — the exchange then refuses
+    an arrival after the deadline itself. Raises :class:`SigningRefusedError` once the
+    deadline has passed."""
+    window = min(recv_window_ms, MAX_RECV_WINDOW_MS)
+    if expires_at is not None:
+        if now_ms >= expires_at:
+            raise SigningRefusedError(now_ms, expires_at)
+        window = min(window, expires_at - now_ms)
+    return max(1, window)
+
+
+class PapiAuth(httpx.Auth):
+    """Adds ``recvWindow``, ``timestamp``, ``signature`` and ``X-MBX-APIKEY`` as it is sent.
+
+    ``clock`` returns the exchange-corrected time in ms. It is read once per send, and that
+    one reading gives both ``timestamp`` and ``recvWindow`` (:func:`recv_window_for`), so
+    every attempt is signed afresh and its window ends no later than ``expires_at``. With
+    ``recv_window_ms`` None no ``recvWindow`` is added.
     """
 
-    def __init__(self, api_key: str, signer: Signer, clock: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        signer: Signer,
+        clock: Callable[[], int],
+        *,
+        recv_window_ms: int | None = None,
+        expires_at: int | None = None,
+    ) -> None:
         self._api_key = api_key
         self._signer = signer
         self._clock = clock
+        self._recv_window_ms = recv_window_ms
+        self._expires_at = expires_at
+
+    def for_request(self, recv_window_ms: int | None, expires_at: int | None) -> PapiAuth:
+        """The same key and signer, for one request's window and deadline."""
+        return PapiAuth(
+            self._api_key,
+            self._signer,
+            self._clock,
+            recv_window_ms=recv_window_ms,
+            expires_at=expires_at,
+        )
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        now = self._clock()
         query = request.url.query.decode("ascii")
-        query = f"{query}&timestamp={self._clock()}" if query else f"timestamp={self._clock()}"
+        extra = f"timestamp={now}"
+        if self._recv_window_ms is not None:
+            window = recv_window_for(now, self._recv_window_ms, self._expires_at)
+            extra = f"recvWindow={window}&{extra}"
+        elif self._expires_at is not None and now >= self._expires_at:
+            raise SigningRefusedError(now, self._expires_at)
+        query = f"{query}&{extra}" if query else extra
         signed = append_signature(query, self._signer)
         request.url = request.url.copy_with(query=signed.encode("ascii"))
         request.headers["X-MBX-APIKEY"] = self._api_key
