@@ -14,7 +14,7 @@ import enum
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import start_http_server
 
@@ -85,6 +85,30 @@ def load_worker_accounts(settings: Settings) -> dict[str, Credentials]:
         raise ConfigError(str(exc)) from exc
 
 
+class _Closers:
+    """Close steps, run in reverse order of registration; each bounded in time and logged
+    when it fails, and none skipped because one before it failed."""
+
+    def __init__(self, bound_s: float) -> None:
+        self._bound_s = bound_s
+        self._steps: list[tuple[str, Callable[[], Awaitable[None]]]] = []
+
+    def add(self, name: str, close: Callable[[], Awaitable[None]]) -> None:
+        self._steps.append((name, close))
+
+    async def close_all(self) -> None:
+        while self._steps:
+            name, close = self._steps.pop()
+            try:
+                await asyncio.wait_for(close(), self._bound_s)
+            except TimeoutError:
+                log.warning(
+                    "closing the %s took longer than %.1fs; left behind", name, self._bound_s
+                )
+            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - close the rest
+                log.warning("closing the %s failed: %r", name, exc)
+
+
 class Worker:
     """The running worker. ``async with Worker(...)`` starts Kafka and HTTP; ``run`` serves."""
 
@@ -129,6 +153,7 @@ class Worker:
         # input partition gets a transactional producer of its own (TransactionalSink).
         self._producer = make_producer(settings)
         self._transactions: TransactionalSink | None = None
+        self._stack = contextlib.AsyncExitStack()
         sink: ResultSink
         if settings.delivery == "exactly_once":
             self._transactions = sink = TransactionalSink(settings)
@@ -146,20 +171,36 @@ class Worker:
         )
 
     async def __aenter__(self) -> Worker:
+        # Each part is closed in reverse order of opening, each close bounded and logged,
+        # and a failing close never skips the next (close_all). Closing the consumer leaves
+        # the group (its revocation flushes through the transactional producers, so they
+        # close after it); HTTP and the clock close last.
+        stack = contextlib.AsyncExitStack()
+        bound = self.settings.commit_timeout_s + 5
+        closers = _Closers(bound)
+        stack.push_async_callback(closers.close_all)
         try:
             await self.clock.start()
+            closers.add("clock", self.clock.aclose)
+            closers.add("http client", self._client.aclose)
             await wait_for_kafka(self.settings.bootstrap_servers)
+            if self._transactions is not None:
+                closers.add("transactional producers", self._transactions.close)
             await self._producer.start()
+            closers.add("producer", self._producer.stop)
             await self._consumer.start()
+            closers.add("consumer", self._consumer.stop)
             await self._check_topics()
             if self._dedup is not None:
                 await self._dedup.start()  # before the first command is read
+                closers.add("duplicate window", self._dedup.stop)
             self._consumer.subscribe(
                 [self.settings.commands_topic], listener=PipelineRebalanceListener(self.pipeline)
             )
         except BaseException:
-            await self._close()
+            await stack.aclose()
             raise
+        self._stack = stack
         return self
 
     async def _check_topics(self) -> None:
@@ -177,28 +218,7 @@ class Worker:
             )
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        # Shutdown order: the pipeline has drained and flushed in run(); close the
-        # consumer (leaves the group; a revocation flushes nothing more), then the
-        # producers, then HTTP. Every step is bounded and runs even if one before failed.
-        bound = self.settings.commit_timeout_s + 5
-        steps: list[tuple[str, Awaitable[None]]] = [("consumer", self._consumer.stop())]
-        if self._dedup is not None:
-            steps.append(("duplicate window", self._dedup.stop()))
-        if self._transactions is not None:
-            steps.append(("transactional producers", self._transactions.close()))
-        steps += [
-            ("producer", self._producer.stop()),
-            ("http client", self._client.aclose()),
-            ("clock", self.clock.aclose()),
-        ]
-        for name, step in steps:
-            try:
-                await asyncio.wait_for(step, bound)
-            except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - close the rest
-                log.warning("closing the %s failed: %r", name, exc)
+        await self._stack.aclose()
 
     async def run(self) -> RunReport:
         watch = asyncio.create_task(watch_kafka(self._producer, self.pipeline), name="kafka-watch")
