@@ -27,8 +27,8 @@ from worker.contracts import (
     schema_dir,
 )
 from worker.dedup import first_result_of
-from worker.errors import FailureReason
-from worker.events import ExchangeReply, Origin
+from worker.errors import ExchangeReply, FailureReason
+from worker.events import Origin
 from worker.routes import Route
 
 EXAMPLES = schema_dir() / "examples"

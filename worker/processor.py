@@ -53,10 +53,11 @@ from collections.abc import Callable, Sequence
 
 from worker import events, metrics
 from worker.commands import Command, InvalidCommand, decode
+from worker.decisions import Outcome
 from worker.dedup import RecordAt, Seen, SeenCommands
 from worker.errors import FailureReason
 from worker.events import Origin
-from worker.executor import CancelExecutor, Outcome
+from worker.executor import CancelExecutor
 from worker.pipeline import InRecord, OutRecord
 
 log = logging.getLogger(__name__)
