@@ -1,13 +1,17 @@
 """The simulator's HTTP surface (Starlette, served by uvicorn).
 
-PAPI routes (signed; API key, signature, timestamp and parameters checked in that order):
+PAPI routes (signed; API key, signature, timestamp, the account's order count (order routes
+only) and parameters checked in that order, so a refused signature costs no order count):
 
 * ``POST|DELETE /papi/v1/{um,cm}/conditional/order``, ``GET .../openOrder``,
-  ``GET .../orderHistory``
-* ``POST|DELETE /papi/v1/um/algo/order``, ``GET /papi/v1/um/algo/algoOrder``
+  ``GET .../orderHistory``, ``GET .../openOrders`` (all NEW orders, optional ``symbol``)
+* ``POST|DELETE /papi/v1/um/algo/order``, ``GET /papi/v1/um/algo/algoOrder``,
+  ``GET /papi/v1/um/algo/openAlgoOrders`` (optional ``symbol``, ``algoId``, ``algoType``)
 * ``GET /papi/v1/ping`` and ``GET /fapi/v1/time`` (unsigned)
 
 Every answer carries ``X-MBX-USED-WEIGHT-1M``; order routes also ``X-MBX-ORDER-COUNT-1M``.
+Request weight is 1, except the open-order lists without a ``symbol`` (40). ``/fapi/v1/time``
+counts its weight apart from PAPI's (another exchange host), in the same window.
 A route switched off (``um_conditional_enabled = false``) answers 404 as a retired route does.
 
 Control routes under ``/_sim/`` (not part of PAPI) seed orders, read the request log and
@@ -32,15 +36,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from worker.accounts import Credentials
+from worker.settings import Settings
 from worker.sim.auth import SignedParams, check_timestamp, split_signed, verify_signature
 from worker.sim.book import (
     CONDITIONAL_TYPES,
-    NO_SUCH_ORDER,
     AlgoOrder,
     Book,
     ConditionalOrder,
     SimError,
     decimal_str,
+    no_such_order,
 )
 from worker.sim.faults import PROFILES, TOO_MANY, Fault, Injector
 
@@ -53,6 +58,11 @@ CM_SYMBOLS = frozenset(
 _CLIENT_ID = re.compile(r"[.A-Z:/a-z0-9_-]{1,36}")
 _ID = re.compile(r"[0-9]{1,19}")
 NOT_FOUND_HTML = b"<html><body><h2>404 Not found</h2></body></html>"
+LIST_WEIGHT_ALL_SYMBOLS = 40  # an open-order list without a symbol; 1 with one
+# A ``timeout`` fault must outlast the client: by default, the worker's default HTTP timeout
+# plus this margin.
+TIMEOUT_HOLD_MARGIN_MS = 1_000
+DEFAULT_TIMEOUT_HOLD_MS = int(Settings().http_timeout_s * 1000) + TIMEOUT_HOLD_MARGIN_MS
 
 
 @dataclass
@@ -68,6 +78,8 @@ class SimConfig:
     ban_ms: int = 120_000
     profile: str = "none"
     seed: int = 0
+    # How long a ``timeout`` fault without its own delay_ms holds the request (profiles).
+    timeout_hold_ms: int = DEFAULT_TIMEOUT_HOLD_MS
 
 
 @dataclass
@@ -84,6 +96,8 @@ class SimState:
     request_seq: int = 0
     weight_window: int = 0
     weight_used: int = 0
+    fapi_weight_window: int = 0
+    fapi_weight_used: int = 0
     order_windows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def server_time(self) -> int:
@@ -98,6 +112,14 @@ class SimState:
             self.weight_window, self.weight_used, self.violations = window, 0, 0
         self.weight_used += weight
         return self.weight_used
+
+    def use_fapi_weight(self, weight: int) -> int:
+        """fapi (the clock endpoint's host) counts apart from PAPI, in the same window."""
+        window = self.server_time() // self.config.weight_window_ms
+        if window != self.fapi_weight_window:
+            self.fapi_weight_window, self.fapi_weight_used = window, 0
+        self.fapi_weight_used += weight
+        return self.fapi_weight_used
 
     def window_left_s(self, window_ms: int) -> int:
         """Seconds (rounded up) until the current fixed window ends."""
@@ -319,7 +341,7 @@ def conditional_query(market: str, *, history: bool) -> Handler:
         strategy_id, client_id = _conditional_ids(params)
         order = state.book.find_conditional(creds.alias, market, symbol, strategy_id, client_id)
         if order is None or (order.status == "NEW") == history:
-            raise NO_SUCH_ORDER
+            raise no_such_order()
         return _json(order.as_strategy())
 
     return handle
@@ -376,18 +398,53 @@ def algo_query(state: SimState, creds: Credentials, params: Mapping[str, str]) -
     algo_id, client_id = _algo_ids(params)
     order = state.book.find_algo(creds.alias, algo_id, client_id)
     if order is None:
-        raise NO_SUCH_ORDER
+        raise no_such_order()
     return _json(order.as_algo())
+
+
+def _optional_symbol(params: Mapping[str, str], market: str) -> str | None:
+    return _symbol(params, market) if "symbol" in params else None
+
+
+def list_weight(params: Mapping[str, str]) -> int:
+    """Open-order lists: weight 1 for one symbol, 40 for all of them."""
+    return 1 if params.get("symbol") else LIST_WEIGHT_ALL_SYMBOLS
+
+
+def conditional_open_orders(market: str) -> Handler:
+    def handle(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+        symbol = _optional_symbol(params, market)
+        orders = state.book.open_conditional(creds.alias, market, symbol)
+        return _json([o.as_strategy() for o in orders])
+
+    return handle
+
+
+def algo_open_orders(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+    symbol = _optional_symbol(params, "UM")
+    algo_id = _id_param(params, "algoId")
+    algo_type = params.get("algoType")
+    if algo_type is not None and algo_type != "CONDITIONAL":
+        return _json([])  # the simulator holds CONDITIONAL algo orders only
+    return _json([o.as_algo() for o in state.book.open_algo(creds.alias, symbol, algo_id)])
 
 
 # -- request pipeline -------------------------------------------------------------------------
 
+Weigher = Callable[[Mapping[str, str]], int]
+
 
 def signed_endpoint(
-    state: SimState, handler: Handler, *, order_route: bool, um_conditional: bool = False
+    state: SimState,
+    handler: Handler,
+    *,
+    order_route: bool,
+    um_conditional: bool = False,
+    weigh: Weigher | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
-        weight = state.use_weight(1)
+        # The weight is charged on arrival, from the parameters as sent, before any check.
+        weight = state.use_weight(1 if weigh is None else weigh(request.query_params))
         headers = {"X-MBX-USED-WEIGHT-1M": str(weight)}
         fault, latency_ms = state.injector.draw(request.method)
         if latency_ms:
@@ -415,7 +472,8 @@ def signed_endpoint(
             response = _error(exc, headers)
             entry["code"] = exc.code
         entry["status"] = response.status_code
-        state.log(entry)
+        if "seq" not in entry:  # a held request is logged when it arrives
+            state.log(entry)
         return response
 
     return endpoint
@@ -441,19 +499,6 @@ async def _handle_signed(
     if creds is None:
         raise SimError(401, -2015, "Invalid API-key, IP, or permissions for action.")
     entry["account"] = creds.alias
-    if order_route:
-        orders = state.count_order(creds.alias)
-        headers["X-MBX-ORDER-COUNT-1M"] = str(orders)
-        if orders > state.config.order_limit:
-            state.count("orders_429")
-            headers["Retry-After"] = str(state.window_left_s(state.config.order_window_ms))
-            raise SimError(
-                429,
-                -1015,
-                f"Too many new orders; current limit is "
-                f"{state.config.order_limit} orders per "
-                f"{state.config.order_window_ms // 1000} SECOND.",
-            )
     body = await request.body()
     signed: SignedParams = split_signed(request.scope.get("query_string", b""), body)
     entry["params"] = signed.params
@@ -461,6 +506,9 @@ async def _handle_signed(
         raise SimError(400, -1022, "Signature for this request is not valid.")
     check_timestamp(signed.params, state.server_time())
     entry["signature"] = signed.signature
+    # Only an authenticated request counts toward the account's orders.
+    if order_route:
+        _count_order(state, creds.alias, headers)
     fault = state.faults.popleft() if state.faults else drawn
     if fault is None:
         response = handler(state, creds, signed.params)
@@ -475,8 +523,33 @@ async def _handle_signed(
         with contextlib.suppress(SimError):
             handler(state, creds, signed.params)
     if fault.kind == "timeout":
-        await asyncio.sleep(fault.delay_ms / 1000)
+        # Logged on arrival: the exchange has the request whether or not anyone waits for
+        # the answer (a later test reading the log is not handed a request released late).
+        hold_ms = timeout_hold_ms(state.config, fault)
+        entry.update(status=fault.status, held_ms=hold_ms)
+        state.log(entry)
+        await asyncio.sleep(hold_ms / 1000)
     return fault_response(fault, headers)
+
+
+def timeout_hold_ms(config: SimConfig, fault: Fault) -> int:
+    """A scripted fault's own delay_ms, else (profiles) the configured hold."""
+    return fault.delay_ms or config.timeout_hold_ms
+
+
+def _count_order(state: SimState, account: str, headers: dict[str, str]) -> None:
+    orders = state.count_order(account)
+    headers["X-MBX-ORDER-COUNT-1M"] = str(orders)
+    if orders > state.config.order_limit:
+        state.count("orders_429")
+        headers["Retry-After"] = str(state.window_left_s(state.config.order_window_ms))
+        raise SimError(
+            429,
+            -1015,
+            f"Too many new orders; current limit is "
+            f"{state.config.order_limit} orders per "
+            f"{state.config.order_window_ms // 1000} SECOND.",
+        )
 
 
 def _check_limits(state: SimState, weight: int, headers: dict[str, str]) -> None:
@@ -496,12 +569,23 @@ def _check_limits(state: SimState, weight: int, headers: dict[str, str]) -> None
 
 def build_app(state: SimState) -> Starlette:
     def signed(
-        path: str, methods: dict[str, Handler], *, order: bool = False, um_cond: bool = False
+        path: str,
+        methods: dict[str, Handler],
+        *,
+        order: bool = False,
+        um_cond: bool = False,
+        weigh: Weigher | None = None,
     ) -> list[Route]:
         return [
             Route(
                 path,
-                signed_endpoint(state, h, order_route=order and m != "GET", um_conditional=um_cond),
+                signed_endpoint(
+                    state,
+                    h,
+                    order_route=order and m != "GET",
+                    um_conditional=um_cond,
+                    weigh=weigh,
+                ),
                 methods=[m],
             )
             for m, h in methods.items()
@@ -511,7 +595,10 @@ def build_app(state: SimState) -> Starlette:
         return _json({}, headers={"X-MBX-USED-WEIGHT-1M": str(state.use_weight(1))})
 
     async def server_time(_: Request) -> Response:
-        return _json({"serverTime": state.server_time()})
+        weight = state.use_fapi_weight(1)
+        return _json(
+            {"serverTime": state.server_time()}, headers={"X-MBX-USED-WEIGHT-1M": str(weight)}
+        )
 
     routes: list[Route] = [Route("/papi/v1/ping", ping), Route("/fapi/v1/time", server_time)]
     for market in ("UM", "CM"):
@@ -531,10 +618,19 @@ def build_app(state: SimState) -> Starlette:
             {"GET": conditional_query(market, history=True)},
             um_cond=um_cond,
         )
+        routes += signed(
+            f"{base}/openOrders",
+            {"GET": conditional_open_orders(market)},
+            um_cond=um_cond,
+            weigh=list_weight,
+        )
     routes += signed(
         "/papi/v1/um/algo/order", {"POST": algo_new, "DELETE": algo_cancel}, order=True
     )
     routes += signed("/papi/v1/um/algo/algoOrder", {"GET": algo_query})
+    routes += signed(
+        "/papi/v1/um/algo/openAlgoOrders", {"GET": algo_open_orders}, weigh=list_weight
+    )
     routes += control_routes(state)
     return Starlette(routes=routes)
 
@@ -647,6 +743,9 @@ def control_routes(state: SimState) -> list[Route]:
                     if not hasattr(state.config, name):
                         return _json({"error": f"unknown setting {name}"}, 400)
                     setattr(state.config, name, type(getattr(state.config, name))(value))
+                if state.config.timeout_hold_ms < 0:
+                    state.config.timeout_hold_ms = DEFAULT_TIMEOUT_HOLD_MS
+                    return _json({"error": "timeout_hold_ms must not be negative"}, 400)
                 if state.config.profile not in PROFILES:
                     bad = state.config.profile
                     state.config.profile = "none"

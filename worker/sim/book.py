@@ -18,8 +18,15 @@ class SimError(Exception):
         self.msg = msg
 
 
-UNKNOWN_ORDER = SimError(400, -2011, "Unknown order sent.")
-NO_SUCH_ORDER = SimError(400, -2013, "Order does not exist.")
+# Factories, not shared instances: raising one exception object again and again chains a new
+# traceback onto the old one each time (and keeps every frame of it alive).
+def unknown_order() -> SimError:
+    return SimError(400, -2011, "Unknown order sent.")
+
+
+def no_such_order() -> SimError:
+    return SimError(400, -2013, "Order does not exist.")
+
 
 CONDITIONAL_TYPES = (
     "STOP",
@@ -216,6 +223,20 @@ class Book:
                 return order
         return None
 
+    def open_conditional(
+        self, account: str, market: str, symbol: str | None
+    ) -> list[ConditionalOrder]:
+        """The account's NEW conditional orders of a market (one symbol, or all), oldest first."""
+        found = [
+            o
+            for o in self.conditional.values()
+            if o.account == account
+            and o.market == market
+            and o.status == "NEW"
+            and (symbol is None or o.symbol == symbol)
+        ]
+        return sorted(found, key=lambda o: o.strategy_id)
+
     def cancel_conditional(
         self,
         account: str,
@@ -227,7 +248,7 @@ class Book:
     ) -> ConditionalOrder:
         order = self.find_conditional(account, market, symbol, strategy_id, client_id)
         if order is None or order.status != "NEW":
-            raise UNKNOWN_ORDER
+            raise unknown_order()
         order.status = "CANCELED"
         order.update_time = now
         self.cancels.append(CancelRecord("conditional", account, market, order.strategy_id, now))
@@ -263,12 +284,26 @@ class Book:
                 return order
         return None
 
+    def open_algo(
+        self, account: str, symbol: str | None, algo_id: int | None = None
+    ) -> list[AlgoOrder]:
+        """The account's NEW UM algo orders (one symbol or all; one id or all), oldest first."""
+        found = [
+            o
+            for o in self.algo.values()
+            if o.account == account
+            and o.status == "NEW"
+            and (symbol is None or o.symbol == symbol)
+            and (algo_id is None or o.algo_id == algo_id)
+        ]
+        return sorted(found, key=lambda o: o.algo_id)
+
     def cancel_algo(
         self, account: str, algo_id: int | None, client_algo_id: str | None, now: int
     ) -> AlgoOrder:
         order = self.find_algo(account, algo_id, client_algo_id)
         if order is None or order.status != "NEW":
-            raise UNKNOWN_ORDER
+            raise unknown_order()
         order.status = "CANCELED"
         order.update_time = now
         self.cancels.append(CancelRecord("algo", account, "UM", order.algo_id, now))

@@ -3,7 +3,9 @@
 A :class:`Fault` is one scripted answer for a signed request. Kinds:
 
 * ``answer`` — an HTTP error (status, optional Binance code and message, ``Retry-After``);
-* ``timeout`` — hold the request for ``delay_ms`` (longer than the client waits);
+* ``timeout`` — hold the request, then answer ``status``: for ``delay_ms`` when a scripted
+  fault sets it, otherwise (``delay_ms = 0``, as in the ``timeouts`` profile) for the
+  simulator's ``timeout_hold_ms``, which by default outlasts the worker's default HTTP timeout;
 * ``reset`` — send the response head, then drop the connection;
 * ``ban`` — ban the IP for ``delay_ms`` and answer 418.
 
@@ -68,9 +70,8 @@ class Injector:
 
 
 def _timeout(applied: bool) -> Fault:
-    return Fault(
-        503, None, "held past the client's timeout", apply=applied, kind="timeout", delay_ms=3_000
-    )
+    # delay_ms = 0: held for the simulator's configured timeout_hold_ms.
+    return Fault(503, None, "held past the client's timeout", apply=applied, kind="timeout")
 
 
 _UNKNOWN_MSG = {
