@@ -193,7 +193,7 @@ async def test_retry_carries_fresh_timestamp_and_signature(rig: Rig) -> None:
     order = rig.seed(kind="algo")
     rig.state.faults.extend(
         [
-            Fault(503, None, "Service Unavailable"),
+            Fault(503, None, "Service Unavailable.", body="json"),
             Fault(400, -1000, "An unknown error occurred while processing."),
         ]
     )
@@ -378,7 +378,7 @@ async def test_terminal_and_retryable_answers(rig: Rig) -> None:
     assert auth.reason is FailureReason.AUTH and auth.attempts == 1
 
     for _ in range(3):
-        rig.state.faults.append(Fault(503, None, "Service Unavailable"))
+        rig.state.faults.append(Fault(503, None, "Service Unavailable.", body="json"))
     busy = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
     assert busy.reason is FailureReason.EXCHANGE_UNAVAILABLE and busy.attempts == 3
     assert not rig.state.book.cancels

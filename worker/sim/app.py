@@ -193,11 +193,16 @@ def fault_response(fault: Fault, headers: Mapping[str, str]) -> Response:
         extra["Retry-After"] = str(fault.retry_after_s)
     if fault.kind == "reset":
         return _ResetResponse()
-    if fault.code is None:
+    if fault.body == "empty":
+        return Response(b"", status_code=fault.status, headers=extra)
+    if fault.code is None and fault.body != "json":
         return Response(
             fault.msg.encode(), status_code=fault.status, media_type="text/plain", headers=extra
         )
-    return _json({"code": fault.code, "msg": fault.msg}, fault.status, extra)
+    body: dict[str, object] = {"msg": fault.msg}
+    if fault.code is not None:
+        body = {"code": fault.code, "msg": fault.msg}
+    return _json(body, fault.status, extra)
 
 
 def _mandatory(params: Mapping[str, str], name: str) -> str:

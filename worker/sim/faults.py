@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+SERVICE_UNAVAILABLE = "Service Unavailable."  # the exchange's "not executed" 503 message
 UNKNOWN_503 = "Unknown error, please check your request or try again later."
 TOO_MANY = "Too many requests; current limit of IP(127.0.0.1) is {limit} requests per minute."
 
@@ -35,6 +36,10 @@ class Fault:
     retry_after_s: int | None = None
     kind: str = "answer"
     delay_ms: int = 0
+    # The body of an ``answer``: "auto" is Binance's JSON when ``code`` is set, else the
+    # message as text (a gateway's page); "json" is JSON with the message (and the code when
+    # set), as the exchange's own 503s carry it; "empty" is no body at all.
+    body: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,8 @@ PROFILES: dict[str, Profile] = {
         (
             (0.15, Fault(500, None, "Internal Server Error")),
             (0.15, Fault(502, None, "Bad Gateway", apply=True)),
-            (0.15, Fault(503, None, "Service Unavailable")),
+            (0.10, Fault(503, None, SERVICE_UNAVAILABLE, body="json")),
+            (0.05, Fault(503, None, "", body="empty", apply=True)),  # a gateway's bare 503
             (0.10, Fault(504, None, "Gateway Timeout", apply=True)),
         )
     ),
