@@ -49,6 +49,9 @@ class Gateway:
     queued: dict[str, deque[Mangle]] = field(default_factory=dict)
     after: deque[tuple[str, Callable[[], None]]] = field(default_factory=deque)
     seen: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what)
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _http: httpx.AsyncClient | None = None
 
     def queue(self, method: str, *mangles: Mangle) -> None:
         self.queued.setdefault(method, deque()).extend(mangles)
@@ -94,12 +97,30 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
         async with httpx.AsyncClient(base_url=self.upstream) as http:
-            server = await asyncio.start_server(
-                lambda r, w: self._handle(r, w, http), "127.0.0.1", 0
-            )
-            port = server.sockets[0].getsockname()[1]
-            async with server:
-                yield f"http://127.0.0.1:{port}"
+            self._http = http
+            await self.start()
+            try:
+                yield f"http://127.0.0.1:{self.port}"
+            finally:
+                await self.stop()
+
+    async def start(self) -> None:
+        """Listen (again) on the same port: connections are accepted from now on."""
+        http = self._http
+        if http is None:
+            raise RuntimeError("start() is for a gateway inside running()")
+        server = await asyncio.start_server(
+            lambda r, w: self._handle(r, w, http), "127.0.0.1", self.port
+        )
+        self.port = server.sockets[0].getsockname()[1]
+        self._server = server
+
+    async def stop(self) -> None:
+        """Stop listening: new connections are refused, as by a load balancer that is gone."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
 
 
 def _head(status: int, headers: list[tuple[str, str]], length: int) -> bytes:

@@ -10,6 +10,7 @@ the rate governor holding budget for a request that is over.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import socket
@@ -18,12 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.hostile_gateway import Gateway, Mangle
-from tests.support import write_accounts
+from tests.support import (
+    SimControl,
+    command,
+    consume,
+    events_of,
+    fresh_topics,
+    produce,
+    worker_env,
+    worker_settings,
+    write_accounts,
+)
 from worker.accounts import Credentials, load_accounts
 from worker.commands import Command, Market
+from worker.devstack import Broker, start_worker
 from worker.errors import FailureReason
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
 from worker.governor import GovernorSettings, RateGovernor
@@ -263,6 +277,7 @@ async def test_a_blip_shorter_than_the_deadline_costs_latency_not_cancels(
     ]
     policy = RetryPolicy(backoff_initial_s=0.02, backoff_max_s=0.2, default_deadline_ms=10_000)
     caplog.set_level(logging.INFO)
+    outages = REGISTRY.get_sample_value("cancel_worker_exchange_unreachable_total") or 0.0
     async with PapiClient(
         f"http://127.0.0.1:{port}",
         clock=now_ms,
@@ -273,12 +288,57 @@ async def test_a_blip_shorter_than_the_deadline_costs_latency_not_cancels(
         tasks = [asyncio.create_task(executor.execute(cmd(algo_id=i), now_ms())) for i in ids]
         await asyncio.sleep(1.5)
         assert not any(t.done() for t in tasks)
+        assert REGISTRY.get_sample_value("cancel_worker_exchange_reachable") == 0
         async with running_sim(state, port=port):
             outcomes = await asyncio.gather(*tasks)
     assert all(o.canceled for o in outcomes), [o.reason for o in outcomes if not o.canceled]
+    assert all(o.attempts == 1 for o in outcomes)  # refused tries are not attempts
+    assert REGISTRY.get_sample_value("cancel_worker_exchange_reachable") == 1
+    assert REGISTRY.get_sample_value("cancel_worker_exchange_unreachable_total") == outages + 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("unreachable" in m for m in warnings) == 1, warnings
     assert sum("reachable again" in m for m in warnings) == 1, warnings
     assert not any(
         "retrying" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO
     )
+
+
+# -- 7, end to end: a worker process rides out an exchange that refuses connections ---------
+
+
+async def test_worker_process_rides_out_an_exchange_refusing_connections(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """The real worker, the real broker, the simulator behind a gateway that stops listening
+    for 4 s while 300 cancels arrive: every one is canceled once it is back, and the worker
+    says so twice (down, back), not once per command and try."""
+    topics = await fresh_topics(broker.bootstrap, partitions=3)
+    orders = sim.seed([{"account": f"desk-{i % 5}", "kind": "algo"} for i in range(320)])
+    gateway = Gateway(sim.url)
+    async with gateway.running() as papi_url:
+        settings = worker_settings(
+            broker.bootstrap, topics, papi_url, accounts_file, time_url=f"{sim.url}/fapi/v1/time"
+        )
+        worker = start_worker(worker_env(settings))
+        try:
+            records = [
+                (o["algo_id"].to_bytes(8, "big"), orjson.dumps(command(f"desk-{i % 5}", o)))
+                for i, o in enumerate(orders)
+            ]
+            await produce(broker.bootstrap, topics.commands, records[:20])
+            assert len(await consume(broker.bootstrap, topics.results, 20)) == 20
+            await gateway.stop()
+            await produce(broker.bootstrap, topics.commands, records[20:])
+            await asyncio.sleep(4.0)
+            await gateway.start()
+            results = await consume(broker.bootstrap, topics.results, 320, timeout_s=90)
+        finally:
+            worker.stop()
+    events = events_of(results)
+    assert len(events) == 320
+    assert collections.Counter(e["type"] for e in events) == {"strategy.canceled": 320}
+    assert len(sim.cancels()) >= 320
+    output = worker.output()
+    assert output.count("exchange unreachable") == 1, output[-3000:]
+    assert output.count("exchange reachable again") == 1, output[-3000:]
+    assert "retrying command_id" not in output
