@@ -80,6 +80,10 @@ class SimConfig:
     seed: int = 0
     # How long a ``timeout`` fault without its own delay_ms holds the request (profiles).
     timeout_hold_ms: int = DEFAULT_TIMEOUT_HOLD_MS
+    # A fixed exchange latency: every PAPI answer waits this long (a non-blocking sleep) after
+    # the request was handled and logged, so the log's ``at`` is still its arrival. Adds to a
+    # profile's random latency.
+    fixed_latency_ms: int = 0
 
 
 @dataclass
@@ -479,6 +483,7 @@ def signed_endpoint(
         entry["status"] = response.status_code
         if "seq" not in entry:  # a held request is logged when it arrives
             state.log(entry)
+        await fixed_latency(state.config)
         return response
 
     return endpoint
@@ -535,6 +540,12 @@ async def _handle_signed(
         state.log(entry)
         await asyncio.sleep(hold_ms / 1000)
     return fault_response(fault, headers)
+
+
+async def fixed_latency(config: SimConfig) -> None:
+    """The configured fixed latency of every PAPI answer (none by default)."""
+    if config.fixed_latency_ms > 0:
+        await asyncio.sleep(config.fixed_latency_ms / 1000)
 
 
 def timeout_hold_ms(config: SimConfig, fault: Fault) -> int:
@@ -597,7 +608,9 @@ def build_app(state: SimState) -> Starlette:
         ]
 
     async def ping(_: Request) -> Response:
-        return _json({}, headers={"X-MBX-USED-WEIGHT-1M": str(state.use_weight(1))})
+        weight = state.use_weight(1)
+        await fixed_latency(state.config)
+        return _json({}, headers={"X-MBX-USED-WEIGHT-1M": str(weight)})
 
     async def server_time(_: Request) -> Response:
         weight = state.use_fapi_weight(1)
@@ -751,6 +764,9 @@ def control_routes(state: SimState) -> list[Route]:
                 if state.config.timeout_hold_ms < 0:
                     state.config.timeout_hold_ms = DEFAULT_TIMEOUT_HOLD_MS
                     return _json({"error": "timeout_hold_ms must not be negative"}, 400)
+                if state.config.fixed_latency_ms < 0:
+                    state.config.fixed_latency_ms = 0
+                    return _json({"error": "fixed_latency_ms must not be negative"}, 400)
                 if state.config.profile not in PROFILES:
                     bad = state.config.profile
                     state.config.profile = "none"

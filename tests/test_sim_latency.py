@@ -1,0 +1,110 @@
+"""The simulator's fixed exchange latency: every PAPI answer waits ``fixed_latency_ms``.
+
+A real loopback server (the sleep must be a real one), driven through ``/_sim/config`` as the
+bench does: the answer comes that much later, the request log's ``at`` is still the arrival,
+concurrent requests wait side by side (the sleep blocks nothing), and a negative value is
+refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.support import HMAC_ACCOUNTS, write_accounts
+from worker.accounts import Credentials, load_accounts
+from worker.signing import HmacSigner, append_signature, encode_params
+from worker.sim.app import SimConfig
+from worker.sim.server import running_sim, state_from_accounts
+from worker.timeutil import now_ms
+
+LATENCY_MS = 200
+
+
+@pytest.fixture(scope="module")
+def accounts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
+    path: Path = write_accounts(tmp_path_factory.mktemp("secrets"))
+    return load_accounts(path)
+
+
+async def cancel(http: httpx.AsyncClient, algo_id: int) -> httpx.Response:
+    key, secret = HMAC_ACCOUNTS["desk-0"]
+    params = [("algoId", str(algo_id)), ("recvWindow", "5000"), ("timestamp", str(now_ms()))]
+    query = append_signature(encode_params(params), HmacSigner(secret))
+    return await http.delete(f"/papi/v1/um/algo/order?{query}", headers={"X-MBX-APIKEY": key})
+
+
+async def seed(http: httpx.AsyncClient, count: int) -> list[int]:
+    specs = [{"account": "desk-0", "kind": "algo"} for _ in range(count)]
+    r = await http.post("/_sim/orders", content=orjson.dumps({"orders": specs}))
+    assert r.status_code == 200, r.text
+    return [o["algo_id"] for o in r.json()["orders"]]
+
+
+async def timed_cancel(http: httpx.AsyncClient, algo_id: int) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await cancel(http, algo_id)
+    return response, time.monotonic() - started
+
+
+async def test_fixed_latency_delays_every_answer_and_the_log_keeps_the_arrival(
+    accounts: dict[str, Credentials],
+) -> None:
+    assert SimConfig().fixed_latency_ms == 0  # off unless asked for
+    state = state_from_accounts(accounts, SimConfig())
+    async with running_sim(state) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        first, second, *together = await seed(http, 12)
+
+        # Off: the answer does not wait.
+        fast, elapsed = await timed_cancel(http, first)
+        assert fast.status_code == 200 and fast.json() == {"complete": True}
+        assert elapsed < LATENCY_MS / 1000
+
+        r = await http.post("/_sim/config", content=orjson.dumps({"fixed_latency_ms": LATENCY_MS}))
+        assert r.status_code == 200 and r.json()["fixed_latency_ms"] == LATENCY_MS, r.text
+
+        sent_at = now_ms()
+        slow, elapsed = await timed_cancel(http, second)
+        assert slow.status_code == 200 and slow.json() == {"complete": True}
+        assert LATENCY_MS / 1000 - 0.01 <= elapsed < LATENCY_MS / 1000 + 1.0
+        # The cancel applied, and was logged, when the request arrived, not when answered.
+        arrived = state.requests[-1]
+        assert arrived["params"]["algoId"] == str(second) and arrived["status"] == 200
+        assert arrived["at"] - sent_at < LATENCY_MS / 2
+
+        # Errors wait as long: the same order again is -2011, as late.
+        gone, elapsed = await timed_cancel(http, second)
+        assert gone.status_code == 400 and gone.json()["code"] == -2011
+        assert elapsed >= LATENCY_MS / 1000 - 0.01
+
+        # The unsigned ping is a PAPI answer too.
+        started = time.monotonic()
+        assert (await http.get("/papi/v1/ping")).status_code == 200
+        assert time.monotonic() - started >= LATENCY_MS / 1000 - 0.01
+
+        # A non-blocking wait: ten requests at once take about one latency, not ten.
+        started = time.monotonic()
+        answers = await asyncio.gather(*(cancel(http, algo_id) for algo_id in together))
+        assert [a.status_code for a in answers] == [200] * len(together)
+        assert time.monotonic() - started < 3 * LATENCY_MS / 1000
+
+        # Back to none.
+        r = await http.post("/_sim/config", content=orjson.dumps({"fixed_latency_ms": 0}))
+        assert r.json()["fixed_latency_ms"] == 0
+        (extra,) = await seed(http, 1)
+        _, elapsed = await timed_cancel(http, extra)
+        assert elapsed < LATENCY_MS / 1000
+
+
+async def test_a_negative_fixed_latency_is_refused(accounts: dict[str, Credentials]) -> None:
+    state = state_from_accounts(accounts, SimConfig())
+    async with running_sim(state) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        bad = await http.post("/_sim/config", content=orjson.dumps({"fixed_latency_ms": -5}))
+        assert bad.status_code == 400 and "fixed_latency_ms" in bad.json()["error"]
+        assert state.config.fixed_latency_ms == 0
+        assert (await http.get("/_sim/config")).json()["fixed_latency_ms"] == 0
