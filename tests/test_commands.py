@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.commands import Command, InvalidCommand, Market, decode, encode
-from worker.contracts import COMMAND_SCHEMA, command_validator, load_schema
+from worker.contracts import COMMAND_SCHEMA, command_validator, fast_check, load_schema
 
 BASE = {
     "command_id": "c-1",
@@ -264,3 +264,55 @@ def test_decode_agrees_with_the_schema(obj: dict[str, object]) -> None:
 @given(st.binary(max_size=300))
 def test_decode_never_raises_on_bytes(raw: bytes) -> None:
     assert isinstance(decode(raw), Command | InvalidCommand)
+
+
+# -- the compiled check on the hot path agrees with the full validator -----------------------
+
+mutations = st.sampled_from(
+    [
+        5.0,
+        1.5,
+        -1,
+        0,
+        2**63,
+        2**63 - 1,
+        253402300799999,
+        253402300800000,
+        True,
+        None,
+        "",
+        "x" * 65,
+        "BTCUSDT\n",
+        "UM",
+        "CM",
+        "é",
+        [],
+        {},
+    ]
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    valid_commands(),
+    st.lists(st.tuples(field_names | st.text(max_size=8), mutations | json_values), max_size=3),
+    st.lists(field_names, max_size=2),
+)
+def test_the_compiled_check_agrees_with_the_full_validator(
+    obj: dict[str, Any], changes: list[tuple[str, object]], dropped: list[str]
+) -> None:
+    """The hot path's check (compiled) and the full jsonschema validator (the oracle) accept
+    exactly the same commands, near-valid ones included."""
+    candidate: dict[str, object] = {**obj, **dict(changes)}
+    for name in dropped:
+        candidate.pop(name, None)
+    for instance in (obj, candidate):
+        assert fast_check(COMMAND_SCHEMA)(instance) == command_validator().is_valid(instance), (
+            instance
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(field_names, json_values | mutations, max_size=8))
+def test_the_compiled_check_agrees_on_arbitrary_objects(obj: dict[str, object]) -> None:
+    assert fast_check(COMMAND_SCHEMA)(obj) == command_validator().is_valid(obj)

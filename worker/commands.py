@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from jsonschema.exceptions import ValidationError, best_match
 
-from worker.contracts import COMMAND_SCHEMA, command_validator, load_schema
+from worker.contracts import COMMAND_SCHEMA, command_validator, fast_check, load_schema
 
 DEFAULT_MAX_COMMAND_BYTES = 64 * 1024
 _DETAIL_MAX = 300
@@ -121,9 +121,12 @@ def decode(
         return InvalidCommand(detail=_clip(f"not valid UTF-8 JSON: {exc}"))
     if not isinstance(obj, dict):
         return InvalidCommand(detail=f"command must be a JSON object, got {type(obj).__name__}")
-    error = best_match(command_validator().iter_errors(obj))
-    if error is not None:
-        return _salvage(obj, _describe(error))
+    if not fast_check(COMMAND_SCHEMA)(obj):
+        error = best_match(command_validator().iter_errors(obj))
+        if error is not None:
+            return _salvage(obj, _describe(error))
+        # The two validators disagree: refuse, and say so (never build a request from it).
+        return _salvage(obj, "(root): refused by the compiled schema check")
     return Command(
         command_id=obj["command_id"],
         account=obj["account"],

@@ -11,16 +11,23 @@ but a float must never reach a signed request as ``strategyId=1.0``.
 ``$`` also matches before a final newline, so ``"BTCUSDT\n"`` would pass ``^[A-Z0-9_]{1,32}$``
 and reach the exchange as ``symbol=BTCUSDT%0A``. Every ``$`` outside a character class is
 compiled as ``\Z`` instead.
+
+Two validators per schema: :func:`fast_check` on the hot path (the same schema compiled by
+``jsonschema-rs``, whose regexes already read ``$`` as the end of input, plus the strict
+integer rule: about 1 µs a command instead of about 180), and :func:`validator`, the full
+``jsonschema`` one, for the error message when the fast check refuses, and as the oracle the
+tests hold the fast check to.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import orjson
 from jsonschema import Draft202012Validator, FormatChecker
 from jsonschema.exceptions import ValidationError
@@ -125,3 +132,43 @@ def command_validator() -> Validator:
 
 def result_validator() -> Validator:
     return validator(RESULT_SCHEMA)
+
+
+def _integer_properties(schema: dict[str, Any]) -> frozenset[str]:
+    """Top-level properties declared ``integer`` (directly or through a local ``$ref``)."""
+    defs = schema.get("$defs", {})
+    names = set()
+    for name, declared in schema.get("properties", {}).items():
+        ref = str(declared.get("$ref", ""))
+        local = ref.startswith("#/$defs/")
+        prop = defs.get(ref.removeprefix("#/$defs/"), {}) if local else declared
+        kinds = prop.get("type")
+        if kinds == "integer" or (isinstance(kinds, list) and "integer" in kinds):
+            names.add(name)
+    return frozenset(names)
+
+
+@functools.cache
+def fast_check(name: str) -> Callable[[object], bool]:
+    """A compiled check of one schema for the hot path: True exactly when :func:`validator`
+    finds nothing wrong (``tests/test_contracts.py`` holds the two to that with hypothesis).
+
+    JSON Schema counts ``5.0`` as an integer and so does the compiled validator; the
+    integer properties are narrowed to real ints here, as the full validator does. Only
+    top-level properties are narrowed: it is for flat schemas such as the command's.
+    """
+    schema = load_schema(name)
+    compiled = jsonschema_rs.validator_for(schema)
+    integers = _integer_properties(schema)
+
+    def check(instance: object) -> bool:
+        if not compiled.is_valid(instance):
+            return False
+        if isinstance(instance, dict):
+            for key in integers:
+                value = instance.get(key)
+                if value is not None and type(value) is not int:
+                    return False
+        return True
+
+    return check
