@@ -20,13 +20,16 @@ waiting on the rate governor never passes either.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 from tenacity.stop import stop_base
+from tenacity.wait import wait_base
 
 from worker import decisions, metrics, normalize
 from worker.accounts import Credentials
@@ -59,12 +62,18 @@ class RetryPolicy:
     reconcile_budget_ms: int = 5_000
     max_cancel_rounds: int = 8
 
-    def backoff(self) -> wait_exponential_jitter:
+    def backoff(self) -> wait_base:
+        """The wait between retries after the first (exponential, capped, with jitter)."""
         return wait_exponential_jitter(
-            multiplier=self.backoff_initial_s,
+            multiplier=self.backoff_initial_s * 2,
             max=self.backoff_max_s,
             jitter=self.backoff_initial_s,
         )
+
+    def first_backoff_s(self) -> float:
+        """The wait before the first retry."""
+        jitter = random.uniform(0, self.backoff_initial_s)  # noqa: S311 - spreading, not secrets
+        return min(self.backoff_initial_s + jitter, self.backoff_max_s)
 
 
 @dataclass
@@ -109,27 +118,39 @@ class _StopRetrying(stop_base):
         self._max_attempts = max_attempts
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        if self._clock() + int(retry_state.upcoming_sleep * 1000) >= self._deadline_ms:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        return self.would_stop(error, retry_state.upcoming_sleep)
+
+    def would_stop(self, error: BaseException | None, pause_s: float) -> bool:
+        if self._clock() + int(pause_s * 1000) >= self._deadline_ms:
             return True
         if self._max_attempts is None:
             return False
-        error = retry_state.outcome.exception() if retry_state.outcome else None
         return decisions.retries_spent(error, self._job.attempts, self._max_attempts)
 
 
-def _log_retry(job: _Job) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
+def _log_retry(job: _Job) -> Callable[[BaseException | None, int, float], None]:
+    def say(error: BaseException | None, attempt: int, pause_s: float) -> None:
         # A refused connection is said once by the client, not once per command and try.
         level = logging.DEBUG if isinstance(error, NotSentError) else logging.INFO
         log.log(
             level,
             "retrying command_id=%s attempt=%d after %s, sleeping %.3fs",
             job.command.command_id,
-            state.attempt_number,
+            attempt,
             error,
-            state.upcoming_sleep,
+            pause_s,
         )
+
+    return say
+
+
+def _before_sleep(job: _Job) -> Callable[[RetryCallState], None]:
+    say = _log_retry(job)
+
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        say(error, state.attempt_number + 1, state.upcoming_sleep)
 
     return before_sleep
 
@@ -150,6 +171,12 @@ class CancelExecutor:
         self._clock = clock
         self._resync_clock = resync_clock
         self._clock_generation = clock_generation
+        # One retry policy for every command; each retrying command runs on a copy of it.
+        self._retrying = AsyncRetrying(
+            wait=policy.backoff(),
+            retry=retry_if_exception(decisions.should_retry),
+            reraise=True,
+        )
 
     def retry_deadline_ms(self, command: Command) -> int:
         """No retry starts after this (exchange clock); ``expires_at`` also forbids any send."""
@@ -187,13 +214,18 @@ class CancelExecutor:
     # -- sending ------------------------------------------------------------------------------
 
     async def _cancel_with_retry(self, job: _Job) -> PapiResponse:
-        retrying = AsyncRetrying(
-            stop=_StopRetrying(job, self._clock, job.deadline, self._policy.max_attempts),
-            wait=self._policy.backoff(),
-            retry=retry_if_exception(decisions.should_retry),
-            before_sleep=_log_retry(job),
-            reraise=True,
-        )
+        # Most cancels are answered at the first attempt: no retry machinery for those.
+        try:
+            return await self._cancel_once(job)
+        except PapiError as exc:
+            first = exc
+        stop = _StopRetrying(job, self._clock, job.deadline, self._policy.max_attempts)
+        pause = self._policy.first_backoff_s()
+        if not decisions.should_retry(first) or stop.would_stop(first, pause):
+            raise first
+        _log_retry(job)(first, 1, pause)
+        await asyncio.sleep(pause)
+        retrying = self._retrying.copy(stop=stop, before_sleep=_before_sleep(job))
         async for attempt in retrying:
             with attempt:
                 return await self._cancel_once(job)
