@@ -45,7 +45,7 @@ from worker.decisions import (
 )
 from worker.errors import Disposition, ExchangeError, NotAdmittedError, NotSentError, PapiError
 from worker.papi import PapiClient, PapiResponse
-from worker.routes import CancelRequest, Route, choose_route, plan_cancel, plan_queries
+from worker.routes import CancelRequest, Route, plan_cancel, plan_queries
 
 __all__ = ["CancelExecutor", "Finding", "Gone", "Outcome", "RetryPolicy", "decide_gone"]
 
@@ -84,6 +84,7 @@ class _Job:
     creds: Credentials
     route: Route
     deadline: int
+    cancel: CancelRequest  # built once, signed afresh at every attempt
     attempts: int = 0  # requests that reached (or may have reached) the exchange
     not_sent: int = 0
     resynced: bool = False
@@ -189,7 +190,8 @@ class CancelExecutor:
         creds = self._accounts.get(command.account)
         if creds is None:
             return decisions.unknown_account(command)
-        job = _Job(command, creds, choose_route(command), self.retry_deadline_ms(command))
+        cancel = plan_cancel(command)
+        job = _Job(command, creds, cancel.route, self.retry_deadline_ms(command), cancel)
         for round_no in range(self._policy.max_cancel_rounds):
             if round_no and self._clock() >= job.deadline:
                 break  # the order still stands and the retry budget is spent
@@ -233,7 +235,7 @@ class CancelExecutor:
 
     async def _cancel_once(self, job: _Job) -> PapiResponse:
         """One cancel; a -1021 re-syncs the clock and re-signs once, within this attempt."""
-        request = plan_cancel(job.command)
+        request = job.cancel
         while True:
             generation = self._clock_generation()
             try:
@@ -256,7 +258,7 @@ class CancelExecutor:
                 job.creds,
                 request.method,
                 request.path,
-                request.params,
+                request.query,
                 is_order=is_order,
                 deadline_ms=deadline,
                 expires_at=job.expires_at if is_order else None,

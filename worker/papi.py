@@ -35,7 +35,7 @@ from worker import metrics
 from worker.accounts import Credentials
 from worker.errors import ExchangeError, NoAnswerError, NotAdmittedError, NotSentError, PapiError
 from worker.governor import GovernorDeadlineError, RateGovernor, Ticket
-from worker.signing import PapiAuth, SigningRefusedError, encode_params
+from worker.signing import PapiAuth, SigningRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,12 @@ class PapiClient:
         self._governor = governor
         self._connections = asyncio.Semaphore(max_connections)
         self._auth: dict[str, PapiAuth] = {}
+        # Built once: a request is assembled from these without parsing a URL or merging
+        # client defaults (httpx's build_request costs about 37 µs a request).
+        self._base_url = httpx.URL(base_url)
+        self._urls: dict[str, httpx.URL] = {}
+        self._headers: dict[str, httpx.Headers] = {}
+        self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s).as_dict()
         self.reachability = Reachability(base_url)
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -167,12 +173,24 @@ class PapiClient:
             auth = self._auth[creds.alias] = PapiAuth(creds.api_key, creds.signer, self._clock)
         return auth
 
+    def _request(self, creds: Credentials, method: str, path: str) -> httpx.Request:
+        """An unsigned request; the auth flow adds the signed query at send time."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self._base_url.join(path)
+        headers = self._headers.get(creds.alias)
+        if headers is None:
+            headers = self._headers[creds.alias] = httpx.Headers(
+                {"User-Agent": _USER_AGENT, "X-MBX-APIKEY": creds.api_key}
+            )
+        return httpx.Request(method, url, headers=headers, extensions={"timeout": self._timeout})
+
     async def signed(
         self,
         creds: Credentials,
         method: str,
         path: str,
-        params: tuple[tuple[str, str], ...],
+        query: str,
         *,
         is_order: bool = False,
         deadline_ms: int | None = None,
@@ -180,6 +198,8 @@ class PapiClient:
         recv_window_ms: int = 5_000,
     ) -> PapiResponse:
         """Send one signed request; return its 2XX JSON answer or raise a :class:`PapiError`.
+
+        ``query``: the request's parameters, encoded (:func:`worker.signing.encode_params`).
 
         ``deadline_ms``: the governor admits nothing at or after it (``NotAdmittedError``).
         ``expires_at``: nothing is signed at or after it, and ``recvWindow`` never reaches
@@ -198,7 +218,7 @@ class PapiClient:
                     self._governor.refund(ticket)
                     continue
                 return await self._exchange(
-                    creds, method, path, params, ticket, recv_window_ms, expires_at
+                    creds, method, path, query, ticket, recv_window_ms, expires_at
                 )
 
     async def _admit(
@@ -219,17 +239,16 @@ class PapiClient:
         creds: Credentials,
         method: str,
         path: str,
-        params: tuple[tuple[str, str], ...],
+        query: str,
         ticket: Ticket | None,
         recv_window_ms: int,
         expires_at: int | None,
     ) -> PapiResponse:
         """Sign, send and read one request, ending the governor's ticket exactly once."""
         end = _TicketEnd(self._governor, ticket)
-        url = f"{path}?{encode_params(params)}" if params else path
-        auth = self._auth_for(creds).for_request(recv_window_ms, expires_at)
+        auth = self._auth_for(creds).for_request(recv_window_ms, expires_at, query)
         try:
-            response = await self._transmit(self._http.build_request(method, url), auth, end)
+            response = await self._transmit(self._request(creds, method, path), auth, end)
             self.reachability.answered()
             try:
                 status, headers = response.status_code, response.headers

@@ -18,6 +18,7 @@ import enum
 from dataclasses import dataclass
 
 from worker.commands import Command, Market
+from worker.signing import encode_params
 
 
 class Route(enum.StrEnum):
@@ -72,6 +73,11 @@ class CancelRequest:
     method: str
     path: str
     params: tuple[tuple[str, str], ...]
+    query: str = ""  # the parameters percent-encoded in order, built once (what is signed)
+
+    def __post_init__(self) -> None:
+        if not self.query and self.params:
+            object.__setattr__(self, "query", encode_params(self.params))
 
 
 def choose_route(command: Command) -> Route:

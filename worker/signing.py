@@ -118,6 +118,21 @@ def recv_window_for(now_ms: int, recv_window_ms: int, expires_at: int | None) ->
     return max(1, window)
 
 
+def with_query(url: httpx.URL, query: str) -> httpx.URL:
+    """``url`` with its query replaced by ``query`` (already percent-encoded ASCII, as
+    :func:`encode_params` and :func:`append_signature` make it), without parsing the URL
+    again: about 1.5 µs instead of about 18 for ``copy_with``. It relies on httpx's parsed
+    form (pinned to 0.28 in pyproject; ``tests/test_signing.py`` holds it equal to
+    ``copy_with``), and falls back to ``copy_with`` should that form change."""
+    reference = getattr(url, "_uri_reference", None)
+    replace = getattr(reference, "_replace", None)
+    if replace is None:
+        return url.copy_with(query=query.encode("ascii"))
+    new = httpx.URL.__new__(httpx.URL)
+    new._uri_reference = replace(query=query)
+    return new
+
+
 class PapiAuth(httpx.Auth):
     """Adds ``recvWindow``, ``timestamp``, ``signature`` and ``X-MBX-APIKEY`` as it is sent.
 
@@ -135,26 +150,33 @@ class PapiAuth(httpx.Auth):
         *,
         recv_window_ms: int | None = None,
         expires_at: int | None = None,
+        query: str | None = None,
     ) -> None:
         self._api_key = api_key
         self._signer = signer
         self._clock = clock
         self._recv_window_ms = recv_window_ms
         self._expires_at = expires_at
+        self._query = query
 
-    def for_request(self, recv_window_ms: int | None, expires_at: int | None) -> PapiAuth:
-        """The same key and signer, for one request's window and deadline."""
+    def for_request(
+        self, recv_window_ms: int | None, expires_at: int | None, query: str | None = None
+    ) -> PapiAuth:
+        """The same key and signer, for one request's window and deadline. ``query`` is the
+        request's parameters as already encoded (:func:`encode_params`), built once per
+        command; without it they are read back from the request's URL."""
         return PapiAuth(
             self._api_key,
             self._signer,
             self._clock,
             recv_window_ms=recv_window_ms,
             expires_at=expires_at,
+            query=query,
         )
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         now = self._clock()
-        query = request.url.query.decode("ascii")
+        query = self._query if self._query is not None else request.url.query.decode("ascii")
         extra = f"timestamp={now}"
         if self._recv_window_ms is not None:
             window = recv_window_for(now, self._recv_window_ms, self._expires_at)
@@ -162,8 +184,7 @@ class PapiAuth(httpx.Auth):
         elif self._expires_at is not None and now >= self._expires_at:
             raise SigningRefusedError(now, self._expires_at)
         query = f"{query}&{extra}" if query else extra
-        signed = append_signature(query, self._signer)
-        request.url = request.url.copy_with(query=signed.encode("ascii"))
+        request.url = with_query(request.url, append_signature(query, self._signer))
         request.headers["X-MBX-APIKEY"] = self._api_key
         yield request
 
