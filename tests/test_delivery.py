@@ -9,9 +9,11 @@ with every result.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
 import random
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -181,7 +183,7 @@ async def scenario(
     topics = await fresh_topics(broker.bootstrap, partitions=partitions)
     orders, commands = seed_commands(sim, total, keys=keys, prefix=prefix)
     settings = worker_settings(
-        broker.bootstrap, topics, sim.url, accounts_file, **fast_limits(sim), **overrides
+        broker.bootstrap, topics, sim.url, accounts_file, **{**fast_limits(sim), **overrides}
     )
     return Scenario(topics, orders, commands, settings)
 
@@ -403,3 +405,44 @@ async def test_shutdown_bound_and_second_signal(
         else:
             assert "exiting at once" in out and took < 5
         assert "Traceback" not in out, out[-3000:]
+
+
+async def test_two_processes_on_one_host_share_the_partitions_and_the_ip_budget(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """N worker processes in one group on one host: the partitions spread over them, and
+    with the IP budget split between them (RATE_WEIGHT_LIMIT = the IP's limit / N) the
+    exchange never answers 429, though the run needs three windows' worth of weight."""
+    total, window_ms, ip_limit = 1200, 2_000, 400
+    run = await scenario(
+        broker,
+        sim,
+        accounts_file,
+        total=total,
+        keys=40,
+        prefix="cores",
+        partitions=4,
+        rate_weight_limit=ip_limit // 2,
+        rate_weight_window_ms=window_ms,
+    )
+    sim.configure(weight_limit=ip_limit, weight_window_ms=window_ms)
+    before = sim.stats()
+    members = [start_worker(run.env) for _ in range(2)]
+    try:
+        for m in members:
+            m.wait_for_line("partitions assigned", 60)
+        await produce_commands(broker.bootstrap, run.topics.commands, run.commands)
+        await wait_for_results(broker.bootstrap, run.topics.results, total, 180, members)
+    finally:
+        codes = [m.stop() for m in members]
+    assert codes == [0, 0], [m.output()[-2000:] for m in members]
+    await run.check(broker.bootstrap, sim)
+    # The partitions spread over the two: each held a share at the end, none held twice.
+    final = [
+        set(ast.literal_eval(re.findall(r"partitions assigned: (\[.*\])", m.output())[-1]))
+        for m in members
+    ]
+    assert all(final) and not final[0] & final[1], final
+    assert {p for _, p in final[0] | final[1]} == {0, 1, 2, 3}
+    after = sim.stats()
+    assert after.get("weight_429", 0) == before.get("weight_429", 0), after
