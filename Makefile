@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 KAFKA_JARS := deploy/kafka/target/libs/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit bench clean kafka-start kafka-stop
+.PHONY: setup demo test lint typecheck unit bench bench-quick clean kafka-start kafka-stop
 
 setup: $(STAMP) $(KAFKA_JARS)
 
@@ -36,8 +36,15 @@ unit: $(STAMP)
 test: setup lint typecheck
 	$(BIN)/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
+# Starts its own broker and simulator; results in .bench/results.json. BENCH_ARGS passes
+# options through, e.g. BENCH_ARGS="--systems worker,pipeline_floor --scenarios 0ms".
+BENCH_ARGS ?=
+
 bench: setup
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench $(BENCH_ARGS)
+
+bench-quick: setup
+	$(BIN)/python -m tests.bench --quick $(BENCH_ARGS)
 
 kafka-start: setup
 	deploy/kafka/kafka.sh start

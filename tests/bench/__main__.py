@@ -1,0 +1,3 @@
+from tests.bench.main import main
+
+main()

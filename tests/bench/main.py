@@ -1,0 +1,622 @@
+"""``make bench`` / ``make bench-quick``: the worker against the floors of its pipeline.
+
+Starts its own Kafka broker and PAPI simulator, then, per scenario, runs every system in its
+own OS process, on fresh topics and a fresh consumer group, round-robin over the systems
+(each round starts with the next system), so that machine noise spreads over all of them:
+
+* ``kafka_floor``, ``pipeline_floor``, ``naive`` — :mod:`tests.bench.systems`;
+* ``worker``, ``worker_at_least_once`` — ``cancel-worker run`` in each delivery mode.
+
+Rate limits (the worker's and the simulator's) are raised out of the way: only speed is
+measured. Scenarios: a burst with an exchange answering at once (``0ms``), a burst with a
+fixed 20 ms exchange latency (``20ms``), and a steady 100 commands/s with the 20 ms latency
+(``paced100``); commands go over 50 keys and 5 accounts, each cancelling a UM algo order
+seeded in the simulator.
+
+Figures per system and scenario (pooled over its rounds):
+
+* throughput — commands / (first produce → last result visible), summed over rounds;
+* produced → request at the exchange (p50/p99/max) — the command's produce time against the
+  simulator's arrival time (``at``) of the first DELETE for its order (null without HTTP);
+* produced → result visible (p50/p99/max) — until the bench's own ``read_committed``
+  consumer receives the result, i.e. a durable, acknowledged result;
+* CPU µs per command and peak RSS of the system's own process (``/proc``);
+* the 1-minute load average sampled during its runs (top-level ``load_average``).
+
+Output: a progress line, then a table, and the same as JSON in ``.bench/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from tests.bench import measure
+from tests.bench.report import render_table, results_json
+from tests.bench.systems import CONFIG_ENV, READY
+from tests.support import (
+    HMAC_ACCOUNTS,
+    SimControl,
+    Topics,
+    command,
+    fresh_topics,
+    worker_env,
+    worker_settings,
+    write_accounts,
+)
+from worker.devstack import REPO, Broker, Process, start_broker, start_sim, start_worker
+from worker.sim.app import UM_SYMBOLS
+
+SYSTEMS = ("kafka_floor", "pipeline_floor", "naive", "worker", "worker_at_least_once")
+UNLIMITED = 1_000_000_000  # rate limits out of the way: only speed is measured
+KEYS = 50
+ACCOUNTS = tuple(f"desk-{i}" for i in range(5))
+PARTITIONS = 6
+RESULTS_FILE = REPO / ".bench" / "results.json"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    latency_ms: int
+    rate: float | None  # commands per second; None: all at once
+
+
+SCENARIOS = {
+    "0ms": Scenario("0ms", 0, None),
+    "20ms": Scenario("20ms", 20, None),
+    "paced100": Scenario("paced100", 20, 100.0),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Commands per system and scenario (over all rounds) and the rounds."""
+
+    name: str
+    commands: dict[str, int]
+    naive_commands: dict[str, int]  # the naive system is slow: fewer where it would drag on
+    rounds: int
+
+
+FULL = Plan(
+    "full",
+    {"0ms": 5000, "20ms": 5000, "paced100": 5000},
+    {"0ms": 2000, "20ms": 800, "paced100": 1000},
+    rounds=2,
+)
+QUICK = Plan(
+    "quick",
+    {"0ms": 1000, "20ms": 1000, "paced100": 400},
+    {"0ms": 300, "20ms": 150, "paced100": 150},
+    rounds=2,
+)
+
+
+@dataclass
+class Run:
+    """One system's run of one scenario (one round)."""
+
+    scenario: str
+    system: str
+    round: int
+    commands: int
+    duration_s: float = 0.0
+    cpu_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    request_latencies_ms: list[float] = field(default_factory=list)
+    failed: int = 0
+    load_samples: list[float] = field(default_factory=list)
+    busy_cores: float = 0.0
+    cpu_elsewhere_s: dict[str, float] = field(default_factory=dict)  # simulator, broker, bench
+    exit_code: int | None = None
+    error: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "system": self.system,
+            "round": self.round,
+            "commands": self.commands,
+            "duration_s": round(self.duration_s, 3),
+            "throughput_cmd_s": round(self.commands / self.duration_s, 1)
+            if self.duration_s
+            else None,
+            "cpu_s": round(self.cpu_s, 3),
+            "peak_rss_mb": round(self.peak_rss_mb, 1),
+            "failed": self.failed,
+            "load_average_1m": round(sum(self.load_samples) / len(self.load_samples), 2)
+            if self.load_samples
+            else None,
+            "machine_busy_cores": self.busy_cores,
+            "cpu_elsewhere_s": {k: round(v, 3) for k, v in self.cpu_elsewhere_s.items()},
+            "exit_code": self.exit_code,
+            "error": self.error,
+        }
+
+
+class Progress:
+    """One line, rewritten in place (a plain line per update when not on a terminal)."""
+
+    def __init__(self, total_runs: int) -> None:
+        self.total_runs = total_runs
+        self.done_runs = 0
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def show(self, text: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < (0.25 if self.tty else 5.0):
+            return
+        self._last = now
+        width = 24
+        filled = int(width * self.done_runs / max(1, self.total_runs))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done_runs}/{self.total_runs} {text}"
+        if self.tty:
+            sys.stderr.write(f"\r\x1b[2K{line[:160]}")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def finish_run(self, text: str) -> None:
+        self.done_runs += 1
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+@dataclass
+class Bench:
+    broker: Broker
+    sim: SimControl
+    accounts_file: Path
+    producer: AIOKafkaProducer
+    progress: Progress
+    live: set[Process]
+    connections: int
+    others: dict[str, int]  # the other processes whose CPU is counted: simulator, broker, bench
+
+
+def order_specs(count: int) -> list[dict[str, Any]]:
+    symbols = sorted(UM_SYMBOLS)
+    return [
+        {
+            "account": ACCOUNTS[(i % KEYS) % len(ACCOUNTS)],
+            "kind": "algo",
+            "symbol": symbols[(i % KEYS) % len(symbols)],
+        }
+        for i in range(count)
+    ]
+
+
+async def wait_for_line(proc: Process, text: str, timeout_s: float) -> None:
+    """Like ``Process.wait_for_line``, without blocking the event loop (Ctrl-C stays prompt)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(text in line for line in proc.lines):
+        if proc.proc.poll() is not None or time.monotonic() > deadline:
+            tail = "\n".join(proc.lines[-30:])
+            raise RuntimeError(f"{proc.name} did not print {text!r}; output:\n{tail}")
+        await asyncio.sleep(0.05)
+
+
+async def start_system(bench: Bench, system: str, topics: Topics) -> Process:
+    bootstrap = bench.broker.bootstrap
+    if system.startswith("worker"):
+        settings = worker_settings(
+            bootstrap,
+            topics,
+            bench.sim.url,
+            bench.accounts_file,
+            delivery="at_least_once" if system == "worker_at_least_once" else "exactly_once",
+            rate_weight_limit=UNLIMITED,
+            rate_order_limit=UNLIMITED,
+        )
+        proc = start_worker(worker_env(settings))
+        ready = "partitions assigned"
+    else:
+        config = {
+            "system": system,
+            "bootstrap": bootstrap,
+            "commands_topic": topics.commands,
+            "results_topic": topics.results,
+            "group_id": f"bench-{uuid.uuid4().hex[:8]}",
+            "papi_url": bench.sim.url,
+            "connections": bench.connections,
+            "accounts": {a: list(HMAC_ACCOUNTS[a]) for a in ACCOUNTS},
+        }
+        argv = [sys.executable, "-m", "tests.bench.systems"]
+        proc = Process(system, argv, env={CONFIG_ENV: orjson.dumps(config).decode()})
+        ready = READY
+    bench.live.add(proc)
+    try:
+        await wait_for_line(proc, ready, 90)
+    except BaseException:
+        proc.stop(timeout_s=10)
+        bench.live.discard(proc)
+        raise
+    return proc
+
+
+async def results_consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+    consumer = AIOKafkaConsumer(  # no group: every partition, from the beginning
+        topic,
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        # A long poll returns as soon as a result is readable; a shorter wait only makes the
+        # idle broker busier (about 0.15 of a core at 20 ms), not the results visible sooner.
+        fetch_max_wait_ms=500,
+    )
+    await consumer.start()
+    deadline = time.monotonic() + 30
+    while not consumer.assignment():
+        if time.monotonic() > deadline:
+            await consumer.stop()
+            raise RuntimeError(f"no partitions of {topic} assigned in time")
+        await asyncio.sleep(0.02)
+    await consumer.seek_to_beginning(*consumer.assignment())
+    return consumer
+
+
+async def wait_for_leaders(producer: AIOKafkaProducer, topics: list[str]) -> None:
+    """Every partition of fresh topics has a leader (and the producer knows it) before the
+    clock starts: no metadata wait is measured, no reader trips over a leaderless partition."""
+    deadline = time.monotonic() + 30
+    while True:
+        cluster = producer.client.cluster
+        missing = [
+            (topic, p)
+            for topic in topics
+            for p in await producer.partitions_for(topic)
+            if cluster.leader_for_partition(TopicPartition(topic, p)) in (None, -1)
+        ]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"partitions without a leader: {missing}")
+        await asyncio.sleep(0.05)
+        await producer.client.force_metadata_update()
+
+
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop a Kafka client, in bounded time even when the broker is gone (an interrupt)."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(client.stop(), 10)
+
+
+def is_failure(event: dict[str, Any]) -> bool:
+    if "ok" in event:  # the reference systems
+        return not event["ok"]
+    return bool(event.get("type") != "strategy.canceled")
+
+
+async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rnd: int) -> Run:
+    run = Run(scenario.name, system, rnd, count)
+    label = f"{scenario.name} {system} round {rnd + 1}"
+    bench.progress.show(f"{label}: preparing", force=True)
+    topics = await fresh_topics(bench.broker.bootstrap, partitions=PARTITIONS)
+    orders = bench.sim.seed(order_specs(count))
+    tag = uuid.uuid4().hex[:8]
+    commands = [
+        command(ACCOUNTS[(i % KEYS) % len(ACCOUNTS)], order, command_id=f"bench-{tag}-{i:06d}")
+        for i, order in enumerate(orders)
+    ]
+    keys = [f"key-{i % KEYS}".encode() for i in range(count)]
+    index_of_order = {order["algo_id"]: i for i, order in enumerate(orders)}
+    index_of_command = {c["command_id"]: i for i, c in enumerate(commands)}
+    await wait_for_leaders(bench.producer, [topics.commands, topics.results])
+    consumer = await results_consumer(bench.broker.bootstrap, topics.results)
+    proc: Process | None = None
+    try:
+        proc = await start_system(bench, system, topics)
+        pid = proc.proc.pid
+        produced_ms = [0] * count
+        seen_ms: dict[int, float] = {}
+        sent = 0
+
+        async def produce() -> None:
+            nonlocal sent
+            futures = []
+            started = time.monotonic()
+            for i in range(count):
+                if scenario.rate is not None:
+                    delay = started + i / scenario.rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                now = time.time_ns() // 1_000_000
+                commands[i]["issued_at"] = now
+                produced_ms[i] = now
+                value = orjson.dumps(commands[i])
+                futures.append(
+                    await bench.producer.send(topics.commands, value, key=keys[i], timestamp_ms=now)
+                )
+                sent = i + 1
+            await asyncio.gather(*futures)
+
+        seq0 = bench.sim.last_seq()
+        cpu0, machine0 = measure.CpuTime.read(pid), measure.MachineCpu.read()
+        others0 = {name: measure.CpuTime.read(p) for name, p in bench.others.items()}
+        run.load_samples.append(os.getloadavg()[0])
+        next_load = time.monotonic() + 1
+        first_ms = time.time() * 1000
+        producing = asyncio.create_task(produce())
+        paced_s = count / scenario.rate if scenario.rate else 0.0
+        deadline = time.monotonic() + 120 + paced_s + count / 20
+        try:
+            while len(seen_ms) < count:
+                batches = await consumer.getmany(timeout_ms=100)
+                now_ms = time.time() * 1000
+                for records in batches.values():
+                    for record in records:
+                        event = orjson.loads(record.value)
+                        i = index_of_command.get(event.get("command_id"), -1)
+                        if i >= 0 and i not in seen_ms:
+                            seen_ms[i] = now_ms
+                            run.failed += is_failure(event)
+                if producing.done() and producing.exception() is not None:
+                    raise RuntimeError(f"producing failed: {producing.exception()!r}")
+                if proc.proc.poll() is not None:
+                    tail = "\n".join(proc.lines[-20:])
+                    raise RuntimeError(f"{system} exited with {proc.proc.returncode}:\n{tail}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"timed out with {len(seen_ms)}/{count} results")
+                if time.monotonic() >= next_load:
+                    run.load_samples.append(os.getloadavg()[0])
+                    next_load += 1
+                bench.progress.show(f"{label}: sent {sent}/{count}, results {len(seen_ms)}/{count}")
+            last_ms = max(seen_ms.values())
+            run.cpu_s = measure.CpuTime.read(pid).seconds_since(cpu0)
+            run.busy_cores = measure.MachineCpu.read().busy_cores_since(machine0)
+            run.cpu_elsewhere_s = {
+                name: measure.CpuTime.read(p).seconds_since(others0[name])
+                for name, p in bench.others.items()
+            }
+            run.peak_rss_mb = measure.peak_rss_mb(pid)
+            run.load_samples.append(os.getloadavg()[0])
+            await producing
+        finally:
+            if not producing.done():
+                producing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await producing
+        run.duration_s = (last_ms - first_ms) / 1000
+        run.latencies_ms = [seen_ms[i] - produced_ms[i] for i in range(count)]
+        if system != "kafka_floor":
+            arrived: dict[int, int] = {}
+            for request in bench.sim.requests(seq0):
+                params = request.get("params") or {}
+                if request["method"] == "DELETE" and "algoId" in params:
+                    i = index_of_order.get(int(params["algoId"]), -1)
+                    if i >= 0 and i not in arrived:
+                        arrived[i] = request["at"]
+            run.request_latencies_ms = [arrived[i] - produced_ms[i] for i in sorted(arrived)]
+            if len(arrived) < count:
+                run.error = f"{count - len(arrived)} commands without a request at the exchange"
+    finally:
+        await stop_client(consumer)
+        if proc is not None:
+            run.exit_code = proc.stop(timeout_s=30)
+            bench.live.discard(proc)
+    return run
+
+
+def plan_runs(
+    plan: Plan, systems: list[str], scenarios: list[str], commands: int | None
+) -> list[tuple[str, int, list[tuple[str, int]]]]:
+    """Per scenario and round: the systems in the round's order, with their commands."""
+    out = []
+    for name in scenarios:
+        base = commands if commands is not None else plan.commands[name]
+        per_system = {
+            s: min(base, plan.naive_commands[name]) if s == "naive" and commands is None else base
+            for s in systems
+        }
+        for rnd in range(plan.rounds):
+            order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
+            runs = []
+            for s in order:
+                share = per_system[s] // plan.rounds + (rnd < per_system[s] % plan.rounds)
+                if share:
+                    runs.append((s, share))
+            out.append((name, rnd, runs))
+    return out
+
+
+async def bench_all(
+    plan: Plan,
+    schedule: list[tuple[str, int, list[tuple[str, int]]]],
+    broker: Broker,
+    sim_url: str,
+    accounts_file: Path,
+    live: set[Process],
+    connections: int,
+    others: dict[str, int],
+) -> list[Run]:
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    # SIGTERM unwinds like Ctrl-C does: the run in hand stops its system, then everything else.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    sim = SimControl(sim_url)
+    sim.configure(weight_limit=UNLIMITED, order_limit=UNLIMITED)
+    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    total = sum(len(runs) for _, _, runs in schedule)
+    bench = Bench(broker, sim, accounts_file, producer, Progress(total), live, connections, others)
+    runs: list[Run] = []
+    try:
+        for name, rnd, order in schedule:
+            scenario = SCENARIOS[name]
+            sim.configure(fixed_latency_ms=scenario.latency_ms)
+            for system, count in order:
+                try:
+                    run = await run_once(bench, scenario, system, count, rnd)
+                except Exception as exc:  # noqa: BLE001 - a failed run is reported, the bench goes on
+                    run = Run(name, system, rnd, count, error=f"{type(exc).__name__}: {exc}")
+                runs.append(run)
+                bench.progress.finish_run(describe(run, plan.rounds))
+    except asyncio.CancelledError:
+        # Interrupted: a Ctrl-C on a terminal reaches the broker too; its going away is no news.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+        raise
+    finally:
+        await stop_client(producer)
+        sim.close()
+    return runs
+
+
+def describe(run: Run, rounds: int) -> str:
+    where = f"{run.scenario:<8} {run.system:<20} round {run.round + 1}/{rounds}"
+    if run.error and not run.duration_s:
+        return f"{where}: FAILED: {run.error.splitlines()[0]}"
+    lat = measure.percentiles(run.latencies_ms) or {}
+    text = (
+        f"{where}: {run.commands} cmds in {run.duration_s:.2f} s = "
+        f"{run.commands / run.duration_s:,.0f} cmd/s, result p50 {lat.get('p50')} ms, "
+        f"{run.cpu_s * 1e6 / run.commands:,.0f} µs CPU/cmd"
+    )
+    if run.failed:
+        text += f", {run.failed} results not successful"
+    if run.error:
+        text += f" ({run.error})"
+    return text
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer commands (bench-quick)")
+    parser.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"comma-separated, of: {', '.join(SYSTEMS)}"
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of: {', '.join(SCENARIOS)}",
+    )
+    parser.add_argument(
+        "--commands",
+        type=int,
+        default=None,
+        help="commands per system and scenario (all systems alike, the naive one too)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="runs per system and scenario")
+    parser.add_argument(
+        "--connections", type=int, default=64, help="pipeline_floor's keep-alive connections"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="the JSON results file")
+    args = parser.parse_args(argv)
+    for option, known in (("systems", SYSTEMS), ("scenarios", tuple(SCENARIOS))):
+        chosen = [s.strip() for s in getattr(args, option).split(",") if s.strip()]
+        unknown = [s for s in chosen if s not in known]
+        if unknown or not chosen:
+            parser.error(
+                f"--{option}: unknown {unknown or 'none given'}; known: {', '.join(known)}"
+            )
+        setattr(args, option, [s for s in known if s in chosen])
+    if args.commands is not None and args.commands < 1:
+        parser.error("--commands must be at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+class _QuietLeaderMoves(logging.Filter):
+    """A fresh topic's leader can move once just after creation; the client retries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "NotLeaderForPartitionError" not in record.getMessage()
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        plan = dataclasses.replace(plan, rounds=args.rounds)
+    schedule = plan_runs(plan, args.systems, args.scenarios, args.commands)
+    signal.signal(signal.SIGTERM, _terminate)
+    logging.getLogger("aiokafka.consumer.fetcher").addFilter(_QuietLeaderMoves())
+    started = time.monotonic()
+    started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    work = Path(tempfile.mkdtemp(prefix="cancel-worker-bench-"))
+    live: set[Process] = set()
+    broker: Broker | None = None
+    sim_proc: Process | None = None
+    runs: list[Run] = []
+    load_before = os.getloadavg()
+    try:
+        print(
+            f"bench ({plan.name}): starting broker and simulator ...", file=sys.stderr, flush=True
+        )
+        broker = start_broker(work / "kafka")
+        accounts_file = write_accounts(work / "secrets")
+        sim_proc, sim_url = start_sim(accounts_file)
+        others = {
+            "simulator": sim_proc.proc.pid,
+            "broker": int((broker.data_dir / "broker.pid").read_text()),
+            "bench": os.getpid(),
+        }
+        runs = asyncio.run(
+            bench_all(
+                plan, schedule, broker, sim_url, accounts_file, live, args.connections, others
+            )
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ninterrupted: stopping every process ...", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    finally:
+        for proc in list(live):
+            proc.stop(timeout_s=10)
+        if sim_proc is not None:
+            sim_proc.stop()
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    wall_s = time.monotonic() - started
+    report = results_json(
+        runs,
+        plan_name=plan.name,
+        rounds=plan.rounds,
+        scenarios={n: dataclasses.asdict(SCENARIOS[n]) for n in args.scenarios},
+        started_at=started_at,
+        wall_s=wall_s,
+        machine=measure.machine(),
+        load_before=load_before,
+        extra={"connections_pipeline_floor": args.connections, "partitions": PARTITIONS},
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    print(render_table(report))
+    print(f"\nwall time {wall_s:.0f} s; results in {args.out}")
+    if any(r.error for r in runs):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
