@@ -32,7 +32,8 @@ class Mangle:
     (``Content-Length`` promises more than is sent, then the connection closes), ``huge``
     (a 200 whose body is ``size`` bytes of JSON-looking text), ``not_json`` (200 "OK"),
     ``status`` (the upstream body with ``status`` instead of its own), ``pass`` (as it is, after
-    ``delay_s``).
+    ``delay_s``), ``chunked`` (the upstream answer with ``Transfer-Encoding: chunked``, its body
+    in three chunks, the first with a chunk extension, then a trailer field).
     ``forward``: whether the request reaches the simulator first (the exchange did the work).
     """
 
@@ -161,4 +162,17 @@ def _answer(mangle: Mangle | None, upstream: httpx.Response | None) -> bytes:
         return _head(200, [("Content-Type", "text/plain")], 2) + b"OK"
     if kind == "status":
         return _head(mangle.status if mangle else 503, passed, len(body)) + body
+    if kind == "chunked":
+        return _chunked(status, passed, body)
     raise ValueError(f"unknown mangle {kind!r}")
+
+
+def _chunked(status: int, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    lines += ["Transfer-Encoding: chunked", "Connection: close", "", ""]
+    third = max(1, len(body) // 3)
+    pieces = [body[:third], body[third : 2 * third], body[2 * third :]]
+    framed = [b"%x;piece=%d\r\n%b\r\n" % (len(p), i, p) for i, p in enumerate(pieces) if p]
+    trailer = b"0\r\nX-Trailer: end\r\n\r\n"
+    return "\r\n".join(lines).encode("latin-1") + b"".join(framed) + trailer
