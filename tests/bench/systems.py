@@ -73,7 +73,9 @@ async def run_batched(
 ) -> None:
     """Fetch in batches, handle every record of a batch concurrently, commit each batch once
     all its results are acknowledged (in batch order), without waiting before the next fetch."""
-    consumer = consumer_for(config, max_poll_records=2000)
+    # A short long-poll: with one broker and one fetch in flight per broker (aiokafka), a
+    # partition's next records could otherwise wait for the others' 500 ms poll.
+    consumer = consumer_for(config, max_poll_records=2000, fetch_max_wait_ms=20)
     producer = AIOKafkaProducer(bootstrap_servers=config["bootstrap"], acks="all", linger_ms=0)
     await producer.start()
     await consumer.start()
