@@ -70,22 +70,30 @@ class WindowBudget:
     used: dict[int, int] = field(default_factory=dict)
     in_flight: dict[int, int] = field(default_factory=dict)
     confirmed: set[int] = field(default_factory=set)
+    _last_now: int = field(default=-1, repr=False)
+    _last_indices: frozenset[int] = field(default=frozenset(), repr=False)
 
-    def _indices(self, now: int) -> set[int]:
+    def _indices(self, now: int) -> frozenset[int]:
         """The windows a request made now may be counted in; each is opened on first sight.
 
         A window opens holding the requests still in flight from the one before: they were
         counted there, but may arrive (and be counted by the exchange) in this one.
         """
-        indices = {(now - self.guard_ms) // self.window_ms, (now + self.guard_ms) // self.window_ms}
+        if now == self._last_now and self._last_indices:
+            return self._last_indices  # asked many times a millisecond under load
+        indices = frozenset(
+            {(now - self.guard_ms) // self.window_ms, (now + self.guard_ms) // self.window_ms}
+        )
         for index in sorted(indices):
             if index not in self.used:
                 carry = self.in_flight.get(index - 1, 0)
                 self.used[index] = carry
                 self.in_flight[index] = carry
+        self._last_now, self._last_indices = now, indices
         return indices
 
     def _prune(self, now: int) -> None:
+        self._last_now = -1  # windows may go: the next _indices opens what it needs again
         oldest = (now - self.guard_ms) // self.window_ms
         for index in [i for i in self.used if i < oldest]:
             del self.used[index]
