@@ -169,17 +169,28 @@ class TransactionalSink:
         return f"{self._prefix}-{part[0]}-{part[1]}"
 
     async def assigned(self, parts: Sequence[Partition]) -> None:
-        for part in parts:
-            if part in self._producers:
-                continue
-            producer = self._factory(self.transactional_id(part))
-            try:
-                await producer.start()  # init_transactions: fences the previous owner
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                raise
-            self._producers[part] = producer
+        """Start the partitions' producers, all at once (each start is a few round trips to
+        the transaction coordinator); any failure fails the take-over, which is retried."""
+        new = [part for part in parts if part not in self._producers]
+        outcomes = await asyncio.gather(
+            *(self._start(part) for part in new), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # cancellation
+        failed = [o for o in outcomes if isinstance(o, Exception)]
+        if failed:
+            raise failed[0]
+
+    async def _start(self, part: Partition) -> None:
+        producer = self._factory(self.transactional_id(part))
+        try:
+            await producer.start()  # init_transactions: fences the previous owner
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        self._producers[part] = producer
 
     async def revoked(self, parts: Sequence[Partition]) -> None:
         for part in parts:

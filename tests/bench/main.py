@@ -233,7 +233,7 @@ async def start_system(bench: Bench, system: str, topics: Topics) -> Process:
             rate_order_limit=UNLIMITED,
         )
         proc = start_worker(worker_env(settings))
-        ready = "partitions assigned"
+        ready = "taken over, processing"  # partitions assigned and their producers ready
     else:
         config = {
             "system": system,
