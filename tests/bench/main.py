@@ -232,7 +232,12 @@ async def start_system(bench: Bench, system: str, topics: Topics) -> Process:
             rate_weight_limit=UNLIMITED,
             rate_order_limit=UNLIMITED,
         )
-        proc = start_worker(worker_env(settings))
+        if PROFILE_DIR is None:
+            proc = start_worker(worker_env(settings))
+        else:  # the same worker under cProfile; the profile is written when it stops
+            out = PROFILE_DIR / f"{system}-{uuid.uuid4().hex[:6]}.prof"
+            argv = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "worker", "run"]
+            proc = Process("worker", argv, env=worker_env(settings))
         ready = "taken over, processing"  # partitions assigned and their producers ready
     else:
         config = {
@@ -505,6 +510,9 @@ def describe(run: Run, rounds: int) -> str:
     return text
 
 
+PROFILE_DIR: Path | None = None  # --profile: where the worker's profiles go
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench",
@@ -531,6 +539,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--connections", type=int, default=64, help="pipeline_floor's keep-alive connections"
     )
     parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="the JSON results file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="run the worker under cProfile, one .prof file per run in DIR (figures are then\n"
+        "slower: use it to see where the time goes, not to measure)",
+    )
     args = parser.parse_args(argv)
     for option, known in (("systems", SYSTEMS), ("scenarios", tuple(SCENARIOS))):
         chosen = [s.strip() for s in getattr(args, option).split(",") if s.strip()]
@@ -544,6 +560,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--commands must be at least 1")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.profile is not None:
+        global PROFILE_DIR  # noqa: PLW0603 - one option, read by start_system
+        args.profile.mkdir(parents=True, exist_ok=True)
+        PROFILE_DIR = args.profile
     return args
 
 
