@@ -264,7 +264,10 @@ class CommandProcessor:
                 order_status=outcome.order_status,
                 hint=outcome.hint,
             )
-        log.info(
+        # The results topic is the record of every answer; the log says each failure at
+        # INFO, and each cancel only at DEBUG (a line per cancel costs ~40 µs at full speed).
+        log.log(
+            logging.DEBUG if event["type"] == events.CANCELED else logging.INFO,
             "result command_id=%s account=%s type=%s reason=%s route=%s attempts=%d latency_ms=%d",
             command.command_id,
             command.account,
