@@ -12,6 +12,7 @@ import pytest
 from hypothesis import settings
 
 from tests.support import SimControl, write_accounts
+from worker.accounts import Credentials, load_accounts
 from worker.devstack import Broker, Process, start_broker, start_sim
 
 # CI runs the same examples every time (a red run must be reproducible); locally,
@@ -31,6 +32,12 @@ def session_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def accounts_file(session_dir: Path) -> Path:
     return write_accounts(session_dir / "secrets")
+
+
+@pytest.fixture(scope="session")
+def accounts(accounts_file: Path) -> dict[str, Credentials]:
+    """The accounts of ``accounts_file``, loaded: for simulators run in the test's loop."""
+    return load_accounts(accounts_file)
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,8 @@ from tests.support import (
     produce,
     worker_env,
     worker_settings,
-    write_accounts,
 )
-from worker.accounts import Credentials, load_accounts
+from worker.accounts import Credentials
 from worker.commands import Command, Market
 from worker.devstack import Broker, start_worker
 from worker.errors import FailureReason
@@ -45,12 +44,6 @@ from worker.papi import PapiClient
 from worker.sim.app import SimConfig, SimState, seed_order
 from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
-
-
-@pytest.fixture(scope="module")
-def accounts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
-    path: Path = write_accounts(tmp_path_factory.mktemp("secrets"))
-    return load_accounts(path)
 
 
 @dataclass

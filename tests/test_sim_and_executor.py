@@ -9,14 +9,13 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.support import HMAC_ACCOUNTS, write_accounts
-from worker.accounts import Credentials, load_accounts
+from tests.support import HMAC_ACCOUNTS
+from worker.accounts import Credentials
 from worker.commands import Command, Market
 from worker.errors import FailureReason
 from worker.executor import CancelExecutor, RetryPolicy
@@ -43,12 +42,6 @@ class Rig:
 
     def cancel_log(self) -> list[dict[str, Any]]:
         return [r for r in self.state.requests if r["method"] == "DELETE"]
-
-
-@pytest.fixture(scope="module")
-def accounts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
-    path: Path = write_accounts(tmp_path_factory.mktemp("secrets"))
-    return load_accounts(path)
 
 
 @pytest.fixture

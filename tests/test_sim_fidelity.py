@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -19,9 +18,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.support import HMAC_ACCOUNTS, SimControl, write_accounts
+from tests.support import HMAC_ACCOUNTS, SimControl
 from tests.test_sdk_fidelity import sdk_client
-from worker.accounts import Credentials, load_accounts
+from worker.accounts import Credentials
 from worker.settings import Settings
 from worker.signing import HmacSigner, append_signature, encode_params
 from worker.sim.app import SimConfig, SimState, build_app, timeout_hold_ms
@@ -32,12 +31,6 @@ from worker.timeutil import now_ms
 
 WEIGHT = "X-MBX-USED-WEIGHT-1M"
 ORDER_COUNT = "X-MBX-ORDER-COUNT-1M"
-
-
-@pytest.fixture(scope="module")
-def accounts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
-    path: Path = write_accounts(tmp_path_factory.mktemp("secrets"))
-    return load_accounts(path)
 
 
 @dataclass

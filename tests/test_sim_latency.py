@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import httpx
 import orjson
-import pytest
 
-from tests.support import HMAC_ACCOUNTS, write_accounts
-from worker.accounts import Credentials, load_accounts
+from tests.support import HMAC_ACCOUNTS
+from worker.accounts import Credentials
 from worker.signing import HmacSigner, append_signature, encode_params
 from worker.sim.app import SimConfig
 from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
 
 LATENCY_MS = 200
-
-
-@pytest.fixture(scope="module")
-def accounts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
-    path: Path = write_accounts(tmp_path_factory.mktemp("secrets"))
-    return load_accounts(path)
 
 
 async def cancel(http: httpx.AsyncClient, algo_id: int) -> httpx.Response:

@@ -29,8 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.hostile_gateway import Gateway, Mangle
-from tests.support import write_accounts
-from worker.accounts import Credentials, load_accounts
+from worker.accounts import Credentials
 from worker.devstack import free_port
 from worker.signing import PapiAuth
 from worker.sim.app import SimConfig, SimState, seed_order
@@ -39,12 +38,6 @@ from worker.timeutil import now_ms
 from worker.transport import MAX_HEAD_BYTES, FastTransport, parse_head
 
 ALGO_CANCEL = "/papi/v1/um/algo/order"
-
-
-@pytest.fixture(scope="module")
-def accounts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Credentials]:
-    path: Path = write_accounts(tmp_path_factory.mktemp("secrets"))
-    return load_accounts(path)
 
 
 def client(
