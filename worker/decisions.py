@@ -145,10 +145,15 @@ def unknown_account(command: Command) -> Outcome:
 
 
 def should_retry(error: BaseException) -> bool:
-    """Whether a failed cancel may be sent again as it is (fresh timestamp and signature)."""
-    return (
-        isinstance(error, PapiError) and error.retryable and not isinstance(error, NotAdmittedError)
-    )
+    """Whether a failed cancel may be sent again as it is (fresh timestamp and signature).
+    Not admitted is terminal: the governor already waited as long as the deadline allows."""
+    return isinstance(error, PapiError) and error.retryable
+
+
+def should_ask_again(error: BaseException) -> bool:
+    """Whether a failed status query may be asked again: a query changes nothing, so
+    anything but a terminal answer (or no room before the deadline) is worth another try."""
+    return isinstance(error, PapiError) and error.disposition is not Disposition.TERMINAL
 
 
 def retries_spent(error: BaseException | None, sent_attempts: int, max_attempts: int) -> bool:
@@ -157,7 +162,7 @@ def retries_spent(error: BaseException | None, sent_attempts: int, max_attempts:
     A request that never left is safe to repeat and costs the exchange nothing, so it is
     tried again until the deadline whatever the count; others stop after ``max_attempts``.
     """
-    if isinstance(error, NotSentError) and not isinstance(error, NotAdmittedError):
+    if isinstance(error, NotSentError) and error.retryable:  # never left, and may go again
         return False
     return sent_attempts >= max_attempts
 

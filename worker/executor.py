@@ -43,7 +43,7 @@ from worker.decisions import (
     Progress,
     decide_gone,
 )
-from worker.errors import Disposition, ExchangeError, NotAdmittedError, NotSentError, PapiError
+from worker.errors import ExchangeError, NotAdmittedError, NotSentError, PapiError
 from worker.papi import PapiClient, PapiResponse
 from worker.routes import CancelRequest, Route, plan_cancel, plan_queries
 
@@ -287,13 +287,7 @@ class CancelExecutor:
         retrying = AsyncRetrying(
             stop=_StopRetrying(job, self._clock, deadline, None),
             wait=self._policy.backoff(),
-            retry=retry_if_exception(
-                lambda e: (
-                    isinstance(e, PapiError)
-                    and not isinstance(e, NotAdmittedError)
-                    and not (isinstance(e, ExchangeError) and e.disposition is Disposition.TERMINAL)
-                )
-            ),
+            retry=retry_if_exception(decisions.should_ask_again),
             reraise=True,
         )
         try:

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
-MAX_RECV_WINDOW_MS = 60_000  # the exchange refuses more
+from worker.settings import MAX_RECV_WINDOW_MS
 
 
 class Signer(Protocol):
