@@ -17,7 +17,8 @@ Figures per system and scenario (pooled over its rounds):
 
 * throughput — commands / (first produce → last result visible), summed over rounds;
 * produced → request at the exchange (p50/p99/max) — the command's produce time against the
-  simulator's arrival time (``at``) of the first DELETE for its order (null without HTTP);
+  simulator's arrival time (``at``) of the first DELETE for its order; for the Kafka floor,
+  which sends no request, produced → consumed (the ``at`` its handler stamps on the result);
 * produced → result visible (p50/p99/max) — until the bench's own ``read_committed``
   consumer receives the result, i.e. a durable, acknowledged result;
 * CPU µs per command and peak RSS of the system's own process (``/proc``), and the CPU the
@@ -341,6 +342,7 @@ async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rn
         pid = proc.proc.pid
         produced_ms = [0] * count
         seen_ms: dict[int, float] = {}
+        consumed_ms: dict[int, int] = {}  # the Kafka floor's consume time, from its results
         sent = 0
 
         async def produce() -> None:
@@ -382,6 +384,8 @@ async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rn
                         if i >= 0 and i not in seen_ms:
                             seen_ms[i] = now_ms
                             run.failed += is_failure(event)
+                            if isinstance(event.get("at"), int):
+                                consumed_ms[i] = event["at"]
                 if producing.done() and producing.exception() is not None:
                     raise RuntimeError(f"producing failed: {producing.exception()!r}")
                 if proc.proc.poll() is not None:
@@ -410,7 +414,12 @@ async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rn
                     await producing
         run.duration_s = (last_ms - first_ms) / 1000
         run.latencies_ms = [seen_ms[i] - produced_ms[i] for i in range(count)]
-        if system != "kafka_floor":
+        if system == "kafka_floor":
+            # No request: its counterpart is the moment the floor consumed the command.
+            run.request_latencies_ms = [
+                consumed_ms[i] - produced_ms[i] for i in sorted(consumed_ms)
+            ]
+        else:
             arrived: dict[int, int] = {}
             for request in bench.sim.requests(seq0):
                 params = request.get("params") or {}
