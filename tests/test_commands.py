@@ -149,6 +149,7 @@ field_names = st.sampled_from(
         "client_strategy_id",
         "algo_id",
         "client_algo_id",
+        "scope",
         "issued_at",
         "expires_at",
         "reason",
@@ -184,13 +185,15 @@ def _assert_fields_fullmatch(command: Command) -> None:
 
 @st.composite
 def valid_commands(draw: st.DrawFn) -> dict[str, Any]:
-    """Commands the schema accepts, of every identifier kind."""
+    """Commands the schema accepts, of every identifier kind and the kill switch."""
 
     def text(name: str) -> str:
         return draw(st.from_regex(PATTERNED[name], fullmatch=True))
 
     ident = draw(
-        st.sampled_from(["strategy_id", "client_strategy_id", "algo_id", "client_algo_id"])
+        st.sampled_from(
+            ["strategy_id", "client_strategy_id", "algo_id", "client_algo_id", "scope"]
+        )
     )
     algo = ident in ("algo_id", "client_algo_id")
     obj: dict[str, Any] = {
@@ -201,6 +204,8 @@ def valid_commands(draw: st.DrawFn) -> dict[str, Any]:
     }
     if ident in ("strategy_id", "algo_id"):
         obj[ident] = draw(st.integers(1, 2**63 - 1))
+    elif ident == "scope":
+        obj[ident] = "symbol"
     else:
         obj[ident] = text(ident)
     if not algo or draw(st.booleans()):
@@ -245,7 +250,18 @@ def test_a_control_character_in_a_patterned_field_is_always_rejected(
         field_names,
         json_values
         | st.sampled_from(
-            ["UM", "CM", "BTCUSDT", "c-1", 5, 1795260543136, "BTCUSDT\n", "c-1\n", "a\r\n"]
+            [
+                "UM",
+                "CM",
+                "BTCUSDT",
+                "c-1",
+                5,
+                1795260543136,
+                "BTCUSDT\n",
+                "c-1\n",
+                "a\r\n",
+                "symbol",
+            ]
         ),
         max_size=8,
     )
@@ -256,7 +272,8 @@ def test_decode_agrees_with_the_schema(obj: dict[str, object]) -> None:
     assert isinstance(result, Command) == command_validator().is_valid(obj)
     if isinstance(result, Command):
         ids = [result.strategy_id, result.client_strategy_id, result.algo_id, result.client_algo_id]
-        assert sum(i is not None for i in ids) == 1
+        assert sum(i is not None for i in ids) + (result.scope is not None) == 1
+        assert result.scope is None or result.symbol is not None
         _assert_fields_fullmatch(result)
 
 
@@ -286,6 +303,8 @@ mutations = st.sampled_from(
         "UM",
         "CM",
         "é",
+        "symbol",
+        "Symbol",
         [],
         {},
     ]

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import events, normalize
-from worker.commands import Command, InvalidCommand, Market, decode
+from worker.commands import Command, InvalidCommand, Market, Scope, decode
 from worker.contracts import (
     COMMAND_SCHEMA,
     RESULT_SCHEMA,
@@ -30,6 +30,7 @@ from worker.dedup import first_result_of
 from worker.errors import ExchangeReply, FailureReason
 from worker.events import Origin
 from worker.routes import Route
+from worker.sweep import RouteOutcome, RouteReport, SweepReport, Swept, parse_listing
 
 EXAMPLES = schema_dir() / "examples"
 
@@ -391,3 +392,48 @@ def test_a_command_id_with_a_newline_is_not_salvaged_into_the_event() -> None:
     assert invalid.command_id is None and invalid.account is None
     event = events.failed(invalid, ORIGIN, FailureReason.INVALID_COMMAND, invalid.detail, 0, 1, 2)
     result_validator().validate(event)
+
+
+KILL_SWITCH = Command(
+    "ks-1", "desk", Market.UM, 1, symbol="BTCUSDT", scope=Scope.SYMBOL, reason="flatten"
+)
+
+
+def _sweep_report() -> SweepReport:
+    canceled = parse_listing(
+        [{"algoId": 11, "algoStatus": "CANCELED", "quantity": "0.5", "updateTime": 3}],
+        Route.UM_ALGO,
+    )
+    still = parse_listing(
+        [{"strategyId": 12, "strategyStatus": "NEW", "origQty": "1"}], Route.UM_CONDITIONAL
+    )
+    assert canceled is not None and still is not None
+    return SweepReport(
+        (
+            RouteReport(Route.UM_ALGO, RouteOutcome.DONE, listed=1),
+            RouteReport(
+                Route.UM_CONDITIONAL,
+                RouteOutcome.FAILED,
+                listed=1,
+                reason=FailureReason.EXCHANGE_UNAVAILABLE,
+                detail="503",
+                exchange=ExchangeReply(503, None, "Service Unavailable."),
+            ),
+        ),
+        Swept(canceled=canceled, still_open=still),
+    )
+
+
+def test_kill_switch_events_from_the_code_match_the_schema() -> None:
+    report = _sweep_report()
+    event = events.strategies_canceled(KILL_SWITCH, ORIGIN, report, 3, 10, 11)
+    result_validator().validate(event)
+    assert event["complete"] is False and event["strategies"][0]["strategy"]["algo_id"] == 11
+    failed = events.failed(
+        KILL_SWITCH, ORIGIN, FailureReason.AUTH, "refused", 1, 10, 11, sweep=report
+    )
+    result_validator().validate(failed)
+    assert [r["outcome"] for r in failed["routes"]] == ["done", "failed"]
+    # A kill switch's result is never one order's: no top-level route or strategy.
+    bad = {**event, "strategy": event["strategies"][0]["strategy"]}
+    assert not result_validator().is_valid(bad)

@@ -31,9 +31,16 @@ class Market(enum.StrEnum):
     CM = "CM"
 
 
+class Scope(enum.StrEnum):
+    """What a command cancels when it names no order."""
+
+    SYMBOL = "symbol"  # every open order of the account on the symbol (the kill switch)
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
-    """A validated cancel command. Exactly one identifier is set."""
+    """A validated cancel command: exactly one identifier is set, or ``scope`` (then
+    ``symbol`` is set and no identifier)."""
 
     command_id: str
     account: str
@@ -47,6 +54,12 @@ class Command:
     expires_at: int | None = None
     reason: str | None = None
     source: str | None = None
+    scope: Scope | None = None
+
+    @property
+    def is_sweep(self) -> bool:
+        """A kill switch: every open order on the symbol, not one order."""
+        return self.scope is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +104,7 @@ def _describe(error: ValidationError) -> str:
     if keyword == "oneOf" and not error.absolute_path:
         return (
             "(root): exactly one of strategy_id, client_strategy_id, algo_id, "
-            "client_algo_id is required"
+            "client_algo_id or scope is required"
         )
     if keyword == "additionalProperties":
         known = load_schema(COMMAND_SCHEMA)["properties"]
@@ -140,6 +153,7 @@ def decode(
         expires_at=obj.get("expires_at"),
         reason=obj.get("reason"),
         source=obj.get("source"),
+        scope=Scope(obj["scope"]) if "scope" in obj else None,
     )
 
 
@@ -154,6 +168,7 @@ def encode(command: Command) -> bytes:
         "client_strategy_id": command.client_strategy_id,
         "algo_id": command.algo_id,
         "client_algo_id": command.client_algo_id,
+        "scope": command.scope.value if command.scope is not None else None,
         "issued_at": command.issued_at,
         "expires_at": command.expires_at,
         "reason": command.reason,

@@ -64,6 +64,7 @@ from worker.errors import (
     PapiError,
 )
 from worker.routes import RETIRED_HINTS, Route
+from worker.sweep import SweepReport
 
 GONE_CODES = frozenset({-2011, -2013})
 CLOSED = frozenset({"TRIGGERED", "TRIGGERING", "FINISHED", "EXPIRED", "REJECTED"})
@@ -83,6 +84,7 @@ class Outcome:
     exchange: ExchangeReply | None = None
     order_status: str | None = None
     hint: str | None = None
+    sweep: SweepReport | None = None  # a kill switch's routes and orders
 
 
 class Next(enum.Enum):

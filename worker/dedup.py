@@ -48,7 +48,7 @@ from worker.topic_reader import ResultsReader
 
 log = logging.getLogger(__name__)
 
-FINAL_TYPES = frozenset({"strategy.canceled", "cancel.failed"})
+FINAL_TYPES = frozenset({"strategy.canceled", "strategies.canceled", "cancel.failed"})
 """Result types that close a command for the window (``cancel.duplicate`` does not)."""
 
 _REASONS = frozenset(r.value for r in FailureReason)
@@ -126,7 +126,9 @@ def first_result_of(event: Mapping[str, Any]) -> tuple[str, FirstResult] | None:
     route = event.get("route")
     if route is not None and _one_of(route, _ROUTES) is None:
         return None
-    if kind == "strategy.canceled":
+    if kind == "strategies.canceled":  # a kill switch: many orders, no single route or status
+        reason, status = None, None
+    elif kind == "strategy.canceled":
         reason = None
         strategy = event.get("strategy")
         status = strategy.get("status") if isinstance(strategy, Mapping) else None

@@ -11,9 +11,11 @@ import orjson
 from worker.commands import Command, InvalidCommand
 from worker.errors import ExchangeReply, FailureReason
 from worker.routes import Route
+from worker.sweep import SweepReport
 
 SCHEMA_VERSION = 1
 CANCELED = "strategy.canceled"
+SWEPT = "strategies.canceled"
 FAILED = "cancel.failed"
 DUPLICATE = "cancel.duplicate"
 _DETAIL_MAX = 2048
@@ -77,6 +79,21 @@ def canceled(
     return event
 
 
+def strategies_canceled(
+    command: Command,
+    origin: Origin,
+    report: SweepReport,
+    attempts: int,
+    received_at: int,
+    completed_at: int,
+) -> dict[str, Any]:
+    """A kill switch's result: every order listed open on the symbol, by what became of it
+    (see :mod:`worker.sweep`), and each route's outcome."""
+    event = _common(SWEPT, command, origin, attempts, received_at, completed_at)
+    event.update(report.as_fields())
+    return event
+
+
 def failed(
     subject: Command | InvalidCommand,
     origin: Origin,
@@ -89,8 +106,11 @@ def failed(
     exchange: ExchangeReply | None = None,
     order_status: str | None = None,
     hint: str | None = None,
+    sweep: SweepReport | None = None,
 ) -> dict[str, Any]:
     event = _common(FAILED, subject, origin, attempts, received_at, completed_at)
+    if sweep is not None:  # a kill switch that canceled nothing: what each route met
+        event["routes"] = [r.as_dict() for r in sweep.routes]
     event.update(
         reason=reason.value,
         detail=detail[:_DETAIL_MAX],

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +40,13 @@ from worker.decisions import (
     Gone,
     Next,
     Outcome,
-    Progress,
     decide_gone,
 )
 from worker.errors import ExchangeError, NotAdmittedError, NotSentError, PapiError
+from worker.jobs import Job
+from worker.killswitch import KillSwitch
 from worker.papi import PapiClient, PapiResponse
-from worker.routes import CancelRequest, Route, plan_cancel, plan_queries
+from worker.routes import CancelRequest, plan_cancel, plan_queries
 
 __all__ = ["CancelExecutor", "Finding", "Gone", "Outcome", "RetryPolicy", "decide_gone"]
 
@@ -76,42 +77,12 @@ class RetryPolicy:
         return min(self.backoff_initial_s + jitter, self.backoff_max_s)
 
 
-@dataclass
-class _Job:
-    """Per-command state shared by the attempts."""
-
-    command: Command
-    creds: Credentials
-    route: Route
-    deadline: int
-    cancel: CancelRequest  # built once, signed afresh at every attempt
-    attempts: int = 0  # requests that reached (or may have reached) the exchange
-    not_sent: int = 0
-    resynced: bool = False
-    last_error: PapiError | None = None
-    maybe_landed: bool = False  # a cancel of this execution got an ambiguous answer
-
-    @property
-    def expires_at(self) -> int | None:
-        return self.command.expires_at
-
-    def progress(self) -> Progress:
-        return Progress(
-            self.command,
-            self.route,
-            self.attempts,
-            maybe_landed=self.maybe_landed,
-            last_error=self.last_error,
-            not_sent=self.not_sent,
-        )
-
-
 class _StopRetrying(stop_base):
     """Stop when the retry budget is spent or the next attempt would start at or after the
     deadline (wait included)."""
 
     def __init__(
-        self, job: _Job, clock: Callable[[], int], deadline_ms: int, max_attempts: int | None
+        self, job: Job, clock: Callable[[], int], deadline_ms: int, max_attempts: int | None
     ) -> None:
         self._job = job
         self._clock = clock
@@ -130,7 +101,7 @@ class _StopRetrying(stop_base):
         return decisions.retries_spent(error, self._job.attempts, self._max_attempts)
 
 
-def _log_retry(job: _Job) -> Callable[[BaseException | None, int, float], None]:
+def _log_retry(job: Job) -> Callable[[BaseException | None, int, float], None]:
     def say(error: BaseException | None, attempt: int, pause_s: float) -> None:
         # A refused connection is said once by the client, not once per command and try.
         level = logging.DEBUG if isinstance(error, NotSentError) else logging.INFO
@@ -146,7 +117,7 @@ def _log_retry(job: _Job) -> Callable[[BaseException | None, int, float], None]:
     return say
 
 
-def _before_sleep(job: _Job) -> Callable[[RetryCallState], None]:
+def _before_sleep(job: Job) -> Callable[[RetryCallState], None]:
     say = _log_retry(job)
 
     def before_sleep(state: RetryCallState) -> None:
@@ -178,6 +149,11 @@ class CancelExecutor:
             retry=retry_if_exception(decisions.should_retry),
             reraise=True,
         )
+        self._kill_switch = KillSwitch(self, clock)
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self._policy
 
     def retry_deadline_ms(self, command: Command) -> int:
         """No retry starts after this (exchange clock); ``expires_at`` also forbids any send."""
@@ -190,13 +166,15 @@ class CancelExecutor:
         creds = self._accounts.get(command.account)
         if creds is None:
             return decisions.unknown_account(command)
+        if command.is_sweep:
+            return await self._kill_switch.execute(command, creds, self.retry_deadline_ms(command))
         cancel = plan_cancel(command)
-        job = _Job(command, creds, cancel.route, self.retry_deadline_ms(command), cancel)
+        job = Job(command, creds, cancel.route, self.retry_deadline_ms(command), cancel)
         for round_no in range(self._policy.max_cancel_rounds):
             if round_no and self._clock() >= job.deadline:
                 break  # the order still stands and the retry budget is spent
             try:
-                response = await self._cancel_with_retry(job)
+                response = await self.cancel_with_retry(job)
             except PapiError as exc:
                 step = decisions.after_cancel_error(exc, job.progress())
                 if isinstance(step, Outcome):
@@ -215,7 +193,8 @@ class CancelExecutor:
 
     # -- sending ------------------------------------------------------------------------------
 
-    async def _cancel_with_retry(self, job: _Job) -> PapiResponse:
+    async def cancel_with_retry(self, job: Job) -> PapiResponse:
+        """Send the job's cancel request with retry (see the module docstring)."""
         # Most cancels are answered at the first attempt: no retry machinery for those.
         try:
             return await self._cancel_once(job)
@@ -233,7 +212,7 @@ class CancelExecutor:
                 return await self._cancel_once(job)
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
-    async def _cancel_once(self, job: _Job) -> PapiResponse:
+    async def _cancel_once(self, job: Job) -> PapiResponse:
         """One cancel; a -1021 re-syncs the clock and re-signs once, within this attempt."""
         request = job.cancel
         while True:
@@ -251,7 +230,7 @@ class CancelExecutor:
                 await self._resync_clock(generation)
 
     async def _send(
-        self, job: _Job, request: CancelRequest, *, is_order: bool, deadline: int
+        self, job: Job, request: CancelRequest, *, is_order: bool, deadline: int
     ) -> PapiResponse:
         try:
             response = await self._client.signed(
@@ -282,36 +261,54 @@ class CancelExecutor:
 
     # -- reconciliation -------------------------------------------------------------------------
 
-    async def _query(self, job: _Job, deadline: int) -> tuple[Finding, dict[str, Any] | None]:
-        """Ask the order's status; retry what may be transient until ``deadline``."""
+    async def ask(
+        self,
+        job: Job,
+        requests: Sequence[CancelRequest],
+        deadline: int,
+        readable: Callable[[Any], bool],
+    ) -> PapiResponse | None:
+        """Read-only requests, asked in order until one answers with a ``readable`` body;
+        "no such order" (-2011/-2013) moves to the next, and None means every one said so.
+        What may be transient is asked again until ``deadline``; the last error is raised."""
         retrying = AsyncRetrying(
             stop=_StopRetrying(job, self._clock, deadline, None),
             wait=self._policy.backoff(),
             retry=retry_if_exception(decisions.should_ask_again),
             reraise=True,
         )
+        async for attempt in retrying:
+            with attempt:
+                for request in requests:
+                    try:
+                        response = await self._send(job, request, is_order=False, deadline=deadline)
+                    except ExchangeError as exc:
+                        if exc.code in GONE_CODES:
+                            continue  # not there: ask the next place
+                        raise
+                    if readable(response.body):
+                        return response
+                    raise ExchangeError(response.status, None, "unreadable answer")
+                return None
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _query(self, job: Job, deadline: int) -> tuple[Finding, dict[str, Any] | None]:
+        """Ask the order's status; retry what may be transient until ``deadline``."""
         try:
-            async for attempt in retrying:
-                with attempt:
-                    for request in plan_queries(job.command):
-                        try:
-                            response = await self._send(
-                                job, request, is_order=False, deadline=deadline
-                            )
-                        except ExchangeError as exc:
-                            if exc.code in GONE_CODES:
-                                continue  # not there: ask the next place
-                            raise
-                        body = response.body
-                        if normalize.status_of(body, job.route) is not None:
-                            return Finding.FOUND, body
-                        raise ExchangeError(response.status, None, "unreadable order status")
-                    return Finding.NOT_FOUND, None
+            response = await self.ask(
+                job,
+                plan_queries(job.command),
+                deadline,
+                lambda body: normalize.status_of(body, job.route) is not None,
+            )
         except PapiError as exc:
             log.warning("command_id=%s: order status not learned: %s", job.command.command_id, exc)
-        return Finding.UNKNOWN, None
+            return Finding.UNKNOWN, None
+        if response is None:
+            return Finding.NOT_FOUND, None
+        return Finding.FOUND, response.body
 
-    async def _reconcile(self, job: _Job, cause: PapiError) -> Outcome | Next:
+    async def _reconcile(self, job: Job, cause: PapiError) -> Outcome | Next:
         """Ask the order's status after ``cause`` and decide."""
         deadline = max(job.deadline, self._clock() + self._policy.reconcile_budget_ms)
         finding, body = await self._query(job, deadline)

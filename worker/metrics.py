@@ -63,3 +63,13 @@ NOT_SENT = Counter(
     "cancel_worker_http_not_sent_total",
     "Requests that never left (connection refused or timed out), tried again until the deadline",
 )
+SWEEP_ROUTES = Counter(
+    "cancel_worker_kill_switch_routes_total",
+    "Routes swept by kill switches, by route and outcome (done, unconfirmed, retired, failed)",
+    ["route", "outcome"],
+)
+SWEEP_ORDERS = Counter(
+    "cancel_worker_kill_switch_orders_total",
+    "Orders listed by kill switches, by what became of them",
+    ["group"],
+)

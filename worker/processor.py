@@ -238,7 +238,19 @@ class CommandProcessor:
         self, command: Command, origin: Origin, outcome: Outcome, received_at: int
     ) -> dict[str, object]:
         completed_at = self._clock()
-        if outcome.canceled and outcome.route is not None and outcome.strategy is not None:
+        if outcome.canceled and outcome.sweep is not None:
+            event = events.strategies_canceled(
+                command, origin, outcome.sweep, outcome.attempts, received_at, completed_at
+            )
+            swept = outcome.sweep.swept
+            for group, orders in (
+                ("canceled", swept.canceled),
+                ("closed_otherwise", swept.closed_otherwise),
+                ("still_open", swept.still_open),
+                ("unknown", swept.unknown),
+            ):
+                metrics.SWEEP_ORDERS.labels(group).inc(len(orders))
+        elif outcome.canceled and outcome.route is not None and outcome.strategy is not None:
             event = events.canceled(
                 command,
                 origin,
@@ -263,6 +275,7 @@ class CommandProcessor:
                 exchange=outcome.exchange,
                 order_status=outcome.order_status,
                 hint=outcome.hint,
+                sweep=outcome.sweep,
             )
         # The results topic is the record of every answer; the log says each failure at
         # INFO, and each cancel only at DEBUG (a line per cancel costs ~40 µs at full speed).

@@ -10,6 +10,11 @@ route              cancel endpoint                     identified by
 
 The UM conditional route was deprecated on 2026-04-28 in favour of UM algo; when the
 exchange answers 404 on it the worker reports ``route_retired`` with :data:`RETIRED_HINTS`.
+
+A kill switch (``scope: "symbol"``) sweeps every route of its market (:func:`plan_sweep`):
+UM → the UM algo route, then the UM conditional one while the exchange still serves it;
+CM → the CM conditional route. Per route: list the open orders on the symbol
+(``openAlgoOrders`` / ``openOrders``), cancel them all (``allOpenOrders``), list again.
 """
 
 from __future__ import annotations
@@ -62,6 +67,27 @@ QUERY_PATHS: dict[Route, tuple[str, ...]] = {
     ),
     Route.UM_ALGO: ("/papi/v1/um/algo/algoOrder",),
 }
+
+
+LIST_PATHS: dict[Route, str] = {
+    Route.UM_ALGO: "/papi/v1/um/algo/openAlgoOrders",
+    Route.UM_CONDITIONAL: "/papi/v1/um/conditional/openOrders",
+    Route.CM_CONDITIONAL: "/papi/v1/cm/conditional/openOrders",
+}
+
+CANCEL_ALL_PATHS: dict[Route, str] = {
+    Route.UM_ALGO: "/papi/v1/um/algo/allOpenOrders",
+    Route.UM_CONDITIONAL: "/papi/v1/um/conditional/allOpenOrders",
+    Route.CM_CONDITIONAL: "/papi/v1/cm/conditional/allOpenOrders",
+}
+
+# The routes a kill switch sweeps, in order. A 404 on a retirable one means the exchange no
+# longer serves it (nothing to cancel there), not that the kill switch failed.
+SWEEP_ROUTES: dict[Market, tuple[Route, ...]] = {
+    Market.UM: (Route.UM_ALGO, Route.UM_CONDITIONAL),
+    Market.CM: (Route.CM_CONDITIONAL,),
+}
+RETIRABLE = frozenset({Route.UM_CONDITIONAL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,4 +148,47 @@ def plan_queries(command: Command) -> tuple[CancelRequest, ...]:
     return tuple(
         CancelRequest(route=route, method="GET", path=path, params=params)
         for path in QUERY_PATHS[route]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """One route of a kill switch: list the open orders on the symbol, cancel them all."""
+
+    route: Route
+    listing: CancelRequest
+    cancel_all: CancelRequest
+
+    @property
+    def retirable(self) -> bool:
+        return self.route in RETIRABLE
+
+
+def plan_sweep(command: Command) -> tuple[Sweep, ...]:
+    """The routes a kill switch sweeps, in order, with their requests."""
+    if command.symbol is None:  # the schema guarantees it; guard the invariant anyway
+        raise ValueError("kill switch without symbol")
+    params = (("symbol", command.symbol),)
+    return tuple(
+        Sweep(
+            route,
+            CancelRequest(route=route, method="GET", path=LIST_PATHS[route], params=params),
+            CancelRequest(
+                route=route, method="DELETE", path=CANCEL_ALL_PATHS[route], params=params
+            ),
+        )
+        for route in SWEEP_ROUTES[command.market]
+    )
+
+
+def plan_order_status(route: Route, symbol: str, order_id: int) -> tuple[CancelRequest, ...]:
+    """The status queries for one order a kill switch listed, finished orders first (it has
+    left the open list): conditional ``orderHistory`` then ``openOrder``; algo ``algoOrder``."""
+    if route is Route.UM_ALGO:
+        params: tuple[tuple[str, str], ...] = (("algoId", str(order_id)),)
+    else:
+        params = (("symbol", symbol), ("strategyId", str(order_id)))
+    return tuple(
+        CancelRequest(route=route, method="GET", path=path, params=params)
+        for path in reversed(QUERY_PATHS[route])
     )

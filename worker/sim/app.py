@@ -7,6 +7,9 @@ only) and parameters checked in that order, so a refused signature costs no orde
   ``GET .../orderHistory``, ``GET .../openOrders`` (all NEW orders, optional ``symbol``)
 * ``POST|DELETE /papi/v1/um/algo/order``, ``GET /papi/v1/um/algo/algoOrder``,
   ``GET /papi/v1/um/algo/openAlgoOrders`` (optional ``symbol``, ``algoId``, ``algoType``)
+* ``DELETE /papi/v1/{um,cm}/conditional/allOpenOrders`` and
+  ``DELETE /papi/v1/um/algo/allOpenOrders`` (``symbol`` required; the kill switch): every
+  NEW order of the account on the symbol is canceled; the answer names none of them
 * ``GET /papi/v1/ping`` and ``GET /fapi/v1/time`` (unsigned)
 
 Every answer carries ``X-MBX-USED-WEIGHT-1M``; order routes also ``X-MBX-ORDER-COUNT-1M``.
@@ -429,6 +432,28 @@ def conditional_open_orders(market: str) -> Handler:
     return handle
 
 
+CANCEL_ALL_DONE = "The operation of cancel all conditional open order is done."
+CANCEL_ALL_ALGO_DONE = "The operation of cancel all open order is done."
+
+
+def conditional_cancel_all(market: str) -> Handler:
+    """``DELETE .../conditional/allOpenOrders``: the code is a *string* on these routes."""
+
+    def handle(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+        symbol = _symbol(params, market)
+        state.book.cancel_all_conditional(creds.alias, market, symbol, state.server_time())
+        return _json({"code": "200", "msg": CANCEL_ALL_DONE})
+
+    return handle
+
+
+def algo_cancel_all(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
+    """``DELETE /papi/v1/um/algo/allOpenOrders``: the code is an integer here."""
+    symbol = _symbol(params, "UM")
+    state.book.cancel_all_algo(creds.alias, symbol, state.server_time())
+    return _json({"code": 200, "msg": CANCEL_ALL_ALGO_DONE})
+
+
 def algo_open_orders(state: SimState, creds: Credentials, params: Mapping[str, str]) -> Response:
     symbol = _optional_symbol(params, "UM")
     algo_id = _id_param(params, "algoId")
@@ -642,6 +667,12 @@ def build_app(state: SimState) -> Starlette:
             um_cond=um_cond,
             weigh=list_weight,
         )
+        routes += signed(
+            f"{base}/allOpenOrders",
+            {"DELETE": conditional_cancel_all(market)},
+            order=True,
+            um_cond=um_cond,
+        )
     routes += signed(
         "/papi/v1/um/algo/order", {"POST": algo_new, "DELETE": algo_cancel}, order=True
     )
@@ -649,6 +680,7 @@ def build_app(state: SimState) -> Starlette:
     routes += signed(
         "/papi/v1/um/algo/openAlgoOrders", {"GET": algo_open_orders}, weigh=list_weight
     )
+    routes += signed("/papi/v1/um/algo/allOpenOrders", {"DELETE": algo_cancel_all}, order=True)
     routes += control_routes(state)
     return Starlette(routes=routes)
 

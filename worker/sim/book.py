@@ -254,6 +254,19 @@ class Book:
         self.cancels.append(CancelRecord("conditional", account, market, order.strategy_id, now))
         return order
 
+    def cancel_all_conditional(
+        self, account: str, market: str, symbol: str, now: int
+    ) -> list[ConditionalOrder]:
+        """Cancel every NEW conditional order of the account on one symbol (the kill switch)."""
+        orders = self.open_conditional(account, market, symbol)
+        for order in orders:
+            order.status = "CANCELED"
+            order.update_time = now
+            self.cancels.append(
+                CancelRecord("conditional", account, market, order.strategy_id, now)
+            )
+        return orders
+
     # -- algo ----------------------------------------------------------------------------
 
     def place_algo(self, order: AlgoOrder) -> AlgoOrder:
@@ -308,3 +321,12 @@ class Book:
         order.update_time = now
         self.cancels.append(CancelRecord("algo", account, "UM", order.algo_id, now))
         return order
+
+    def cancel_all_algo(self, account: str, symbol: str, now: int) -> list[AlgoOrder]:
+        """Cancel every NEW UM algo order of the account on one symbol (the kill switch)."""
+        orders = self.open_algo(account, symbol)
+        for order in orders:
+            order.status = "CANCELED"
+            order.update_time = now
+            self.cancels.append(CancelRecord("algo", account, "UM", order.algo_id, now))
+        return orders

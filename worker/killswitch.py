@@ -1,0 +1,264 @@
+"""The kill switch: cancel every open order of an account on a symbol, and say exactly which.
+
+Orchestration only; what each listing, answer and status means is decided in
+:mod:`worker.sweep` (pure). The routes of the command's market are swept concurrently:
+
+1. list the open orders on the symbol (retried like a status query until the deadline);
+2. cancel them all (retried like a single cancel: fresh signature each time, the governor,
+   the deadline and ``expires_at``, a -1021 re-sync);
+3. list again, and ask the status of each order that left the list (a few at a time), until
+   the reconcile deadline; a listed order still open sends the cancel-all again, up to
+   ``max_cancel_rounds``.
+
+Every request goes through the same client, governor and clock as single cancels, and the
+command is processed in its key's order like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from worker import decisions, metrics
+from worker.accounts import Credentials
+from worker.commands import Command
+from worker.decisions import Outcome
+from worker.errors import ExchangeError, FailureReason, PapiError
+from worker.jobs import Job
+from worker.routes import Route, Sweep, plan_order_status, plan_sweep
+from worker.sweep import (
+    Listed,
+    RouteOutcome,
+    RouteReport,
+    SweepReport,
+    cancel_all_confirmed,
+    classify,
+    failure,
+    normalized,
+    parse_listing,
+    to_ask,
+)
+
+if TYPE_CHECKING:
+    from worker.executor import RetryPolicy
+    from worker.papi import PapiResponse
+
+log = logging.getLogger(__name__)
+
+STATUS_QUERIES_IN_FLIGHT = 8  # per kill switch: the governor still decides when each is sent
+
+
+class SweepPort(Protocol):
+    """What the kill switch needs from the executor."""
+
+    @property
+    def policy(self) -> RetryPolicy: ...
+
+    async def cancel_with_retry(self, job: Job) -> PapiResponse: ...
+
+    async def ask(
+        self,
+        job: Job,
+        requests: Sequence[Any],
+        deadline: int,
+        readable: Callable[[Any], bool],
+    ) -> PapiResponse | None: ...
+
+
+class KillSwitch:
+    def __init__(self, port: SweepPort, clock: Callable[[], int]) -> None:
+        self._port = port
+        self._clock = clock
+
+    async def execute(self, command: Command, creds: Credentials, deadline: int) -> Outcome:
+        sweeps = plan_sweep(command)
+        jobs = {s.route: Job(command, creds, s.route, deadline, s.cancel_all) for s in sweeps}
+        reports = {s.route: RouteReport(s.route) for s in sweeps}
+        listings = await asyncio.gather(
+            *(self._list_first(jobs[s.route], s, reports[s.route]) for s in sweeps)
+        )
+        before = [x for listed in listings for x in listed or ()]
+        live = [s for s, listed in zip(sweeps, listings, strict=True) if listed is not None]
+        await asyncio.gather(*(self._cancel_all(jobs[s.route], s, reports[s.route]) for s in live))
+        swept = [s for s in live if reports[s.route].swept]
+        reconcile_by = max(deadline, self._clock() + self._port.policy.reconcile_budget_ms)
+        open_after: dict[tuple[Route, int], Listed] = {}
+        statuses: dict[tuple[Route, int], dict[str, Any] | None] = {}
+        for round_no in range(self._port.policy.max_cancel_rounds):
+            mine = [x for x in before if x.route in {s.route for s in swept}]
+            open_after = await self._list_again(jobs, swept, reconcile_by)
+            # Ask only what is not known to be final yet (an order found NEW is asked again).
+            unsettled = [
+                x
+                for x in to_ask(mine, open_after)
+                if (statuses.get(x.key) or {}).get("status") in (None, "NEW")
+            ]
+            statuses.update(await self._statuses(jobs, command, unsettled, reconcile_by))
+            again = {x.route for x in mine if x.key in open_after}
+            again |= {x.route for x in mine if (statuses.get(x.key) or {}).get("status") == "NEW"}
+            if not again or round_no + 1 >= self._port.policy.max_cancel_rounds:
+                break
+            if self._clock() >= deadline:
+                break  # orders still stand and the retry budget is spent
+            log.info(
+                "command_id=%s: orders still open on %s after the cancel-all; canceling again",
+                command.command_id,
+                ", ".join(sorted(r.value for r in again)),
+            )
+            await asyncio.gather(
+                *(
+                    self._cancel_all(jobs[s.route], s, reports[s.route])
+                    for s in swept
+                    if s.route in again
+                )
+            )
+        # Orders of routes never swept keep no status: they are not reported as swept.
+        report = SweepReport(
+            tuple(reports[s.route] for s in sweeps),
+            classify(
+                [x for x in before if reports[x.route].swept],
+                open_after,
+                statuses,
+            ),
+        )
+        attempts = sum(j.attempts for j in jobs.values())
+        refused = failure(report.routes)
+        if refused is not None and not report.swept.canceled:
+            reason, detail, exchange, hint = refused
+            return Outcome(
+                False,
+                attempts,
+                reason=reason,
+                detail=detail,
+                exchange=exchange,
+                hint=hint,
+                sweep=report,
+            )
+        for route_report in report.routes:
+            metrics.SWEEP_ROUTES.labels(
+                route_report.route.value, (route_report.outcome or RouteOutcome.FAILED).value
+            ).inc()
+        return Outcome(True, attempts, sweep=report)
+
+    # -- the steps ------------------------------------------------------------------------------
+
+    async def _list_first(self, job: Job, sweep: Sweep, report: RouteReport) -> list[Listed] | None:
+        """The route's open orders before the cancel-all, or None when the route is retired or
+        failed (``report`` says which)."""
+        try:
+            response = await self._port.ask(
+                job,
+                (sweep.listing,),
+                job.deadline,
+                lambda b: parse_listing(b, sweep.route) is not None,
+            )
+        except PapiError as exc:
+            self._failed(job, sweep, report, exc, listing=True)
+            return None
+        listed = parse_listing(response.body, sweep.route) if response is not None else []
+        report.listed = len(listed or ())
+        return listed or []
+
+    async def _cancel_all(self, job: Job, sweep: Sweep, report: RouteReport) -> None:
+        try:
+            response = await self._port.cancel_with_retry(job)
+        except PapiError as exc:
+            self._failed(job, sweep, report, exc, listing=False)
+            return
+        if cancel_all_confirmed(response.body):
+            report.outcome = RouteOutcome.DONE
+            report.reason, report.detail, report.exchange = None, "", None
+        else:
+            report.outcome = RouteOutcome.UNCONFIRMED
+            report.detail = "the cancel-all answer confirmed nothing; reconciled by listing"
+
+    def _failed(
+        self, job: Job, sweep: Sweep, report: RouteReport, exc: PapiError, *, listing: bool
+    ) -> None:
+        step = decisions.after_cancel_error(exc, job.progress())
+        if isinstance(step, Outcome):
+            if step.reason is FailureReason.ROUTE_RETIRED and sweep.retirable:
+                report.outcome = RouteOutcome.RETIRED
+                report.detail = "the exchange no longer serves this route: nothing open there"
+                return
+            report.outcome = RouteOutcome.FAILED
+            report.reason, report.detail, report.exchange = step.reason, step.detail, step.exchange
+        elif listing:  # no readable listing in time: what would be canceled cannot be told
+            report.outcome = RouteOutcome.FAILED
+            report.reason = FailureReason.EXCHANGE_UNAVAILABLE
+            report.detail = f"open orders not listed: {exc}"
+            report.exchange = exc.reply if isinstance(exc, ExchangeError) else None
+        else:  # the cancel-all may have applied: reconciled by listing, never guessed
+            report.outcome = RouteOutcome.UNCONFIRMED
+            report.detail = f"no readable answer to the cancel-all ({exc}); reconciled by listing"
+        log.info(
+            "command_id=%s: %s %s: %s",
+            job.command.command_id,
+            sweep.route.value,
+            report.outcome.value,
+            report.detail,
+        )
+
+    async def _list_again(
+        self, jobs: dict[Route, Job], swept: Sequence[Sweep], deadline: int
+    ) -> dict[tuple[Route, int], Listed]:
+        """The swept routes' open orders now; a route that cannot be listed is left out (its
+        orders' statuses are asked one by one instead)."""
+
+        async def one(sweep: Sweep) -> list[Listed]:
+            job = jobs[sweep.route]
+            try:
+                response = await self._port.ask(
+                    job,
+                    (sweep.listing,),
+                    deadline,
+                    lambda b: parse_listing(b, sweep.route) is not None,
+                )
+            except PapiError as exc:
+                log.warning(
+                    "command_id=%s: %s not listed again: %s",
+                    job.command.command_id,
+                    sweep.route.value,
+                    exc,
+                )
+                return []
+            return (parse_listing(response.body, sweep.route) or []) if response is not None else []
+
+        found = await asyncio.gather(*(one(s) for s in swept))
+        return {x.key: x for listed in found for x in listed}
+
+    async def _statuses(
+        self, jobs: dict[Route, Job], command: Command, orders: Sequence[Listed], deadline: int
+    ) -> dict[tuple[Route, int], dict[str, Any] | None]:
+        """Each order's normalized status answer, or None when it could not be learned."""
+        gate = asyncio.Semaphore(STATUS_QUERIES_IN_FLIGHT)
+        symbol = command.symbol or ""
+
+        async def one(listed: Listed) -> tuple[tuple[Route, int], dict[str, Any] | None]:
+            route = listed.route
+            async with gate:
+                try:
+                    response = await self._port.ask(
+                        jobs[route],
+                        plan_order_status(route, symbol, listed.order_id),
+                        deadline,
+                        lambda b: (
+                            isinstance(b, dict) and normalized(b, route)["status"] is not None
+                        ),
+                    )
+                except PapiError as exc:
+                    log.warning(
+                        "command_id=%s: status of %s %d not learned: %s",
+                        command.command_id,
+                        route.value,
+                        listed.order_id,
+                        exc,
+                    )
+                    return listed.key, None
+            if response is None or not isinstance(response.body, dict):
+                return listed.key, None
+            return listed.key, normalized(response.body, route)
+
+        return dict(await asyncio.gather(*(one(x) for x in orders)))
