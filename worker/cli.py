@@ -217,10 +217,16 @@ def sim(
 @click.option("--client-strategy-id")
 @click.option("--algo-id", type=int)
 @click.option("--client-algo-id")
+@click.option(
+    "--all",
+    "all",
+    is_flag=True,
+    help="Kill switch: cancel every open order of the account on --symbol (no order id).",
+)
 @click.option("--expires-in-ms", type=int, help="Set expires_at this far in the future.")
 @click.option("--reason")
 def send(config: Path | None, payload: str | None, key: str | None, **fields: Any) -> None:
-    """Publish one cancel command to the commands topic."""
+    """Publish one cancel command (or, with --all, a kill switch) to the commands topic."""
     from worker.send import build_command, publish  # noqa: PLC0415
 
     settings = _settings(config)

@@ -54,12 +54,19 @@ def reader_consumer(bootstrap: str, client_id: str, request_timeout_ms: int) -> 
 
 
 async def cluster_topics(
-    bootstrap: str, request_timeout_ms: int, client_id: str = "cancel-worker-admin"
+    bootstrap: str,
+    request_timeout_ms: int,
+    client_id: str = "cancel-worker-admin",
+    **kafka: Any,
 ) -> dict[str, list[int]]:
     """Every topic of the cluster and its partitions. Asks for all topics on purpose: asking
-    for one by name would create it on a broker that auto-creates topics."""
+    for one by name would create it on a broker that auto-creates topics. ``kafka``: more
+    client options (TLS, SASL)."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, client_id=client_id, request_timeout_ms=request_timeout_ms
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        request_timeout_ms=request_timeout_ms,
+        **kafka,
     )
     try:
         await admin.start()

@@ -1,0 +1,201 @@
+"""The client library against the real broker, the simulator and a running worker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support import (
+    SimControl,
+    Topics,
+    fresh_topics,
+    produce,
+    running_worker,
+    worker_settings,
+)
+from worker.client import (
+    CancelClient,
+    CancelDuplicate,
+    CancelFailed,
+    CancelTimeoutError,
+    CommandProducer,
+    InvalidCommandError,
+    ResultConsumer,
+    StrategiesCanceled,
+    StrategyCanceled,
+    build_command,
+    parse_result,
+)
+from worker.devstack import Broker
+
+pytestmark = pytest.mark.integration
+
+PLENTY = 1_000_000_000  # rate limits out of the way where a test sends a lot
+
+
+@pytest.fixture
+async def topics(broker: Broker) -> Topics:
+    return await fresh_topics(broker.bootstrap, partitions=3)
+
+
+@pytest.fixture
+async def client(broker: Broker, topics: Topics) -> AsyncIterator[CancelClient]:
+    async with CancelClient(
+        broker.bootstrap, commands_topic=topics.commands, results_topic=topics.results
+    ) as c:
+        yield c
+
+
+@pytest.fixture
+async def worker(
+    broker: Broker, topics: Topics, sim: SimControl, accounts_file: Path
+) -> AsyncIterator[None]:
+    settings = worker_settings(
+        broker.bootstrap,
+        topics,
+        sim.url,
+        accounts_file,
+        rate_weight_limit=PLENTY,
+        rate_order_limit=PLENTY,
+    )
+    sim.configure(weight_limit=PLENTY, order_limit=PLENTY)
+    try:
+        async with running_worker(settings):
+            yield
+    finally:
+        sim.reset()
+
+
+async def test_cancel_returns_typed_results(
+    client: CancelClient, worker: None, sim: SimControl
+) -> None:
+    cm, algo = sim.seed(
+        [
+            {"account": "desk-1", "market": "CM", "symbol": "ETHUSD_PERP"},
+            {"account": "desk-1", "kind": "algo", "symbol": "BNBUSDT"},
+        ]
+    )
+    done = await client.cancel(
+        "desk-1", "CM", symbol="ETHUSD_PERP", strategy_id=cm["strategy_id"], timeout=30
+    )
+    assert isinstance(done, StrategyCanceled)
+    assert done.route == "cm_conditional" and done.strategy.status == "CANCELED"
+    assert done.strategy.strategy_id == cm["strategy_id"]
+    assert isinstance(done.strategy.orig_qty, str)  # money stays a decimal string
+
+    again = await client.cancel(
+        "desk-1", "CM", symbol="ETHUSD_PERP", strategy_id=cm["strategy_id"], timeout=30
+    )
+    assert isinstance(again, CancelFailed) and again.reason == "already_closed"
+    assert again.order_status == "CANCELED" and again.exchange is not None
+
+    unknown = await client.cancel("nobody", "UM", algo_id=algo["algo_id"], timeout=30)
+    assert isinstance(unknown, CancelFailed) and unknown.reason == "unknown_account"
+
+    swept = await client.cancel_all("desk-1", "UM", "BNBUSDT", timeout=30)
+    assert isinstance(swept, StrategiesCanceled) and swept.complete
+    assert [s.strategy.algo_id for s in swept.strategies] == [algo["algo_id"]]
+    assert {r.route: r.outcome for r in swept.routes} == {
+        "um_algo": "done",
+        "um_conditional": "done",
+    }
+
+    repeated = await client.request(
+        build_command("desk-1", "UM", algo_id=algo["algo_id"], command_id=done.command_id or ""),
+        timeout=30,
+    )
+    assert isinstance(repeated, CancelDuplicate)
+    assert repeated.first_result["type"] == "strategy.canceled"
+
+
+async def test_a_command_the_worker_would_refuse_is_not_published(client: CancelClient) -> None:
+    with pytest.raises(InvalidCommandError, match="symbol"):
+        await client.cancel("desk-1", "CM", strategy_id=5, timeout=1)  # conditional, no symbol
+    with pytest.raises(InvalidCommandError, match="exactly one"):
+        await client.cancel("desk-1", "UM", symbol="BTCUSDT", timeout=1)  # no id at all
+    with pytest.raises(InvalidCommandError):
+        await client.cancel_all("desk-1", "UM", "btc&usdt", timeout=1)
+    assert client.waiting == 0
+
+
+async def test_no_result_in_time_raises_cancel_timeout(client: CancelClient) -> None:
+    # No worker reads this commands topic: the command is published, no result comes.
+    with pytest.raises(CancelTimeoutError) as caught:
+        await client.cancel("desk-2", "UM", algo_id=42, command_id="never-answered", timeout=0.5)
+    assert caught.value.command_id == "never-answered"
+    assert client.waiting == 0
+
+
+async def test_a_thousand_concurrent_cancels_share_one_reader(
+    client: CancelClient, worker: None, sim: SimControl
+) -> None:
+    orders = sim.seed(
+        [{"account": f"desk-{i % 5}", "kind": "algo", "symbol": "ADAUSDT"} for i in range(1000)]
+    )
+    calls = [
+        client.cancel(f"desk-{i % 5}", "UM", algo_id=o["algo_id"], timeout=120)
+        for i, o in enumerate(orders)
+    ]
+    results = await asyncio.gather(*calls)
+    assert all(isinstance(r, StrategyCanceled) for r in results)
+    assert [r.strategy.algo_id for r in results if isinstance(r, StrategyCanceled)] == [
+        o["algo_id"] for o in orders
+    ]
+    # One results reader for all of them: the client holds one consumer, with every
+    # partition of the results topic assigned to it, and no call is left waiting.
+    assert client.waiting == 0
+    consumer = client._results._consumer
+    assert len(consumer.assignment()) == 3
+
+
+async def test_producer_keys_and_consumer_types(
+    broker: Broker, topics: Topics, worker: None, sim: SimControl
+) -> None:
+    (algo,) = sim.seed([{"account": "desk-3", "kind": "algo", "symbol": "LTCUSDT"}])
+    results = ResultConsumer(broker.bootstrap, topics.results, from_beginning=True)
+    await results.start()
+    try:
+        async with CommandProducer(broker.bootstrap, topics.commands, source="risk-7") as producer:
+            first = await producer.cancel("desk-3", "UM", algo_id=algo["algo_id"])
+            second = await producer.cancel_all("desk-3", "UM", "LTCUSDT", reason="flatten")
+        # Not a result event: skipped by the reader, never handed out as raw JSON.
+        await produce(broker.bootstrap, topics.results, [(b"x", b'{"hello": 1}')])
+        seen: dict[str, Any] = {}
+        async with asyncio.timeout(30):
+            async for result in results:
+                seen[result.command_id or ""] = result
+                if {first, second} <= seen.keys():
+                    break
+    finally:
+        await results.stop()
+    assert isinstance(seen[first], StrategyCanceled)
+    assert isinstance(seen[second], StrategiesCanceled)
+    # Keyed account:symbol, so a kill switch is ordered with its symbol's single cancels.
+    assert seen[second].raw["origin"]["key"] == "desk-3:LTCUSDT"
+    assert seen[first].raw["origin"]["key"] == "desk-3:UM"
+    assert seen[second].raw["command_source"] == "risk-7"
+    assert seen[second].raw["command_reason"] == "flatten"
+
+
+def test_parse_result_refuses_what_is_not_a_result() -> None:
+    for raw in (None, b"not json", b"[]", orjson.dumps({"type": "strategy.canceled"})):
+        with pytest.raises(ValueError, match=r"\w"):
+            parse_result(raw)
+
+
+def test_send_all_builds_a_kill_switch() -> None:
+    from worker.send import build_command as send_command  # noqa: PLC0415
+
+    command = send_command(account="desk-1", market="UM", symbol="BTCUSDT", all=True)
+    assert command["scope"] == "symbol" and command["symbol"] == "BTCUSDT"
+    assert not {"strategy_id", "client_strategy_id", "algo_id", "client_algo_id"} & command.keys()
+    assert command["source"] == "cancel-worker send"
+    with pytest.raises(ValueError, match="--symbol"):
+        send_command(account="desk-1", market="UM", all=True)
+    with pytest.raises(ValueError, match="no order id"):
+        send_command(account="desk-1", market="UM", symbol="BTCUSDT", algo_id=5, all=True)

@@ -1,0 +1,646 @@
+"""A client for the worker's two topics: what a risk engine, a tool or a test needs.
+
+* :class:`CommandProducer` builds commands from typed arguments, checks them against the
+  command schema before they leave (a bad command raises :class:`InvalidCommandError` here,
+  not a ``cancel.failed`` later), keys them ``account:symbol`` (so that a kill switch is
+  ordered with the single cancels of its symbol) and publishes with an idempotent producer.
+  It returns the command id.
+* :class:`ResultConsumer` is an async iterator of typed results (:class:`StrategyCanceled`,
+  :class:`StrategiesCanceled`, :class:`CancelFailed`, :class:`CancelDuplicate`), read
+  ``read_committed`` so that an exactly-once worker's aborted writes are never seen.
+* :class:`CancelClient` is request/reply over the two: ``await client.cancel(...,
+  timeout=5)`` publishes and waits for that command's result. Every call shares one results
+  reader (assigned every partition, positioned at the end when the client starts), so a
+  thousand concurrent calls cost one consumer. A result that does not come in time raises
+  :class:`CancelTimeoutError` (the command may still be executed: its result will be on the
+  topic).
+
+Results are parsed against the result schema; one that does not match it raises
+:class:`ResultError` from :func:`parse_result` and is skipped (and logged) by the readers.
+Money stays a decimal string.
+
+Example (a risk engine)::
+
+    async with CancelClient("kafka:9092") as client:
+        result = await client.cancel_all("desk-a", "UM", "BTCUSDT", timeout=5)
+        if isinstance(result, StrategiesCanceled):
+            print([s.strategy.algo_id or s.strategy.strategy_id for s in result.strategies])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, fields
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from worker.commands import InvalidCommand, decode
+from worker.contracts import RESULT_SCHEMA, fast_check
+from worker.timeutil import now_ms
+from worker.topic_reader import cluster_topics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMMANDS_TOPIC = "cancel-commands"
+DEFAULT_RESULTS_TOPIC = "cancel-results"
+Market = Literal["UM", "CM"]
+
+
+class ClientError(Exception):
+    """Base of the client's errors."""
+
+
+class InvalidCommandError(ClientError, ValueError):
+    """The command would be refused by the worker; nothing was published."""
+
+
+class ResultError(ClientError, ValueError):
+    """A record on the results topic that is not a result event of the schema."""
+
+
+class CancelTimeoutError(ClientError, TimeoutError):
+    """No result for ``command_id`` in time. The command was published and may still be
+    executed; its result will be on the results topic."""
+
+    def __init__(self, command_id: str, timeout: float) -> None:
+        super().__init__(f"no result for command {command_id} within {timeout:g}s")
+        self.command_id = command_id
+
+
+# -- typed results -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Strategy:
+    """An order as the result reports it (the schema's ``strategy``); decimals are strings."""
+
+    strategy_id: int | None
+    client_strategy_id: str | None
+    algo_id: int | None
+    client_algo_id: str | None
+    status: str
+    order_type: str | None
+    side: str | None
+    position_side: str | None
+    orig_qty: str | None
+    price: str | None
+    stop_price: str | None
+    activate_price: str | None
+    price_rate: str | None
+    time_in_force: str | None
+    working_type: str | None
+    reduce_only: bool | None
+    price_protect: bool | None
+    book_time: int | None
+    update_time: int | None
+    self_trade_prevention_mode: str | None
+    good_till_date: int | None
+    price_match: str | None
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any]) -> Strategy:
+        return cls(**{f.name: obj[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeAnswer:
+    http_status: int
+    code: int | None
+    msg: str | None
+
+    @classmethod
+    def of(cls, obj: Mapping[str, Any] | None) -> ExchangeAnswer | None:
+        return None if obj is None else cls(obj["http_status"], obj["code"], obj["msg"])
+
+
+@dataclass(frozen=True, slots=True)
+class ListedStrategy:
+    """An order a kill switch listed, with its route."""
+
+    route: str
+    strategy: Strategy
+
+
+@dataclass(frozen=True, slots=True)
+class RouteResult:
+    """What one route of a kill switch met (``done``, ``unconfirmed``, ``retired``, ``failed``)."""
+
+    route: str
+    outcome: str
+    listed: int
+    reason: str | None
+    detail: str | None
+    exchange: ExchangeAnswer | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Common:
+    command_id: str | None
+    account: str | None
+    market: str | None
+    symbol: str | None
+    attempts: int
+    received_at: int
+    completed_at: int
+    raw: Mapping[str, Any]  # the event as published
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyCanceled(_Common):
+    route: str
+    strategy: Strategy
+    confirmed_by: str
+
+
+@dataclass(frozen=True, slots=True)
+class StrategiesCanceled(_Common):
+    complete: bool
+    routes: tuple[RouteResult, ...]
+    strategies: tuple[ListedStrategy, ...]  # went from NEW to CANCELED
+    closed_otherwise: tuple[ListedStrategy, ...]
+    still_open: tuple[ListedStrategy, ...]
+    unknown: tuple[ListedStrategy, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelFailed(_Common):
+    reason: str
+    detail: str
+    route: str | None
+    exchange: ExchangeAnswer | None
+    order_status: str | None
+    hint: str | None
+    routes: tuple[RouteResult, ...] = ()  # a kill switch's routes
+
+
+@dataclass(frozen=True, slots=True)
+class CancelDuplicate(_Common):
+    first_result: Mapping[str, Any]
+
+
+Result = StrategyCanceled | StrategiesCanceled | CancelFailed | CancelDuplicate
+
+_is_result = fast_check(RESULT_SCHEMA)
+
+
+def _listed(items: list[dict[str, Any]]) -> tuple[ListedStrategy, ...]:
+    return tuple(ListedStrategy(x["route"], Strategy.of(x["strategy"])) for x in items)
+
+
+def _routes(items: list[dict[str, Any]]) -> tuple[RouteResult, ...]:
+    return tuple(
+        RouteResult(
+            r["route"],
+            r["outcome"],
+            r["listed"],
+            r["reason"],
+            r["detail"],
+            ExchangeAnswer.of(r["exchange"]),
+        )
+        for r in items
+    )
+
+
+def parse_result(raw: bytes | None) -> Result:
+    """A typed result from a results-topic record value; :class:`ResultError` if it is not
+    one (the schema is the contract)."""
+    if raw is None:
+        raise ResultError("empty record")
+    try:
+        event: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ResultError(f"not JSON: {exc}") from exc
+    if not _is_result(event):
+        raise ResultError(f"not a result event of the schema: {raw[:200]!r}")
+    common = {
+        "command_id": event["command_id"],
+        "account": event["account"],
+        "market": event["market"],
+        "symbol": event["symbol"],
+        "attempts": event["attempts"],
+        "received_at": event["received_at"],
+        "completed_at": event["completed_at"],
+        "raw": event,
+    }
+    kind = event["type"]
+    if kind == "strategy.canceled":
+        return StrategyCanceled(
+            **common,
+            route=event["route"],
+            strategy=Strategy.of(event["strategy"]),
+            confirmed_by=event["confirmed_by"],
+        )
+    if kind == "strategies.canceled":
+        return StrategiesCanceled(
+            **common,
+            complete=event["complete"],
+            routes=_routes(event["routes"]),
+            strategies=_listed(event["strategies"]),
+            closed_otherwise=_listed(event["closed_otherwise"]),
+            still_open=_listed(event["still_open"]),
+            unknown=_listed(event["unknown"]),
+        )
+    if kind == "cancel.failed":
+        return CancelFailed(
+            **common,
+            reason=event["reason"],
+            detail=event["detail"],
+            route=event["route"],
+            exchange=ExchangeAnswer.of(event["exchange"]),
+            order_status=event["order_status"],
+            hint=event["hint"],
+            routes=_routes(event.get("routes") or []),
+        )
+    return CancelDuplicate(**common, first_result=event["first_result"])
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def build_command(
+    account: str,
+    market: str,
+    *,
+    symbol: str | None = None,
+    strategy_id: int | None = None,
+    client_strategy_id: str | None = None,
+    algo_id: int | None = None,
+    client_algo_id: str | None = None,
+    all_on_symbol: bool = False,
+    command_id: str | None = None,
+    expires_in_ms: int | None = None,
+    reason: str | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """A command as the worker reads it, not yet checked (:func:`checked_command` checks).
+    ``all_on_symbol``: the kill switch (``scope: "symbol"``) instead of one order."""
+    issued_at = now_ms()
+    command: dict[str, Any] = {
+        "command_id": command_id or f"c-{uuid.uuid4().hex[:24]}",
+        "account": account,
+        "market": market,
+        "issued_at": issued_at,
+        "symbol": symbol,
+        "strategy_id": strategy_id,
+        "client_strategy_id": client_strategy_id,
+        "algo_id": algo_id,
+        "client_algo_id": client_algo_id,
+        "scope": "symbol" if all_on_symbol else None,
+        "expires_at": issued_at + expires_in_ms if expires_in_ms is not None else None,
+        "reason": reason,
+        "source": source,
+    }
+    return {k: v for k, v in command.items() if v is not None}
+
+
+def checked_command(command: Mapping[str, Any]) -> bytes:
+    """The command as bytes, or :class:`InvalidCommandError` with the worker's own reason."""
+    value = orjson.dumps(command)
+    decoded = decode(value)
+    if isinstance(decoded, InvalidCommand):
+        raise InvalidCommandError(decoded.detail)
+    return value
+
+
+def key_of(command: Mapping[str, Any]) -> bytes:
+    """``account:symbol`` (``account:market`` for an algo cancel without a symbol)."""
+    return f"{command['account']}:{command.get('symbol') or command['market']}".encode()
+
+
+class CommandProducer:
+    """Publishes checked commands with an idempotent producer (acks=all)."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str = DEFAULT_COMMANDS_TOPIC,
+        *,
+        source: str | None = None,
+        **kafka: Any,
+    ) -> None:
+        """``kafka``: passed to :class:`aiokafka.AIOKafkaProducer` (TLS, SASL, client id)."""
+        self.topic = topic
+        self.source = source  # the commands' ``source`` field
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=0,
+            **kafka,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def publish(self, command: Mapping[str, Any]) -> str:
+        """Publish a command dict (checked first); returns its command id."""
+        value = checked_command(command)
+        await self._producer.send_and_wait(self.topic, value, key=key_of(command))
+        return str(command["command_id"])
+
+    async def cancel(
+        self,
+        account: str,
+        market: Market,
+        *,
+        symbol: str | None = None,
+        strategy_id: int | None = None,
+        client_strategy_id: str | None = None,
+        algo_id: int | None = None,
+        client_algo_id: str | None = None,
+        command_id: str | None = None,
+        expires_in_ms: int | None = None,
+        reason: str | None = None,
+    ) -> str:
+        """Cancel one order (exactly one identifier; ``symbol`` for conditional ones)."""
+        return await self.publish(
+            build_command(
+                account,
+                market,
+                symbol=symbol,
+                strategy_id=strategy_id,
+                client_strategy_id=client_strategy_id,
+                algo_id=algo_id,
+                client_algo_id=client_algo_id,
+                command_id=command_id,
+                expires_in_ms=expires_in_ms,
+                reason=reason,
+                source=self.source,
+            )
+        )
+
+    async def cancel_all(
+        self,
+        account: str,
+        market: Market,
+        symbol: str,
+        *,
+        command_id: str | None = None,
+        expires_in_ms: int | None = None,
+        reason: str | None = None,
+    ) -> str:
+        """The kill switch: every open order of ``account`` on ``symbol``."""
+        return await self.publish(
+            build_command(
+                account,
+                market,
+                symbol=symbol,
+                all_on_symbol=True,
+                command_id=command_id,
+                expires_in_ms=expires_in_ms,
+                reason=reason,
+                source=self.source,
+            )
+        )
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+class ResultConsumer:
+    """Typed results from the results topic, ``read_committed``.
+
+    With a ``group_id`` it is a member of that consumer group (committing as it goes, from the
+    earliest uncommitted result); without one it reads every partition, from the beginning
+    (``from_beginning``) or from the end as of :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str = DEFAULT_RESULTS_TOPIC,
+        *,
+        group_id: str | None = None,
+        from_beginning: bool = False,
+        **kafka: Any,
+    ) -> None:
+        self.topic = topic
+        self._bootstrap = bootstrap_servers
+        self._kafka = kafka
+        self._group = group_id
+        self._from_beginning = from_beginning
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers,
+            group_id=group_id,
+            isolation_level="read_committed",
+            enable_auto_commit=group_id is not None,
+            auto_offset_reset="earliest" if from_beginning or group_id else "latest",
+            **kafka,
+        )
+        self.skipped = 0  # records that were not result events
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        if self._group is not None:
+            self._consumer.subscribe([self.topic])
+            return
+        try:
+            partitions = (await cluster_topics(self._bootstrap, 30_000, **self._kafka)).get(
+                self.topic
+            )
+        except BaseException:
+            await self._consumer.stop()
+            raise
+        if not partitions:
+            await self._consumer.stop()
+            raise ClientError(f"topic {self.topic!r} not found")
+        assigned = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(assigned)
+        if self._from_beginning:
+            await self._consumer.seek_to_beginning(*assigned)
+        else:
+            await self._consumer.seek_to_end(*assigned)
+            for tp in assigned:  # pin the end now: results published after start are seen
+                await self._consumer.position(tp)
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def __aiter__(self) -> AsyncIterator[Result]:
+        return self._results()
+
+    async def _results(self) -> AsyncIterator[Result]:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    try:
+                        yield parse_result(record.value)
+                    except ResultError as exc:
+                        self.skipped += 1
+                        log.warning(
+                            "%s[%d]@%d skipped: %s",
+                            record.topic,
+                            record.partition,
+                            record.offset,
+                            exc,
+                        )
+
+
+class CancelClient:
+    """Request/reply: publish a command, wait for its result (see the module docstring)."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        commands_topic: str = DEFAULT_COMMANDS_TOPIC,
+        results_topic: str = DEFAULT_RESULTS_TOPIC,
+        source: str | None = "cancel-worker client",
+        **kafka: Any,
+    ) -> None:
+        self.producer = CommandProducer(bootstrap_servers, commands_topic, source=source, **kafka)
+        self._results = ResultConsumer(bootstrap_servers, results_topic, **kafka)
+        self._waiting: dict[str, asyncio.Future[Result]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._results.start()  # positioned before anything is published
+        try:
+            await self.producer.start()
+        except BaseException:
+            await self._results.stop()
+            raise
+        self._reader = asyncio.create_task(self._read(), name="cancel-client-results")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for future in self._waiting.values():
+            if not future.done():
+                future.cancel()
+        await self.producer.stop()
+        await self._results.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for their result."""
+        return len(self._waiting)
+
+    async def _read(self) -> None:
+        try:
+            async for result in self._results:
+                future = self._waiting.get(result.command_id or "")
+                if future is not None and not future.done():
+                    future.set_result(result)
+        except Exception as exc:  # the reader died: every waiting call learns why
+            log.exception("results reader stopped")
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ClientError(f"results reader stopped: {exc!r}"))
+            raise
+
+    async def request(self, command: Mapping[str, Any], timeout: float) -> Result:  # noqa: ASYNC109 - the reply's deadline is the API
+        """Publish ``command`` and wait for its result."""
+        if self._reader is None:
+            raise ClientError("the client is not started")
+        command_id = str(command["command_id"])
+        if command_id in self._waiting:
+            raise InvalidCommandError(f"command {command_id} is already waiting for its result")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting[command_id] = future
+        try:
+            await self.producer.publish(command)
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            raise CancelTimeoutError(command_id, timeout) from None
+        finally:
+            del self._waiting[command_id]
+
+    async def cancel(
+        self,
+        account: str,
+        market: Market,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the reply's deadline is the API
+        symbol: str | None = None,
+        strategy_id: int | None = None,
+        client_strategy_id: str | None = None,
+        algo_id: int | None = None,
+        client_algo_id: str | None = None,
+        command_id: str | None = None,
+        expires_in_ms: int | None = None,
+        reason: str | None = None,
+    ) -> Result:
+        """Cancel one order and wait up to ``timeout`` seconds for the result."""
+        return await self.request(
+            build_command(
+                account,
+                market,
+                symbol=symbol,
+                strategy_id=strategy_id,
+                client_strategy_id=client_strategy_id,
+                algo_id=algo_id,
+                client_algo_id=client_algo_id,
+                command_id=command_id,
+                expires_in_ms=expires_in_ms,
+                reason=reason,
+                source=self.producer.source,
+            ),
+            timeout,
+        )
+
+    async def cancel_all(
+        self,
+        account: str,
+        market: Market,
+        symbol: str,
+        *,
+        timeout: float,  # noqa: ASYNC109 - the reply's deadline is the API
+        command_id: str | None = None,
+        expires_in_ms: int | None = None,
+        reason: str | None = None,
+    ) -> Result:
+        """The kill switch on ``symbol``; waits up to ``timeout`` seconds for the result."""
+        return await self.request(
+            build_command(
+                account,
+                market,
+                symbol=symbol,
+                all_on_symbol=True,
+                command_id=command_id,
+                expires_in_ms=expires_in_ms,
+                reason=reason,
+                source=self.producer.source,
+            ),
+            timeout,
+        )
