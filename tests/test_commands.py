@@ -191,9 +191,7 @@ def valid_commands(draw: st.DrawFn) -> dict[str, Any]:
         return draw(st.from_regex(PATTERNED[name], fullmatch=True))
 
     ident = draw(
-        st.sampled_from(
-            ["strategy_id", "client_strategy_id", "algo_id", "client_algo_id", "scope"]
-        )
+        st.sampled_from(["strategy_id", "client_strategy_id", "algo_id", "client_algo_id", "scope"])
     )
     algo = ident in ("algo_id", "client_algo_id")
     obj: dict[str, Any] = {

@@ -228,6 +228,8 @@ def test_demo_runs_end_to_end() -> None:
         "invalid_command",
         "route_retired",
         "worker exit code       0 (clean)",
-        "exchange cancels       4",
+        "exchange cancels       7",  # 4 single cancels and a kill switch's 3 orders
+        "strategies.canceled=1",
+        "3 orders on DOGEUSDT (um_algo done, um_conditional retired)",
     ):
         assert needle in out, out

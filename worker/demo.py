@@ -3,6 +3,12 @@
 Starts a single-node Kafka broker (deploy/kafka/kafka.sh), the PAPI simulator and the worker
 as separate processes, sends a mixed batch of commands, prints each command's result, then
 shuts everything down. Accounts use the three key kinds (HMAC, Ed25519, RSA).
+
+Commands go out through the client library (:mod:`worker.client`), as a risk engine would
+send them: valid ones through ``CommandProducer`` (checked before they leave), the kill
+switch through ``CancelClient.cancel_all`` (request/reply), results read back as typed
+results through ``ResultConsumer``. The deliberately bad ones, which the library refuses,
+are written raw, as a producer without it could.
 """
 
 from __future__ import annotations
@@ -14,12 +20,19 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
+from worker.client import (
+    CancelClient,
+    CommandProducer,
+    InvalidCommandError,
+    ResultConsumer,
+    checked_command,
+)
 from worker.devstack import (
     REPO,
     Broker,
@@ -65,7 +78,9 @@ SEED_ORDERS: list[dict[str, Any]] = [
         "price_rate": "0.8",
     },
     {"account": "desk-a", "market": "UM", "symbol": "SOLUSDT"},
+    *({"account": "desk-c", "kind": "algo", "symbol": "DOGEUSDT"} for _ in range(3)),
 ]
+KILL_SWITCH: tuple[str, Literal["UM", "CM"], str] = ("desk-c", "UM", "DOGEUSDT")
 
 
 def progress(text: str | None) -> None:
@@ -97,8 +112,8 @@ def write_demo_accounts(directory: Path) -> Path:
     return path
 
 
-def build_batch(seeded: list[dict[str, Any]]) -> list[tuple[str, bytes | None, bytes]]:
-    """(label, key, value) for the mixed batch."""
+def build_batch(seeded: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | bytes]]:
+    """(label, command) for the mixed batch; bytes for a record that is not even JSON."""
     um, cm, algo, trail = seeded
     now = now_ms()
 
@@ -161,55 +176,71 @@ def build_batch(seeded: list[dict[str, Any]]) -> list[tuple[str, bytes | None, b
         ),
         ("undecodable bytes", b"\x00\x01 this is not JSON"),
     ]
-    out: list[tuple[str, bytes | None, bytes]] = []
-    for label, body in rows:
-        if isinstance(body, bytes):
-            out.append((label, b"desk-a:BTCUSDT", body))
-        else:
-            key = f"{body['account']}:{body.get('symbol') or body['market']}".encode()
-            out.append((label, key, orjson.dumps(body)))
-    return out
+    return rows
 
 
-async def produce(bootstrap: str, records: list[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(
+async def produce(bootstrap: str, batch: list[tuple[str, dict[str, Any] | bytes]]) -> None:
+    """Valid commands through the library's producer; the rest raw (the library refuses
+    them: that is the point of showing what the worker does with them)."""
+    raw = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", max_request_size=MAX_RECORD_BYTES
     )
-    await producer.start()
-    try:
-        for key, value in records:
-            await producer.send_and_wait(TOPICS["commands"], value, key=key)
-    finally:
-        await producer.stop()
+    async with CommandProducer(bootstrap, TOPICS["commands"]) as producer:
+        await raw.start()
+        try:
+            for _, body in batch:
+                if isinstance(body, bytes):
+                    await raw.send_and_wait(TOPICS["commands"], body, key=b"desk-a:BTCUSDT")
+                    continue
+                try:
+                    checked_command(body)
+                except InvalidCommandError:
+                    key = f"{body['account']}:{body.get('symbol') or body['market']}".encode()
+                    await raw.send_and_wait(TOPICS["commands"], orjson.dumps(body), key=key)
+                else:
+                    await producer.publish(body)
+        finally:
+            await raw.stop()
 
 
 async def collect(bootstrap: str, expected: int, timeout_s: float) -> list[dict[str, Any]]:
-    consumer = AIOKafkaConsumer(
-        TOPICS["results"],
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed",  # results are written in transactions
-    )
-    await consumer.start()
+    """The results as the library reads them (typed, read_committed); their events kept."""
     events: list[dict[str, Any]] = []
-    shown = -1
-    deadline = time.monotonic() + timeout_s
-    try:
-        while len(events) < expected and time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=250)
-            for records in batches.values():
-                events.extend(orjson.loads(r.value) for r in records)
-            if len(events) != shown:
-                shown = len(events)
-                progress(f"      results: {shown}/{expected}")
-    finally:
-        await consumer.stop()
-        progress(None)
+    async with ResultConsumer(bootstrap, TOPICS["results"], from_beginning=True) as results:
+        progress(f"      results: 0/{expected}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for result in results:
+                    events.append(dict(result.raw))
+                    progress(f"      results: {len(events)}/{expected}")
+                    if len(events) >= expected:
+                        break
+        except TimeoutError:
+            pass
+        finally:
+            progress(None)
     return events
 
 
+async def kill_switch(bootstrap: str) -> dict[str, Any]:
+    """One kill switch, request/reply: publish and wait for its result."""
+    async with CancelClient(
+        bootstrap,
+        commands_topic=TOPICS["commands"],
+        results_topic=TOPICS["results"],
+        source="demo",
+    ) as client:
+        account, market, symbol = KILL_SWITCH
+        result = await client.cancel_all(
+            account, market, symbol, timeout=60, command_id="demo-kill-1", reason="flatten"
+        )
+    return dict(result.raw)
+
+
 def describe(event: dict[str, Any]) -> tuple[str, str]:
+    if event["type"] == "strategies.canceled":
+        routes = ", ".join(f"{r['route']} {r['outcome']}" for r in event["routes"])
+        return "CANCELED", f"{len(event['strategies'])} orders on {event['symbol']} ({routes})"
     if event["type"] == "strategy.canceled":
         s = event["strategy"]
         ident = s["strategy_id"] or s["algo_id"]
@@ -273,21 +304,19 @@ def demo_env(broker: Broker, sim_url: str, accounts: Path) -> dict[str, str]:
 def send_batches(
     broker: Broker, control: httpx.Client, seeded: list[dict[str, Any]], total: int
 ) -> tuple[dict[str, str], list[dict[str, Any]]]:
-    """Send the mixed batch, then retire the UM conditional route and send one more."""
+    """Send the mixed batch, then retire the UM conditional route and send one more, then a
+    kill switch."""
     batch = build_batch(seeded[:4])
     step(
         5,
         total,
         f"sending a mixed batch of {len(batch)} commands, then one more after "
-        "retiring the UM conditional route in the simulator ...",
+        "retiring the UM conditional route in the simulator, then a kill switch ...",
     )
-    asyncio.run(produce(broker.bootstrap, [(k, v) for _, k, v in batch]))
+    asyncio.run(produce(broker.bootstrap, batch))
     labels: dict[str, str] = {}
-    for label, _, value in batch:
-        try:
-            labels[orjson.loads(value)["command_id"]] = label
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            labels[UNDECODABLE] = label
+    for label, body in batch:
+        labels[body["command_id"] if isinstance(body, dict) else UNDECODABLE] = label
     events = asyncio.run(collect(broker.bootstrap, len(batch), 60))
     control.post("/_sim/config", content=orjson.dumps({"um_conditional_enabled": False}))
     late = {
@@ -300,8 +329,10 @@ def send_batches(
         "source": "demo",
     }
     labels["demo-um-3"] = "UM conditional, route retired"
-    asyncio.run(produce(broker.bootstrap, [(b"desk-a:SOLUSDT", orjson.dumps(late))]))
-    events = asyncio.run(collect(broker.bootstrap, len(batch) + 1, 60))
+    asyncio.run(produce(broker.bootstrap, [(labels["demo-um-3"], late)]))
+    labels["demo-kill-1"] = "kill switch: all on DOGEUSDT"
+    asyncio.run(kill_switch(broker.bootstrap))
+    events = asyncio.run(collect(broker.bootstrap, len(batch) + 2, 60))
     return labels, events
 
 
@@ -364,7 +395,7 @@ def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
 def summary(
     events: list[dict[str, Any]], exit_code: int, cancels: list[Any], elapsed_s: float
 ) -> None:
-    kinds = Counter(e["type"] if e["type"] == "strategy.canceled" else e["reason"] for e in events)
+    kinds = Counter(e["type"] if e["type"] != "cancel.failed" else e["reason"] for e in events)
     latencies = [e["completed_at"] - e["received_at"] for e in events]
     print()
     print("Summary")
