@@ -17,6 +17,7 @@ from worker.sweep import (
     cancel_all_confirmed,
     classify,
     failure,
+    may_cancel_again,
     parse_listing,
     to_ask,
 )
@@ -117,3 +118,22 @@ def test_failure_only_when_no_route_may_have_swept() -> None:
         None,
         None,
     )
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reason", "again"),
+    [
+        (RouteOutcome.DONE, None, True),
+        (RouteOutcome.UNCONFIRMED, None, True),
+        (RouteOutcome.FAILED, FailureReason.EXCHANGE_UNAVAILABLE, True),  # 503s spent
+        (RouteOutcome.FAILED, FailureReason.RATE_LIMITED, True),
+        (RouteOutcome.FAILED, FailureReason.AUTH, False),  # would only repeat
+        (RouteOutcome.FAILED, FailureReason.REJECTED, False),
+        (RouteOutcome.RETIRED, None, False),
+    ],
+)
+def test_which_routes_get_another_cancel_all(
+    outcome: RouteOutcome, reason: FailureReason | None, again: bool
+) -> None:
+    report = RouteReport(Route.UM_CONDITIONAL, outcome, reason=reason)
+    assert may_cancel_again(report) is again

@@ -36,6 +36,7 @@ from worker.sweep import (
     cancel_all_confirmed,
     classify,
     failure,
+    may_cancel_again,
     normalized,
     parse_listing,
     to_ask,
@@ -74,34 +75,45 @@ class KillSwitch:
 
     async def execute(self, command: Command, creds: Credentials, deadline: int) -> Outcome:
         sweeps = plan_sweep(command)
-        jobs = {s.route: Job(command, creds, s.route, deadline, s.cancel_all) for s in sweeps}
+        jobs: list[Job] = []  # every request budget of this command: their attempts add up
+
+        def budget(sweep: Sweep) -> Job:
+            job = Job(command, creds, sweep.route, deadline, sweep.cancel_all)
+            jobs.append(job)
+            return job
+
+        # Listings and status queries share one budget per route; each cancel-all (the first
+        # and every one sent again) has its own, as a single cancel would.
+        asking = {s.route: budget(s) for s in sweeps}
         reports = {s.route: RouteReport(s.route) for s in sweeps}
         listings = await asyncio.gather(
-            *(self._list_first(jobs[s.route], s, reports[s.route]) for s in sweeps)
+            *(self._list_first(asking[s.route], s, reports[s.route]) for s in sweeps)
         )
         before = [x for listed in listings for x in listed or ()]
         live = [s for s, listed in zip(sweeps, listings, strict=True) if listed is not None]
-        await asyncio.gather(*(self._cancel_all(jobs[s.route], s, reports[s.route]) for s in live))
-        swept = [s for s in live if reports[s.route].swept]
+        await asyncio.gather(*(self._cancel_all(budget(s), s, reports[s.route]) for s in live))
         reconcile_by = max(deadline, self._clock() + self._port.policy.reconcile_budget_ms)
         open_after: dict[tuple[Route, int], Listed] = {}
         statuses: dict[tuple[Route, int], dict[str, Any] | None] = {}
-        for round_no in range(self._port.policy.max_cancel_rounds):
-            mine = [x for x in before if x.route in {s.route for s in swept}]
-            open_after = await self._list_again(jobs, swept, reconcile_by)
+        rounds = self._port.policy.max_cancel_rounds
+        for round_no in range(rounds):
+            # Every listed route is reconciled, whatever its cancel-all met: each listed
+            # order ends in exactly one group, by what the exchange says of it.
+            open_after = await self._list_again(asking, live, reconcile_by)
             # Ask only what is not known to be final yet (an order found NEW is asked again).
             unsettled = [
                 x
-                for x in to_ask(mine, open_after)
+                for x in to_ask(before, open_after)
                 if (statuses.get(x.key) or {}).get("status") in (None, "NEW")
             ]
-            statuses.update(await self._statuses(jobs, command, unsettled, reconcile_by))
-            again = {x.route for x in mine if x.key in open_after}
-            again |= {x.route for x in mine if (statuses.get(x.key) or {}).get("status") == "NEW"}
-            if not again or round_no + 1 >= self._port.policy.max_cancel_rounds:
-                break
-            if self._clock() >= deadline:
-                break  # orders still stand and the retry budget is spent
+            statuses.update(await self._statuses(asking, command, unsettled, reconcile_by))
+            standing = {x.route for x in before if x.key in open_after}
+            standing |= {
+                x.route for x in before if (statuses.get(x.key) or {}).get("status") == "NEW"
+            }
+            again = {r for r in standing if may_cancel_again(reports[r])}
+            if not again or round_no + 1 >= rounds or self._clock() >= deadline:
+                break  # nothing to cancel again, or no round or time left for it
             log.info(
                 "command_id=%s: orders still open on %s after the cancel-all; canceling again",
                 command.command_id,
@@ -109,21 +121,15 @@ class KillSwitch:
             )
             await asyncio.gather(
                 *(
-                    self._cancel_all(jobs[s.route], s, reports[s.route])
-                    for s in swept
+                    self._cancel_all(budget(s), s, reports[s.route])
+                    for s in live
                     if s.route in again
                 )
             )
-        # Orders of routes never swept keep no status: they are not reported as swept.
         report = SweepReport(
-            tuple(reports[s.route] for s in sweeps),
-            classify(
-                [x for x in before if reports[x.route].swept],
-                open_after,
-                statuses,
-            ),
+            tuple(reports[s.route] for s in sweeps), classify(before, open_after, statuses)
         )
-        attempts = sum(j.attempts for j in jobs.values())
+        attempts = sum(j.attempts for j in jobs)
         refused = failure(report.routes)
         if refused is not None and not report.swept.canceled:
             reason, detail, exchange, hint = refused
@@ -172,6 +178,7 @@ class KillSwitch:
             report.reason, report.detail, report.exchange = None, "", None
         else:
             report.outcome = RouteOutcome.UNCONFIRMED
+            report.reason, report.exchange = None, None
             report.detail = "the cancel-all answer confirmed nothing; reconciled by listing"
 
     def _failed(
@@ -192,6 +199,7 @@ class KillSwitch:
             report.exchange = exc.reply if isinstance(exc, ExchangeError) else None
         else:  # the cancel-all may have applied: reconciled by listing, never guessed
             report.outcome = RouteOutcome.UNCONFIRMED
+            report.reason, report.exchange = None, None
             report.detail = f"no readable answer to the cancel-all ({exc}); reconciled by listing"
         log.info(
             "command_id=%s: %s %s: %s",
@@ -204,7 +212,7 @@ class KillSwitch:
     async def _list_again(
         self, jobs: dict[Route, Job], swept: Sequence[Sweep], deadline: int
     ) -> dict[tuple[Route, int], Listed]:
-        """The swept routes' open orders now; a route that cannot be listed is left out (its
+        """The routes' open orders now; a route that cannot be listed is left out (its
         orders' statuses are asked one by one instead)."""
 
         async def one(sweep: Sweep) -> list[Listed]:

@@ -12,7 +12,10 @@ plan_sweep`). Per route, in order:
    :data:`RouteOutcome.DONE`; an ambiguous answer, or a confirmation not recognized →
    :data:`RouteOutcome.UNCONFIRMED`, reconciled like a confirmed one, never guessed; a refusal
    (terminal, retries spent, not admitted) → :data:`RouteOutcome.FAILED`;
-3. **list again**, and ask the status of every order that left the list.
+3. **list again** (every route that was listed, whatever its cancel-all met), and ask the
+   status of every order that left the list. Orders still standing on a route whose refusal
+   may pass another time (:func:`may_cancel_again`) get another cancel-all, each with its
+   own retry budget, up to ``max_cancel_rounds``.
 
 Every order listed in step 1 ends in exactly one group of the ``strategies.canceled`` event
 (:func:`classify`): ``strategies`` (went from NEW to CANCELED), ``closed_otherwise``
@@ -202,6 +205,25 @@ def classify(
         else:
             swept.closed_otherwise.append(Listed(listed.route, listed.order_id, found))
     return swept
+
+
+# Refusals that another cancel-all, in a later round, may get past.
+_PASSING = frozenset(
+    {
+        FailureReason.EXCHANGE_UNAVAILABLE,
+        FailureReason.RETRIES_EXHAUSTED,
+        FailureReason.RATE_LIMITED,
+        FailureReason.OUTCOME_UNKNOWN,
+    }
+)
+
+
+def may_cancel_again(report: RouteReport) -> bool:
+    """Whether a route whose listed orders still stand gets another cancel-all: not after a
+    refusal that would only repeat (auth, a bad symbol, a retired route)."""
+    if report.outcome is RouteOutcome.RETIRED:
+        return False
+    return report.outcome is not RouteOutcome.FAILED or report.reason in _PASSING
 
 
 def to_ask(
