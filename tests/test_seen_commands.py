@@ -79,7 +79,7 @@ def test_which_results_count() -> None:
     assert not seen.add(failed(None, "invalid_command"), on_topic=True)
     # Duplicates, other types, and results that are not shaped as the schema says do not.
     assert not seen.add(canceled("c-4") | {"type": "cancel.duplicate"}, on_topic=True)
-    assert not seen.add(canceled("c-5") | {"type": "strategies.canceled"}, on_topic=True)
+    assert not seen.add(canceled("c-5") | {"type": "strategy.cancelled"}, on_topic=True)
     assert not seen.add(failed("c-6", "no_such_reason"), on_topic=True)
     assert not seen.add(canceled("c-7") | {"route": None}, on_topic=True)
     bad_origin = {"topic": "cmd", "partition": -1, "offset": 0}
@@ -87,7 +87,13 @@ def test_which_results_count() -> None:
     assert not seen.add(canceled("c-9") | {"completed_at": True}, on_topic=True)
     assert not seen.add(failed("c-10", "rejected") | {"order_status": "GONE"}, on_topic=True)
     assert not seen.add(canceled(""), on_topic=True)
-    assert len(seen) == 3
+    # A kill switch's result closes its command too: no single route or order status.
+    assert seen.add(
+        canceled("c-11") | {"type": "strategies.canceled", "route": None}, on_topic=True
+    )
+    kill = seen.get("c-11")
+    assert kill is not None and kill.first.route is None and kill.first.order_status is None
+    assert len(seen) == 4
     first = seen.get("c-1")
     assert first is not None and first.first.reason == "already_closed"
     assert first.first.order_status == "FINISHED" and first.first.type == "cancel.failed"
