@@ -32,6 +32,7 @@ from worker.client import (
     InvalidCommandError,
     ResultConsumer,
     checked_command,
+    key_of,
 )
 from worker.devstack import (
     REPO,
@@ -195,8 +196,8 @@ async def produce(bootstrap: str, batch: list[tuple[str, dict[str, Any] | bytes]
                 try:
                     checked_command(body)
                 except InvalidCommandError:
-                    key = f"{body['account']}:{body.get('symbol') or body['market']}".encode()
-                    await raw.send_and_wait(TOPICS["commands"], orjson.dumps(body), key=key)
+                    value = orjson.dumps(body)
+                    await raw.send_and_wait(TOPICS["commands"], value, key=key_of(body))
                 else:
                     await producer.publish(body)
         finally:

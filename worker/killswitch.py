@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from worker import decisions, metrics
+from worker import decisions, metrics, normalize
 from worker.accounts import Credentials
 from worker.commands import Command
 from worker.decisions import Outcome
@@ -150,22 +150,25 @@ class KillSwitch:
 
     # -- the steps ------------------------------------------------------------------------------
 
+    async def _list(self, job: Job, sweep: Sweep, deadline: int) -> list[Listed]:
+        """The route's open orders on the symbol now (the last error raised)."""
+        response = await self._port.ask(
+            job, (sweep.listing,), deadline, lambda b: parse_listing(b, sweep.route) is not None
+        )
+        if response is None:  # "no such order" on a listing: nothing listed
+            return []
+        return parse_listing(response.body, sweep.route) or []
+
     async def _list_first(self, job: Job, sweep: Sweep, report: RouteReport) -> list[Listed] | None:
         """The route's open orders before the cancel-all, or None when the route is retired or
         failed (``report`` says which)."""
         try:
-            response = await self._port.ask(
-                job,
-                (sweep.listing,),
-                job.deadline,
-                lambda b: parse_listing(b, sweep.route) is not None,
-            )
+            listed = await self._list(job, sweep, job.deadline)
         except PapiError as exc:
             self._failed(job, sweep, report, exc, listing=True)
             return None
-        listed = parse_listing(response.body, sweep.route) if response is not None else []
-        report.listed = len(listed or ())
-        return listed or []
+        report.listed = len(listed)
+        return listed
 
     async def _cancel_all(self, job: Job, sweep: Sweep, report: RouteReport) -> None:
         try:
@@ -216,23 +219,16 @@ class KillSwitch:
         orders' statuses are asked one by one instead)."""
 
         async def one(sweep: Sweep) -> list[Listed]:
-            job = jobs[sweep.route]
             try:
-                response = await self._port.ask(
-                    job,
-                    (sweep.listing,),
-                    deadline,
-                    lambda b: parse_listing(b, sweep.route) is not None,
-                )
+                return await self._list(jobs[sweep.route], sweep, deadline)
             except PapiError as exc:
                 log.warning(
                     "command_id=%s: %s not listed again: %s",
-                    job.command.command_id,
+                    jobs[sweep.route].command.command_id,
                     sweep.route.value,
                     exc,
                 )
                 return []
-            return (parse_listing(response.body, sweep.route) or []) if response is not None else []
 
         found = await asyncio.gather(*(one(s) for s in swept))
         return {x.key: x for listed in found for x in listed}
@@ -252,9 +248,7 @@ class KillSwitch:
                         jobs[route],
                         plan_order_status(route, symbol, listed.order_id),
                         deadline,
-                        lambda b: (
-                            isinstance(b, dict) and normalized(b, route)["status"] is not None
-                        ),
+                        lambda b: normalize.status_of(b, route) is not None,
                     )
                 except PapiError as exc:
                     log.warning(
