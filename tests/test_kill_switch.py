@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.support import HMAC_ACCOUNTS
 from worker.accounts import Credentials
@@ -186,6 +187,11 @@ async def test_an_ambiguous_cancel_all_is_reconciled_by_listing(rig: Rig, fault:
 async def test_refused_listing_fails_the_command_with_the_reason(rig: Rig) -> None:
     order = rig.seed(market="CM", symbol="BNBUSD_PERP")
     rig.state.faults.append(Fault(401, -2015, "Invalid API-key, IP, or permissions for action."))
+    failed_routes = (
+        "cancel_worker_kill_switch_routes_total",
+        {"route": "cm_conditional", "outcome": "failed"},
+    )
+    counted = REGISTRY.get_sample_value(*failed_routes) or 0.0
 
     outcome = await rig.executor.execute(kill_switch(Market.CM, "BNBUSD_PERP"), now_ms())
 
@@ -195,6 +201,8 @@ async def test_refused_listing_fails_the_command_with_the_reason(rig: Rig) -> No
     assert outcomes(report) == {Route.CM_CONDITIONAL: RouteOutcome.FAILED}
     assert rig.status(order) == "NEW"
     assert rig.requests("DELETE", "/allOpenOrders") == []
+    # A kill switch that failed is counted too.
+    assert REGISTRY.get_sample_value(*failed_routes) == counted + 1
 
 
 async def test_expired_before_anything_is_sent(rig: Rig) -> None:

@@ -130,6 +130,7 @@ class KillSwitch:
             tuple(reports[s.route] for s in sweeps), classify(before, open_after, statuses)
         )
         attempts = sum(j.attempts for j in jobs)
+        _count(report)
         refused = failure(report.routes)
         if refused is not None and not report.swept.canceled:
             reason, detail, exchange, hint = refused
@@ -142,10 +143,6 @@ class KillSwitch:
                 hint=hint,
                 sweep=report,
             )
-        for route_report in report.routes:
-            metrics.SWEEP_ROUTES.labels(
-                route_report.route.value, (route_report.outcome or RouteOutcome.FAILED).value
-            ).inc()
         return Outcome(True, attempts, sweep=report)
 
     # -- the steps ------------------------------------------------------------------------------
@@ -264,3 +261,18 @@ class KillSwitch:
             return listed.key, normalized(response.body, route)
 
         return dict(await asyncio.gather(*(one(x) for x in orders)))
+
+
+def _count(report: SweepReport) -> None:
+    """Every kill switch's routes and listed orders, whatever its result."""
+    for route in report.routes:
+        outcome = route.outcome or RouteOutcome.FAILED
+        metrics.SWEEP_ROUTES.labels(route.route.value, outcome.value).inc()
+    swept = report.swept
+    for group, orders in (
+        ("canceled", swept.canceled),
+        ("closed_otherwise", swept.closed_otherwise),
+        ("still_open", swept.still_open),
+        ("unknown", swept.unknown),
+    ):
+        metrics.SWEEP_ORDERS.labels(group).inc(len(orders))

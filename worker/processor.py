@@ -242,14 +242,6 @@ class CommandProcessor:
             event = events.strategies_canceled(
                 command, origin, outcome.sweep, outcome.attempts, received_at, completed_at
             )
-            swept = outcome.sweep.swept
-            for group, orders in (
-                ("canceled", swept.canceled),
-                ("closed_otherwise", swept.closed_otherwise),
-                ("still_open", swept.still_open),
-                ("unknown", swept.unknown),
-            ):
-                metrics.SWEEP_ORDERS.labels(group).inc(len(orders))
         elif outcome.canceled and outcome.route is not None and outcome.strategy is not None:
             event = events.canceled(
                 command,
