@@ -93,6 +93,9 @@ class MemorySink:
         self.owned: set[Partition] = set()
         self.flushes = 0
         self.delay_s = 0.0
+        # At-least-once's two steps: records published, then (after this long) positions
+        # committed; a flush cancelled in between has published without committing.
+        self.commit_delay_s = 0.0
 
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         self.flushes += 1
@@ -104,6 +107,9 @@ class MemorySink:
         done = [p for p in batches if p not in self.fenced]
         for part in done:
             self.published.extend(batches[part].records)
+        if self.commit_delay_s:
+            await asyncio.sleep(self.commit_delay_s)
+        for part in done:
             self.log.committed[part] = batches[part].position
         if lost:
             raise FlushError("fenced", done=done, lost=lost)

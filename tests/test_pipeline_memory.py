@@ -293,6 +293,21 @@ async def test_shutdown_cancels_stuck_work_and_reports_it() -> None:
     assert log.committed[P0] == 1  # nothing past the abandoned record
 
 
+async def test_stop_during_a_flush_lets_it_finish_and_publishes_nothing_twice() -> None:
+    """A stop that arrives after a flush published its records but before it stored their
+    positions must not cut the flush short: the shutdown flush would publish them again."""
+    log = MemoryLog()
+    fill(log, P0, 5, [b"a", b"b"])
+    m = Member(log, Handler())
+    m.sink.commit_delay_s = 0.3
+    m.start()
+    m.assign([P0])
+    await until(lambda: len(m.sink.published) == 5)  # published; the positions not yet stored
+    report = await m.stop()
+    assert report == RunReport(5, 0, 0)
+    assert_exactly_once(log, m.sink)
+
+
 async def test_broker_outage_is_ridden_out_and_said_once(caplog: pytest.LogCaptureFixture) -> None:
     log = MemoryLog()
     fill(log, P0, 50, [b"a", b"b"])

@@ -242,13 +242,30 @@ class Pipeline:
         for task in self._preparing.values():
             task.cancel()
         abandoned = await self._finish_running(list(self._parts.values()), self._shutdown_grace_s)
-        flusher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await flusher
+        await self._stop_flusher(flusher)
         if self._fatal is None:
             async with self._flush_lock:
                 await self._flush_bounded(list(self._parts.values()))
         return abandoned
+
+    async def _stop_flusher(self, flusher: asyncio.Task[None]) -> None:
+        """Stop the flush loop between two flushes, not inside one: a flush cut short after
+        the sink published its records but before it stored their positions leaves them in
+        hand, and the final flush would publish them again. A flush in progress gets
+        ``commit_timeout_s`` to finish (Kafka may be down); after that it is cut short."""
+        try:
+            await asyncio.wait_for(self._flush_lock.acquire(), self._commit_timeout_s)
+        except TimeoutError:
+            held = False
+        else:
+            held = True
+        try:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        finally:
+            if held:
+                self._flush_lock.release()
 
     # -- dispatch ----------------------------------------------------------------------------
 
