@@ -44,9 +44,9 @@ import orjson
 
 from tests.support import SimControl, write_accounts
 from worker.accounts import Credentials, load_accounts
-from worker.devstack import Process, start_sim
 from worker.signing import PapiAuth, append_signature, with_query
 from worker.timeutil import now_ms
+from worker.tools.devstack import Process, start_sim
 from worker.transport import FastTransport, _Pool
 
 CANCEL_PATH = "/papi/v1/um/algo/order"

@@ -14,7 +14,7 @@ from hypothesis import settings
 
 from tests.support import SimControl, write_accounts
 from worker.accounts import Credentials, load_accounts
-from worker.devstack import Broker, Process, start_broker, start_sim
+from worker.tools.devstack import Broker, Process, start_broker, start_sim
 
 # CI runs the same examples every time (a red run must be reproducible); locally,
 # hypothesis explores new ones on every run.

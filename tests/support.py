@@ -18,11 +18,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from worker.app import Worker, load_worker_accounts
 from worker.contracts import result_validator
-from worker.devstack import write_private_key
 from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
 from worker.settings import ENV_PREFIX, Settings
-from worker.sim.app import SimConfig
 from worker.timeutil import now_ms
+from worker.tools.devstack import write_private_key
+from worker.tools.sim.app import SimConfig
 
 HMAC_ACCOUNTS = {
     f"desk-{i}": (f"key-desk-{i}-" + "k" * 40, f"secret-desk-{i}-" + "s" * 40) for i in range(5)

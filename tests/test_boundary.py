@@ -36,14 +36,14 @@ from tests.support import (
 )
 from worker.accounts import Credentials
 from worker.commands import Command, Market
-from worker.devstack import Broker, start_worker
 from worker.errors import FailureReason
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
 from worker.governor import GovernorSettings, RateGovernor
 from worker.papi import PapiClient
-from worker.sim.app import SimConfig, SimState, seed_order
-from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
+from worker.tools.devstack import Broker, start_worker
+from worker.tools.sim.app import SimConfig, SimState, seed_order
+from worker.tools.sim.server import running_sim, state_from_accounts
 
 
 @dataclass

@@ -31,7 +31,7 @@ from worker.client import (
     build_command,
     parse_result,
 )
-from worker.devstack import Broker
+from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration
 

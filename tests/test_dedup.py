@@ -26,10 +26,10 @@ from tests.support import (
 )
 from worker import events, normalize
 from worker.commands import Command, decode
-from worker.devstack import Broker
 from worker.events import Origin
 from worker.routes import Route
 from worker.timeutil import now_ms
+from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration
 

@@ -35,8 +35,8 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.devstack import Broker, Process, start_worker
 from worker.settings import Settings
+from worker.tools.devstack import Broker, Process, start_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 

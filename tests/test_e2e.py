@@ -23,7 +23,7 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.devstack import Broker, cli_argv, start_worker
+from worker.tools.devstack import Broker, cli_argv, start_worker
 
 pytestmark = pytest.mark.e2e
 

@@ -25,8 +25,8 @@ from tests.support import (
     running_worker,
     worker_settings,
 )
-from worker.devstack import Broker
-from worker.sim.faults import PROFILES
+from worker.tools.devstack import Broker
+from worker.tools.sim.faults import PROFILES
 
 pytestmark = pytest.mark.integration
 

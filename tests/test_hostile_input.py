@@ -32,14 +32,14 @@ from tests.support import (
     write_accounts,
 )
 from worker.accounts import load_accounts
-from worker.devstack import Broker
 from worker.executor import CancelExecutor, RetryPolicy
 from worker.papi import PapiClient
 from worker.pipeline import Pipeline
 from worker.processor import CommandProcessor
-from worker.sim.app import SimConfig
-from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
+from worker.tools.devstack import Broker
+from worker.tools.sim.app import SimConfig
+from worker.tools.sim.server import running_sim, state_from_accounts
 
 ACCOUNTS = load_accounts(write_accounts(Path(tempfile.mkdtemp(prefix="hostile-"))))
 SAFE_PARAM = {

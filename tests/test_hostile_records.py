@@ -34,9 +34,9 @@ from tests.support import (
     running_worker,
     worker_settings,
 )
-from worker.devstack import Broker
 from worker.kafka_io import MAX_RECORD_BYTES
 from worker.processor import MAX_HEADER_BYTES, MAX_KEY_BYTES, key_stand_in
+from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration
 

@@ -23,11 +23,11 @@ from worker.events import Origin, strategies_canceled
 from worker.executor import CancelExecutor, RetryPolicy
 from worker.papi import PapiClient
 from worker.routes import Route
-from worker.sim.app import Fault, SimConfig, SimState, seed_order
-from worker.sim.faults import PROFILES, Profile
-from worker.sim.server import running_sim, state_from_accounts
 from worker.sweep import RouteOutcome, SweepReport
 from worker.timeutil import now_ms
+from worker.tools.sim.app import Fault, SimConfig, SimState, seed_order
+from worker.tools.sim.faults import PROFILES, Profile
+from worker.tools.sim.server import running_sim, state_from_accounts
 
 ACCOUNT = next(iter(HMAC_ACCOUNTS))
 

@@ -23,8 +23,8 @@ from tests.support import (
     running_worker,
     worker_settings,
 )
-from worker.devstack import Broker
 from worker.timeutil import now_ms
+from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration
 

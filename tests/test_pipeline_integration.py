@@ -19,7 +19,7 @@ from tests.support import (
     running_worker,
     worker_settings,
 )
-from worker.devstack import Broker
+from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration
 

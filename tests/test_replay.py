@@ -26,7 +26,6 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.devstack import Broker, cli_argv
 from worker.kafka_io import MAX_RECORD_BYTES
 from worker.replay import (
     ConsoleReport,
@@ -37,6 +36,7 @@ from worker.replay import (
     replay,
 )
 from worker.timeutil import now_ms
+from worker.tools.devstack import Broker, cli_argv
 
 pytestmark = pytest.mark.integration
 

@@ -339,7 +339,7 @@ def test_the_test_suites_settings_pass_and_survive_the_environment(
 
 
 def test_the_demos_settings_pass(tmp_path: Path) -> None:
-    from worker.demo import demo_env  # noqa: PLC0415
+    from worker.tools.demo import demo_env  # noqa: PLC0415
 
     broker = cast(Any, types.SimpleNamespace(bootstrap="127.0.0.1:9092"))
     load_settings(demo_env(broker, "http://127.0.0.1:8765", tmp_path / "a.toml"))

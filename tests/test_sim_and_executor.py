@@ -23,10 +23,10 @@ from worker.governor import GovernorSettings, RateGovernor
 from worker.papi import PapiClient
 from worker.routes import Route
 from worker.signing import HmacSigner, append_signature, encode_params
-from worker.sim.app import Fault, SimConfig, SimState, seed_order
-from worker.sim.faults import Profile
-from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
+from worker.tools.sim.app import Fault, SimConfig, SimState, seed_order
+from worker.tools.sim.faults import Profile
+from worker.tools.sim.server import running_sim, state_from_accounts
 
 
 @dataclass

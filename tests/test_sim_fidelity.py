@@ -23,11 +23,11 @@ from tests.test_sdk_fidelity import sdk_client
 from worker.accounts import Credentials
 from worker.settings import Settings
 from worker.signing import HmacSigner, append_signature, encode_params
-from worker.sim.app import SimConfig, SimState, build_app, timeout_hold_ms
-from worker.sim.book import Book, SimError, no_such_order, unknown_order
-from worker.sim.faults import PROFILES, Fault, Injector, Profile
-from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
+from worker.tools.sim.app import SimConfig, SimState, build_app, timeout_hold_ms
+from worker.tools.sim.book import Book, SimError, no_such_order, unknown_order
+from worker.tools.sim.faults import PROFILES, Fault, Injector, Profile
+from worker.tools.sim.server import running_sim, state_from_accounts
 
 WEIGHT = "X-MBX-USED-WEIGHT-1M"
 ORDER_COUNT = "X-MBX-ORDER-COUNT-1M"

@@ -17,9 +17,9 @@ import orjson
 from tests.support import HMAC_ACCOUNTS
 from worker.accounts import Credentials
 from worker.signing import HmacSigner, append_signature, encode_params
-from worker.sim.app import SimConfig
-from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
+from worker.tools.sim.app import SimConfig
+from worker.tools.sim.server import running_sim, state_from_accounts
 
 LATENCY_MS = 200
 

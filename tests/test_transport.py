@@ -30,11 +30,11 @@ from cryptography.x509.oid import NameOID
 
 from tests.hostile_gateway import Gateway, Mangle
 from worker.accounts import Credentials
-from worker.devstack import free_port
 from worker.signing import PapiAuth
-from worker.sim.app import SimConfig, SimState, seed_order
-from worker.sim.server import running_sim, state_from_accounts
 from worker.timeutil import now_ms
+from worker.tools.devstack import free_port
+from worker.tools.sim.app import SimConfig, SimState, seed_order
+from worker.tools.sim.server import running_sim, state_from_accounts
 from worker.transport import MAX_HEAD_BYTES, FastTransport, parse_head
 
 ALGO_CANCEL = "/papi/v1/um/algo/order"

@@ -177,9 +177,9 @@ def sim(
 ) -> None:
     """Serve the PAPI simulator."""
     from worker.accounts import AccountsError, load_accounts  # noqa: PLC0415
-    from worker.sim.app import SimConfig  # noqa: PLC0415
-    from worker.sim.faults import PROFILES  # noqa: PLC0415
-    from worker.sim.server import serve_forever  # noqa: PLC0415
+    from worker.tools.sim.app import SimConfig  # noqa: PLC0415
+    from worker.tools.sim.faults import PROFILES  # noqa: PLC0415
+    from worker.tools.sim.server import serve_forever  # noqa: PLC0415
 
     configure_logging(log_level)
     if fault_profile not in PROFILES:
@@ -338,7 +338,7 @@ def replay(
 @click.option("--verbose", is_flag=True, help="Echo the worker's and simulator's logs.")
 def demo(keep: bool, verbose: bool) -> None:
     """Start a broker, the simulator and the worker; send a mixed batch; print the results."""
-    from worker.demo import run_demo  # noqa: PLC0415
+    from worker.tools.demo import run_demo  # noqa: PLC0415
 
     configure_logging("WARNING")
     sys.exit(run_demo(keep=keep, verbose=verbose))

@@ -63,8 +63,8 @@ from tests.support import (
     worker_settings,
     write_accounts,
 )
-from worker.devstack import REPO, Broker, Process, start_broker, start_sim, start_worker
-from worker.sim.app import UM_SYMBOLS
+from worker.tools.devstack import REPO, Broker, Process, start_broker, start_sim, start_worker
+from worker.tools.sim.app import UM_SYMBOLS
 
 SYSTEMS = ("kafka_floor", "pipeline_floor", "naive", "worker", "worker_at_least_once")
 UNLIMITED = 1_000_000_000  # rate limits out of the way: only speed is measured

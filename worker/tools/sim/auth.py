@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from worker.accounts import Credentials
 from worker.signing import hmac_sha256_hex
-from worker.sim.book import SimError
+from worker.tools.sim.book import SimError
 
 MAX_RECV_WINDOW = 60_000
 

@@ -34,7 +34,9 @@ from worker.client import (
     checked_command,
     key_of,
 )
-from worker.devstack import (
+from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
+from worker.timeutil import now_ms
+from worker.tools.devstack import (
     REPO,
     Broker,
     Process,
@@ -43,8 +45,6 @@ from worker.devstack import (
     start_worker,
     write_private_key,
 )
-from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
-from worker.timeutil import now_ms
 
 DEMO_DIR = REPO / ".local" / "demo"
 TOPICS = {

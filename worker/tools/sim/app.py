@@ -40,8 +40,8 @@ from starlette.routing import Route
 
 from worker.accounts import Credentials
 from worker.settings import Settings
-from worker.sim.auth import SignedParams, check_timestamp, split_signed, verify_signature
-from worker.sim.book import (
+from worker.tools.sim.auth import SignedParams, check_timestamp, split_signed, verify_signature
+from worker.tools.sim.book import (
     CONDITIONAL_TYPES,
     AlgoOrder,
     Book,
@@ -50,7 +50,7 @@ from worker.sim.book import (
     decimal_str,
     no_such_order,
 )
-from worker.sim.faults import PROFILES, TOO_MANY, Fault, Injector
+from worker.tools.sim.faults import PROFILES, TOO_MANY, Fault, Injector
 
 UM_SYMBOLS = frozenset(
     {"BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT", "LTCUSDT"}

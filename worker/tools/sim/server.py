@@ -13,7 +13,7 @@ import orjson
 import uvicorn
 
 from worker.accounts import Credentials
-from worker.sim.app import SimConfig, SimState, SimulatedResetError, build_app, seed_order
+from worker.tools.sim.app import SimConfig, SimState, SimulatedResetError, build_app, seed_order
 
 log = logging.getLogger(__name__)
 
