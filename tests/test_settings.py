@@ -190,6 +190,11 @@ BAD_ENV: list[tuple[str, dict[str, str], str]] = [
         f"{W}KAFKA_REQUEST_TIMEOUT_MS must be more than {W}SESSION_TIMEOUT_MS: got 30000",
     ),
     (
+        "health-stall-within-a-request",
+        {f"{W}HEALTH_STALL_S": "30"},
+        f"{W}HEALTH_STALL_S must be more than {W}KAFKA_REQUEST_TIMEOUT_MS (30000 ms): got 30",
+    ),
+    (
         "buffered-below-poll",
         {f"{W}MAX_BUFFERED_PER_PARTITION": "10"},
         f"{W}MAX_BUFFERED_PER_PARTITION must be at least {W}MAX_POLL_RECORDS (500): got 10",
@@ -281,7 +286,11 @@ def test_settings_built_in_code_are_checked_too(values: dict[str, Any], fragment
             f"{W}REVOKE_GRACE_S": "1",
             f"{W}COMMIT_TIMEOUT_S": "2",
         },
-        {f"{W}SESSION_TIMEOUT_MS": "1800000", f"{W}KAFKA_REQUEST_TIMEOUT_MS": "1800001"},
+        {
+            f"{W}SESSION_TIMEOUT_MS": "1800000",
+            f"{W}KAFKA_REQUEST_TIMEOUT_MS": "1800001",
+            f"{W}HEALTH_STALL_S": "1801",
+        },
         {f"{W}TRANSACTION_TIMEOUT_MS": "900000", f"{W}BACKOFF_INITIAL_S": "2"},
         {f"{W}DEADLETTER_MAX_BYTES": "8192", f"{W}MAX_COMMAND_BYTES": str(MAX_KAFKA_RECORD_BYTES)},
         {f"{W}BOOTSTRAP_SERVERS": "kafka-0:9092, kafka-1:9092,[::1]:9093,kafka-2"},

@@ -109,8 +109,11 @@ class Settings:
     rate_order_window_ms: int = 60_000
     rate_guard_ms: int = 250
     # Observability
-    metrics_port: int = 0
+    metrics_port: int = 0  # also serves /healthz and /readyz
     metrics_host: str = "127.0.0.1"
+    # /healthz fails when the fetch loop has not come round, or one flush has been under
+    # way, for longer than this (the pipeline is wedged).
+    health_stall_s: float = 60.0
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -227,6 +230,7 @@ RANGES: dict[str, Range] = {
     "rate_order_window_ms": ONE_OR_MORE,
     "rate_guard_ms": NON_NEGATIVE,
     "metrics_port": Range(0, 65535, why="0 turns the metrics endpoint off"),
+    "health_stall_s": POSITIVE,
 }
 
 
@@ -328,6 +332,13 @@ def _check_relations(s: Settings) -> None:
             f"{env_name('max_buffered_per_partition')} must be at least "
             f"{env_name('max_poll_records')} ({s.max_poll_records}): "
             f"got {s.max_buffered_per_partition}"
+        )
+    # One flush may legitimately wait a whole Kafka request timeout; that is not a stall.
+    if s.health_stall_s * 1000 <= s.kafka_request_timeout_ms:
+        raise SettingsError(
+            f"{env_name('health_stall_s')} must be more than "
+            f"{env_name('kafka_request_timeout_ms')} ({s.kafka_request_timeout_ms} ms): "
+            f"got {_num(s.health_stall_s)}"
         )
     if s.backoff_initial_s > s.backoff_max_s:
         raise SettingsError(
