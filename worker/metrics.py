@@ -73,3 +73,58 @@ SWEEP_ORDERS = Counter(
     "Orders listed by kill switches, by what became of them",
     ["group"],
 )
+
+# -- what the on-call engineer asks (refreshed from the running worker at each scrape) ------
+
+BUILD_INFO = Gauge(
+    "cancel_worker_build_info", "Always 1; the version and Python running", ["version", "python"]
+)
+EXCHANGE_SECONDS = Histogram(
+    "cancel_worker_exchange_request_seconds",
+    "PAPI request latency, sent to answer read, by route and HTTP status "
+    "(no_answer: timeout or reset after sending)",
+    ["route", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RETRIES = Counter(
+    "cancel_worker_retries_total",
+    "Requests sent again after an attempt failed, by the failure's reason",
+    ["reason"],
+)
+CONSUMER_LAG = Gauge(
+    "cancel_worker_consumer_lag_records",
+    "Records of the commands topic behind the end of each assigned partition: from the "
+    "committed position (not yet answered durably) and from the fetched position (not yet read)",
+    ["topic", "partition", "position"],
+)
+ASSIGNED_PARTITIONS = Gauge(
+    "cancel_worker_assigned_partitions", "Commands topic partitions assigned to this worker"
+)
+OLDEST_IN_FLIGHT = Gauge(
+    "cancel_worker_oldest_in_flight_seconds",
+    "Age of the oldest command read and not yet answered durably (0 when none)",
+)
+GOVERNOR_WEIGHT_USED = Gauge(
+    "cancel_worker_governor_weight_used",
+    "Request weight counted in the exchange's current window (this process's view)",
+)
+GOVERNOR_WEIGHT_LIMIT = Gauge(
+    "cancel_worker_governor_weight_limit", "The weight budget per window (RATE_WEIGHT_LIMIT)"
+)
+BANNED_UNTIL = Gauge(
+    "cancel_worker_exchange_banned_until_timestamp_seconds",
+    "End of the exchange's current IP ban (418), Unix time; 0 when not banned",
+)
+PAUSED_UNTIL = Gauge(
+    "cancel_worker_exchange_paused_until_timestamp_seconds",
+    "End of the current 429 pause ordered by the exchange, Unix time; 0 when none",
+)
+CLOCK_OFFSET = Gauge(
+    "cancel_worker_clock_offset_seconds", "Exchange clock minus the local clock, last estimate"
+)
+CLOCK_SYNCED_AT = Gauge(
+    "cancel_worker_clock_last_sync_timestamp_seconds",
+    "When the exchange clock was last read successfully, Unix time; 0 before the first",
+)
+READY = Gauge("cancel_worker_ready", "1 while /readyz passes, else 0")
+HEALTHY = Gauge("cancel_worker_healthy", "1 while /healthz passes, else 0")
