@@ -13,11 +13,15 @@ import contextlib
 import enum
 import logging
 import os
+import platform
 import signal
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import start_http_server
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from worker import metrics
 from worker.accounts import AccountsError, Credentials, load_accounts
 from worker.clock import ExchangeClock
 from worker.dedup import ResultsFeed, SeenCommands
@@ -34,8 +38,9 @@ from worker.kafka_io import (
     wait_for_kafka,
     watch_kafka,
 )
+from worker.ops import Check, OpsServer
 from worker.papi import PapiClient
-from worker.pipeline import Pipeline, ResultSink, RunReport
+from worker.pipeline import Partition, Pipeline, ResultSink, RunReport
 from worker.processor import CommandProcessor
 from worker.settings import Settings
 from worker.timeutil import now_ms
@@ -74,6 +79,44 @@ def governor_from(settings: Settings) -> GovernorSettings:
         order_window_ms=settings.rate_order_window_ms,
         guard_ms=settings.rate_guard_ms,
     )
+
+
+def build_version() -> str:
+    try:
+        return version("cancel-worker")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def consumer_offsets(
+    consumer: AIOKafkaConsumer,
+) -> dict[Partition, tuple[int | None, int | None]]:
+    """Per assigned partition: its end (the last stable offset, as ``read_committed`` reads;
+    known once a fetch has returned for it) and the consumer's fetch position; None where
+    not known yet."""
+    out: dict[Partition, tuple[int | None, int | None]] = {}
+    for tp in consumer.assignment():
+        end = consumer.last_stable_offset(tp)
+        if end is None or end < 0:
+            end = consumer.highwater(tp)
+        out[(tp.topic, tp.partition)] = (end, _fetch_position(consumer, tp))
+    return out
+
+
+def _fetch_position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    # consumer.position() waits for a position when there is none; a scrape must not.
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if state is None or not state.has_valid_position:
+        return None
+    return int(state.position)
+
+
+def _group_coordinator_known(consumer: AIOKafkaConsumer) -> bool:
+    coordinator = getattr(consumer, "_coordinator", None)
+    return getattr(coordinator, "coordinator_id", None) is not None
 
 
 def load_worker_accounts(settings: Settings) -> dict[str, Credentials]:
@@ -179,17 +222,19 @@ class Worker:
         bound = self.settings.commit_timeout_s + 5
         closers = _Closers(bound)
         stack.push_async_callback(closers.close_all)
+        # Every close step is registered before its part starts: the Kafka clients exist
+        # from __init__, and one left unclosed after a failed start leaks its connections.
+        closers.add("clock", self.clock.aclose)
+        closers.add("http client", self._client.aclose)
+        if self._transactions is not None:
+            closers.add("transactional producers", self._transactions.close)
+        closers.add("producer", self._producer.stop)
+        closers.add("consumer", self._consumer.stop)
         try:
             await self.clock.start()
-            closers.add("clock", self.clock.aclose)
-            closers.add("http client", self._client.aclose)
             await wait_for_kafka(self.settings.bootstrap_servers)
-            if self._transactions is not None:
-                closers.add("transactional producers", self._transactions.close)
             await self._producer.start()
-            closers.add("producer", self._producer.stop)
             await self._consumer.start()
-            closers.add("consumer", self._consumer.stop)
             await self._check_topics()
             if self._dedup is not None:
                 await self._dedup.start()  # before the first command is read
@@ -232,6 +277,120 @@ class Worker:
     def stop(self) -> None:
         self.pipeline.stop()
 
+    # -- probes (worker.ops.Probes) ----------------------------------------------------------
+
+    def liveness(self) -> Sequence[Check]:
+        """Alive: the loop answers (this runs in it), and neither the fetch loop nor a
+        flush has stalled for ``HEALTH_STALL_S``. Starting and stopping are not stalls."""
+        stall = self.settings.health_stall_s
+        now = time.monotonic()
+        pipeline = self.pipeline
+        checks = [Check("event_loop", True, "answering")]
+        if pipeline.loop_at is None:
+            checks.append(Check("fetch_loop", True, "not started yet"))
+        elif pipeline.stopping:
+            checks.append(Check("fetch_loop", True, "stopping"))
+        else:
+            idle = now - pipeline.loop_at
+            ok = idle <= stall
+            checks.append(
+                Check(
+                    "fetch_loop",
+                    ok,
+                    f"came round {idle:.1f}s ago"
+                    + ("" if ok else f", more than HEALTH_STALL_S ({stall:g}s): wedged"),
+                )
+            )
+        if pipeline.flush_since is None:
+            checks.append(Check("flush", True, "none under way"))
+        else:
+            busy = now - pipeline.flush_since
+            ok = busy <= stall
+            checks.append(
+                Check(
+                    "flush",
+                    ok,
+                    f"under way for {busy:.1f}s"
+                    + ("" if ok else f", more than HEALTH_STALL_S ({stall:g}s): wedged"),
+                )
+            )
+        return checks
+
+    def readiness(self) -> Sequence[Check]:
+        """Ready: serving, in a healthy group, Kafka and the exchange reachable, not
+        banned, and the exchange clock synced recently."""
+        pipeline = self.pipeline
+        checks: list[Check] = []
+        if pipeline.loop_at is None:
+            checks.append(Check("running", False, "starting"))
+        elif pipeline.stopping:
+            checks.append(Check("running", False, "stopping"))
+        else:
+            checks.append(Check("running", True, "fetching"))
+        assigned = len(self._consumer.assignment())
+        if assigned:
+            checks.append(Check("group", True, f"{assigned} partition(s) assigned"))
+        elif _group_coordinator_known(self._consumer):
+            checks.append(Check("group", True, "in the group, waiting for an assignment"))
+        else:
+            checks.append(Check("group", False, "no group coordinator"))
+        if pipeline.kafka_reachable_now:
+            checks.append(Check("kafka", True, "reachable"))
+        else:
+            checks.append(Check("kafka", False, "results cannot be published or committed"))
+        now = self.clock.now()
+        banned = self.governor.banned_until_ms - now
+        if banned > 0:
+            checks.append(Check("exchange", False, f"IP banned for {banned / 1000:.1f}s more"))
+        elif not self._client.reachability.reachable:
+            checks.append(Check("exchange", False, "refusing connections"))
+        else:
+            paused = self.governor.paused_until_ms - now
+            detail = f"reachable; 429 pause for {paused / 1000:.1f}s" if paused > 0 else "reachable"
+            checks.append(Check("exchange", True, detail))
+        checks.append(self._clock_check())
+        return checks
+
+    def _clock_check(self) -> Check:
+        synced = self.clock.synced_at_ms
+        if synced is None:
+            return Check("clock", False, f"never read from {self.settings.time_url}")
+        age_s = (time.time() * 1000 - synced) / 1000
+        limit_s = 3 * self.clock.refresh_s
+        offset = self.clock.offset_ms
+        if age_s > limit_s:
+            return Check("clock", False, f"last read {age_s:.0f}s ago (more than {limit_s:g}s)")
+        return Check("clock", True, f"offset {offset:+d} ms, read {age_s:.0f}s ago")
+
+    def refresh_metrics(self) -> None:
+        """Set the gauges that are read from live state (before each scrape)."""
+        pipeline = self.pipeline
+        metrics.OLDEST_IN_FLIGHT.set(pipeline.oldest_in_hand_s())
+        offsets = consumer_offsets(self._consumer)
+        in_hand = pipeline.in_hand_from()
+        metrics.ASSIGNED_PARTITIONS.set(len(offsets))
+        metrics.CONSUMER_LAG.clear()
+        for (topic, partition), (end, fetched) in sorted(offsets.items()):
+            if end is None:
+                continue
+            label = str(partition)
+            if fetched is not None:
+                metrics.CONSUMER_LAG.labels(topic, label, "fetched").set(max(0, end - fetched))
+            done_to = in_hand.get((topic, partition), fetched)
+            if done_to is not None:
+                metrics.CONSUMER_LAG.labels(topic, label, "committed").set(max(0, end - done_to))
+        metrics.GOVERNOR_WEIGHT_USED.set(self.governor.weight_used())
+        metrics.GOVERNOR_WEIGHT_LIMIT.set(self.governor.weight_limit)
+        now = self.clock.now()
+        for gauge, until in (
+            (metrics.BANNED_UNTIL, self.governor.banned_until_ms),
+            (metrics.PAUSED_UNTIL, self.governor.paused_until_ms),
+        ):
+            gauge.set(until / 1000 if until > now else 0)
+        metrics.CLOCK_OFFSET.set(self.clock.offset_ms / 1000)
+        synced = self.clock.synced_at_ms
+        metrics.CLOCK_SYNCED_AT.set(0 if synced is None else synced / 1000)
+
 
 async def serve(settings: Settings) -> ExitCode:
     """Run until SIGTERM/SIGINT; a second signal exits at once with ``ExitCode.FORCED``."""
@@ -240,11 +399,29 @@ async def serve(settings: Settings) -> ExitCode:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG
+    metrics.BUILD_INFO.labels(build_version(), platform.python_version()).set(1)
+    try:
+        worker = Worker(settings, accounts)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
+        return ExitCode.CONFIG
+    ops: OpsServer | None = None
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        # Up before Kafka is: liveness passes and readiness says "starting" meanwhile.
+        # A port that cannot be bound raises OSError here (the CLI reports it, exit 2).
+        ops = OpsServer(settings.metrics_host, settings.metrics_port, worker)
+        await ops.start()
+    try:
+        return await _serve(settings, worker, len(accounts))
+    finally:
+        if ops is not None:
+            await ops.close()
+
+
+async def _serve(settings: Settings, worker: Worker, accounts: int) -> ExitCode:
     loop = asyncio.get_running_loop()
     try:
-        async with Worker(settings, accounts) as worker:
+        async with worker:
             signals = 0
 
             def on_signal(signame: str) -> None:
@@ -265,7 +442,7 @@ async def serve(settings: Settings) -> ExitCode:
                 settings.commands_topic,
                 settings.results_topic,
                 settings.papi_url,
-                len(accounts),
+                accounts,
             )
             report = await worker.run()
     except ConfigError as exc:

@@ -44,10 +44,15 @@ class ExchangeClock:
         self.offset_ms = 0
         self.round_trip_ms: int | None = None
         self.generation = 0  # successful syncs so far
+        self.synced_at_ms: int | None = None  # local time of the last successful sync
 
     def now(self) -> int:
         """Best estimate of the exchange's time, in ms."""
         return self._local() + self.offset_ms
+
+    @property
+    def refresh_s(self) -> float:
+        return self._refresh_s
 
     async def sync(self) -> None:
         """Re-estimate the offset now."""
@@ -81,6 +86,7 @@ class ExchangeClock:
         self.round_trip_ms = received - sent
         self.offset_ms = server - (sent + received) // 2
         self.generation += 1
+        self.synced_at_ms = received
         log.info(
             "exchange clock offset %+d ms (round trip %d ms)", self.offset_ms, self.round_trip_ms
         )

@@ -105,6 +105,7 @@ def _log_retry(job: Job) -> Callable[[BaseException | None, int, float], None]:
     def say(error: BaseException | None, attempt: int, pause_s: float) -> None:
         # A refused connection is said once by the client, not once per command and try.
         level = logging.DEBUG if isinstance(error, NotSentError) else logging.INFO
+        metrics.RETRIES.labels(_retry_reason(error)).inc()
         log.log(
             level,
             "retrying command_id=%s attempt=%d after %s, sleeping %.3fs",
@@ -115,6 +116,15 @@ def _log_retry(job: Job) -> Callable[[BaseException | None, int, float], None]:
         )
 
     return say
+
+
+def _retry_reason(error: BaseException | None) -> str:
+    """A bounded label for what made a request go again."""
+    if isinstance(error, NotSentError):
+        return "not_sent"
+    if isinstance(error, PapiError):
+        return error.disposition.value
+    return "other"
 
 
 def _before_sleep(job: Job) -> Callable[[RetryCallState], None]:
@@ -242,6 +252,7 @@ class CancelExecutor:
                 deadline_ms=deadline,
                 expires_at=job.expires_at if is_order else None,
                 recv_window_ms=self._policy.recv_window_ms,
+                route=request.route.value,
             )
         except NotSentError as exc:
             if not isinstance(exc, NotAdmittedError):

@@ -137,6 +137,10 @@ class WindowBudget:
             if self.used.get(index, 0) > 0:
                 self.used[index] -= 1
 
+    def used_in(self, now: int) -> int:
+        """Requests counted in the window ``now`` falls in (a read: nothing is opened)."""
+        return self.used.get(now // self.window_ms, 0)
+
     def take(self, now: int) -> frozenset[int]:
         """Count one request sent now; return the windows it was counted in."""
         self._prune(now)
@@ -215,6 +219,24 @@ class RateGovernor:
         self._banned_until = 0
         self._ramp_from = 0
         self.stats = GovernorStats()
+
+    @property
+    def banned_until_ms(self) -> int:
+        """End of the exchange's IP ban on its clock (ms); in the past when not banned."""
+        return self._banned_until
+
+    @property
+    def paused_until_ms(self) -> int:
+        """End of the exchange's 429 pause on its clock (ms); in the past when none."""
+        return self._ip_paused_until
+
+    def weight_used(self) -> int:
+        """Weight counted in the exchange's current window, as this process sees it."""
+        return self._weight.used_in(self._clock())
+
+    @property
+    def weight_limit(self) -> int:
+        return self._s.weight_limit
 
     def _account(self, account: str) -> WindowBudget:
         budget = self._orders.get(account)

@@ -219,6 +219,7 @@ class PapiClient:
         deadline_ms: int | None = None,
         expires_at: int | None = None,
         recv_window_ms: int = 5_000,
+        route: str = "other",
     ) -> PapiResponse:
         """Send one signed request; return its 2XX JSON answer or raise a :class:`PapiError`.
 
@@ -227,6 +228,9 @@ class PapiClient:
         ``deadline_ms``: the governor admits nothing at or after it (``NotAdmittedError``).
         ``expires_at``: nothing is signed at or after it, and ``recvWindow`` never reaches
         past it (``NotAdmittedError`` with ``expired``).
+
+        ``route``: the label of the request's latency in ``cancel_worker_exchange_request_seconds``
+        (a route name: a bounded set).
         """
         limit = deadline_ms if expires_at is None else min(deadline_ms or expires_at, expires_at)
         while True:
@@ -241,7 +245,7 @@ class PapiClient:
                     self._governor.refund(ticket)
                     continue
                 return await self._exchange(
-                    creds, method, path, query, ticket, recv_window_ms, expires_at
+                    creds, method, path, query, ticket, recv_window_ms, expires_at, route
                 )
 
     async def _admit(
@@ -266,18 +270,27 @@ class PapiClient:
         ticket: Ticket | None,
         recv_window_ms: int,
         expires_at: int | None,
+        route: str,
     ) -> PapiResponse:
         """Sign, send and read one request, ending the governor's ticket exactly once."""
         end = _TicketEnd(self._governor, ticket)
         auth = self._auth_for(creds).for_request(recv_window_ms, expires_at, query)
+        started = time.monotonic()
         try:
-            response = await self._transmit(self._request(creds, method, path), auth, end)
+            try:
+                response = await self._transmit(self._request(creds, method, path), auth, end)
+            except NoAnswerError:
+                metrics.EXCHANGE_SECONDS.labels(route, "no_answer").observe(
+                    time.monotonic() - started
+                )
+                raise
             self.reachability.answered()
             try:
                 status, headers = response.status_code, response.headers
                 raw, unreadable = await _read_body(response)
             finally:
                 await response.aclose()
+            metrics.EXCHANGE_SECONDS.labels(route, str(status)).observe(time.monotonic() - started)
             error = None if 200 <= status < 300 or raw is None else _error_from(status, raw)
             end.observe(status, headers, error)
             return _interpret(status, headers, raw, unreadable, error)

@@ -139,10 +139,11 @@ class RunReport:
 
 
 class _Entry:
-    __slots__ = ("done", "outgoing", "record", "task")
+    __slots__ = ("done", "outgoing", "read_at", "record", "task")
 
     def __init__(self, record: InRecord) -> None:
         self.record = record
+        self.read_at = time.monotonic()
         self.done = False
         self.outgoing: tuple[OutRecord, ...] = ()
         self.task: asyncio.Task[None] | None = None
@@ -209,6 +210,10 @@ class Pipeline:
         self._fatal: BaseException | None = None
         self._unreachable_since: float | None = None
         self.processed = 0
+        # For the liveness probe (monotonic seconds): when the fetch loop last came round
+        # (None before it started), and since when the flush under way has been running.
+        self.loop_at: float | None = None
+        self.flush_since: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -220,11 +225,31 @@ class Pipeline:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    # -- what the operations endpoint reads ------------------------------------------------------
+
+    @property
+    def kafka_reachable_now(self) -> bool:
+        """False from a failed publish or commit until one succeeds again."""
+        return self._unreachable_since is None
+
+    def oldest_in_hand_s(self) -> float:
+        """Age of the oldest record read and not yet answered durably (0 when none)."""
+        oldest = min(
+            (s.entries[0].read_at for s in self._parts.values() if s.entries), default=None
+        )
+        return 0.0 if oldest is None else time.monotonic() - oldest
+
+    def in_hand_from(self) -> dict[Partition, int]:
+        """Per partition with records in hand: the offset of the oldest (everything before
+        it has been answered durably)."""
+        return {p: s.entries[0].record.offset for p, s in self._parts.items() if s.entries}
+
     async def run(self) -> RunReport:
         """Fetch and dispatch until :meth:`stop`; then drain, flush and report."""
         flusher = asyncio.create_task(self._flush_loop(), name="flusher")
         try:
             while not self._stopping.is_set():
+                self.loop_at = time.monotonic()
                 records = await self._source.fetch(timeout_ms=100)
                 for record in records:  # no await in here: ownership cannot change under us
                     self._enqueue(record)
@@ -401,6 +426,7 @@ class Pipeline:
             return True
         failure: Exception | None = None
         done: frozenset[Partition] = frozenset(batches)
+        self.flush_since = time.monotonic()
         try:
             await self._sink.flush(batches)
         except FlushError as exc:
@@ -408,6 +434,8 @@ class Pipeline:
             self._lose([taken[p][0] for p in exc.lost if p in taken])
         except Exception as exc:  # noqa: BLE001 - any failure is retried; the records stay
             failure, done = exc, frozenset()
+        finally:
+            self.flush_since = None
         for part in done:
             state, count = taken.pop(part)
             for _ in range(count):

@@ -1,0 +1,175 @@
+"""The operations endpoint over loopback: paths, methods, bodies, and what a broken or
+hostile client gets (the probes here are plain objects: the worker's own are proved by
+tests/test_ops_integration.py against a real run)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker import metrics
+from worker.ops import (
+    LIVENESS_PATH,
+    MAX_HEAD_BYTES,
+    METRICS_PATH,
+    READINESS_PATH,
+    Check,
+    OpsServer,
+    verdict,
+)
+
+
+@dataclass
+class Probes:
+    live: list[Check] = field(default_factory=lambda: [Check("event_loop", True, "answering")])
+    ready: list[Check] = field(default_factory=lambda: [Check("kafka", True, "reachable")])
+    refreshed: int = 0
+    broken: bool = False
+
+    def liveness(self) -> Sequence[Check]:
+        return self.live
+
+    def readiness(self) -> Sequence[Check]:
+        if self.broken:
+            raise RuntimeError("probe broke")
+        return self.ready
+
+    def refresh_metrics(self) -> None:
+        self.refreshed += 1
+        metrics.OLDEST_IN_FLIGHT.set(7.5)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Probes, OpsServer, httpx.AsyncClient]]:
+    probes = Probes()
+    server = OpsServer("127.0.0.1", 0, probes)
+    async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        yield probes, server, http
+
+
+async def test_health_answers_name_every_check_and_fail_with_503(
+    served: tuple[Probes, OpsServer, httpx.AsyncClient],
+) -> None:
+    probes, _, http = served
+    r = await http.get(LIVENESS_PATH)
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {
+        "status": "ok",
+        "checks": {"event_loop": {"ok": True, "detail": "answering"}},
+    }
+    probes.ready = [
+        Check("kafka", True, "reachable"),
+        Check("exchange", False, "IP banned for 41.0s more"),
+    ]
+    r = await http.get(READINESS_PATH)
+    assert r.status_code == 503
+    body = r.json()
+    assert body["status"] == "fail"
+    assert body["checks"]["exchange"] == {"ok": False, "detail": "IP banned for 41.0s more"}
+    assert body["checks"]["kafka"]["ok"] is True
+    assert metrics.READY._value.get() == 0
+    probes.ready = [Check("kafka", True, "reachable")]
+    assert (await http.get(READINESS_PATH, params={"verbose": "1"})).status_code == 200
+    assert metrics.READY._value.get() == 1
+
+
+async def test_metrics_are_refreshed_then_served_as_prometheus_text(
+    served: tuple[Probes, OpsServer, httpx.AsyncClient],
+) -> None:
+    probes, _, http = served
+    r = await http.get(METRICS_PATH)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    assert probes.refreshed == 1
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    oldest = families["cancel_worker_oldest_in_flight_seconds"]
+    assert [s.value for s in oldest.samples] == [7.5]
+    assert "cancel_worker_results" in families
+
+
+async def test_unknown_paths_are_404_and_other_methods_405(
+    served: tuple[Probes, OpsServer, httpx.AsyncClient],
+) -> None:
+    _, _, http = served
+    for path in ("/", "/metrics/", "/health", "/readyz/x", "/favicon.ico"):
+        r = await http.get(path)
+        assert r.status_code == 404, path
+        assert "no such path" in r.json()["error"]
+    assert (await http.post(READINESS_PATH, content=b"")).status_code == 405
+    head = await http.head(LIVENESS_PATH)
+    assert head.status_code == 200
+    assert head.content == b""
+
+
+async def test_a_broken_probe_answers_500_and_the_server_keeps_serving(
+    served: tuple[Probes, OpsServer, httpx.AsyncClient],
+) -> None:
+    probes, _, http = served
+    probes.broken = True
+    r = await http.get(READINESS_PATH)
+    assert r.status_code == 500
+    assert r.json()["error"] == "probe failed: RuntimeError"
+    assert (await http.get(LIVENESS_PATH)).status_code == 200
+
+
+async def _raw(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_garbage_and_oversized_requests_get_400_not_a_dropped_server(
+    served: tuple[Probes, OpsServer, httpx.AsyncClient],
+) -> None:
+    _, server, http = served
+    assert (await _raw(server.port, b"hello\r\n\r\n")).startswith(b"HTTP/1.1 400 ")
+    huge = b"GET /healthz HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD_BYTES * 2) + b"\r\n\r\n"
+    assert (await _raw(server.port, huge)).startswith(b"HTTP/1.1 400 ")
+    # A client that connects and says nothing does not hold the server up for others.
+    _, idle = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        assert (await http.get(LIVENESS_PATH)).status_code == 200
+    finally:
+        idle.close()
+        await idle.wait_closed()
+
+
+async def test_closing_drops_idle_connections_and_frees_the_port() -> None:
+    server = OpsServer("127.0.0.1", 0, Probes())
+    await server.start()
+    port = server.port
+    _, idle = await asyncio.open_connection("127.0.0.1", port)
+    await asyncio.wait_for(server.close(), 5)
+    idle.close()
+    again = OpsServer("127.0.0.1", port, Probes())
+    await again.start()  # the port is free again
+    await again.close()
+
+
+async def test_a_port_in_use_is_an_os_error_at_start() -> None:
+    first = OpsServer("127.0.0.1", 0, Probes())
+    await first.start()
+    try:
+        with pytest.raises(OSError):  # noqa: PT011 - the address-in-use error, any errno text
+            await OpsServer("127.0.0.1", first.port, Probes()).start()
+    finally:
+        await first.close()
+
+
+def test_verdict_is_ok_only_when_every_check_is() -> None:
+    assert verdict([])[0] == 200
+    status, body = verdict([Check("a", True), Check("b", False, "why")])
+    assert status == 503
+    assert orjson.loads(body)["checks"]["b"] == {"ok": False, "detail": "why"}

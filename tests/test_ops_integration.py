@@ -1,0 +1,179 @@
+"""The operations endpoint of a real worker process, scraped while it works: the session's
+real broker, the simulator process banning the IP midway, and the worker's own
+``/metrics``, ``/healthz`` and ``/readyz`` read over HTTP as Prometheus and a kubelet would."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import (
+    SimControl,
+    command,
+    consume,
+    events_of,
+    fresh_topics,
+    produce,
+    worker_env,
+    worker_settings,
+)
+from worker.ops import LIVENESS_PATH, METRICS_PATH, READINESS_PATH
+from worker.tools.devstack import Broker, Process, free_port, start_worker
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+BAN_MS = 6_000
+
+
+def scrape(http: httpx.Client) -> Samples:
+    r = http.get(METRICS_PATH)
+    assert r.status_code == 200
+    out: Samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def series(samples: Samples, name: str, **labels: str) -> dict[frozenset[tuple[str, str]], float]:
+    want = set(labels.items())
+    return {ls: v for (n, ls), v in samples.items() if n == name and want <= ls}
+
+
+def probe(http: httpx.Client, path: str) -> tuple[int, dict[str, Any]]:
+    r = http.get(path)
+    body: dict[str, Any] = r.json()
+    return r.status_code, body
+
+
+async def until(
+    condition: Callable[[], bool], what: str, worker: Process, timeout_s: float = 30.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{worker.output()[-3000:]}")
+        await asyncio.sleep(0.05)
+
+
+async def test_scraped_during_a_run_with_a_ban_the_endpoint_tells_the_truth(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    topics = await fresh_topics(broker.bootstrap, partitions=3)
+    orders = sim.seed(
+        [{"account": f"desk-{i % 5}", "kind": "algo", "symbol": "BTCUSDT"} for i in range(24)]
+    )
+    port = free_port()
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file, metrics_port=port)
+    worker = start_worker(worker_env(settings))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            def answers(path: str) -> int | None:
+                try:
+                    return probe(http, path)[0]
+                except httpx.TransportError:
+                    return None
+
+            # Alive as soon as the endpoint is up; ready once in the group with a clock.
+            await until(lambda: answers(LIVENESS_PATH) == 200, "/healthz", worker)
+            await until(lambda: answers(READINESS_PATH) == 200, "/readyz", worker)
+
+            def assigned() -> bool:
+                code, body = probe(http, READINESS_PATH)
+                return code == 200 and body["checks"]["group"]["detail"] == (
+                    "3 partition(s) assigned"
+                )
+
+            await until(assigned, "the partitions to be assigned", worker)
+            _, ready = probe(http, READINESS_PATH)
+            assert set(ready["checks"]) == {"running", "group", "kafka", "exchange", "clock"}
+            assert probe(http, "/nope")[0] == 404
+
+            # The exchange bans the IP at the first cancel; the rest wait behind the ban.
+            sim.script({"kind": "ban", "status": 418, "delay_ms": BAN_MS})
+            valid = [
+                (f"k{i}".encode(), orjson.dumps(command(f"desk-{i % 5}", o)))
+                for i, o in enumerate(orders[:20])
+            ]
+            await produce(broker.bootstrap, topics.commands, valid)
+
+            def banned() -> bool:
+                code, body = probe(http, READINESS_PATH)
+                return code == 503 and not body["checks"]["exchange"]["ok"]
+
+            await until(banned, "/readyz to fail on the ban", worker, timeout_s=15)
+            _, during = probe(http, READINESS_PATH)
+            assert "banned" in during["checks"]["exchange"]["detail"]
+            assert probe(http, LIVENESS_PATH)[0] == 200  # banned is not dead
+            held = scrape(http)
+            assert total(held, "cancel_worker_exchange_banned_until_timestamp_seconds") > 0
+            assert total(held, "cancel_worker_consumer_lag_records", position="committed") > 0
+            assert total(held, "cancel_worker_oldest_in_flight_seconds") > 0
+
+            # After the ban: ready again, and everything answered.
+            await until(lambda: answers(READINESS_PATH) == 200, "/readyz after the ban", worker, 30)
+            bad = [(b"bad", b"{not json"), (None, orjson.dumps({"command_id": "x"}))]
+            extra = [
+                (b"late", orjson.dumps(command(f"desk-{i % 5}", orders[i])))
+                for i in range(20, len(orders))
+            ]
+            await produce(broker.bootstrap, topics.commands, bad + extra)
+            published = events_of(await consume(broker.bootstrap, topics.results, 26))
+
+            def drained() -> bool:
+                lag = series(scrape(http), "cancel_worker_consumer_lag_records")
+                return len(lag) == 6 and all(v == 0 for v in lag.values())
+
+            await until(drained, "the lag to fall to zero on every partition", worker)
+            after = scrape(http)
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.output()[-3000:]
+
+    by_outcome = collections.Counter((e["type"], e.get("reason", "")) for e in published)
+    assert by_outcome[("strategy.canceled", "")] == 24
+    assert by_outcome[("cancel.failed", "invalid_command")] == 2
+    counted = {
+        (dict(ls)["type"], dict(ls)["reason"]): v
+        for ls, v in series(after, "cancel_worker_results_total").items()
+    }
+    assert counted == {k: float(v) for k, v in by_outcome.items()}
+    assert total(after, "cancel_worker_deadletters_total") == 2
+    assert total(after, "cancel_worker_in_flight") == 0
+    assert total(after, "cancel_worker_oldest_in_flight_seconds") == 0
+    assert total(after, "cancel_worker_assigned_partitions") == 3
+    assert total(after, "cancel_worker_exchange_banned_until_timestamp_seconds") == 0
+    assert total(after, "cancel_worker_governor_stops_total", kind="ban") == 1
+    # The requests already on their way met the ban (418) and went again after it; 24
+    # cancels answered 200.
+    latency = "cancel_worker_exchange_request_seconds_count"
+    met_the_ban = total(after, latency, route="um_algo", status="418")
+    assert met_the_ban >= 1
+    assert total(after, latency, route="um_algo", status="200") == 24
+    assert total(after, latency) == met_the_ban + 24
+    assert total(after, "cancel_worker_retries_total") == met_the_ban
+    assert total(after, "cancel_worker_governor_weight_limit") == settings.rate_weight_limit
+    assert total(after, "cancel_worker_governor_weight_used") >= 1
+    assert total(after, "cancel_worker_clock_last_sync_timestamp_seconds") > time.time() - 120
+    assert total(after, "cancel_worker_ready") == 1
+    assert total(after, "cancel_worker_healthy") == 1
+    assert total(after, "cancel_worker_transactions_total", outcome="committed") >= 1
+    info = series(after, "cancel_worker_build_info")
+    assert len(info) == 1
+    assert dict(next(iter(info)))["version"] != ""
