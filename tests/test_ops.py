@@ -5,8 +5,10 @@ tests/test_ops_integration.py against a real run)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import orjson
@@ -14,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker import metrics
+from worker.app import Worker, load_worker_accounts
 from worker.ops import (
     LIVENESS_PATH,
     MAX_HEAD_BYTES,
@@ -23,6 +26,7 @@ from worker.ops import (
     OpsServer,
     verdict,
 )
+from worker.settings import Settings
 
 
 @dataclass
@@ -173,3 +177,70 @@ def test_verdict_is_ok_only_when_every_check_is() -> None:
     status, body = verdict([Check("a", True), Check("b", False, "why")])
     assert status == 503
     assert orjson.loads(body)["checks"]["b"] == {"ok": False, "detail": "why"}
+
+
+# -- the worker's own probes, on a worker that is built but not started ------------------------
+
+
+@pytest.fixture
+async def idle_worker(accounts_file: Path) -> AsyncIterator[Worker]:
+    settings = Settings(
+        bootstrap_servers="127.0.0.1:9", accounts_file=accounts_file, health_stall_s=45
+    ).check()
+    worker = Worker(settings, load_worker_accounts(settings))
+    try:
+        yield worker
+    finally:
+        await worker._consumer.stop()  # never started: closed all the same
+        await worker._producer.stop()
+        await worker._client.aclose()
+        await worker.clock.aclose()
+
+
+def _by_name(checks: Sequence[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+async def test_liveness_fails_when_the_fetch_loop_or_a_flush_stalls(idle_worker: Worker) -> None:
+    pipeline = idle_worker.pipeline
+    live = _by_name(idle_worker.liveness())
+    assert live["fetch_loop"] == Check("fetch_loop", True, "not started yet")
+    pipeline.loop_at = time.monotonic() - 2
+    assert all(c.ok for c in idle_worker.liveness())
+    pipeline.loop_at = time.monotonic() - 46
+    stalled = _by_name(idle_worker.liveness())["fetch_loop"]
+    assert not stalled.ok
+    assert "more than HEALTH_STALL_S (45s): wedged" in stalled.detail
+    pipeline.stop()  # stopping is not a stall
+    assert _by_name(idle_worker.liveness())["fetch_loop"].detail == "stopping"
+    pipeline.flush_since = time.monotonic() - 50
+    flush = _by_name(idle_worker.liveness())["flush"]
+    assert not flush.ok
+    assert flush.detail.startswith("under way for 50.")
+    pipeline.flush_since = time.monotonic() - 30
+    assert all(c.ok for c in idle_worker.liveness())
+
+
+async def test_readiness_names_what_is_missing(idle_worker: Worker) -> None:
+    ready = _by_name(idle_worker.readiness())
+    assert ready["running"] == Check("running", False, "starting")
+    assert ready["group"] == Check("group", False, "no group coordinator")
+    assert not ready["clock"].ok
+    assert ready["clock"].detail.startswith("never read from ")
+    assert ready["exchange"].ok
+    idle_worker.pipeline.loop_at = time.monotonic()
+    idle_worker.clock.synced_at_ms = int(time.time() * 1000) - 1000
+    assert _by_name(idle_worker.readiness())["clock"].ok
+    idle_worker.clock.synced_at_ms = int(time.time() * 1000) - 181_000  # 3 refreshes of 60 s
+    assert not _by_name(idle_worker.readiness())["clock"].ok
+    # A 418 from the exchange: not ready until the ban's end.
+    ticket = await idle_worker.governor.acquire("desk-0", is_order=True, deadline_ms=None)
+    until = idle_worker.clock.now() + 30_000
+    idle_worker.governor.observe(
+        ticket, 418, {}, -1003, f"Way too many requests; IP(1.2.3.4) banned until {until}."
+    )
+    exchange = _by_name(idle_worker.readiness())["exchange"]
+    assert not exchange.ok
+    assert exchange.detail.startswith("IP banned for ")
+    idle_worker.refresh_metrics()
+    assert metrics.BANNED_UNTIL._value.get() == until / 1000

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (
     SimControl,
+    Topics,
     command,
     consume,
     events_of,
@@ -177,3 +179,34 @@ async def test_scraped_during_a_run_with_a_ban_the_endpoint_tells_the_truth(
     info = series(after, "cancel_worker_build_info")
     assert len(info) == 1
     assert dict(next(iter(info)))["version"] != ""
+
+
+async def test_a_worker_waiting_for_kafka_is_alive_and_not_ready(
+    sim: SimControl, accounts_file: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    with socket.socket() as nobody:  # a port nothing listens on
+        nobody.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{nobody.getsockname()[1]}"
+    topics = Topics("cmd-x", "res-x", "dlq-x")
+    settings = worker_settings(dead, topics, sim.url, accounts_file, metrics_port=port)
+    worker = start_worker(worker_env(settings))
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+
+            def up() -> bool:
+                try:
+                    return probe(http, LIVENESS_PATH)[0] == 200
+                except httpx.TransportError:
+                    return False
+
+            await until(up, "/healthz while Kafka is unreachable", worker)
+            code, body = probe(http, READINESS_PATH)
+            assert code == 503
+            assert body["checks"]["running"] == {"ok": False, "detail": "starting"}
+            assert body["checks"]["group"]["ok"] is False
+            await asyncio.sleep(1.0)
+            assert probe(http, LIVENESS_PATH)[0] == 200  # waiting is not wedged
+            assert probe(http, READINESS_PATH)[0] == 503
+    finally:
+        worker.stop()
