@@ -130,8 +130,11 @@ async def test_scraped_during_a_run_with_a_ban_the_endpoint_tells_the_truth(
 
             # After the ban: ready again, and everything answered.
             await until(lambda: answers(READINESS_PATH) == 200, "/readyz after the ban", worker, 30)
-            bad = [(b"bad", b"{not json"), (None, orjson.dumps({"command_id": "x"}))]
-            extra = [
+            bad: list[tuple[bytes | None, bytes | None]] = [
+                (b"bad", b"{not json"),
+                (None, orjson.dumps({"command_id": "x"})),
+            ]
+            extra: list[tuple[bytes | None, bytes | None]] = [
                 (b"late", orjson.dumps(command(f"desk-{i % 5}", orders[i])))
                 for i in range(20, len(orders))
             ]
