@@ -178,6 +178,75 @@ BAD_ENV: list[tuple[str, dict[str, str], str]] = [
     ),
     ("papi-url-scheme", {f"{W}PAPI_URL": "ftp://x"}, f"{W}PAPI_URL must be an http(s) URL"),
     ("time-url-no-host", {f"{W}TIME_URL": "https://"}, f"{W}TIME_URL must be an http(s) URL"),
+    # Kafka TLS and SASL
+    (
+        "kafka-protocol-unknown",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "TLS"},
+        f"{W}KAFKA_SECURITY_PROTOCOL must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL: "
+        "got 'TLS'",
+    ),
+    (
+        "kafka-protocol-lower-case",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "ssl"},
+        f"{W}KAFKA_SECURITY_PROTOCOL must be one of PLAINTEXT, SSL,",
+    ),
+    (
+        "kafka-sasl-mechanism-unknown",
+        {f"{W}KAFKA_SASL_MECHANISM": "GSSAPI"},
+        f"{W}KAFKA_SASL_MECHANISM must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512: got 'GSSAPI'",
+    ),
+    (
+        "kafka-sasl-without-username",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", f"{W}KAFKA_SASL_PASSWORD": "p"},
+        f"{W}KAFKA_SECURITY_PROTOCOL SASL_PLAINTEXT needs {W}KAFKA_SASL_USERNAME and "
+        f"{W}KAFKA_SASL_PASSWORD: {W}KAFKA_SASL_USERNAME is not set",
+    ),
+    (
+        "kafka-sasl-without-password",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SASL_SSL", f"{W}KAFKA_SASL_USERNAME": "u"},
+        f"{W}KAFKA_SASL_PASSWORD is not set",
+    ),
+    (
+        "kafka-sasl-credentials-without-sasl",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL", f"{W}KAFKA_SASL_USERNAME": "u"},
+        f"{W}KAFKA_SASL_USERNAME is set, but {W}KAFKA_SECURITY_PROTOCOL is SSL: "
+        "SASL settings need SASL_PLAINTEXT or SASL_SSL",
+    ),
+    (
+        "kafka-tls-file-without-tls",
+        {f"{W}KAFKA_SSL_CAFILE": str(ROOT / "pyproject.toml")},
+        f"{W}KAFKA_SSL_CAFILE is set, but {W}KAFKA_SECURITY_PROTOCOL is PLAINTEXT: "
+        "TLS settings need SSL or SASL_SSL",
+    ),
+    (
+        "kafka-key-password-without-tls",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", f"{W}KAFKA_SSL_KEY_PASSWORD": "x"},
+        f"{W}KAFKA_SSL_KEY_PASSWORD is set, but {W}KAFKA_SECURITY_PROTOCOL is SASL_PLAINTEXT",
+    ),
+    (
+        "kafka-keyfile-without-certfile",
+        {
+            f"{W}KAFKA_SECURITY_PROTOCOL": "SSL",
+            f"{W}KAFKA_SSL_KEYFILE": str(ROOT / "pyproject.toml"),
+        },
+        f"{W}KAFKA_SSL_KEYFILE needs {W}KAFKA_SSL_CERTFILE: the key belongs to a client "
+        "certificate",
+    ),
+    (
+        "kafka-key-password-without-certfile",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL", f"{W}KAFKA_SSL_KEY_PASSWORD": "x"},
+        f"{W}KAFKA_SSL_KEY_PASSWORD needs {W}KAFKA_SSL_CERTFILE",
+    ),
+    (
+        "kafka-cafile-missing",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL", f"{W}KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
+        f"{W}KAFKA_SSL_CAFILE: cannot read /nonexistent/ca.pem: No such file or directory",
+    ),
+    (
+        "kafka-certfile-a-directory",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL", f"{W}KAFKA_SSL_CERTFILE": str(ROOT)},
+        f"{W}KAFKA_SSL_CERTFILE: cannot read {ROOT}: Is a directory",
+    ),
     # relations
     (
         "revoke-in-session",
@@ -296,6 +365,16 @@ def test_settings_built_in_code_are_checked_too(values: dict[str, Any], fragment
         {f"{W}BOOTSTRAP_SERVERS": "kafka-0:9092, kafka-1:9092,[::1]:9093,kafka-2"},
         {f"{W}PAPI_URL": "http://127.0.0.1:8765", f"{W}TRANSACTIONAL_ID_PREFIX": ""},
         {f"{W}ACCOUNTS_FILE": "", "UNRELATED": "x", "cancel_worker_lower_case": "x"},
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL"},  # the system's CAs, no client certificate
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL", f"{W}KAFKA_SSL_CAFILE": str(ROOT / "README.md")},
+        {
+            f"{W}KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+            f"{W}KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            f"{W}KAFKA_SASL_USERNAME": "u",
+            f"{W}KAFKA_SASL_PASSWORD": "p",
+        },
+        # empty means unset: no TLS file, no SASL user with PLAINTEXT
+        {f"{W}KAFKA_SSL_CAFILE": "", f"{W}KAFKA_SASL_USERNAME": "", f"{W}KAFKA_SASL_PASSWORD": ""},
     ],
 )
 def test_edge_values_that_work_are_accepted(env: dict[str, str]) -> None:
@@ -563,6 +642,34 @@ CLI_CASES = [
     Case("metrics-busy", {}, f"{W}METRICS_PORT", accounts=GOOD_ACCOUNTS, metrics_port_in_use=True),
     Case("check", {}, "unknown field 'secret_flie'", args=("check",), accounts=BAD_ACCOUNTS),
     Case("check-env", {f"{W}HTTP_TIMEOUT_S": "0"}, "HTTP_TIMEOUT_S", args=("check",)),
+    Case(
+        "kafka-sasl",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SASL_SSL", f"{W}KAFKA_SASL_USERNAME": "u"},
+        f"{W}KAFKA_SASL_PASSWORD is not set",
+    ),
+    Case(
+        "kafka-sasl-secret",
+        {f"{W}KAFKA_SASL_PASSWORD": SECRET},
+        "SASL settings need SASL_PLAINTEXT or SASL_SSL",
+        args=("send", "--json", "{}"),
+    ),
+    Case(
+        "kafka-tls-file",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL", f"{W}KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
+        f"{W}KAFKA_SSL_CAFILE: cannot read /nonexistent/ca.pem",
+        args=("replay", "--dry-run"),
+    ),
+    Case(
+        "kafka-tls-not-pem",
+        {f"{W}KAFKA_SECURITY_PROTOCOL": "SSL", f"{W}KAFKA_SSL_CAFILE": str(ROOT / "README.md")},
+        f"{W}KAFKA_SSL_CAFILE: cannot load the CA from {ROOT / 'README.md'}: no PEM certificate",
+    ),
+    Case(
+        "toml-kafka-protocol",
+        {},
+        f"{W}KAFKA_SECURITY_PROTOCOL must be one of",
+        config="kafka_security_protocol = 'TLS'\n",
+    ),
     Case("send", {f"{W}LOG_LEVEL": "loud"}, f"{W}LOG_LEVEL", args=("send", "--json", "{}")),
     Case("replay", {f"{W}GROUP_ID": ""}, f"{W}GROUP_ID", args=("replay", "--dry-run")),
     Case(

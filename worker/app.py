@@ -232,7 +232,7 @@ class Worker:
         closers.add("consumer", self._consumer.stop)
         try:
             await self.clock.start()
-            await wait_for_kafka(self.settings.bootstrap_servers)
+            await wait_for_kafka(self.settings)
             await self._producer.start()
             await self._consumer.start()
             await self._check_topics()

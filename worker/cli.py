@@ -16,7 +16,7 @@ import click
 import orjson
 
 from worker.logs import RateLimitFilter
-from worker.settings import Settings, SettingsError, load_settings
+from worker.settings import KAFKA_TLS_PROTOCOLS, Settings, SettingsError, load_settings
 
 
 class _JsonFormatter(logging.Formatter):
@@ -68,9 +68,20 @@ class ConfigurationError(click.ClickException):
 
 def _settings(config: Path | None, **overrides: object) -> Settings:
     try:
-        return load_settings(os.environ, config, **overrides)
+        settings = load_settings(os.environ, config, **overrides)
+        _load_kafka_tls(settings)
     except SettingsError as exc:
         raise ConfigurationError(str(exc)) from None
+    return settings
+
+
+def _load_kafka_tls(settings: Settings) -> None:
+    """Load the Kafka TLS material now: a CA file without a certificate or a wrong key
+    password is a configuration error, said before anything starts."""
+    if settings.kafka_security_protocol in KAFKA_TLS_PROTOCOLS:
+        from worker.kafka_io import security_options  # noqa: PLC0415 - only with TLS
+
+        security_options(settings)
 
 
 config_option = click.option(
@@ -357,7 +368,7 @@ def check(config: Path | None, create_topics: bool, partitions: int, taxonomy: b
         click.echo(taxonomy_markdown())
         return
     from worker.app import ConfigError, load_worker_accounts  # noqa: PLC0415
-    from worker.kafka_io import ensure_topics  # noqa: PLC0415
+    from worker.kafka_io import ensure_topics, security_options  # noqa: PLC0415
 
     settings = _settings(config)
     try:
@@ -371,7 +382,7 @@ def check(config: Path | None, create_topics: bool, partitions: int, taxonomy: b
             settings.results_topic: partitions,
             settings.deadletter_topic: 1,
         }
-        asyncio.run(ensure_topics(settings.bootstrap_servers, topics))
+        asyncio.run(ensure_topics(settings.bootstrap_servers, topics, **security_options(settings)))
         click.echo(f"topics ready on {settings.bootstrap_servers}: {', '.join(topics)}")
 
 

@@ -19,6 +19,10 @@ Results are parsed against the result schema; one that does not match it raises
 :class:`ResultError` from :func:`parse_result` and is skipped (and logged) by the readers.
 Money stays a decimal string.
 
+Extra keyword arguments of all three go to aiokafka (TLS, SASL, client id). Each also has
+``from_settings(settings)``: the worker's cluster, topics and TLS/SASL options
+(``worker.kafka_io.security_options``) from the same ``CANCEL_WORKER_*`` settings.
+
 Example (a risk engine)::
 
     async with CancelClient("kafka:9092") as client:
@@ -43,6 +47,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from worker.commands import InvalidCommand, decode
 from worker.contracts import RESULT_SCHEMA, fast_check
+from worker.kafka_io import security_options
+from worker.settings import Settings
 from worker.timeutil import now_ms
 from worker.topic_reader import cluster_topics
 
@@ -336,6 +342,17 @@ class CommandProducer:
             **kafka,
         )
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, source: str | None = None, **kafka: Any) -> Self:
+        """A producer to the worker's commands topic, on its cluster, with its TLS and SASL
+        options (``kafka`` adds to them or overrides them)."""
+        return cls(
+            settings.bootstrap_servers,
+            settings.commands_topic,
+            source=source,
+            **(security_options(settings) | kafka),
+        )
+
     async def start(self) -> None:
         await self._producer.start()
 
@@ -448,6 +465,25 @@ class ResultConsumer:
         )
         self.skipped = 0  # records that were not result events
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        group_id: str | None = None,
+        from_beginning: bool = False,
+        **kafka: Any,
+    ) -> Self:
+        """A reader of the worker's results topic, on its cluster, with its TLS and SASL
+        options (``kafka`` adds to them or overrides them)."""
+        return cls(
+            settings.bootstrap_servers,
+            settings.results_topic,
+            group_id=group_id,
+            from_beginning=from_beginning,
+            **(security_options(settings) | kafka),
+        )
+
     async def start(self) -> None:
         await self._consumer.start()
         if self._group is not None:
@@ -521,6 +557,20 @@ class CancelClient:
         self._results = ResultConsumer(bootstrap_servers, results_topic, **kafka)
         self._waiting: dict[str, asyncio.Future[Result]] = {}
         self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, source: str | None = "cancel-worker client", **kafka: Any
+    ) -> Self:
+        """A client of the worker's commands and results topics, on its cluster, with its TLS
+        and SASL options (``kafka`` adds to them or overrides them)."""
+        return cls(
+            settings.bootstrap_servers,
+            commands_topic=settings.commands_topic,
+            results_topic=settings.results_topic,
+            source=source,
+            **(security_options(settings) | kafka),
+        )
 
     async def start(self) -> None:
         await self._results.start()  # positioned before anything is published

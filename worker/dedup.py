@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 from worker.contracts import load_schema
 from worker.errors import FailureReason
+from worker.kafka_io import security_options
 from worker.routes import Route
 from worker.settings import Settings
 from worker.timeutil import now_ms
@@ -256,6 +257,7 @@ class ResultsFeed:
             settings.results_topic,
             client_id=f"{settings.client_id}-dedup",
             request_timeout_ms=settings.kafka_request_timeout_ms,
+            **security_options(settings),
         )
         await reader.start()
         await self._load(reader)

@@ -1,12 +1,17 @@
 """Kafka adapters: aiokafka consumer and producer, the at-least-once and exactly-once sinks,
-topic admin."""
+topic admin, and the TLS/SASL options every Kafka client built from settings gets
+(:func:`security_options`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import ssl
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -17,14 +22,110 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     TransactionalIdAuthorizationFailed,
 )
+from cryptography import x509
 
 from worker import metrics
 from worker.pipeline import Flush, FlushError, InRecord, Partition, Pipeline
-from worker.settings import Settings
+from worker.settings import (
+    KAFKA_SASL_PROTOCOLS,
+    KAFKA_TLS_PROTOCOLS,
+    Settings,
+    SettingsError,
+    env_name,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # the dead-letter copy of a large poison record must fit
+
+
+def security_options(settings: Settings) -> dict[str, Any]:
+    """The TLS and SASL keyword arguments of every Kafka client built from ``settings``:
+    ``security_protocol`` always; an ``ssl_context`` (the CA, the client certificate and its
+    key loaded; certificates required, host names verified) for SSL and SASL_SSL;
+    ``sasl_mechanism``, ``sasl_plain_username`` and ``sasl_plain_password`` for
+    SASL_PLAINTEXT and SASL_SSL. The one place these options are built: every consumer,
+    producer and admin client of the product passes them (a test reads the code to hold
+    that). Raises :class:`~worker.settings.SettingsError` when the TLS material cannot be
+    loaded (a CA file that holds no certificate, a wrong key password, a key that does not
+    belong to the certificate); secrets are never in the message."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in KAFKA_TLS_PROTOCOLS:
+        options["ssl_context"] = _tls_context(
+            settings.kafka_ssl_cafile,
+            settings.kafka_ssl_certfile,
+            settings.kafka_ssl_keyfile,
+            settings.kafka_ssl_key_password,
+        )
+    if protocol in KAFKA_SASL_PROTOCOLS:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password
+    return options
+
+
+@functools.lru_cache(maxsize=8)
+def _tls_context(
+    cafile: Path | None, certfile: Path | None, keyfile: Path | None, password: str
+) -> ssl.SSLContext:
+    """One context per TLS configuration, shared by the clients (a context with the system's
+    CAs takes a while to build, and exactly-once mode starts a producer per partition)."""
+    from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - only with TLS
+
+    asked: list[bool] = []
+
+    def key_password() -> bytes:
+        # Called only for an encrypted key. Always given, so that OpenSSL never prompts on
+        # a terminal for a password that was not configured.
+        asked.append(True)
+        return password.encode()
+
+    try:
+        context: ssl.SSLContext = create_ssl_context(cafile=cafile)
+    except OSError as exc:  # ssl.SSLError is an OSError too
+        problem = exc.strerror if not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
+        raise SettingsError(
+            f"{env_name('kafka_ssl_cafile')}: cannot load the CA from {cafile}: {problem}"
+        ) from None
+    if certfile is not None:
+        try:
+            context.load_cert_chain(certfile, keyfile, key_password)
+        except OSError as exc:
+            raise SettingsError(
+                _cert_chain_problem(exc, certfile, keyfile, bool(asked), bool(password))
+            ) from None
+    return context
+
+
+def _cert_chain_problem(
+    exc: OSError, certfile: Path, keyfile: Path | None, encrypted: bool, has_password: bool
+) -> str:
+    """What went wrong loading the client certificate and key (OpenSSL only says "PEM lib")."""
+    key_name = env_name("kafka_ssl_keyfile" if keyfile is not None else "kafka_ssl_certfile")
+    key_path = keyfile if keyfile is not None else certfile
+    if not isinstance(exc, ssl.SSLError):
+        return f"cannot read {certfile} or {key_path}: {exc.strerror}"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return (
+            f"{key_name}: the private key in {key_path} does not belong to the certificate "
+            f"in {certfile} ({env_name('kafka_ssl_certfile')})"
+        )
+    if encrypted:
+        if not has_password:
+            return (
+                f"{key_name}: the private key in {key_path} is encrypted: "
+                f"set {env_name('kafka_ssl_key_password')}"
+            )
+        return (
+            f"{env_name('kafka_ssl_key_password')} does not decrypt the private key in "
+            f"{key_path} ({key_name}): wrong password"
+        )
+    try:
+        x509.load_pem_x509_certificates(Path(certfile).read_bytes())
+    except (OSError, ValueError):
+        return f"{env_name('kafka_ssl_certfile')}: no PEM certificate in {certfile}"
+    return f"{key_name}: no PEM private key in {key_path}"
 
 
 def make_producer(settings: Settings, **extra: object) -> AIOKafkaProducer:
@@ -36,6 +137,7 @@ def make_producer(settings: Settings, **extra: object) -> AIOKafkaProducer:
         linger_ms=0,
         max_request_size=MAX_RECORD_BYTES,
         request_timeout_ms=settings.kafka_request_timeout_ms,
+        **security_options(settings),
         **extra,
     )
 
@@ -54,6 +156,7 @@ def make_consumer(settings: Settings) -> AIOKafkaConsumer:
         request_timeout_ms=settings.kafka_request_timeout_ms,
         max_partition_fetch_bytes=MAX_RECORD_BYTES,
         fetch_max_bytes=4 * MAX_RECORD_BYTES,
+        **security_options(settings),
     )
 
 
@@ -265,13 +368,16 @@ class PipelineRebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc
         self._pipeline.on_assigned(parts)
 
 
-async def wait_for_kafka(bootstrap: str, *, max_delay_s: float = 5.0) -> None:
+async def wait_for_kafka(settings: Settings, *, max_delay_s: float = 5.0) -> None:
     """Return once the cluster answers; while it does not, say so once and retry.
 
     A worker started while Kafka is down waits for it instead of exiting (and crash-looping)."""
+    bootstrap = settings.bootstrap_servers
     delay, said = 0.2, False
     while True:
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=5000, **security_options(settings)
+        )
         try:
             await admin.start()
             await admin.list_topics()
@@ -305,9 +411,10 @@ async def watch_kafka(
         await asyncio.sleep(interval_s)
 
 
-async def ensure_topics(bootstrap: str, topics: Mapping[str, int]) -> None:
-    """Create the topics (name → partitions) that do not exist yet."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def ensure_topics(bootstrap: str, topics: Mapping[str, int], **kafka: Any) -> None:
+    """Create the topics (name → partitions) that do not exist yet. ``kafka``: more client
+    options (:func:`security_options` for a cluster named by settings)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **kafka)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

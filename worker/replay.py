@@ -49,7 +49,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker.kafka_io import make_producer
+from worker.kafka_io import make_producer, security_options
 from worker.settings import Settings
 from worker.timeutil import now_ms
 from worker.topic_reader import (
@@ -279,7 +279,7 @@ def _partitions(topics: Mapping[str, list[int]], topic: str) -> list[int]:
 
 
 async def final_result_ids(
-    bootstrap: str, results_topic: str, *, since_ms: int | None = None
+    bootstrap: str, results_topic: str, *, since_ms: int | None = None, **kafka: Any
 ) -> set[str]:
     """The ``command_id`` of every final result (:data:`FINAL_RESULT_TYPES`) on the topic.
 
@@ -290,8 +290,10 @@ async def final_result_ids(
     objects, and results of any other type (``cancel.duplicate`` included), are ignored.
     Raises :class:`ReplayArgumentError` when the topic does not exist, :class:`ReplayError`
     when the read stalls, and aiokafka's ``KafkaError`` when the cluster cannot be
-    reached."""
-    reader = ResultsReader(bootstrap, results_topic, client_id="cancel-worker-replay-results")
+    reached. ``kafka``: more client options (TLS, SASL: ``security_options``)."""
+    reader = ResultsReader(
+        bootstrap, results_topic, client_id="cancel-worker-replay-results", **kafka
+    )
     ids: set[str] = set()
     try:
         await reader.start()
@@ -454,6 +456,7 @@ async def replay(
             settings.bootstrap_servers,
             settings.kafka_request_timeout_ms,
             client_id="cancel-worker-replay-admin",
+            **security_options(settings),
         )
     except KafkaError as exc:
         raise ReplayError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
@@ -470,6 +473,7 @@ async def replay(
         settings.bootstrap_servers,
         f"{settings.client_id}-replay",
         settings.kafka_request_timeout_ms,
+        **security_options(settings),
     )
     try:
         await consumer.start()
@@ -486,7 +490,9 @@ async def replay(
         )
         processed: set[str] = set()
         if request.skip_processed:
-            processed = await final_result_ids(settings.bootstrap_servers, settings.results_topic)
+            processed = await final_result_ids(
+                settings.bootstrap_servers, settings.results_topic, **security_options(settings)
+            )
         log.info(
             "replay %s -> %s ranges=%s dry_run=%s skip_processed=%s",
             source,

@@ -8,6 +8,8 @@ Configuration is checked before anything starts: an unknown ``CANCEL_WORKER_*`` 
 TOML key (with a did-you-mean), a value of the wrong kind, a number out of its range or
 settings that cannot work together raise :class:`SettingsError`, whose message names the
 variable, the value and what is allowed.
+
+Secrets (:data:`SECRETS`) are never shown: not in ``repr``, not in an error message.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -39,6 +41,14 @@ MAX_TRANSACTION_TIMEOUT_MS = 900_000
 MAX_RECV_WINDOW_MS = 60_000  # the exchange refuses a larger recvWindow
 INT32_MAX = 2**31 - 1  # Kafka protocol timeouts are 32-bit
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+# Kafka client security (aiokafka's security_protocol and sasl_mechanism values).
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
+KAFKA_SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+KAFKA_TLS_FILES = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+SECRETS = frozenset({"kafka_ssl_key_password", "kafka_sasl_password"})
+"""Settings whose values are never shown (``repr``, error messages)."""
 
 # CANCEL_WORKER_* environment names that are not settings, accepted and ignored (any other
 # unknown CANCEL_WORKER_* name is a configuration error). Nothing in this repository sets or
@@ -74,6 +84,16 @@ class Settings:
     transactional_id_prefix: str = ""  # empty: the group id
     transaction_timeout_ms: int = 300_000
     kafka_request_timeout_ms: int = 30_000
+    # Kafka TLS and SASL, for every Kafka client (worker.kafka_io.security_options). TLS
+    # files are PEM; without a CA file the system's CAs verify the brokers.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None  # a client certificate (mutual TLS)
+    kafka_ssl_keyfile: Path | None = None  # its private key, if not in the certificate file
+    kafka_ssl_key_password: str = field(default="", repr=False)
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
     # Pipeline
     max_in_flight: int = 256
     max_buffered_per_partition: int = 1000
@@ -124,6 +144,7 @@ class Settings:
             bound.check(name, getattr(self, name))
         _check_text(self)
         _check_relations(self)
+        _check_kafka_security(self)
         return self
 
 
@@ -248,7 +269,8 @@ def _check_kinds(s: Settings) -> None:
                     f"{env_name(f.name)} must be a finite number: got {_show(value)}"
                 )
         if f.type == "str" and not isinstance(value, str):
-            raise SettingsError(f"{env_name(f.name)} must be text: got {_show(value)}")
+            shown = f"a {type(value).__name__}" if f.name in SECRETS else _show(value)
+            raise SettingsError(f"{env_name(f.name)} must be text: got {shown}")
 
 
 def _one_of(name: str, value: str, allowed: Iterable[str], *, fold: bool = False) -> None:
@@ -353,6 +375,55 @@ def _check_relations(s: Settings) -> None:
                 f"{env_name('rate_guard_ms')} must be at most half of {env_name(window)} "
                 f"({getattr(s, window)}): got {s.rate_guard_ms}"
             )
+
+
+def _check_kafka_security(s: Settings) -> None:
+    """The Kafka TLS and SASL settings: values, files, and what goes with what. Loading the
+    TLS material itself (a CA that is not a certificate, a wrong key password) is checked
+    where the clients' options are built, ``worker.kafka_io.security_options``."""
+    protocol_name = env_name("kafka_security_protocol")
+    _one_of("kafka_security_protocol", s.kafka_security_protocol, KAFKA_SECURITY_PROTOCOLS)
+    _one_of("kafka_sasl_mechanism", s.kafka_sasl_mechanism, KAFKA_SASL_MECHANISMS)
+    protocol = s.kafka_security_protocol
+    if protocol not in KAFKA_TLS_PROTOCOLS:
+        for name in (*KAFKA_TLS_FILES, "kafka_ssl_key_password"):
+            if getattr(s, name):
+                raise SettingsError(
+                    f"{env_name(name)} is set, but {protocol_name} is {protocol}: "
+                    "TLS settings need SSL or SASL_SSL"
+                )
+    if protocol not in KAFKA_SASL_PROTOCOLS:
+        for name in ("kafka_sasl_username", "kafka_sasl_password"):
+            if getattr(s, name):
+                raise SettingsError(
+                    f"{env_name(name)} is set, but {protocol_name} is {protocol}: "
+                    "SASL settings need SASL_PLAINTEXT or SASL_SSL"
+                )
+    else:
+        for name in ("kafka_sasl_username", "kafka_sasl_password"):
+            if not getattr(s, name):
+                raise SettingsError(
+                    f"{protocol_name} {protocol} needs {env_name('kafka_sasl_username')} and "
+                    f"{env_name('kafka_sasl_password')}: {env_name(name)} is not set"
+                )
+    if s.kafka_ssl_certfile is None:
+        for name in ("kafka_ssl_keyfile", "kafka_ssl_key_password"):
+            if getattr(s, name):
+                raise SettingsError(
+                    f"{env_name(name)} needs {env_name('kafka_ssl_certfile')}: "
+                    "the key belongs to a client certificate"
+                )
+    for name in KAFKA_TLS_FILES:
+        path = getattr(s, name)
+        if path is None:
+            continue
+        try:
+            with Path(path).open("rb") as file:
+                file.read(1)
+        except OSError as exc:
+            raise SettingsError(
+                f"{env_name(name)}: cannot read {path}: {exc.strerror or exc}"
+            ) from None
 
 
 def _did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:

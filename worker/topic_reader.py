@@ -38,8 +38,11 @@ class MissingTopicError(LookupError):
     """The topic to read does not exist."""
 
 
-def reader_consumer(bootstrap: str, client_id: str, request_timeout_ms: int) -> AIOKafkaConsumer:
-    """A consumer without a group, reading committed records only."""
+def reader_consumer(
+    bootstrap: str, client_id: str, request_timeout_ms: int, **kafka: Any
+) -> AIOKafkaConsumer:
+    """A consumer without a group, reading committed records only. ``kafka``: more client
+    options (TLS, SASL: ``worker.kafka_io.security_options``)."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id=client_id,
@@ -50,6 +53,7 @@ def reader_consumer(bootstrap: str, client_id: str, request_timeout_ms: int) -> 
         request_timeout_ms=request_timeout_ms,
         max_partition_fetch_bytes=MAX_RECORD_BYTES,
         fetch_max_bytes=4 * MAX_RECORD_BYTES,
+        **kafka,
     )
 
 
@@ -149,7 +153,8 @@ class ResultsReader:
     asked, everything after it as it arrives (:meth:`follow`).
 
     Only records whose value is a JSON object are yielded; anything else is skipped.
-    Partitions added to the topic after :meth:`start` are not read."""
+    Partitions added to the topic after :meth:`start` are not read. ``kafka``: more client
+    options (TLS, SASL: ``worker.kafka_io.security_options``)."""
 
     def __init__(
         self,
@@ -159,12 +164,14 @@ class ResultsReader:
         client_id: str,
         request_timeout_ms: int = 30_000,
         stall_timeout_s: float = STALL_TIMEOUT_S,
+        **kafka: Any,
     ) -> None:
         self.topic = topic
         self._bootstrap = bootstrap
         self._request_timeout_ms = request_timeout_ms
         self._stall_timeout_s = stall_timeout_s
-        self._consumer = reader_consumer(bootstrap, client_id, request_timeout_ms)
+        self._kafka = kafka
+        self._consumer = reader_consumer(bootstrap, client_id, request_timeout_ms, **kafka)
         self._tps: list[TopicPartition] = []
         self._next: dict[TopicPartition, int] = {}  # where reading goes on, per partition
 
@@ -172,7 +179,9 @@ class ResultsReader:
         """Connect and find the topic's partitions. Raises :class:`MissingTopicError` when the
         topic does not exist and aiokafka's ``KafkaError`` when the cluster cannot be
         reached; :meth:`stop` is needed either way."""
-        parts = (await cluster_topics(self._bootstrap, self._request_timeout_ms)).get(self.topic)
+        parts = (
+            await cluster_topics(self._bootstrap, self._request_timeout_ms, **self._kafka)
+        ).get(self.topic)
         if not parts:
             raise MissingTopicError(f"topic {self.topic!r} does not exist")
         self._tps = [TopicPartition(self.topic, p) for p in parts]
