@@ -1,4 +1,4 @@
-"""``cancel-worker``: run | sim | send | replay | demo | check.
+"""``cancel-worker``: run | sim | send | replay | demo | check | config.
 
 Only this module configures logging handlers.
 """
@@ -16,7 +16,7 @@ import click
 import orjson
 
 from worker.logs import RateLimitFilter
-from worker.settings import KAFKA_TLS_PROTOCOLS, Settings, SettingsError, load_settings
+from worker.settings import KAFKA_TLS_PROTOCOLS, Settings, SettingsError, resolve_settings
 
 
 class _JsonFormatter(logging.Formatter):
@@ -66,13 +66,18 @@ class ConfigurationError(click.ClickException):
         click.echo(f"configuration error: {message}", file=file, err=file is None)
 
 
-def _settings(config: Path | None, **overrides: object) -> Settings:
+def _settings(config: Path | None) -> Settings:
+    return _settings_and_sources(config)[0]
+
+
+def _settings_and_sources(config: Path | None) -> tuple[Settings, dict[str, str]]:
+    """The checked settings and where each value came from (``worker.settings``)."""
     try:
-        settings = load_settings(os.environ, config, **overrides)
+        settings, sources = resolve_settings(os.environ, config)
         _load_kafka_tls(settings)
     except SettingsError as exc:
         raise ConfigurationError(str(exc)) from None
-    return settings
+    return settings, sources
 
 
 def _load_kafka_tls(settings: Settings) -> None:
@@ -384,6 +389,23 @@ def check(config: Path | None, create_topics: bool, partitions: int, taxonomy: b
         }
         asyncio.run(ensure_topics(settings.bootstrap_servers, topics, **security_options(settings)))
         click.echo(f"topics ready on {settings.bootstrap_servers}: {', '.join(topics)}")
+
+
+@cli.command("config")
+@config_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object: each setting's value, source and variable.",
+)
+def config_command(config: Path | None, as_json: bool) -> None:
+    """Print every setting, its value and its source (default, file, env); secrets redacted."""
+    from worker.config_report import config_entries, render_json, render_text  # noqa: PLC0415
+
+    settings, sources = _settings_and_sources(config)
+    entries = config_entries(settings, sources)
+    click.echo(render_json(entries, config) if as_json else render_text(entries, config))
 
 
 def main() -> None:

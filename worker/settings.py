@@ -10,6 +10,7 @@ settings that cannot work together raise :class:`SettingsError`, whose message n
 variable, the value and what is allowed.
 
 Secrets (:data:`SECRETS`) are never shown: not in ``repr``, not in an error message.
+:func:`resolve_settings` also says where each value came from (``cancel-worker config``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ KAFKA_SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 KAFKA_TLS_FILES = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
 SECRETS = frozenset({"kafka_ssl_key_password", "kafka_sasl_password"})
-"""Settings whose values are never shown (``repr``, error messages)."""
+"""Settings whose values are never shown (``repr``, messages, ``cancel-worker config``)."""
+
+# Where a value came from, lowest precedence first (``cancel-worker config`` prints it).
+SOURCE_DEFAULT = "default"
+SOURCE_FILE = "file"
+SOURCE_ENV = "env"
+SOURCE_OVERRIDE = "override"
 
 # CANCEL_WORKER_* environment names that are not settings, accepted and ignored (any other
 # unknown CANCEL_WORKER_* name is a configuration error). Nothing in this repository sets or
@@ -468,22 +475,37 @@ def _from_file(config_file: Path, known: Mapping[str, object]) -> dict[str, obje
     return values
 
 
-def load_settings(
+def resolve_settings(
     environ: Mapping[str, str], config_file: Path | None = None, **overrides: object
-) -> Settings:
-    """Build settings from defaults, an optional TOML file, the environment, then overrides."""
+) -> tuple[Settings, dict[str, str]]:
+    """Build settings from defaults, an optional TOML file, the environment, then overrides
+    (each wins over the ones before it), and say where each value came from: every field's
+    name maps to :data:`SOURCE_DEFAULT`, :data:`SOURCE_FILE`, :data:`SOURCE_ENV` or
+    :data:`SOURCE_OVERRIDE`. The one place that decides precedence."""
     known = {f.name: f.type for f in fields(Settings)}
+    sources = dict.fromkeys(known, SOURCE_DEFAULT)
     values = _from_file(config_file, known) if config_file is not None else {}
+    sources.update(dict.fromkeys(values, SOURCE_FILE))
     for key, raw in sorted(environ.items()):
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name in known:
             values[name] = _coerce(name, known[name], raw)
+            sources[name] = SOURCE_ENV
         elif not OTHER_ENV_NAMES.fullmatch(key):
             hint = _did_you_mean(name.upper(), (n.upper() for n in known), ENV_PREFIX)
             raise SettingsError(f"unknown environment variable {key}{hint}")
     for field_name, value in overrides.items():
         if value is not None:
             values[field_name] = _coerce(field_name, known[field_name], value)
-    return dataclasses.replace(Settings(), **values).check()  # type: ignore[arg-type]
+            sources[field_name] = SOURCE_OVERRIDE
+    settings = dataclasses.replace(Settings(), **values).check()  # type: ignore[arg-type]
+    return settings, sources
+
+
+def load_settings(
+    environ: Mapping[str, str], config_file: Path | None = None, **overrides: object
+) -> Settings:
+    """Build settings from defaults, an optional TOML file, the environment, then overrides."""
+    return resolve_settings(environ, config_file, **overrides)[0]
