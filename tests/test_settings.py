@@ -640,7 +640,6 @@ CLI_CASES = [
     Case("accounts-typo", {}, "unknown field 'secret_flie'", accounts=BAD_ACCOUNTS),
     Case("accounts-missing", {f"{W}ACCOUNTS_FILE": "/nonexistent/a.toml"}, "cannot read"),
     Case("metrics-busy", {}, f"{W}METRICS_PORT", accounts=GOOD_ACCOUNTS, metrics_port_in_use=True),
-    Case("check", {}, "unknown field 'secret_flie'", args=("check",), accounts=BAD_ACCOUNTS),
     Case("check-env", {f"{W}HTTP_TIMEOUT_S": "0"}, "HTTP_TIMEOUT_S", args=("check",)),
     Case(
         "kafka-sasl",

@@ -113,51 +113,78 @@ def _private_key_signer(
     raise AccountsError(f"account {alias!r}: private key must be Ed25519 or RSA")
 
 
-def parse_accounts(data: dict[str, Any], base: Path) -> dict[str, Credentials]:
-    """Build credentials from parsed TOML; ``base`` resolves relative file paths."""
+def _tables(data: dict[str, Any]) -> dict[str, Any]:
+    """The ``[accounts.<alias>]`` tables, after checking the file's top level."""
     for name in data:
         if name not in TABLES:
             raise _unknown("unknown top-level table or key", name, TABLES)
     accounts = data.get("accounts")
     if not isinstance(accounts, dict) or not accounts:
         raise AccountsError("no [accounts.<alias>] tables")
-    result: dict[str, Credentials] = {}
-    for alias, entry in accounts.items():
-        if not isinstance(entry, dict):
-            raise AccountsError(f"account {alias!r} must be a table")
-        for name in entry:
-            if name not in FIELDS:
-                raise _unknown(f"account {alias!r}: unknown field", name, FIELDS)
-        api_key = _value(alias, entry, "api_key", base)
-        if not api_key:
-            raise AccountsError(f"account {alias!r}: api_key is required")
-        secret = _value(alias, entry, "secret", base)
-        pem_path = entry.get("private_key_file")
-        if (secret is None) == (pem_path is None):
-            raise AccountsError(
-                f"account {alias!r}: give exactly one of secret or private_key_file"
-            )
-        if secret is not None:
-            result[alias] = Credentials(alias, api_key, HmacSigner(secret), hmac_secret=secret)
-            continue
-        pem = _read(alias, "private_key", base, pem_path)
-        passphrase = _value(alias, entry, "private_key_passphrase", base)
-        signer, public = _private_key_signer(alias, pem, passphrase)
-        result[alias] = Credentials(alias, api_key, signer, public_key=public)
-    return result
+    return accounts
 
 
-def load_accounts(path: Path) -> dict[str, Credentials]:
-    """Read and parse the accounts file."""
+def parse_account(alias: str, entry: object, base: Path) -> Credentials:
+    """One account's credentials from its table; ``base`` resolves relative file paths."""
+    if not isinstance(entry, dict):
+        raise AccountsError(f"account {alias!r} must be a table")
+    for name in entry:
+        if name not in FIELDS:
+            raise _unknown(f"account {alias!r}: unknown field", name, FIELDS)
+    api_key = _value(alias, entry, "api_key", base)
+    if not api_key:
+        raise AccountsError(f"account {alias!r}: api_key is required")
+    secret = _value(alias, entry, "secret", base)
+    pem_path = entry.get("private_key_file")
+    if (secret is None) == (pem_path is None):
+        raise AccountsError(f"account {alias!r}: give exactly one of secret or private_key_file")
+    if secret is not None:
+        return Credentials(alias, api_key, HmacSigner(secret), hmac_secret=secret)
+    pem = _read(alias, "private_key", base, pem_path)
+    passphrase = _value(alias, entry, "private_key_passphrase", base)
+    signer, public = _private_key_signer(alias, pem, passphrase)
+    return Credentials(alias, api_key, signer, public_key=public)
+
+
+def parse_accounts(data: dict[str, Any], base: Path) -> dict[str, Credentials]:
+    """Build credentials from parsed TOML; ``base`` resolves relative file paths."""
+    return {alias: parse_account(alias, entry, base) for alias, entry in _tables(data).items()}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise AccountsError(f"cannot read accounts file {path}: {exc.strerror}") from exc
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise AccountsError(f"accounts file {path} is not valid TOML: {exc}") from exc
+
+
+def load_accounts(path: Path) -> dict[str, Credentials]:
+    """Read and parse the accounts file."""
+    data = _read_toml(path)
     try:
         return parse_accounts(data, path.parent)
     except AccountsError as exc:
         raise AccountsError(f"accounts file {path}: {exc}") from None
+
+
+def load_each_account(path: Path) -> dict[str, Credentials | AccountsError]:
+    """Every account of the file, loaded on its own: its credentials, or why they cannot
+    be loaded (``cancel-worker check`` names every broken account, not the first one).
+    Raises :class:`AccountsError` for what spoils the whole file (unreadable, not TOML, no
+    ``[accounts.<alias>]`` table, an unknown top-level name)."""
+    data = _read_toml(path)
+    try:
+        tables = _tables(data)
+    except AccountsError as exc:
+        raise AccountsError(f"accounts file {path}: {exc}") from None
+    each: dict[str, Credentials | AccountsError] = {}
+    for alias, entry in tables.items():
+        try:
+            each[alias] = parse_account(alias, entry, path.parent)
+        except AccountsError as exc:
+            each[alias] = exc
+    return each

@@ -362,33 +362,67 @@ def demo(keep: bool, verbose: bool) -> None:
 
 @cli.command()
 @config_option
-@click.option("--create-topics", is_flag=True, help="Create missing topics.")
+@click.option("--create-topics", is_flag=True, help="Create missing topics first.")
 @click.option("--partitions", default=6, show_default=True, help="For --create-topics.")
+@click.option(
+    "--ping",
+    "ping_exchange",
+    is_flag=True,
+    help="Also send each account one signed read-only request (weight 1) to the exchange.",
+)
+@click.option(
+    "--timeout",
+    "kafka_timeout_s",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds the broker, then the topics, may take to answer.",
+)
+@click.option(
+    "--skip",
+    multiple=True,
+    type=click.Choice(["broker", "topics", "accounts", "clock"]),
+    help="Leave a check out (repeatable), e.g. clock for a job that only creates topics.",
+)
 @click.option("--taxonomy", is_flag=True, help="Print the error taxonomy table and exit.")
-def check(config: Path | None, create_topics: bool, partitions: int, taxonomy: bool) -> None:
-    """Check settings, accounts and topics (optionally create the topics)."""
+def check(
+    config: Path | None,
+    create_topics: bool,
+    partitions: int,
+    ping_exchange: bool,
+    kafka_timeout_s: float,
+    skip: tuple[str, ...],
+    taxonomy: bool,
+) -> None:
+    """Check settings, broker, topics, accounts and the exchange clock (and, with --ping,
+    each account's key at the exchange): one line per check, then a summary.
+
+    Exit codes: 0 every check passed, 1 a check failed, 2 configuration error."""
     if taxonomy:
         from worker.errors import taxonomy_markdown  # noqa: PLC0415
 
         click.echo(taxonomy_markdown())
         return
-    from worker.app import ConfigError, load_worker_accounts  # noqa: PLC0415
-    from worker.kafka_io import ensure_topics, security_options  # noqa: PLC0415
+    from worker.checkup import run_checks  # noqa: PLC0415
 
-    settings = _settings(config)
-    try:
-        accounts = load_worker_accounts(settings)
-    except ConfigError as exc:
-        raise ConfigurationError(str(exc)) from None
-    click.echo(f"accounts: {', '.join(f'{a} ({c.key_kind})' for a, c in sorted(accounts.items()))}")
-    if create_topics:
-        topics = {
-            settings.commands_topic: partitions,
-            settings.results_topic: partitions,
-            settings.deadletter_topic: 1,
-        }
-        asyncio.run(ensure_topics(settings.bootstrap_servers, topics, **security_options(settings)))
-        click.echo(f"topics ready on {settings.bootstrap_servers}: {', '.join(topics)}")
+    settings, sources = _settings_and_sources(config)
+    # The report says what failed; library logs (aiokafka's connection errors) add nothing.
+    configure_logging("CRITICAL", settings.log_format)
+    report = asyncio.run(
+        run_checks(
+            settings,
+            sources,
+            config_file=config,
+            create_topics=create_topics,
+            partitions=partitions,
+            ping_exchange=ping_exchange,
+            kafka_timeout_s=kafka_timeout_s,
+            skip=skip,
+        )
+    )
+    for line in report.lines():
+        click.echo(line)
+    sys.exit(0 if report.ok else 1)
 
 
 @cli.command("config")
