@@ -92,6 +92,13 @@ async def test_metrics_are_refreshed_then_served_as_prometheus_text(
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     assert probes.refreshed == 1
+    probes.ready = [Check("clock", False, "never read")]
+    families = {
+        f.name: f for f in text_string_to_metric_families((await http.get(METRICS_PATH)).text)
+    }
+    assert [s.value for s in families["cancel_worker_ready"].samples] == [0]
+    assert [s.value for s in families["cancel_worker_healthy"].samples] == [1]
+    probes.ready = [Check("clock", True, "read")]
     families = {f.name: f for f in text_string_to_metric_families(r.text)}
     oldest = families["cancel_worker_oldest_in_flight_seconds"]
     assert [s.value for s in oldest.samples] == [7.5]

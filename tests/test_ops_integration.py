@@ -211,5 +211,11 @@ async def test_a_worker_waiting_for_kafka_is_alive_and_not_ready(
             await asyncio.sleep(1.0)
             assert probe(http, LIVENESS_PATH)[0] == 200  # waiting is not wedged
             assert probe(http, READINESS_PATH)[0] == 503
+        # SIGTERM while it waits for Kafka: it stops starting, at once and cleanly.
+        t0 = time.monotonic()
+        code = worker.stop(timeout_s=15)
+        assert code == 0, worker.output()[-3000:]
+        assert time.monotonic() - t0 < 10
+        assert "stopped before it started" in worker.output()
     finally:
         worker.stop()

@@ -420,22 +420,30 @@ async def serve(settings: Settings) -> ExitCode:
 
 async def _serve(settings: Settings, worker: Worker, accounts: int) -> ExitCode:
     loop = asyncio.get_running_loop()
+    starting = asyncio.current_task()
+    signals = 0
+    stopped_while_starting = False
+
+    def on_signal(signame: str) -> None:
+        nonlocal signals, stopped_while_starting
+        signals += 1
+        if signals > 1:
+            log.error("%s again: exiting at once with code %d", signame, ExitCode.FORCED)
+            os._exit(ExitCode.FORCED)
+        if worker.pipeline.loop_at is None and starting is not None:
+            # Still starting (waiting for Kafka, say): nothing is in hand; stop starting.
+            log.info("%s while starting: stopping", signame)
+            stopped_while_starting = True
+            starting.cancel()
+        else:
+            log.info("%s: stopping (fetch stops, in-flight finish, commit)", signame)
+            worker.stop()
+
+    # Installed before anything starts, so a stop while Kafka is awaited is honoured too.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
     try:
         async with worker:
-            signals = 0
-
-            def on_signal(signame: str) -> None:
-                nonlocal signals
-                signals += 1
-                if signals == 1:
-                    log.info("%s: stopping (fetch stops, in-flight finish, commit)", signame)
-                    worker.stop()
-                else:
-                    log.error("%s again: exiting at once with code %d", signame, ExitCode.FORCED)
-                    os._exit(ExitCode.FORCED)
-
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, on_signal, sig.name)
             log.info(
                 "worker started: group=%s commands=%s results=%s papi=%s accounts=%d",
                 settings.group_id,
@@ -444,7 +452,14 @@ async def _serve(settings: Settings, worker: Worker, accounts: int) -> ExitCode:
                 settings.papi_url,
                 accounts,
             )
+            # From here a signal stops the pipeline instead of cancelling this task.
+            starting = None
             report = await worker.run()
+    except asyncio.CancelledError:
+        if not stopped_while_starting:
+            raise
+        log.info("worker stopped before it started")
+        return ExitCode.OK
     except ConfigError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG

@@ -173,7 +173,12 @@ class OpsServer:
             return _json(405, "only GET and HEAD")
         try:
             if path == METRICS_PATH:
+                # The health gauges say what the probes would answer now, whether or not
+                # anything asks the probes (a compose stack has no kubelet).
                 self._probes.refresh_metrics()
+                live, ready = self._probes.liveness(), self._probes.readiness()
+                metrics.HEALTHY.set(1 if all(c.ok for c in live) else 0)
+                metrics.READY.set(1 if all(c.ok for c in ready) else 0)
                 return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
             probe: Callable[[], Sequence[Check]] = (
                 self._probes.liveness if path == LIVENESS_PATH else self._probes.readiness
