@@ -24,8 +24,11 @@ others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +99,58 @@ def _plural(count: int, word: str) -> str:
 
 def _why(exc: BaseException) -> str:
     """An exception in a detail line: its class and, if it says more, its message."""
+    name = type(exc).__name__
     text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+class _KafkaErrors(logging.Handler):
+    """The last connection error aiokafka logs: its exceptions only say "Unable to bootstrap",
+    the cause (authentication failed, connection closed) is in its log. Only ERROR records
+    are kept; aiokafka logs the SASL exchange itself at DEBUG, never seen here."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = " ".join(record.getMessage().split())
+
+
+@contextlib.contextmanager
+def _kafka_errors() -> Iterator[_KafkaErrors]:
+    """Catch aiokafka's ERROR records for the duration (they are not printed meanwhile)."""
+    logger = logging.getLogger("aiokafka")
+    handler = _KafkaErrors()
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR)
+    logger.propagate = False
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def _kafka_cause(exc: BaseException, logged: str | None, settings: Settings) -> str:
+    """Why a Kafka client could not connect, with no password in it."""
+    if logged is None:
+        cause = _why(exc)
+    else:
+        cause = re.sub(r'^Unable connect to "[^"]*": ', "", logged)
+        if "closed" in cause:
+            cause += (
+                f" (the broker hung up: does {env_name('kafka_security_protocol')} match its "
+                "listener, and does it accept the client certificate?)"
+            )
+    for secret in (settings.kafka_sasl_password, settings.kafka_ssl_key_password):
+        if secret:
+            cause = cause.replace(secret, "<redacted>")
+    return cause
 
 
 # -- settings ----------------------------------------------------------------------------------
@@ -129,18 +182,20 @@ async def check_broker(settings: Settings, timeout_s: float) -> CheckResult:
         **security_options(settings),
     )
     started = time.monotonic()
-    try:
-        await asyncio.wait_for(admin.start(), timeout_s)
-        left = max(0.001, timeout_s - (time.monotonic() - started))
-        cluster: dict[str, Any] = await asyncio.wait_for(admin.describe_cluster(), left)
-    except TimeoutError:
-        return CheckResult(
-            "broker", False, f"no answer from {_where(settings)} within {timeout_s:g}s"
-        )
-    except (KafkaError, OSError) as exc:
-        return CheckResult("broker", False, f"cannot reach {_where(settings)}: {_why(exc)}")
-    finally:
-        await admin.close()
+    with _kafka_errors() as logged:
+        try:
+            await asyncio.wait_for(admin.start(), timeout_s)
+            left = max(0.001, timeout_s - (time.monotonic() - started))
+            cluster: dict[str, Any] = await asyncio.wait_for(admin.describe_cluster(), left)
+        except TimeoutError:
+            return CheckResult(
+                "broker", False, f"no answer from {_where(settings)} within {timeout_s:g}s"
+            )
+        except (KafkaError, OSError) as exc:
+            cause = _kafka_cause(exc, logged.last, settings)
+            return CheckResult("broker", False, f"cannot reach {_where(settings)}: {cause}")
+        finally:
+            await admin.close()
     took_ms = (time.monotonic() - started) * 1000
     brokers = len(cluster.get("brokers") or [])
     return CheckResult(
@@ -166,6 +221,18 @@ async def check_topics(
     """The three topics exist (created first if asked), with their partition counts."""
     wanted = wanted_topics(settings, partitions)
     request_ms = max(1, int(timeout_s * 1000))
+    with _kafka_errors() as logged:
+        return await _topics_result(settings, wanted, timeout_s, request_ms, create, logged)
+
+
+async def _topics_result(
+    settings: Settings,
+    wanted: Mapping[str, int],
+    timeout_s: float,
+    request_ms: int,
+    create: bool,
+    logged: _KafkaErrors,
+) -> CheckResult:
     try:
         if create:
             await asyncio.wait_for(
@@ -187,7 +254,8 @@ async def check_topics(
         )
     except (KafkaError, OSError) as exc:
         action = "create" if create else "list"
-        return CheckResult("topics", False, f"cannot {action} the topics: {_why(exc)}")
+        cause = _kafka_cause(exc, logged.last, settings)
+        return CheckResult("topics", False, f"cannot {action} the topics: {cause}")
     present = [
         f"{name} ({_plural(len(topics[name]), 'partition')})" for name in wanted if name in topics
     ]
