@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 import subprocess
@@ -648,3 +649,20 @@ def test_the_cli_refuses_a_wrong_key_password_in_one_line(
         f"configuration error: {W}KAFKA_SSL_KEY_PASSWORD does not decrypt the private key "
         f"in {tls.key} ({W}KAFKA_SSL_KEYFILE): wrong password"
     ]
+
+
+def test_aiokafka_never_logs_below_warning_even_at_debug() -> None:
+    """aiokafka logs the SASL exchange at DEBUG, and with PLAIN the password is in it: the
+    worker's logging keeps aiokafka at WARNING whatever LOG_LEVEL says."""
+    from worker.cli import configure_logging  # noqa: PLC0415
+
+    root = logging.getLogger()
+    kept = (root.level, root.handlers[:], logging.getLogger("aiokafka").level)
+    try:
+        configure_logging("DEBUG")
+        assert logging.getLogger("aiokafka.conn").getEffectiveLevel() == logging.WARNING
+        assert not logging.getLogger("aiokafka.conn").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(kept[0])
+        root.handlers[:] = kept[1]
+        logging.getLogger("aiokafka").setLevel(kept[2])
