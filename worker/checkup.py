@@ -16,6 +16,10 @@ Each check gives one :class:`CheckResult` (ok or not, and a one-line detail), in
   (``GET /papi/v1/um/algo/openAlgoOrders?symbol=BTCUSDT``): ok, or the exchange's error
   code and message (-2015 for a key it does not know, -1022 for a wrong secret).
 
+``skip`` (the CLI's ``--skip``) leaves broker, topics, accounts or clock checks out: a job
+that only creates the topics need not reach the exchange. When Kafka refuses, the detail is
+the cause aiokafka logs (its exceptions only say it could not bootstrap).
+
 No detail ever holds a key, a secret, a signature or the user information of a URL. A
 check that raises something unforeseen fails with the error's name, it does not stop the
 others.
