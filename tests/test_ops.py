@@ -198,10 +198,7 @@ async def idle_worker(accounts_file: Path) -> AsyncIterator[Worker]:
     try:
         yield worker
     finally:
-        await worker._consumer.stop()  # never started: closed all the same
-        await worker._producer.stop()
-        await worker._client.aclose()
-        await worker.clock.aclose()
+        await worker.discard()
 
 
 def _by_name(checks: Sequence[Check]) -> dict[str, Check]:

@@ -265,6 +265,13 @@ class Worker:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    async def discard(self) -> None:
+        """Close the clients of a worker that is not going to start."""
+        await self._consumer.stop()
+        await self._producer.stop()
+        await self._client.aclose()
+        await self.clock.aclose()
+
     async def run(self) -> RunReport:
         watch = asyncio.create_task(watch_kafka(self._producer, self.pipeline), name="kafka-watch")
         try:
@@ -410,7 +417,11 @@ async def serve(settings: Settings) -> ExitCode:
         # Up before Kafka is: liveness passes and readiness says "starting" meanwhile.
         # A port that cannot be bound raises OSError here (the CLI reports it, exit 2).
         ops = OpsServer(settings.metrics_host, settings.metrics_port, worker)
-        await ops.start()
+        try:
+            await ops.start()
+        except OSError:
+            await worker.discard()  # its clients were made, never started
+            raise
     try:
         return await _serve(settings, worker, len(accounts))
     finally:
