@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.secure_broker import FORMAT_ARGS, PASSWORD, USER, SecureBroker, secure_listener
 from tests.support import SimControl, write_accounts
 from worker.accounts import Credentials, load_accounts
-from worker.tools.devstack import Broker, Process, start_broker, start_sim
+from worker.tools.devstack import Broker, Process, free_port, start_broker, start_sim
 
 # CI runs the same examples every time (a red run must be reproducible); locally,
 # hypothesis explores new ones on every run.
@@ -51,12 +52,38 @@ def accounts(accounts_file: Path) -> dict[str, Credentials]:
 
 
 @pytest.fixture(scope="session")
-def broker(session_dir: Path) -> Iterator[Broker]:
-    b = start_broker(session_dir / "kafka")
+def _session_broker(session_dir: Path) -> Iterator[tuple[Broker, SecureBroker]]:
+    """The session's one broker: a PLAINTEXT listener for most tests, and a SASL_SSL
+    listener with mutual TLS for the TLS/SASL tests (tests/secure_broker.py)."""
+    port, secure_port, controller_port = free_port(), free_port(), free_port()
+    properties, tls = secure_listener(
+        session_dir / "kafka-secure",
+        port=port,
+        secure_port=secure_port,
+        controller_port=controller_port,
+    )
+    b = start_broker(
+        session_dir / "kafka",
+        port=port,
+        controller_port=controller_port,
+        extra_config=properties,
+        format_args=FORMAT_ARGS,
+    )
     try:
-        yield b
+        yield b, SecureBroker(secure_port, tls, USER, PASSWORD)
     finally:
         b.stop()
+
+
+@pytest.fixture(scope="session")
+def broker(_session_broker: tuple[Broker, SecureBroker]) -> Broker:
+    return _session_broker[0]
+
+
+@pytest.fixture(scope="session")
+def secured(_session_broker: tuple[Broker, SecureBroker]) -> SecureBroker:
+    """The session broker's SASL_SSL listener (advertised as localhost)."""
+    return _session_broker[1]
 
 
 @pytest.fixture(scope="session")

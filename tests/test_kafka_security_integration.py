@@ -1,5 +1,5 @@
 """The TLS/SASL options against a real broker that demands them: a SASL_SSL listener with
-mutual TLS (``tests/secure_broker.py``, the project's pinned broker).
+mutual TLS: the session broker's second listener (``tests/secure_broker.py``).
 
 The worker itself (its group consumer, the transactional producers, the duplicate window's
 reader, the start-up wait and topic check) and the client library's ``from_settings`` answer
@@ -15,14 +15,13 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-from tests.secure_broker import SecureBroker, secure_broker
+from tests.secure_broker import KEY_PASSWORD, SecureBroker
 from tests.support import SimControl, Topics, running_worker, worker_settings
-from tests.tls_material import TlsFiles, write_tls_material
 from worker.client import CancelClient, StrategyCanceled
 from worker.kafka_io import ensure_topics, security_options
 from worker.settings import ENV_PREFIX, Settings
@@ -31,18 +30,6 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 W = ENV_PREFIX
-KEY_PASSWORD = "client-key-password-never-shown"
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return write_tls_material(tmp_path_factory.mktemp("tls"), password=KEY_PASSWORD)
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory, tls: TlsFiles) -> Iterator[SecureBroker]:
-    with secure_broker(tmp_path_factory.mktemp("secure-kafka"), tls) as broker:
-        yield broker
 
 
 def _security(broker: SecureBroker, mechanism: str = "SCRAM-SHA-512") -> dict[str, object]:

@@ -3,6 +3,7 @@
 #
 #   kafka.sh fetch                       resolve the pinned broker jars (deploy/kafka/pom.xml)
 #   kafka.sh start  [--port P] [--controller-port C] [--data-dir D] [--timeout S]
+#                   [--extra-config F] [--format-arg A]...
 #   kafka.sh stop   [--data-dir D]
 #   kafka.sh status [--data-dir D]
 #
@@ -10,6 +11,9 @@
 # and returns only once the broker accepts connections and has logged that it started.
 # The pid, server.properties and broker log live in the data dir, so several brokers
 # (one per test session, say) can run side by side with different dirs and ports.
+# --extra-config appends a properties file to the generated configuration (a later key
+# overrides an earlier one: e.g. more listeners); --format-arg passes an argument to the
+# storage format on first start (e.g. --add-scram for SCRAM users).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,6 +22,8 @@ PORT="${KAFKA_PORT:-19092}"
 CPORT="${KAFKA_CONTROLLER_PORT:-19093}"
 DATA="${KAFKA_DATA_DIR:-$HERE/../../.local/kafka}"
 TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
+EXTRA=""
+FORMAT_ARGS=()
 HEAP="${KAFKA_HEAP:-512m}"
 
 cmd="${1:-}"; shift || true
@@ -27,6 +33,8 @@ while [ $# -gt 0 ]; do
     --controller-port) CPORT="$2"; shift 2;;
     --data-dir) DATA="$2"; shift 2;;
     --timeout) TIMEOUT="$2"; shift 2;;
+    --extra-config) EXTRA="$2"; shift 2;;
+    --format-arg) FORMAT_ARGS+=("$2"); shift 2;;
     *) echo "kafka.sh: unknown option $1" >&2; exit 2;;
   esac
 done
@@ -80,6 +88,7 @@ num.network.threads=2
 num.io.threads=2
 log.retention.hours=24
 PROPS
+  if [ -n "$EXTRA" ]; then cat "$EXTRA" >> "$DATA/server.properties"; fi
   cat > "$DATA/log4j.properties" <<PROPS
 log4j.rootLogger=WARN, file
 log4j.logger.kafka.server.KafkaServer=INFO
@@ -101,7 +110,8 @@ start() {
   if [ ! -f "$DATA/kraft/meta.properties" ]; then
     local cluster; cluster="$(java_cmd "$DATA/log4j.properties" kafka.tools.StorageTool random-uuid)"
     (java_cmd "$DATA/log4j.properties" kafka.tools.StorageTool format \
-        -t "$cluster" -c "$DATA/server.properties" --ignore-formatted >/dev/null)
+        -t "$cluster" -c "$DATA/server.properties" --ignore-formatted \
+        ${FORMAT_ARGS[@]+"${FORMAT_ARGS[@]}"} >/dev/null)
   fi
   : > "$DATA/logs/broker.log"
   java_cmd "$DATA/log4j.properties" kafka.Kafka "$DATA/server.properties" \

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -49,6 +49,7 @@ class Broker:
     data_dir: Path
     port: int
     controller_port: int
+    extra_config: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -56,7 +57,13 @@ class Broker:
 
     def restart(self, timeout_s: int = 180) -> None:
         """Start this broker again after :meth:`stop` (same ports, same data)."""
-        start_broker(self.data_dir, timeout_s, port=self.port, controller_port=self.controller_port)
+        start_broker(
+            self.data_dir,
+            timeout_s,
+            port=self.port,
+            controller_port=self.controller_port,
+            extra_config=self.extra_config,
+        )
 
     def stop(self) -> None:
         subprocess.run(  # noqa: S603 - the project's own script
@@ -67,13 +74,23 @@ class Broker:
 
 
 def start_broker(
-    data_dir: Path, timeout_s: int = 180, *, port: int = 0, controller_port: int = 0
+    data_dir: Path,
+    timeout_s: int = 180,
+    *,
+    port: int = 0,
+    controller_port: int = 0,
+    extra_config: Path | None = None,
+    format_args: Sequence[str] = (),
 ) -> Broker:
     """Start a single-node KRaft broker with the project's script; returns once ready.
 
     Given the ports of a stopped broker and its data dir, this starts that broker again
-    (same cluster, same topics and offsets)."""
-    broker = Broker(data_dir, port or free_port(), controller_port or free_port())
+    (same cluster, same topics and offsets). ``extra_config``: properties appended to the
+    script's (more listeners, say); ``format_args``: for the storage format on first start.
+    """
+    broker = Broker(data_dir, port or free_port(), controller_port or free_port(), extra_config)
+    extra = [] if extra_config is None else ["--extra-config", str(extra_config)]
+    extra += [item for arg in format_args for item in ("--format-arg", arg)]
     result = subprocess.run(  # noqa: S603 - the project's own script
         [
             str(KAFKA_SCRIPT),
@@ -86,6 +103,7 @@ def start_broker(
             str(data_dir),
             "--timeout",
             str(timeout_s),
+            *extra,
         ],
         check=False,
         capture_output=True,
