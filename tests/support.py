@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from worker.contracts import result_validator
 from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
 from worker.settings import ENV_PREFIX, Settings
 from worker.timeutil import now_ms
-from worker.tools.devstack import write_private_key
+from worker.tools.devstack import REPO, cli_argv, write_private_key
 from worker.tools.sim.app import SimConfig
 
 HMAC_ACCOUNTS = {
@@ -267,3 +269,19 @@ async def running_worker(settings: Settings) -> AsyncIterator[Worker]:
         finally:
             worker.stop()
             await asyncio.wait_for(task, 60)
+
+
+def run_cli(
+    *args: str, env: Mapping[str, str], timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``cancel-worker`` in a fresh interpreter, with no CANCEL_WORKER_* setting but ``env``'s."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    return subprocess.run(
+        cli_argv(*args),
+        cwd=REPO,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )

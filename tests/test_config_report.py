@@ -11,15 +11,14 @@ itself uses.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import orjson
 import pytest
 
+from tests.support import run_cli
 from tests.tls_material import write_tls_material
 from worker.config_report import (
     REDACTED,
@@ -47,16 +46,7 @@ NEVER_SHOWN = (SASL_PASSWORD, KEY_PASSWORD, URL_PASSWORD, URL_TOKEN)
 
 
 def _cli(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(W)}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(*args, env=env)
 
 
 # -- sources -----------------------------------------------------------------------------------

@@ -18,10 +18,8 @@ import ast
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 import worker
+from tests.support import run_cli
 from tests.tls_material import TlsFiles, write_tls_material
 from worker.client import CancelClient, CommandProducer, ResultConsumer
 from worker.kafka_io import (
@@ -612,17 +611,8 @@ def test_secrets_are_not_in_repr_or_messages(tls: TlsFiles) -> None:
 
 
 def _cli(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(W)}
-    base[f"{W}BOOTSTRAP_SERVERS"] = "127.0.0.1:9"  # nothing there: a passing config would wait
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    # Nothing listens at this bootstrap: a configuration that passed would wait, not exit.
+    return run_cli(*args, env={f"{W}BOOTSTRAP_SERVERS": "127.0.0.1:9", **env})
 
 
 @pytest.fixture

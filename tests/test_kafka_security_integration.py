@@ -11,9 +11,7 @@ failed check, with no password in the output.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.secure_broker import KEY_PASSWORD, SecureBroker
-from tests.support import SimControl, Topics, running_worker, worker_settings
+from tests.support import SimControl, Topics, run_cli, running_worker, worker_settings
 from worker.client import CancelClient, StrategyCanceled
 from worker.kafka_io import ensure_topics, security_options
 from worker.settings import ENV_PREFIX, Settings
@@ -73,16 +71,7 @@ def _security_names() -> list[str]:
 
 
 def _cli(*args: str, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(W)}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        cwd=ROOT,
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_cli(*args, env=env, timeout_s=120)
 
 
 def _topics() -> Topics:
