@@ -199,3 +199,12 @@ def test_send_all_builds_a_kill_switch() -> None:
         send_command(account="desk-1", market="UM", all=True)
     with pytest.raises(ValueError, match="no order id"):
         send_command(account="desk-1", market="UM", symbol="BTCUSDT", algo_id=5, all=True)
+
+
+def test_the_library_defaults_to_the_worker_s_topics() -> None:
+    """A producer and a reader left at their defaults meet a worker left at its own."""
+    from worker import client  # noqa: PLC0415
+    from worker.settings import Settings  # noqa: PLC0415
+
+    assert client.DEFAULT_COMMANDS_TOPIC == Settings().commands_topic == "papi.cancel.commands"
+    assert client.DEFAULT_RESULTS_TOPIC == Settings().results_topic == "papi.cancel.results"

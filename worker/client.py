@@ -54,8 +54,9 @@ from worker.topic_reader import cluster_topics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COMMANDS_TOPIC = "cancel-commands"
-DEFAULT_RESULTS_TOPIC = "cancel-results"
+# The worker's own defaults: a client left at its defaults talks to a worker left at its own.
+DEFAULT_COMMANDS_TOPIC = Settings.commands_topic
+DEFAULT_RESULTS_TOPIC = Settings.results_topic
 Market = Literal["UM", "CM"]
 
 
