@@ -17,6 +17,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 
 import orjson
@@ -64,14 +65,9 @@ def verdict(checks: Sequence[Check]) -> tuple[int, bytes]:
     return (200 if ok else 503), orjson.dumps(body)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-_REASONS[503] = "Service Unavailable"
-_REASONS[500] = "Internal Server Error"
-
-
 def _response(status: int, content_type: str, body: bytes, *, head: bool = False) -> bytes:
     lines = [
-        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}",
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
         "Cache-Control: no-store",
