@@ -219,17 +219,8 @@ class Worker:
         # the group (its revocation flushes through the transactional producers, so they
         # close after it); HTTP and the clock close last.
         stack = contextlib.AsyncExitStack()
-        bound = self.settings.commit_timeout_s + 5
-        closers = _Closers(bound)
+        closers = self._closers()
         stack.push_async_callback(closers.close_all)
-        # Every close step is registered before its part starts: the Kafka clients exist
-        # from __init__, and one left unclosed after a failed start leaks its connections.
-        closers.add("clock", self.clock.aclose)
-        closers.add("http client", self._client.aclose)
-        if self._transactions is not None:
-            closers.add("transactional producers", self._transactions.close)
-        closers.add("producer", self._producer.stop)
-        closers.add("consumer", self._consumer.stop)
         try:
             await self.clock.start()
             await wait_for_kafka(self.settings)
@@ -265,12 +256,21 @@ class Worker:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    def _closers(self) -> _Closers:
+        """The close steps of the parts made in ``__init__``, registered before any of them
+        starts: a client left unclosed after a failed start leaks its connections."""
+        closers = _Closers(self.settings.commit_timeout_s + 5)
+        closers.add("clock", self.clock.aclose)
+        closers.add("http client", self._client.aclose)
+        if self._transactions is not None:
+            closers.add("transactional producers", self._transactions.close)
+        closers.add("producer", self._producer.stop)
+        closers.add("consumer", self._consumer.stop)
+        return closers
+
     async def discard(self) -> None:
         """Close the clients of a worker that is not going to start."""
-        await self._consumer.stop()
-        await self._producer.stop()
-        await self._client.aclose()
-        await self.clock.aclose()
+        await self._closers().close_all()
 
     async def run(self) -> RunReport:
         watch = asyncio.create_task(watch_kafka(self._producer, self.pipeline), name="kafka-watch")
@@ -289,8 +289,6 @@ class Worker:
     def liveness(self) -> Sequence[Check]:
         """Alive: the loop answers (this runs in it), and neither the fetch loop nor a
         flush has stalled for ``HEALTH_STALL_S``. Starting and stopping are not stalls."""
-        stall = self.settings.health_stall_s
-        now = time.monotonic()
         pipeline = self.pipeline
         checks = [Check("event_loop", True, "answering")]
         if pipeline.loop_at is None:
@@ -298,30 +296,24 @@ class Worker:
         elif pipeline.stopping:
             checks.append(Check("fetch_loop", True, "stopping"))
         else:
-            idle = now - pipeline.loop_at
-            ok = idle <= stall
             checks.append(
-                Check(
-                    "fetch_loop",
-                    ok,
-                    f"came round {idle:.1f}s ago"
-                    + ("" if ok else f", more than HEALTH_STALL_S ({stall:g}s): wedged"),
-                )
+                self._stall_check("fetch_loop", pipeline.loop_at, "came round {:.1f}s ago")
             )
         if pipeline.flush_since is None:
             checks.append(Check("flush", True, "none under way"))
         else:
-            busy = now - pipeline.flush_since
-            ok = busy <= stall
-            checks.append(
-                Check(
-                    "flush",
-                    ok,
-                    f"under way for {busy:.1f}s"
-                    + ("" if ok else f", more than HEALTH_STALL_S ({stall:g}s): wedged"),
-                )
-            )
+            checks.append(self._stall_check("flush", pipeline.flush_since, "under way for {:.1f}s"))
         return checks
+
+    def _stall_check(self, name: str, since: float, detail: str) -> Check:
+        """``name`` is wedged when ``since`` (monotonic) is more than HEALTH_STALL_S ago."""
+        stall = self.settings.health_stall_s
+        elapsed = time.monotonic() - since
+        if elapsed <= stall:
+            return Check(name, True, detail.format(elapsed))
+        return Check(
+            name, False, f"{detail.format(elapsed)}, more than HEALTH_STALL_S ({stall:g}s): wedged"
+        )
 
     def readiness(self) -> Sequence[Check]:
         """Ready: serving, in a healthy group, Kafka and the exchange reachable, not
@@ -407,11 +399,7 @@ async def serve(settings: Settings) -> ExitCode:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG
     metrics.BUILD_INFO.labels(build_version(), platform.python_version()).set(1)
-    try:
-        worker = Worker(settings, accounts)
-    except ConfigError as exc:
-        log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
-        return ExitCode.CONFIG
+    worker = Worker(settings, accounts)
     ops: OpsServer | None = None
     if settings.metrics_port:
         # Up before Kafka is: liveness passes and readiness says "starting" meanwhile.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Protocol
@@ -157,6 +157,15 @@ class OpsServer:
         writer.write(_response(status, ctype, body, head=method == "HEAD"))
         await writer.drain()
 
+    def _probe(self, path: str) -> Sequence[Check]:
+        """Run the liveness or readiness probe; its gauge says whether it passed."""
+        if path == LIVENESS_PATH:
+            checks, gauge = self._probes.liveness(), metrics.HEALTHY
+        else:
+            checks, gauge = self._probes.readiness(), metrics.READY
+        gauge.set(1 if all(c.ok for c in checks) else 0)
+        return checks
+
     def answer(self, method: str, path: str) -> tuple[int, str, bytes]:
         """Status, content type and body for one request (no I/O)."""
         if path not in (METRICS_PATH, LIVENESS_PATH, READINESS_PATH):
@@ -172,18 +181,12 @@ class OpsServer:
                 # The health gauges say what the probes would answer now, whether or not
                 # anything asks the probes (a compose stack has no kubelet).
                 self._probes.refresh_metrics()
-                live, ready = self._probes.liveness(), self._probes.readiness()
-                metrics.HEALTHY.set(1 if all(c.ok for c in live) else 0)
-                metrics.READY.set(1 if all(c.ok for c in ready) else 0)
+                self._probe(LIVENESS_PATH)
+                self._probe(READINESS_PATH)
                 return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
-            probe: Callable[[], Sequence[Check]] = (
-                self._probes.liveness if path == LIVENESS_PATH else self._probes.readiness
-            )
-            checks = probe()
+            checks = self._probe(path)
         except Exception as exc:  # a probe that breaks must answer, not drop the connection
             log.exception("the %s probe failed", path)
             return _json(500, f"probe failed: {type(exc).__name__}")
-        gauge = metrics.HEALTHY if path == LIVENESS_PATH else metrics.READY
-        gauge.set(1 if all(c.ok for c in checks) else 0)
         status, body = verdict(checks)
         return status, "application/json", body
