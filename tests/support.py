@@ -9,7 +9,7 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,3 +285,20 @@ def run_cli(
         timeout=timeout_s,
         check=False,
     )
+
+
+async def until(
+    condition: Callable[[], bool],
+    what: str,
+    timeout_s: float = 15.0,
+    *,
+    context: Callable[[], str] | None = None,
+) -> None:
+    """Poll ``condition`` every 50 ms; fail naming ``what`` (and ``context()``, e.g. a
+    process's output) after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            detail = f":\n{context()}" if context is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{detail}")
+        await asyncio.sleep(0.05)

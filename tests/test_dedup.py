@@ -3,8 +3,6 @@ topic when a worker starts, kept up to date from it while the worker runs."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from tests.support import (
     produce,
     read_to_end,
     running_worker,
+    until,
     worker_settings,
 )
 from worker import events, normalize
@@ -38,14 +37,6 @@ KEY = b"desk-0:UM"
 
 def _algo_orders(sim: SimControl, count: int) -> list[dict[str, Any]]:
     return sim.seed([{"account": "desk-0", "kind": "algo", "symbol": "BTCUSDT"}] * count)
-
-
-async def _until(condition: Any, what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_retry_after_a_restart_gets_the_first_outcome_and_sends_nothing(
@@ -109,7 +100,7 @@ async def test_records_read_again_after_their_results_were_published_get_nothing
     )
     assert again.group_id != settings.group_id  # nothing committed: every record is read
     async with running_worker(again) as worker:
-        await _until(lambda: worker.pipeline.processed == len(cmds), "the records read again")
+        await until(lambda: worker.pipeline.processed == len(cmds), "the records read again")
     assert cancel_requests(sim, since) == []
     after = events_of(await read_to_end(broker.bootstrap, topics.results))
 
@@ -133,7 +124,7 @@ async def test_results_published_by_another_member_are_followed(
         await produce(broker.bootstrap, topics.results, [(KEY, orjson.dumps(answered))])
         seen = worker.seen
         assert seen is not None
-        await _until(lambda: seen.get(raw["command_id"]) is not None, "the result to be followed")
+        await until(lambda: seen.get(raw["command_id"]) is not None, "the result to be followed")
         since = sim.last_seq()
         await produce(broker.bootstrap, topics.commands, [(KEY, orjson.dumps(raw))])
         results = events_of(await consume(broker.bootstrap, topics.results, 2))

@@ -28,6 +28,9 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
+from tests.support import (
+    until as wait_until,
+)
 from worker.ops import LIVENESS_PATH, METRICS_PATH, READINESS_PATH
 from worker.tools.devstack import Broker, Process, free_port, start_worker
 
@@ -66,11 +69,7 @@ def probe(http: httpx.Client, path: str) -> tuple[int, dict[str, Any]]:
 async def until(
     condition: Callable[[], bool], what: str, worker: Process, timeout_s: float = 30.0
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{worker.output()[-3000:]}")
-        await asyncio.sleep(0.05)
+    await wait_until(condition, what, timeout_s, context=lambda: worker.output()[-3000:])
 
 
 async def test_scraped_during_a_run_with_a_ban_the_endpoint_tells_the_truth(
