@@ -7,9 +7,6 @@ file that cannot be loaded, an account whose key the exchange does not know with
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -17,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import HMAC_ACCOUNTS, SimControl, fresh_topics
+from tests.support import HMAC_ACCOUNTS, SimControl, fresh_topics, run_cli
 from worker.kafka_io import ensure_topics
 from worker.tools.devstack import Broker, free_port
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
 W = "CANCEL_WORKER_"
 STRANGER_KEY = "key-stranger-" + "x" * 40
 STRANGER_SECRET = "secret-stranger-" + "y" * 40
@@ -31,16 +27,7 @@ WRONG_SECRET = "secret-wrong-" + "z" * 40
 
 
 def _check(*args: str, env: Mapping[str, str], timeout_s: float = 90) -> tuple[int, list[str]]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(W)}
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "check", *args],
-        cwd=ROOT,
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
+    done = run_cli("check", *args, env=env, timeout_s=timeout_s)
     assert "Traceback" not in done.stdout + done.stderr, done.stdout + done.stderr
     assert done.stderr == "", done.stderr
     return done.returncode, done.stdout.splitlines()
@@ -240,16 +227,7 @@ def test_a_job_that_only_creates_topics_skips_the_exchange(broker: Broker, tmp_p
 
 
 def test_a_configuration_error_is_still_exit_code_2(tmp_path: Path) -> None:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(W)}
-    done = subprocess.run(
-        [sys.executable, "-m", "worker", "check", "--ping"],
-        cwd=ROOT,
-        env={**base, f"{W}RECV_WINDOW_MS": "0"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("check", "--ping", env={f"{W}RECV_WINDOW_MS": "0"})
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().splitlines() == [
