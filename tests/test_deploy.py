@@ -466,16 +466,24 @@ def test_compose_runs_the_pinned_broker_with_what_exactly_once_needs() -> None:
 FETCH_POLL_S = 0.1
 
 
+CLOSE_METHODS = ("_closers", "__aenter__")  # where Worker makes and fills its close steps
+
+
 def _close_steps() -> tuple[int, ast.expr]:
-    """How many close steps ``Worker.__aenter__`` registers, and the bound of each."""
+    """How many close steps ``Worker.__aenter__`` registers (with ``Worker._closers``, which
+    makes the ``_Closers``), and the bound of each."""
     tree = ast.parse((ROOT / "worker" / "app.py").read_text("utf-8"))
     worker = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Worker")
-    enter = next(
-        n for n in worker.body if isinstance(n, ast.AsyncFunctionDef) and n.name == "__aenter__"
-    )
+    methods = [
+        n
+        for n in worker.body
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name in CLOSE_METHODS
+    ]
+    if len(methods) != len(CLOSE_METHODS):
+        pytest.fail("Worker's close steps moved: recompute the drain")
     steps = 0
     assigned: dict[str, ast.expr] = {}
-    for node in ast.walk(enter):
+    for node in (n for method in methods for n in ast.walk(method)):
         if (
             isinstance(node, ast.Assign)
             and len(node.targets) == 1
