@@ -88,7 +88,8 @@ class MemorySink:
     def __init__(self, log: MemoryLog) -> None:
         self.log = log
         self.published: list[OutRecord] = []
-        self.fail = False  # every flush fails (the broker is down)
+        self.fail = False  # every flush and take-over fails (the broker is down)
+        self.fail_flushes = False  # flushes fail, take-overs succeed
         self.fenced: set[Partition] = set()
         self.owned: set[Partition] = set()
         self.flushes = 0
@@ -101,7 +102,7 @@ class MemorySink:
         self.flushes += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        if self.fail:
+        if self.fail or self.fail_flushes:
             raise ConnectionError("broker unreachable")
         lost = [p for p in batches if p in self.fenced]
         done = [p for p in batches if p not in self.fenced]
