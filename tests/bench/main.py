@@ -13,6 +13,13 @@ fixed 20 ms exchange latency (``20ms``), and a steady 100 commands/s with the 20
 (``paced100``); commands go over 50 keys and 5 accounts, each cancelling a UM algo order
 seeded in the simulator.
 
+What is measured is the steady state. Before anything counts, every system runs once through
+the 0 ms scenario unmeasured (the warm-up round: a fresh broker's JVM compiles its fetch,
+produce and transaction paths during the first tens of thousands of requests, which would
+otherwise slow whichever system runs first); and every run starts with a few unmeasured
+commands, answered before its clock starts (connections opened, producers' first
+transactions done).
+
 Figures per system and scenario (pooled over its rounds):
 
 * throughput — commands / (first produce → last result visible), summed over rounds;
@@ -51,6 +58,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tests.bench import measure
+from tests.bench.jitter import READY as JITTER_READY
 from tests.bench.report import render_table, results_json
 from tests.bench.systems import CONFIG_ENV, READY
 from tests.support import (
@@ -97,6 +105,10 @@ class Plan:
     commands: dict[str, int]
     naive_commands: dict[str, int]  # the naive system is slow: fewer where it would drag on
     rounds: int
+    paced_rounds: int  # paced runs: more, shorter rounds, so that a tail is not one moment's
+    # Unmeasured work, so that what is measured is the steady state, not start-up:
+    warmup_round: int  # commands per system through the 0 ms scenario before anything counts
+    warmup: int  # commands at the start of every run, answered before its clock starts
 
 
 FULL = Plan(
@@ -104,13 +116,23 @@ FULL = Plan(
     {"0ms": 5000, "20ms": 5000, "paced100": 5000},
     {"0ms": 5000, "20ms": 1500, "paced100": 2000},
     rounds=2,
+    paced_rounds=5,
+    warmup_round=2000,
+    warmup=100,
 )
 QUICK = Plan(
     "quick",
     {"0ms": 1000, "20ms": 1000, "paced100": 400},
     {"0ms": 300, "20ms": 150, "paced100": 150},
     rounds=2,
+    paced_rounds=2,
+    warmup_round=500,
+    warmup=50,
 )
+
+
+def rounds_of(plan: Plan, scenario: str) -> int:
+    return plan.paced_rounds if SCENARIOS[scenario].rate else plan.rounds
 
 
 @dataclass
@@ -126,6 +148,7 @@ class Run:
     peak_rss_mb: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     request_latencies_ms: list[float] = field(default_factory=list)
+    jitter_ms: list[float] = field(default_factory=list)  # tests.bench.jitter, during the run
     failed: int = 0
     load_samples: list[float] = field(default_factory=list)
     busy_cores: float = 0.0
@@ -320,17 +343,65 @@ def is_failure(event: dict[str, Any]) -> bool:
     return bool(event.get("type") != "strategy.canceled")
 
 
-async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rnd: int) -> Run:
+def stop_jitter(bench: Bench, jitter: Process) -> list[float]:
+    """Stop the jitter probe; what it measured (empty if it said nothing readable)."""
+    jitter.stop(timeout_s=5)
+    bench.live.discard(jitter)
+    try:
+        values = orjson.loads(jitter.lines[-1]) if jitter.lines else []
+    except orjson.JSONDecodeError:
+        return []
+    return [float(v) for v in values] if isinstance(values, list) else []
+
+
+async def warm_up(
+    bench: Bench,
+    proc: Process,
+    consumer: AIOKafkaConsumer,
+    topic: str,
+    commands: list[dict[str, Any]],
+    label: str,
+) -> None:
+    """Send ``commands`` at once and wait for all their results: the system's connections
+    are open and its code paths taken before its clock starts."""
+    waiting = {c["command_id"] for c in commands}
+    for i, cmd in enumerate(commands):
+        cmd["issued_at"] = time.time_ns() // 1_000_000
+        await bench.producer.send(topic, orjson.dumps(cmd), key=f"key-{i % KEYS}".encode())
+    await bench.producer.flush()
+    deadline = time.monotonic() + 120 + len(commands) / 20
+    while waiting:
+        for records in (await consumer.getmany(timeout_ms=100)).values():
+            for record in records:
+                waiting.discard(orjson.loads(record.value).get("command_id"))
+        if proc.proc.poll() is not None:
+            tail = "\n".join(proc.lines[-20:])
+            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"warm-up timed out with {len(waiting)} results missing")
+        done = len(commands) - len(waiting)
+        bench.progress.show(f"{label}: warming up, {done}/{len(commands)}")
+
+
+async def run_once(
+    bench: Bench, scenario: Scenario, system: str, count: int, rnd: int, warmup: int = 0
+) -> Run:
+    """One measured run; the first ``warmup`` commands are answered before the clock starts
+    and are not counted."""
     run = Run(scenario.name, system, rnd, count)
     label = f"{scenario.name} {system} round {rnd + 1}"
     bench.progress.show(f"{label}: preparing", force=True)
     topics = await fresh_topics(bench.broker.bootstrap, partitions=PARTITIONS)
-    orders = bench.sim.seed(order_specs(count))
+    seeded = bench.sim.seed(order_specs(warmup + count))
+    warm_orders, orders = seeded[:warmup], seeded[warmup:]
     tag = uuid.uuid4().hex[:8]
-    commands = [
-        command(ACCOUNTS[(i % KEYS) % len(ACCOUNTS)], order, command_id=f"bench-{tag}-{i:06d}")
-        for i, order in enumerate(orders)
-    ]
+
+    def command_for(i: int, order: dict[str, Any], kind: str) -> dict[str, Any]:
+        account = ACCOUNTS[(i % KEYS) % len(ACCOUNTS)]
+        return command(account, order, command_id=f"bench-{tag}-{kind}{i:06d}")
+
+    warm_commands = [command_for(i, order, "w") for i, order in enumerate(warm_orders)]
+    commands = [command_for(i, order, "") for i, order in enumerate(orders)]
     keys = [f"key-{i % KEYS}".encode() for i in range(count)]
     index_of_order = {order["algo_id"]: i for i, order in enumerate(orders)}
     index_of_command = {c["command_id"]: i for i, c in enumerate(commands)}
@@ -340,6 +411,11 @@ async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rn
     try:
         proc = await start_system(bench, system, topics)
         pid = proc.proc.pid
+        if warm_commands:
+            await warm_up(bench, proc, consumer, topics.commands, warm_commands, label)
+        jitter = Process("jitter", [sys.executable, "-m", "tests.bench.jitter"])
+        bench.live.add(jitter)
+        await wait_for_line(jitter, JITTER_READY, 30)
         produced_ms = [0] * count
         seen_ms: dict[int, float] = {}
         consumed_ms: dict[int, int] = {}  # the Kafka floor's consume time, from its results
@@ -406,6 +482,7 @@ async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rn
             }
             run.peak_rss_mb = measure.peak_rss_mb(pid)
             run.load_samples.append(os.getloadavg()[0])
+            run.jitter_ms = stop_jitter(bench, jitter)
             await producing
         finally:
             if not producing.done():
@@ -432,6 +509,8 @@ async def run_once(bench: Bench, scenario: Scenario, system: str, count: int, rn
                 run.error = f"{count - len(arrived)} commands without a request at the exchange"
     finally:
         await stop_client(consumer)
+        for leftover in [p for p in bench.live if p.name == "jitter"]:
+            stop_jitter(bench, leftover)
         if proc is not None:
             run.exit_code = proc.stop(timeout_s=30)
             bench.live.discard(proc)
@@ -449,11 +528,12 @@ def plan_runs(
             s: min(base, plan.naive_commands[name]) if s == "naive" and commands is None else base
             for s in systems
         }
-        for rnd in range(plan.rounds):
+        rounds = rounds_of(plan, name)
+        for rnd in range(rounds):
             order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
             runs = []
             for s in order:
-                share = per_system[s] // plan.rounds + (rnd < per_system[s] % plan.rounds)
+                share = per_system[s] // rounds + (rnd < per_system[s] % rounds)
                 if share:
                     runs.append((s, share))
             out.append((name, rnd, runs))
@@ -482,16 +562,17 @@ async def bench_all(
     bench = Bench(broker, sim, accounts_file, producer, Progress(total), live, connections, others)
     runs: list[Run] = []
     try:
+        await warm_up_round(bench, plan, schedule)
         for name, rnd, order in schedule:
             scenario = SCENARIOS[name]
             sim.configure(fixed_latency_ms=scenario.latency_ms)
             for system, count in order:
                 try:
-                    run = await run_once(bench, scenario, system, count, rnd)
+                    run = await run_once(bench, scenario, system, count, rnd, plan.warmup)
                 except Exception as exc:  # noqa: BLE001 - a failed run is reported, the bench goes on
                     run = Run(name, system, rnd, count, error=f"{type(exc).__name__}: {exc}")
                 runs.append(run)
-                bench.progress.finish_run(describe(run, plan.rounds))
+                bench.progress.finish_run(describe(run, rounds_of(plan, name)))
     except asyncio.CancelledError:
         # Interrupted: a Ctrl-C on a terminal reaches the broker too; its going away is no news.
         logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
@@ -500,6 +581,23 @@ async def bench_all(
         await stop_client(producer)
         sim.close()
     return runs
+
+
+async def warm_up_round(
+    bench: Bench, plan: Plan, schedule: list[tuple[str, int, list[tuple[str, int]]]]
+) -> None:
+    """Every system once through the 0 ms scenario, unmeasured, before anything counts: the
+    broker's JIT-compiled paths (fetch, produce, transactions) are warm for the first
+    measured run as for the last, whatever the order."""
+    systems = list(dict.fromkeys(system for _, _, runs in schedule for system, _ in runs))
+    if not plan.warmup_round or not systems:
+        return
+    bench.sim.configure(fixed_latency_ms=SCENARIOS["0ms"].latency_ms)
+    for system in systems:
+        run = await run_once(bench, SCENARIOS["0ms"], system, plan.warmup_round, 0)
+        if run.error:
+            raise RuntimeError(f"warm-up run of {system} failed: {run.error}")
+        bench.progress.show(f"warm-up: {system} done", force=True)
 
 
 def describe(run: Run, rounds: int) -> str:
@@ -543,7 +641,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="commands per system and scenario, over all rounds (the naive system too)",
     )
-    parser.add_argument("--rounds", type=int, default=None, help="runs per system and scenario")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="runs per system and scenario (full: 2, paced 5; quick: 2)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="unmeasured commands at the start of every run (full 100, quick 50)",
+    )
+    parser.add_argument(
+        "--warmup-round",
+        type=int,
+        default=None,
+        help="commands per system in the unmeasured first round (full 2000, quick 500; 0: none)",
+    )
     parser.add_argument(
         "--connections", type=int, default=64, help="pipeline_floor's keep-alive connections"
     )
@@ -569,6 +684,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--commands must be at least 1")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    for option in ("warmup", "warmup_round"):
+        if (getattr(args, option) or 0) < 0:
+            parser.error(f"--{option.replace('_', '-')} must not be negative")
     if args.profile is not None:
         global PROFILE_DIR  # noqa: PLW0603 - one option, read by start_system
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -591,7 +709,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
-        plan = dataclasses.replace(plan, rounds=args.rounds)
+        plan = dataclasses.replace(plan, rounds=args.rounds, paced_rounds=args.rounds)
+    if args.warmup is not None:
+        plan = dataclasses.replace(plan, warmup=args.warmup)
+    if args.warmup_round is not None:
+        plan = dataclasses.replace(plan, warmup_round=args.warmup_round)
     schedule = plan_runs(plan, args.systems, args.scenarios, args.commands)
     signal.signal(signal.SIGTERM, _terminate)
     logging.getLogger("aiokafka.consumer.fetcher").addFilter(_QuietLeaderMoves())
@@ -635,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     report = results_json(
         runs,
         plan_name=plan.name,
-        rounds=plan.rounds,
+        rounds={n: rounds_of(plan, n) for n in args.scenarios},
         scenarios={n: dataclasses.asdict(SCENARIOS[n]) for n in args.scenarios},
         started_at=started_at,
         wall_s=wall_s,

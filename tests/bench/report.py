@@ -40,6 +40,8 @@ def figures(runs: Sequence[Run]) -> dict[str, Any]:
         "peak_rss_mb": round(max(r.peak_rss_mb for r in good), 1) if good else None,
         "latency_ms": percentiles([x for r in good for x in r.latencies_ms]),
         "request_latency_ms": percentiles(http) if http else None,
+        # How late a process sleeping 10 ms woke up meanwhile: the machine's own noise.
+        "machine_jitter_ms": percentiles([x for r in good for x in r.jitter_ms]),
     }
 
 
@@ -47,7 +49,7 @@ def results_json(
     runs: Sequence[Run],
     *,
     plan_name: str,
-    rounds: int,
+    rounds: dict[str, int],
     scenarios: dict[str, Any],
     started_at: str,
     wall_s: float,
@@ -128,6 +130,7 @@ def render_table(report: dict[str, Any]) -> str:
         "request ms p50/p99/max",
         "CPU µs/cmd",
         "RSS MB",
+        "jitter ms p99",
         "sim µs/cmd",
         "broker µs/cmd",
         "load",
@@ -152,6 +155,7 @@ def render_table(report: dict[str, Any]) -> str:
                     _lat(f["request_latency_ms"]),
                     _num(f["cpu_us_per_cmd"]),
                     _num(f["peak_rss_mb"]),
+                    _num((f.get("machine_jitter_ms") or {}).get("p99"), 1),
                     _num(elsewhere.get("simulator")),
                     _num(elsewhere.get("broker")),
                     _num(report["load_average"]["during"][scenario][system], 2),
@@ -159,7 +163,7 @@ def render_table(report: dict[str, Any]) -> str:
                 )
             )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    numeric = {2, 3, 6, 7, 8, 9, 10, 11}
+    numeric = {2, 3, 6, 7, 8, 9, 10, 11, 12}
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(
@@ -183,9 +187,11 @@ def render_table(report: dict[str, Any]) -> str:
             + (f"paced at {s['rate']:g} commands/s" if s["rate"] else "all commands at once")
             for name, s in settings.items()
         ),
-        f"commands over 50 keys and 5 accounts, in {report['rounds']} round(s) per system; "
-        "latency from the command's produce time; request = arrival at the exchange; "
-        "result = durable result seen by a read_committed consumer; "
+        "commands over 50 keys and 5 accounts; rounds per system: "
+        + ", ".join(f"{name} {n}" for name, n in report["rounds"].items())
+        + "; latency from the command's produce time; request = arrival at the exchange; "
+        "result = durable result seen by a read_committed consumer; jitter: how late a "
+        "process sleeping 10 ms woke up during the runs (the machine's own noise); "
         "sim and broker µs/cmd: their CPU during the system's runs",
     ]
     if fewer:
