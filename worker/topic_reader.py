@@ -11,6 +11,7 @@ its duplicate-command window at start and then to follow the topic (``worker.ded
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -210,10 +211,15 @@ class ResultsReader:
                 if result is not None:
                     yield result
 
-    async def follow(self) -> AsyncIterator[ResultRecord]:
+    async def follow(self, pace_s: float = 0.0) -> AsyncIterator[ResultRecord]:
         """Every result after what was read so far (after the end offsets of
         :meth:`read_since`, or, without one, from now on), as it arrives; never ends.
-        After an error (from aiokafka), calling it again goes on where it stopped."""
+        After an error (from aiokafka), calling it again goes on where it stopped.
+
+        ``pace_s``: after records were handed over, wait this long before asking for more.
+        The consumer fetches again only once what it holds has been taken, so a follower
+        that need not be prompt costs one fetch per ``pace_s`` however fast results come,
+        instead of one per transaction (the broker answers a long poll at each commit)."""
         consumer = self._consumer
         if not self._next:
             self._next = await consumer.end_offsets(self._tps)
@@ -228,6 +234,8 @@ class ResultsReader:
                     result = self._parse(record)
                     if result is not None:
                         yield result
+            if batches and pace_s > 0:
+                await asyncio.sleep(pace_s)
 
     @staticmethod
     def _parse(record: Any) -> ResultRecord | None:
