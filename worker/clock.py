@@ -38,7 +38,9 @@ class ExchangeClock:
         self._url = time_url
         self._refresh_s = refresh_s
         self._local = local
-        self._http = httpx.AsyncClient(timeout=timeout_s, transport=transport)
+        # Proxy variables are ignored, as by the PAPI client: the clock must time the path the
+        # cancels take (a proxy would skew the midpoint, or fail where the cancels succeed).
+        self._http = httpx.AsyncClient(timeout=timeout_s, transport=transport, trust_env=False)
         self._lock = asyncio.Lock()
         self._refresher: asyncio.Task[None] | None = None
         self.offset_ms = 0
