@@ -30,7 +30,9 @@ Figures per system and scenario (pooled over its rounds):
   consumer receives the result, i.e. a durable, acknowledged result;
 * CPU µs per command and peak RSS of the system's own process (``/proc``), and the CPU the
   simulator, the broker and the bench itself spent meanwhile (``cpu_us_per_cmd_elsewhere``);
-* the 1-minute load average sampled during its runs (top-level ``load_average``).
+* the 1-minute load average sampled during its runs (top-level ``load_average``);
+* the machine's jitter: how late :mod:`tests.bench.jitter`, a process beside the run that
+  sleeps 10 ms at a time, woke up (``machine_jitter_ms``, p50/p99/max).
 
 Output: a progress line, then a table, and the same as JSON in ``.bench/results.json``.
 """
