@@ -345,6 +345,13 @@ def is_failure(event: dict[str, Any]) -> bool:
     return bool(event.get("type") != "strategy.canceled")
 
 
+def raise_if_exited(proc: Process) -> None:
+    """A system that ended while results were awaited: say so, with its last output."""
+    if proc.proc.poll() is not None:
+        tail = "\n".join(proc.lines[-20:])
+        raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{tail}")
+
+
 def stop_jitter(bench: Bench, jitter: Process) -> list[float]:
     """Stop the jitter probe; what it measured (empty if it said nothing readable)."""
     jitter.stop(timeout_s=5)
@@ -376,9 +383,7 @@ async def warm_up(
         for records in (await consumer.getmany(timeout_ms=100)).values():
             for record in records:
                 waiting.discard(orjson.loads(record.value).get("command_id"))
-        if proc.proc.poll() is not None:
-            tail = "\n".join(proc.lines[-20:])
-            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{tail}")
+        raise_if_exited(proc)
         if time.monotonic() > deadline:
             raise RuntimeError(f"warm-up timed out with {len(waiting)} results missing")
         done = len(commands) - len(waiting)
@@ -466,9 +471,7 @@ async def run_once(
                                 consumed_ms[i] = event["at"]
                 if producing.done() and producing.exception() is not None:
                     raise RuntimeError(f"producing failed: {producing.exception()!r}")
-                if proc.proc.poll() is not None:
-                    tail = "\n".join(proc.lines[-20:])
-                    raise RuntimeError(f"{system} exited with {proc.proc.returncode}:\n{tail}")
+                raise_if_exited(proc)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"timed out with {len(seen_ms)}/{count} results")
                 if time.monotonic() >= next_load:
