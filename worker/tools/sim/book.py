@@ -178,6 +178,12 @@ class Book:
     algo: dict[int, AlgoOrder] = field(default_factory=dict)
     cancels: list[CancelRecord] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(3_000_000_001))
+    # Orders by client id, so that a lookup by client id (and every placement, which checks
+    # for a duplicate) does not scan the whole book: seeding n orders stays O(n).
+    _conditional_by_client: dict[tuple[str, str], list[ConditionalOrder]] = field(
+        default_factory=dict
+    )
+    _algo_by_client: dict[str, list[AlgoOrder]] = field(default_factory=dict)
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -193,6 +199,7 @@ class Book:
         ):
             raise SimError(400, -4116, "ClientOrderId is duplicated.")
         self.conditional[(order.market, order.strategy_id)] = order
+        self._conditional_by_client.setdefault((order.market, order.client_id), []).append(order)
         return order
 
     def find_conditional(
@@ -209,11 +216,11 @@ class Book:
             found = self.conditional.get((market, strategy_id))
             candidates = [found] if found is not None else []
         else:
-            candidates = [
-                o
-                for o in self.conditional.values()
-                if o.market == market and o.client_id == client_id
-            ]
+            candidates = (
+                list(self._conditional_by_client.get((market, client_id), ()))
+                if client_id is not None
+                else []
+            )
             candidates.sort(key=lambda o: (o.status == "NEW", o.book_time, o.strategy_id))
             candidates = candidates[-1:]
         for order in candidates:
@@ -273,6 +280,7 @@ class Book:
         if self.find_algo(order.account, None, order.client_algo_id, open_only=True) is not None:
             raise SimError(400, -4116, "ClientOrderId is duplicated.")
         self.algo[order.algo_id] = order
+        self._algo_by_client.setdefault(order.client_algo_id, []).append(order)
         return order
 
     def find_algo(
@@ -287,7 +295,11 @@ class Book:
             found = self.algo.get(algo_id)
             candidates = [found] if found is not None else []
         else:
-            candidates = [o for o in self.algo.values() if o.client_algo_id == client_algo_id]
+            candidates = (
+                list(self._algo_by_client.get(client_algo_id, ()))
+                if client_algo_id is not None
+                else []
+            )
             candidates.sort(key=lambda o: (o.status == "NEW", o.create_time, o.algo_id))
             candidates = candidates[-1:]
         for order in candidates:
