@@ -14,6 +14,8 @@
 # --extra-config appends a properties file to the generated configuration (a later key
 # overrides an earlier one: e.g. more listeners); --format-arg passes an argument to the
 # storage format on first start (e.g. --add-scram for SCRAM users).
+# Environment: KAFKA_HEAP (max heap, 512m), KAFKA_JVM_OPTS (more JVM options, e.g.
+# "-Xlog:gc,safepoint:file=/tmp/gc.log:uptimemillis" to see the broker's pauses).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -52,7 +54,8 @@ fetch() {
 java_cmd() {
   # $1: log4j config; rest: main class and args
   local log4j="$1"; shift
-  exec java -Xms128m -Xmx"$HEAP" -XX:+UseG1GC -Djava.awt.headless=true \
+  # shellcheck disable=SC2086  # KAFKA_JVM_OPTS is a list of options
+  exec java -Xms128m -Xmx"$HEAP" -XX:+UseG1GC -Djava.awt.headless=true ${KAFKA_JVM_OPTS:-} \
        -Dlog4j.configuration="file:$log4j" -Dkafka.logs.dir="$DATA/logs" \
        -cp "$LIBS/*" "$@"
 }

@@ -18,7 +18,8 @@ the 0 ms scenario unmeasured (the warm-up round: a fresh broker's JVM compiles i
 produce and transaction paths during the first tens of thousands of requests, which would
 otherwise slow whichever system runs first); and every run starts with a few unmeasured
 commands, answered before its clock starts (connections opened, producers' first
-transactions done).
+transactions done); a paced run's are sent at its pace for 3 s, because the first seconds
+after a system starts are not steady (the broker stalls for tens of ms a few times).
 
 Figures per system and scenario (pooled over its rounds):
 
@@ -111,6 +112,10 @@ class Plan:
     # Unmeasured work, so that what is measured is the steady state, not start-up:
     warmup_round: int  # commands per system through the 0 ms scenario before anything counts
     warmup: int  # commands at the start of every run, answered before its clock starts
+    # ... of a paced run: sent at its pace. The first seconds after a system starts are not
+    # steady: the broker stalls for tens of ms a few times while it settles to the new
+    # system's traffic (measured: every run's first 3 s had 50-110 ms stalls, then none).
+    paced_warmup: int
 
 
 FULL = Plan(
@@ -121,6 +126,7 @@ FULL = Plan(
     paced_rounds=5,
     warmup_round=2000,
     warmup=100,
+    paced_warmup=300,
 )
 QUICK = Plan(
     "quick",
@@ -130,6 +136,7 @@ QUICK = Plan(
     paced_rounds=2,
     warmup_round=500,
     warmup=50,
+    paced_warmup=200,
 )
 
 
@@ -157,9 +164,10 @@ class Run:
     cpu_elsewhere_s: dict[str, float] = field(default_factory=dict)  # simulator, broker, bench
     exit_code: int | None = None
     error: str | None = None
+    started_ms: float = 0.0  # wall clock when the measured commands began
 
-    def summary(self) -> dict[str, Any]:
-        return {
+    def summary(self, *, samples: bool = False) -> dict[str, Any]:
+        out = {
             "scenario": self.scenario,
             "system": self.system,
             "round": self.round,
@@ -179,6 +187,14 @@ class Run:
             "exit_code": self.exit_code,
             "error": self.error,
         }
+        if samples:
+            out["started_ms"] = self.started_ms
+            out["samples_ms"] = {
+                "result": self.latencies_ms,
+                "request": self.request_latencies_ms,
+                "jitter": self.jitter_ms,
+            }
+        return out
 
 
 class Progress:
@@ -370,11 +386,18 @@ async def warm_up(
     topic: str,
     commands: list[dict[str, Any]],
     label: str,
+    rate: float | None = None,
 ) -> None:
-    """Send ``commands`` at once and wait for all their results: the system's connections
-    are open and its code paths taken before its clock starts."""
+    """Send ``commands`` (at once, or at a paced scenario's ``rate``) and wait for all their
+    results: the system's connections are open and its code paths taken before its clock
+    starts."""
     waiting = {c["command_id"] for c in commands}
+    started = time.monotonic()
     for i, cmd in enumerate(commands):
+        if rate is not None:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
         cmd["issued_at"] = time.time_ns() // 1_000_000
         await bench.producer.send(topic, orjson.dumps(cmd), key=f"key-{i % KEYS}".encode())
     await bench.producer.flush()
@@ -419,7 +442,9 @@ async def run_once(
         proc = await start_system(bench, system, topics)
         pid = proc.proc.pid
         if warm_commands:
-            await warm_up(bench, proc, consumer, topics.commands, warm_commands, label)
+            await warm_up(
+                bench, proc, consumer, topics.commands, warm_commands, label, scenario.rate
+            )
         jitter = Process("jitter", [sys.executable, "-m", "tests.bench.jitter"])
         bench.live.add(jitter)
         await wait_for_line(jitter, JITTER_READY, 30)
@@ -452,7 +477,7 @@ async def run_once(
         others0 = {name: measure.CpuTime.read(p) for name, p in bench.others.items()}
         run.load_samples.append(os.getloadavg()[0])
         next_load = time.monotonic() + 1
-        first_ms = time.time() * 1000
+        first_ms = run.started_ms = time.time() * 1000
         producing = asyncio.create_task(produce())
         paced_s = count / scenario.rate if scenario.rate else 0.0
         deadline = time.monotonic() + 120 + paced_s + count / 20
@@ -573,7 +598,8 @@ async def bench_all(
             sim.configure(fixed_latency_ms=scenario.latency_ms)
             for system, count in order:
                 try:
-                    run = await run_once(bench, scenario, system, count, rnd, plan.warmup)
+                    warmup = plan.paced_warmup if scenario.rate else plan.warmup
+                    run = await run_once(bench, scenario, system, count, rnd, warmup)
                 except Exception as exc:  # noqa: BLE001 - a failed run is reported, the bench goes on
                     run = Run(name, system, rnd, count, error=f"{type(exc).__name__}: {exc}")
                 runs.append(run)
@@ -659,6 +685,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="unmeasured commands at the start of every run (full 100, quick 50)",
     )
     parser.add_argument(
+        "--paced-warmup",
+        type=int,
+        default=None,
+        help="unmeasured commands at the start of every paced run, at its pace\n"
+        "(full 300, quick 200)",
+    )
+    parser.add_argument(
         "--warmup-round",
         type=int,
         default=None,
@@ -668,6 +701,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--connections", type=int, default=64, help="pipeline_floor's keep-alive connections"
     )
     parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="the JSON results file")
+    parser.add_argument(
+        "--samples",
+        action="store_true",
+        help="keep every run's latencies in the JSON (runs[].samples_ms, in command order):\n"
+        "where in a run the tail sits",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -689,7 +728,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--commands must be at least 1")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    for option in ("warmup", "warmup_round"):
+    for option in ("warmup", "paced_warmup", "warmup_round"):
         if (getattr(args, option) or 0) < 0:
             parser.error(f"--{option.replace('_', '-')} must not be negative")
     if args.profile is not None:
@@ -717,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = dataclasses.replace(plan, rounds=args.rounds, paced_rounds=args.rounds)
     if args.warmup is not None:
         plan = dataclasses.replace(plan, warmup=args.warmup)
+    if args.paced_warmup is not None:
+        plan = dataclasses.replace(plan, paced_warmup=args.paced_warmup)
     if args.warmup_round is not None:
         plan = dataclasses.replace(plan, warmup_round=args.warmup_round)
     schedule = plan_runs(plan, args.systems, args.scenarios, args.commands)
@@ -769,6 +810,7 @@ def main(argv: list[str] | None = None) -> None:
         machine=measure.machine(),
         load_before=load_before,
         extra={"connections_pipeline_floor": args.connections, "partitions": PARTITIONS},
+        samples=args.samples,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")

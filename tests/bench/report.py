@@ -56,6 +56,7 @@ def results_json(
     machine: dict[str, Any],
     load_before: tuple[float, float, float],
     extra: dict[str, Any],
+    samples: bool = False,
 ) -> dict[str, Any]:
     grouped: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
@@ -101,7 +102,7 @@ def results_json(
         "wall_s": round(wall_s, 1),
         "machine": machine,
         **extra,
-        "runs": [r.summary() for r in runs],
+        "runs": [r.summary(samples=samples) for r in runs],
         "errors": [
             f"{r.scenario} {r.system} round {r.round + 1}: {r.error}" for r in runs if r.error
         ],
