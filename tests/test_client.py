@@ -74,6 +74,9 @@ async def worker(
 async def test_cancel_returns_typed_results(
     client: CancelClient, worker: None, sim: SimControl
 ) -> None:
+    # The session's simulator is shared: orders other tests left open on this account and
+    # symbol are swept first, so that the kill switch below finds the seeded order alone.
+    await client.cancel_all("desk-1", "UM", "BNBUSDT", timeout=30)
     cm, algo = sim.seed(
         [
             {"account": "desk-1", "market": "CM", "symbol": "ETHUSD_PERP"},
