@@ -93,6 +93,7 @@ class MemorySink:
         self.fenced: set[Partition] = set()
         self.owned: set[Partition] = set()
         self.flushes = 0
+        self.flush_started: list[float] = []  # loop time of each flush's start
         self.delay_s = 0.0
         # At-least-once's two steps: records published, then (after this long) positions
         # committed; a flush cancelled in between has published without committing.
@@ -100,6 +101,7 @@ class MemorySink:
 
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         self.flushes += 1
+        self.flush_started.append(asyncio.get_running_loop().time())
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.fail or self.fail_flushes:

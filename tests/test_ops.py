@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker import metrics
 from worker.app import Worker, load_worker_accounts
+from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS, TransactionalSink
 from worker.ops import (
     LIVENESS_PATH,
     MAX_HEAD_BYTES,
@@ -198,6 +199,34 @@ async def idle_worker(accounts_file: Path) -> AsyncIterator[Worker]:
     try:
         yield worker
     finally:
+        await worker.discard()
+
+
+@pytest.mark.parametrize(
+    ("delivery", "interval_ms", "expected_s"),
+    [("exactly_once", 100, 0.1), ("exactly_once", 0, 0.0), ("at_least_once", 100, 0.0)],
+)
+async def test_the_transaction_interval_paces_exactly_once_flushes_only(
+    accounts_file: Path, delivery: str, interval_ms: int, expected_s: float
+) -> None:
+    """Where TRANSACTION_INTERVAL_MS and the transactional retry backoff take effect: the
+    pipeline's flush interval in exactly-once mode (at-least-once flushes at once), and the
+    retry backoff of the per-partition transactional producers (the shared producer keeps
+    the client's default)."""
+    settings = Settings(
+        bootstrap_servers="127.0.0.1:9",
+        accounts_file=accounts_file,
+        delivery=delivery,
+        transaction_interval_ms=interval_ms,
+    ).check()
+    worker = Worker(settings, load_worker_accounts(settings))
+    transactional = TransactionalSink(settings)._factory("t-0")
+    try:
+        assert worker.pipeline._flush_interval_s == expected_s
+        assert transactional._sender._retry_backoff == TRANSACTIONAL_RETRY_BACKOFF_MS / 1000
+        assert worker._producer._sender._retry_backoff == 0.1  # aiokafka's default
+    finally:
+        await transactional.stop()
         await worker.discard()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -422,3 +423,51 @@ async def test_revocation_never_commits_past_a_record_that_did_not_run() -> None
         second.assign([P0])
         await until(flushed(log))
     assert_exactly_once(log, first.sink, second.sink)
+
+
+async def test_flushes_start_at_most_once_per_flush_interval_and_lose_nothing() -> None:
+    """Results that complete one by one, every 10 ms, are flushed together: no two flushes
+    start closer than the interval, and every record is flushed once, in order."""
+    log = MemoryLog()
+    interval_s = 0.2
+    async with member(log, Handler(), flush_interval_s=interval_s) as m:
+        m.assign([P0])
+        started = asyncio.get_running_loop().time()
+        for i in range(60):
+            log.append(P0, b"k%d" % (i % 3), b"{}")
+            await asyncio.sleep(0.01)
+        await until(flushed(log))
+        elapsed = asyncio.get_running_loop().time() - started
+    starts = m.sink.flush_started
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert gaps and min(gaps) >= interval_s * 0.95, gaps
+    # One flush per result would be 60; one per interval is what is allowed.
+    assert len(starts) <= elapsed / interval_s + 2, (len(starts), elapsed)
+    assert_exactly_once(log, m.sink)
+
+
+@pytest.mark.parametrize("ending", ["stop", "revoke"])
+async def test_stop_and_revocation_flush_at_once_whatever_the_interval(ending: str) -> None:
+    """With a 30 s interval, a result completed after a flush waits for the next one; stopping
+    (or losing the partition) flushes it at once instead of waiting out the interval."""
+    log = MemoryLog()
+    handler = Handler()
+    m = Member(log, handler, flush_interval_s=30.0)
+    m.start()
+    try:
+        m.assign([P0])
+        log.append(P0, b"a", b"{}")
+        await until(flushed(log))  # the first flush does not wait
+        log.append(P0, b"a", b"{}")
+        await until(lambda: len(handler.started) == 2)
+        await asyncio.sleep(0.2)
+        assert log.committed[P0] == 1  # held back by the interval
+        if ending == "stop":
+            await m.stop()  # bounded by wait_for(10): far less than the interval
+        else:
+            await asyncio.wait_for(m.revoke([P0]), 10)
+        assert log.committed[P0] == 2
+        assert_exactly_once(log, m.sink)
+    finally:
+        if m.task is not None and not m.task.done():
+            await m.stop()

@@ -211,6 +211,7 @@ class Worker:
             shutdown_grace_s=settings.shutdown_grace_s,
             revoke_grace_s=settings.revoke_grace_s,
             commit_timeout_s=settings.commit_timeout_s,
+            flush_interval_s=settings.transaction_interval_ms / 1000 if self._transactions else 0.0,
         )
 
     async def __aenter__(self) -> Worker:

@@ -22,9 +22,11 @@ when it has drained to half, so memory stays bounded and other partitions keep f
 
 Durability: a flush hands the sink each partition's completed prefix (its outgoing
 records and the next position); the sink makes them durable and stores the position
-(:class:`ResultSink`). A flush that fails (the broker is down) is retried with backoff,
-for as long as it takes; the outage is reported once, in a log line and in a metric, and
-the pipeline resumes by itself.
+(:class:`ResultSink`). Flushes start at most every ``flush_interval_s`` (exactly-once: one
+transaction per partition per flush, so this trades a little result latency for far fewer
+transactions); the final flush on shutdown or revocation does not wait. A flush that fails
+(the broker is down) is retried with backoff, for as long as it takes; the outage is
+reported once, in a log line and in a metric, and the pipeline resumes by itself.
 
 Revocation: a revoked partition's queued records are dropped, its running records get
 ``revoke_grace_s`` to finish and are then cancelled (they are read again by the next
@@ -41,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -187,6 +190,7 @@ class Pipeline:
         commit_timeout_s: float = 2.0,
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
+        flush_interval_s: float = 0.0,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -198,6 +202,10 @@ class Pipeline:
         self._commit_timeout_s = commit_timeout_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
+        # The shortest time from one flush's start to the next one's (the final flush on
+        # shutdown or revocation does not wait for it): fewer, larger transactions.
+        self._flush_interval_s = flush_interval_s
+        self._last_flush_at = -math.inf
         self._parts: dict[Partition, _PartState] = {}
         self._ready_lanes: deque[tuple[_PartState, bytes | None]] = deque()
         self._running = 0
@@ -406,6 +414,9 @@ class Pipeline:
                 ok = await self._flush_ready(list(self._parts.values()))
             if ok:
                 delay = self._retry_initial_s
+                wait = self._last_flush_at + self._flush_interval_s - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
@@ -426,7 +437,7 @@ class Pipeline:
             return True
         failure: Exception | None = None
         done: frozenset[Partition] = frozenset(batches)
-        self.flush_since = time.monotonic()
+        self.flush_since = self._last_flush_at = time.monotonic()
         try:
             await self._sink.flush(batches)
         except FlushError as exc:

@@ -90,6 +90,10 @@ class Settings:
     delivery: str = "exactly_once"
     transactional_id_prefix: str = ""  # empty: the group id
     transaction_timeout_ms: int = 300_000
+    # Exactly-once: the shortest time from the start of one transaction of an input
+    # partition to the next (0: as soon as results are ready); Kafka Streams' exactly-once
+    # commit interval. Fewer transactions, less broker work, a little later results.
+    transaction_interval_ms: int = 100
     kafka_request_timeout_ms: int = 30_000
     # Kafka TLS and SASL, for every Kafka client (worker.kafka_io.security_options). TLS
     # files are PEM; without a CA file the system's CAs verify the brokers.
@@ -218,6 +222,7 @@ RANGES: dict[str, Range] = {
     "transaction_timeout_ms": Range(
         1, MAX_TRANSACTION_TIMEOUT_MS, why="Kafka broker default transaction.max.timeout.ms"
     ),
+    "transaction_interval_ms": Range(0, 60_000),
     "kafka_request_timeout_ms": Range(1, INT32_MAX),
     "max_in_flight": ONE_OR_MORE,
     "max_buffered_per_partition": ONE_OR_MORE,
