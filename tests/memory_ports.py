@@ -94,6 +94,7 @@ class MemorySink:
         self.owned: set[Partition] = set()
         self.flushes = 0
         self.flush_started: list[float] = []  # loop time of each flush's start
+        self.flush_parts: list[tuple[Partition, ...]] = []  # the partitions of each flush
         self.delay_s = 0.0
         # At-least-once's two steps: records published, then (after this long) positions
         # committed; a flush cancelled in between has published without committing.
@@ -102,6 +103,7 @@ class MemorySink:
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         self.flushes += 1
         self.flush_started.append(asyncio.get_running_loop().time())
+        self.flush_parts.append(tuple(sorted(batches)))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.fail or self.fail_flushes:

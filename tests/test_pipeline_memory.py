@@ -426,8 +426,9 @@ async def test_revocation_never_commits_past_a_record_that_did_not_run() -> None
 
 
 async def test_flushes_start_at_most_once_per_flush_interval_and_lose_nothing() -> None:
-    """Results that complete one by one, every 10 ms, are flushed together: no two flushes
-    start closer than the interval, and every record is flushed once, in order."""
+    """Results that complete one by one, every 10 ms, are flushed together: no two flushes of
+    the partition start closer than the interval, and every record is flushed once, in
+    order."""
     log = MemoryLog()
     interval_s = 0.2
     async with member(log, Handler(), flush_interval_s=interval_s) as m:
@@ -443,6 +444,34 @@ async def test_flushes_start_at_most_once_per_flush_interval_and_lose_nothing() 
     assert gaps and min(gaps) >= interval_s * 0.95, gaps
     # One flush per result would be 60; one per interval is what is allowed.
     assert len(starts) <= elapsed / interval_s + 2, (len(starts), elapsed)
+    assert_exactly_once(log, m.sink)
+
+
+async def test_partitions_flush_in_turn_over_the_interval_not_all_together() -> None:
+    """Three partitions with results all the time: each is flushed at most once per interval,
+    and after the first flush they take turns (one partition per flush, a share of the
+    interval apart) instead of starting their transactions at the same moment."""
+    log = MemoryLog()
+    interval_s = 0.3
+    parts = [P0, P1, P2]
+    async with member(log, Handler(), flush_interval_s=interval_s) as m:
+        m.assign(parts)
+        started = asyncio.get_running_loop().time()
+        for i in range(150):
+            for part in parts:
+                log.append(part, b"k%d" % (i % 2), b"{}")
+            await asyncio.sleep(0.01)
+        await until(flushed(log))
+        elapsed = asyncio.get_running_loop().time() - started
+    flushes = list(zip(m.sink.flush_started, m.sink.flush_parts, strict=True))
+    for part in parts:
+        starts = [at for at, flushed_parts in flushes if part in flushed_parts]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        assert gaps and min(gaps) >= interval_s * 0.95, (part, gaps)
+        assert len(starts) <= elapsed / interval_s + 2, (part, len(starts), elapsed)
+    together = [flushed_parts for _, flushed_parts in flushes if len(flushed_parts) > 1]
+    assert len(together) <= 2, flushes  # the first flush may carry several; then turns
+    assert len(flushes) >= 3 * (len(together) + 1), flushes
     assert_exactly_once(log, m.sink)
 
 

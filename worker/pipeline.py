@@ -155,7 +155,17 @@ class _Entry:
 class _PartState:
     """A partition in hand, for one assignment of it."""
 
-    __slots__ = ("closing", "entries", "lanes", "part", "paused", "ready", "revoked", "running")
+    __slots__ = (
+        "closing",
+        "entries",
+        "flush_at",
+        "lanes",
+        "part",
+        "paused",
+        "ready",
+        "revoked",
+        "running",
+    )
 
     def __init__(self, part: Partition) -> None:
         self.part = part
@@ -166,6 +176,7 @@ class _PartState:
         self.closing = False  # revoked or stopping: nothing more starts
         self.revoked = False  # let go of: nothing of it is published any more
         self.paused = False
+        self.flush_at = -math.inf  # (monotonic) its next flush does not start before this
 
     def ready_prefix(self) -> list[_Entry]:
         out: list[_Entry] = []
@@ -202,10 +213,10 @@ class Pipeline:
         self._commit_timeout_s = commit_timeout_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
-        # The shortest time from one flush's start to the next one's (the final flush on
-        # shutdown or revocation does not wait for it): fewer, larger transactions.
+        # Per partition, the shortest time from one flush's start to the next one's (the
+        # final flush on shutdown or revocation does not wait for it): fewer, larger
+        # transactions, spread over the interval rather than started together.
         self._flush_interval_s = flush_interval_s
-        self._last_flush_at = -math.inf
         self._parts: dict[Partition, _PartState] = {}
         self._ready_lanes: deque[tuple[_PartState, bytes | None]] = deque()
         self._running = 0
@@ -410,17 +421,47 @@ class Pipeline:
         while True:
             await self._flush_wanted.wait()
             self._flush_wanted.clear()
+            due, wait_s = self._due(time.monotonic())
+            if not due:
+                if wait_s is not None:  # results in hand, their partitions not due yet
+                    # ... until the first is due, or a result comes (its partition may be)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._flush_wanted.wait(), wait_s)
+                    self._flush_wanted.set()
+                continue
             async with self._flush_lock:
-                ok = await self._flush_ready(list(self._parts.values()))
+                ok = await self._flush_ready(due)
             if ok:
                 delay = self._retry_initial_s
-                wait = self._last_flush_at + self._flush_interval_s - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                self._flush_wanted.set()  # other partitions may have results, due later
                 continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
             self._flush_wanted.set()
+
+    def _due(self, now: float) -> tuple[list[_PartState], float | None]:
+        """The partitions with results to flush whose interval has passed; else how long
+        until the first of the others is due (None: no results in hand)."""
+        due: list[_PartState] = []
+        soonest: float | None = None
+        for state in self._parts.values():
+            if not (state.ready and state.entries and state.entries[0].done):
+                continue
+            if state.flush_at <= now:
+                due.append(state)
+            elif soonest is None or state.flush_at < soonest:
+                soonest = state.flush_at
+        return due, None if soonest is None else soonest - now
+
+    def _space_out(self, states: Sequence[_PartState], started: float) -> None:
+        """The next flush of each of ``states`` (flushed together, from ``started``): one
+        interval on, and each a further share of the interval after the one before, so that
+        partitions flushed together once are not flushed together ever after."""
+        if not self._flush_interval_s:
+            return
+        share = self._flush_interval_s / max(1, len(self._parts))
+        for i, state in enumerate(sorted(states, key=lambda s: s.part)):
+            state.flush_at = started + self._flush_interval_s + i * share
 
     async def _flush_ready(self, states: Sequence[_PartState]) -> bool:
         """Flush every state's completed prefix; False if the sink failed (kept for later)."""
@@ -437,7 +478,8 @@ class Pipeline:
             return True
         failure: Exception | None = None
         done: frozenset[Partition] = frozenset(batches)
-        self.flush_since = self._last_flush_at = time.monotonic()
+        self.flush_since = started = time.monotonic()
+        self._space_out([state for state, _ in taken.values()], started)
         try:
             await self._sink.flush(batches)
         except FlushError as exc:
