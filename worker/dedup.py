@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from worker.contracts import load_schema
 from worker.errors import FailureReason
@@ -168,6 +168,35 @@ class Seen:
     on_topic: bool
 
 
+# A window entry as stored: (type, reason, route, order_status, (topic, partition, offset),
+# completed_at, on_topic). Exact tuples of str/int/bool/None, untracked by the collector.
+_Packed = tuple[str, str | None, str | None, str | None, tuple[str, int, int], int, bool]
+_ORIGIN: Final = 4
+_COMPLETED_AT: Final = 5
+_ON_TOPIC: Final = 6
+
+
+def _pack(first: FirstResult, on_topic: bool) -> _Packed:
+    origin = first.origin
+    return (
+        first.type,
+        first.reason,
+        first.route,
+        first.order_status,
+        (origin.topic, origin.partition, origin.offset),
+        first.completed_at,
+        on_topic,
+    )
+
+
+def _unpack(packed: _Packed) -> Seen:
+    kind, reason, route, status, (topic, partition, offset), completed_at, on_topic = packed
+    first = FirstResult(
+        kind, reason, route, status, RecordAt(topic, partition, offset), completed_at
+    )
+    return Seen(first, on_topic)
+
+
 class SeenCommands:
     """A bounded map command id → :class:`Seen` (see the module docstring). Pure: no I/O;
     time comes from ``clock`` (ms since the epoch)."""
@@ -180,11 +209,15 @@ class SeenCommands:
         self.window_ms = window_ms
         self.max_entries = max_entries
         self.clock = clock
-        self._entries: dict[str, Seen] = {}
+        # Entries are stored as plain tuples of plain values (_pack), which the garbage
+        # collector stops tracking: as class instances, a window of a million commands was
+        # millions of objects that every full collection walked, a pause every cancel in
+        # hand waited out (see worker.app.settle_garbage_collector for the figures).
+        self._entries: dict[str, _Packed] = {}
         # (completed_at, seq, command_id, entry), oldest first (seq breaks ties, so entries
         # are never compared); items of replaced entries stay until they surface (their
         # entry is no longer the command id's) or the heap is compacted.
-        self._heap: list[tuple[int, int, str, Seen]] = []
+        self._heap: list[tuple[int, int, str, _Packed]] = []
         self._seq = 0
 
     def __len__(self) -> int:
@@ -193,7 +226,8 @@ class SeenCommands:
     def get(self, command_id: str) -> Seen | None:
         """The entry for ``command_id``, or None when it has none within the window."""
         self._expire(self.clock())
-        return self._entries.get(command_id)
+        packed = self._entries.get(command_id)
+        return None if packed is None else _unpack(packed)
 
     def add(self, event: Mapping[str, Any], *, on_topic: bool) -> bool:
         """Record a result event if it counts (:func:`first_result_of`); ``on_topic``: it
@@ -212,11 +246,11 @@ class SeenCommands:
             return False
         old = self._entries.get(command_id)
         if old is not None:
-            same_record = old.first.origin == first.origin
-            if old.on_topic or not (on_topic or same_record):
+            same_record = old[_ORIGIN] == tuple(first.origin)
+            if old[_ON_TOPIC] or not (on_topic or same_record):
                 return False
         self._seq += 1
-        entry = self._entries[command_id] = Seen(first, on_topic)
+        entry = self._entries[command_id] = _pack(first, on_topic)
         heapq.heappush(self._heap, (first.completed_at, self._seq, command_id, entry))
         if len(self._heap) > 2 * len(self._entries) + 1024:
             self._compact()
@@ -233,7 +267,7 @@ class SeenCommands:
 
     def _compact(self) -> None:
         self._heap = [
-            (e.first.completed_at, seq, c, e) for seq, (c, e) in enumerate(self._entries.items())
+            (e[_COMPLETED_AT], seq, c, e) for seq, (c, e) in enumerate(self._entries.items())
         ]
         self._seq = len(self._heap)
         heapq.heapify(self._heap)
