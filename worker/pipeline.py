@@ -22,9 +22,10 @@ when it has drained to half, so memory stays bounded and other partitions keep f
 
 Durability: a flush hands the sink each partition's completed prefix (its outgoing
 records and the next position); the sink makes them durable and stores the position
-(:class:`ResultSink`). Flushes start at most every ``flush_interval_s`` (exactly-once: one
-transaction per partition per flush, so this trades a little result latency for far fewer
-transactions); the final flush on shutdown or revocation does not wait. A flush that fails
+(:class:`ResultSink`). A partition's flushes start at most every ``flush_interval_s``, and
+partitions take turns rather than flushing together (exactly-once: a transaction per
+partition per flush, so this trades a little result latency for far fewer transactions,
+spread out); the final flush on shutdown or revocation does not wait. A flush that fails
 (the broker is down) is retried with backoff, for as long as it takes; the outage is
 reported once, in a log line and in a metric, and the pipeline resumes by itself.
 
