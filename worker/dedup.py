@@ -246,7 +246,7 @@ class SeenCommands:
             return False
         old = self._entries.get(command_id)
         if old is not None:
-            same_record = old[_ORIGIN] == tuple(first.origin)
+            same_record = old[_ORIGIN] == first.origin
             if old[_ON_TOPIC] or not (on_topic or same_record):
                 return False
         self._seq += 1

@@ -179,6 +179,11 @@ class _PartState:
         self.paused = False
         self.flush_at = -math.inf  # (monotonic) its next flush does not start before this
 
+    @property
+    def flushable(self) -> bool:
+        """Owned, with a completed prefix to flush (cheaper than :meth:`ready_prefix`)."""
+        return self.ready and bool(self.entries) and self.entries[0].done
+
     def ready_prefix(self) -> list[_Entry]:
         out: list[_Entry] = []
         for entry in self.entries:
@@ -427,7 +432,8 @@ class Pipeline:
                 if wait_s is not None:  # results in hand, their partitions not due yet
                     # ... until the first is due, or a result comes (its partition may be)
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._flush_wanted.wait(), wait_s)
+                        async with asyncio.timeout(wait_s):
+                            await self._flush_wanted.wait()
                     self._flush_wanted.set()
                 continue
             async with self._flush_lock:
@@ -446,7 +452,7 @@ class Pipeline:
         due: list[_PartState] = []
         soonest: float | None = None
         for state in self._parts.values():
-            if not (state.ready and state.entries and state.entries[0].done):
+            if not state.flushable:
                 continue
             if state.flush_at <= now:
                 due.append(state)
@@ -469,9 +475,9 @@ class Pipeline:
         taken: dict[Partition, tuple[_PartState, int]] = {}
         batches: dict[Partition, Flush] = {}
         for state in states:
-            prefix = state.ready_prefix()
-            if not prefix or not state.ready:
+            if not state.flushable:
                 continue
+            prefix = state.ready_prefix()
             records = tuple(r for e in prefix for r in e.outgoing)
             batches[state.part] = Flush(records, prefix[-1].record.offset + 1)
             taken[state.part] = (state, len(prefix))

@@ -379,6 +379,15 @@ def stop_jitter(bench: Bench, jitter: Process) -> list[float]:
     return [float(v) for v in values] if isinstance(values, list) else []
 
 
+async def keep_pace(started: float, i: int, rate: float | None) -> None:
+    """Wait until the ``i``-th command of a run paced at ``rate`` (per second, from the
+    monotonic ``started``) is due; at once without a rate."""
+    if rate is not None:
+        delay = started + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
 async def warm_up(
     bench: Bench,
     proc: Process,
@@ -394,10 +403,7 @@ async def warm_up(
     waiting = {c["command_id"] for c in commands}
     started = time.monotonic()
     for i, cmd in enumerate(commands):
-        if rate is not None:
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        await keep_pace(started, i, rate)
         cmd["issued_at"] = time.time_ns() // 1_000_000
         await bench.producer.send(topic, orjson.dumps(cmd), key=f"key-{i % KEYS}".encode())
     await bench.producer.flush()
@@ -458,10 +464,7 @@ async def run_once(
             futures = []
             started = time.monotonic()
             for i in range(count):
-                if scenario.rate is not None:
-                    delay = started + i / scenario.rate - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                await keep_pace(started, i, scenario.rate)
                 now = time.time_ns() // 1_000_000
                 commands[i]["issued_at"] = now
                 produced_ms[i] = now
