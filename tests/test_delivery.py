@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 
 from tests.support import (
     SimControl,
@@ -35,6 +36,8 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
+from worker.kafka_io import TransactionalSink
+from worker.pipeline import Flush, FlushError, OutRecord
 from worker.settings import Settings
 from worker.tools.devstack import Broker, Process, start_worker
 
@@ -447,3 +450,32 @@ async def test_two_processes_on_one_host_share_the_partitions_and_the_ip_budget(
     assert {p for _, p in final[0] | final[1]} == {0, 1, 2, 3}
     after = sim.stats()
     assert after.get("weight_429", 0) == before.get("weight_429", 0), after
+
+
+async def test_a_transactional_producer_left_broken_is_replaced_and_the_results_get_out(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """Seen once during a broker outage: aiokafka's sender task died, the partition's
+    producer was left in FATAL_ERROR, every later transaction was refused, and the results
+    waited forever. The sink replaces a producer whose transaction failed: the next flush
+    goes through a new producer with the same transactional id, exactly once."""
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    sink = TransactionalSink(settings)
+    part = (topics.commands, 0)
+    batch = Flush((OutRecord(topics.results, b"k", b'{"n": 1}'),), 1)
+    await sink.assigned([part])
+    try:
+        broken = sink._producers[part]
+        # What aiokafka does when the sender task dies inside a transaction:
+        await broken.begin_transaction()
+        broken._txn_manager.fatal_error(KafkaError("the sender task died"))
+        with pytest.raises(FlushError) as failed:
+            await sink.flush({part: batch})
+        assert not failed.value.lost  # not fenced: the partition stays ours
+        await sink.flush({part: batch})  # the same batch again, as the pipeline retries
+        assert sink._producers[part] is not broken
+    finally:
+        await sink.close()
+    published = await read_to_end(broker.bootstrap, topics.results)
+    assert [r.value for r in published] == [b'{"n": 1}']

@@ -254,6 +254,12 @@ class TransactionalSink:
     so the member that takes a partition over fences the previous owner's producer (its
     open transaction is aborted, and it can never commit again). A flush writes the
     partition's results and its consumer offset in one transaction: both or neither.
+
+    A producer whose transaction failed (not fenced) is replaced before the partition's next
+    flush: a new producer with the same ``transactional.id`` aborts what the old one left
+    open. aiokafka cannot be trusted to recover by itself: when its sender task dies (seen
+    during a broker outage) the producer is left in FATAL_ERROR, refusing every later
+    transaction, and the partition's results waited forever.
     """
 
     def __init__(
@@ -274,6 +280,7 @@ class TransactionalSink:
             )
         )
         self._producers: dict[Partition, AIOKafkaProducer] = {}
+        self._broken: set[Partition] = set()  # a transaction failed: replace the producer
 
     def transactional_id(self, part: Partition) -> str:
         return f"{self._prefix}-{part[0]}-{part[1]}"
@@ -304,6 +311,7 @@ class TransactionalSink:
 
     async def revoked(self, parts: Sequence[Partition]) -> None:
         for part in parts:
+            self._broken.discard(part)
             producer = self._producers.pop(part, None)
             if producer is not None:
                 await _stop_quietly(producer, self._settings.commit_timeout_s)
@@ -320,6 +328,7 @@ class TransactionalSink:
         if not failed:
             return
         lost = [p for p, o in failed.items() if isinstance(o, FENCED)]
+        self._broken.update(p for p in failed if p not in lost and p in self._producers)
         for part in lost:
             producer = self._producers.pop(part, None)
             if producer is not None:
@@ -332,6 +341,12 @@ class TransactionalSink:
         )
 
     async def _flush_one(self, part: Partition, batch: Flush) -> None:
+        if part in self._broken:  # until a new producer starts, every flush tries again
+            old = self._producers.pop(part, None)
+            if old is not None:
+                await _stop_quietly(old, self._settings.commit_timeout_s)
+            await self._start(part)
+            self._broken.discard(part)
         producer = self._producers.get(part)
         if producer is None:
             raise RuntimeError(f"no producer for {part}: not taken over yet")
