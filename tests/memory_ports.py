@@ -96,6 +96,9 @@ class MemorySink:
         self.flush_started: list[float] = []  # loop time of each flush's start
         self.flush_parts: list[tuple[Partition, ...]] = []  # the partitions of each flush
         self.delay_s = 0.0
+        self.assign_gate: asyncio.Event | None = None  # take-overs wait for it when set
+        self.assign_cleanup_s = 0.0  # a take-over cancelled at the gate takes this to end
+        self.at_gate = 0  # take-overs waiting at the gate
         # At-least-once's two steps: records published, then (after this long) positions
         # committed; a flush cancelled in between has published without committing.
         self.commit_delay_s = 0.0
@@ -120,6 +123,15 @@ class MemorySink:
             raise FlushError("fenced", done=done, lost=lost)
 
     async def assigned(self, parts: Sequence[Partition]) -> None:
+        if self.assign_gate is not None:
+            self.at_gate += 1
+            try:
+                await self.assign_gate.wait()
+            except asyncio.CancelledError:  # as a producer half started is stopped
+                await asyncio.sleep(self.assign_cleanup_s)
+                raise
+            finally:
+                self.at_gate -= 1
         if self.fail:
             raise ConnectionError("broker unreachable")
         self.owned.update(parts)

@@ -33,10 +33,11 @@ from tests.support import (
     fresh_topics,
     produce,
     read_to_end,
+    until,
     worker_env,
     worker_settings,
 )
-from worker.kafka_io import TransactionalSink
+from worker.kafka_io import SinkClosedError, TransactionalSink
 from worker.pipeline import Flush, FlushError, OutRecord
 from worker.settings import Settings
 from worker.tools.devstack import Broker, Process, start_worker
@@ -479,3 +480,41 @@ async def test_a_transactional_producer_left_broken_is_replaced_and_the_results_
         await sink.close()
     published = await read_to_end(broker.bootstrap, topics.results)
     assert [r.value for r in published] == [b'{"n": 1}']
+
+
+async def test_a_producer_still_starting_when_the_sink_closes_is_stopped(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """The sink closes while a take-over is starting its producers (the worker stopping
+    during a re-join): each producer is stopped as its start ends, none is kept, and no
+    new one starts. Before, such a producer was kept after the close, and nothing ever
+    closed it or its connections."""
+    topics = await fresh_topics(broker.bootstrap, partitions=2)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    made: list[AIOKafkaProducer] = []
+    started = asyncio.Event()
+
+    class HeldProducer(AIOKafkaProducer):  # type: ignore[misc]
+        async def start(self) -> None:  # the take-over is slow: the close comes first
+            await started.wait()
+            await super().start()
+
+    def factory(transactional_id: str) -> AIOKafkaProducer:
+        producer = HeldProducer(
+            bootstrap_servers=broker.bootstrap, transactional_id=transactional_id
+        )
+        made.append(producer)
+        return producer
+
+    sink = TransactionalSink(settings, producer_factory=factory)
+    parts = [(topics.commands, 0), (topics.commands, 1)]
+    starting = asyncio.create_task(sink.assigned(parts))
+    await until(lambda: len(made) == 2, "both producers starting")
+    await sink.close()
+    started.set()
+    with pytest.raises(SinkClosedError):
+        await starting
+    assert all(p._closed for p in made)  # aiokafka's own flag, set by stop()
+    with pytest.raises(SinkClosedError):
+        await sink.assigned(parts)
+    assert len(made) == 2  # none started after the close

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import logging
+import time
 from pathlib import Path
 
 import orjson
@@ -17,6 +19,7 @@ from tests.support import (
     fresh_topics,
     produce,
     running_worker,
+    until,
     worker_settings,
 )
 from worker.tools.devstack import Broker
@@ -307,3 +310,49 @@ async def test_offsets_committed_only_after_results_and_restart_does_not_repeat(
         assert len(results) == 31
     assert again.pipeline.processed == 1
     assert len(cancel_requests(sim, since)) == 1
+
+
+async def test_stopped_while_rejoining_the_group_takes_nothing_over_and_loses_nothing(
+    broker: Broker, sim: SimControl, accounts_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seen on a loaded 2-core machine: the worker's event loop stalled past the session
+    timeout, the consumer lost its membership and re-joined the group while the worker
+    stopped, and the re-join's assignment was taken over after the stop: producers started
+    and offsets were read on clients being closed, and ten connections leaked.
+
+    Here the loop stalls for real (7.5 s, the session timeout is 6 s) while a cancel hangs
+    at the exchange, so the revocation waits for it and the re-join's assignment surely
+    comes after the stop. The worker takes nothing over, closes every connection (the
+    session's garbage check fails the test otherwise), and the next worker of the group
+    answers the command the first one abandoned: once."""
+    caplog.set_level(logging.INFO, logger="worker")
+    topics = await fresh_topics(broker.bootstrap, partitions=2)
+    (order,) = sim.seed([{"account": "desk-3", "market": "UM", "symbol": "ETHUSDT"}])
+    cmd = command("desk-3", order, command_id="rejoin-1")
+    settings = worker_settings(
+        broker.bootstrap,
+        topics,
+        sim.url,
+        accounts_file,
+        http_timeout_s=60.0,
+        revoke_grace_s=1.5,
+        shutdown_grace_s=1.0,
+    )
+    sim.script({"kind": "timeout", "delay_ms": 50_000})  # the first cancel hangs
+    since = sim.last_seq()
+    async with running_worker(settings) as worker:
+        await produce(broker.bootstrap, topics.commands, [(b"desk-3:ETHUSDT", orjson.dumps(cmd))])
+        await until(lambda: bool(cancel_requests(sim, since)), "the cancel held at the exchange")
+        time.sleep(7.5)  # noqa: ASYNC251 - the event loop stalls, as on a starved machine
+        await until(lambda: "partitions revoked" in caplog.text, "the membership lost")
+        stopped_at = len(caplog.records)
+    after = [r.getMessage() for r in caplog.records[stopped_at:]]
+    assert any("assigned while stopping, not taken over" in m for m in after), after
+    assert not any("taken over, processing" in m for m in after), after
+    assert worker.pipeline.processed == 0
+
+    async with running_worker(settings):  # the same group: it gets the partitions
+        out = await consume(broker.bootstrap, topics.results, 1, timeout_s=60)
+    (event,) = events_of(out)
+    assert event["command_id"] == "rejoin-1"
+    assert event["type"] == "strategy.canceled", event

@@ -500,3 +500,56 @@ async def test_stop_and_revocation_flush_at_once_whatever_the_interval(ending: s
     finally:
         if m.task is not None and not m.task.done():
             await m.stop()
+
+
+def take_overs() -> list[asyncio.Task[object]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "prepare-partitions" and not t.done()]
+
+
+@pytest.mark.parametrize("when", ["during the drain", "after the run ended"])
+async def test_an_assignment_once_stopping_is_not_taken_over(when: str) -> None:
+    """Seen on a loaded machine: the consumer lost its session and re-joined while the
+    worker stopped; the re-join's assignment arrived after the pipeline stopped, and its
+    take-over started producers and read committed offsets on clients being closed,
+    leaking their connections. Once stopping, an assignment is not taken over."""
+    log = MemoryLog()
+    handler = Handler()
+    handler.stuck.add(b"stuck")
+    m = Member(log, handler, shutdown_grace_s=0.5)
+    m.start()
+    try:
+        m.assign([P0])
+        log.append(P0, b"stuck", b"{}")
+        await until(lambda: len(handler.started) == 1)
+        m.pipeline.stop()
+        if when == "during the drain":
+            await asyncio.sleep(0.1)  # the run is waiting out its grace for the stuck record
+            assert m.task is not None and not m.task.done()
+        else:
+            await m.stop()
+        m.assign([P1])  # the consumer's re-join, before it leaves the group
+        await asyncio.sleep(0.05)
+        assert not take_overs()
+        report = await m.stop()
+        assert report.abandoned == 1
+        assert P1 not in m.sink.owned
+        assert not take_overs()
+    finally:
+        if m.task is not None and not m.task.done():
+            await m.stop()
+
+
+async def test_a_take_over_under_way_is_ended_before_the_run_returns() -> None:
+    """A take-over still starting when the worker stops is cancelled and waited for: once
+    ``run`` returns nothing of the pipeline's uses the Kafka clients, which close next."""
+    log = MemoryLog()
+    m = Member(log, Handler())
+    m.sink.assign_gate = asyncio.Event()  # the take-over hangs (a slow coordinator) ...
+    m.sink.assign_cleanup_s = 0.2  # ... and, cancelled, takes a while to end
+    m.start()
+    m.assign([P0])
+    await until(lambda: m.sink.at_gate == 1)
+    await m.stop()
+    assert not take_overs()
+    assert m.sink.at_gate == 0
+    assert P0 not in m.sink.owned

@@ -247,6 +247,10 @@ class AtLeastOnceSink:
 FENCED = (ProducerFenced, InvalidProducerEpoch, TransactionalIdAuthorizationFailed)
 
 
+class SinkClosedError(RuntimeError):
+    """A producer was asked of a transactional sink that is closed."""
+
+
 class TransactionalSink:
     """Exactly-once: each input partition has its own transactional producer.
 
@@ -281,6 +285,7 @@ class TransactionalSink:
         )
         self._producers: dict[Partition, AIOKafkaProducer] = {}
         self._broken: set[Partition] = set()  # a transaction failed: replace the producer
+        self._closed = False
 
     def transactional_id(self, part: Partition) -> str:
         return f"{self._prefix}-{part[0]}-{part[1]}"
@@ -300,14 +305,19 @@ class TransactionalSink:
             raise failed[0]
 
     async def _start(self, part: Partition) -> None:
+        self._refuse_if_closed(part)
         producer = self._factory(self.transactional_id(part))
         try:
             await producer.start()  # init_transactions: fences the previous owner
+            self._refuse_if_closed(part)  # closed meanwhile: nothing would ever stop it
         except BaseException:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+            await _stop_quietly(producer, self._settings.commit_timeout_s)
             raise
         self._producers[part] = producer
+
+    def _refuse_if_closed(self, part: Partition) -> None:
+        if self._closed:
+            raise SinkClosedError(f"no producer for {part}: the sink is closed")
 
     async def revoked(self, parts: Sequence[Partition]) -> None:
         for part in parts:
@@ -366,6 +376,8 @@ class TransactionalSink:
         metrics.TRANSACTIONS.labels("committed").inc()
 
     async def close(self) -> None:
+        """Stop every producer; a producer still starting is stopped as its start ends."""
+        self._closed = True
         await self.revoked(list(self._producers))
 
 

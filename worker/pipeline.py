@@ -289,14 +289,28 @@ class Pipeline:
     async def _shutdown(self, flusher: asyncio.Task[None]) -> int:
         for state in self._parts.values():
             self._drop_waiting(state)
-        for task in self._preparing.values():
-            task.cancel()
+        await self._end_take_overs()
         abandoned = await self._finish_running(list(self._parts.values()), self._shutdown_grace_s)
         await self._stop_flusher(flusher)
         if self._fatal is None:
             async with self._flush_lock:
                 await self._flush_bounded(list(self._parts.values()))
         return abandoned
+
+    async def _end_take_overs(self) -> None:
+        """Cancel the take-overs under way and wait for them (bounded): once ``run`` returns,
+        the Kafka clients close, and a take-over left running would start producers and
+        read offsets on closed clients, leaking their connections."""
+        tasks = set(self._preparing.values())
+        self._preparing.clear()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self._commit_timeout_s)
+            if pending:
+                log.warning(
+                    "%d take-over(s) did not end within %.1fs", len(pending), self._commit_timeout_s
+                )
 
     async def _stop_flusher(self, flusher: asyncio.Task[None]) -> None:
         """Stop the flush loop between two flushes, not inside one: a flush cut short after
@@ -623,7 +637,14 @@ class Pipeline:
         await self._sink.revoked(list(parts))
 
     def on_assigned(self, parts: Sequence[Partition]) -> None:
-        """Hold the parts' records until the sink owns them and their position is rewound."""
+        """Hold the parts' records until the sink owns them and their position is rewound.
+
+        Once stopping, nothing is taken over: the consumer may still re-join the group (its
+        session lapsed) before it closes and leaves, and the parts go to another member."""
+        if self._stopping.is_set():
+            if parts:
+                log.info("partitions assigned while stopping, not taken over: %s", parts)
+            return
         self._lost.difference_update(parts)
         for part in parts:
             self._parts.setdefault(part, _PartState(part))
