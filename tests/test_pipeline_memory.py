@@ -553,3 +553,23 @@ async def test_a_take_over_under_way_is_ended_before_the_run_returns() -> None:
     assert not take_overs()
     assert m.sink.at_gate == 0
     assert P0 not in m.sink.owned
+
+
+async def test_a_take_over_under_way_is_ended_before_the_revocation_returns() -> None:
+    """Once ``on_revoked`` returns the parts are another member's: a take-over of them still
+    starting is cancelled and waited for, so nothing of it (a producer started, a position
+    read) happens after that."""
+    log = MemoryLog()
+    m = Member(log, Handler())
+    m.sink.assign_gate = asyncio.Event()  # the take-over hangs ...
+    m.sink.assign_cleanup_s = 0.2  # ... and, cancelled, takes a while to end
+    m.start()
+    try:
+        m.assign([P0])
+        await until(lambda: m.sink.at_gate == 1)
+        await asyncio.wait_for(m.revoke([P0]), 5)
+        assert not take_overs()
+        assert m.sink.at_gate == 0
+        assert P0 not in m.sink.owned
+    finally:
+        await m.stop()

@@ -297,12 +297,14 @@ class Pipeline:
                 await self._flush_bounded(list(self._parts.values()))
         return abandoned
 
-    async def _end_take_overs(self) -> None:
-        """Cancel the take-overs under way and wait for them (bounded): once ``run`` returns,
-        the Kafka clients close, and a take-over left running would start producers and
-        read offsets on closed clients, leaking their connections."""
-        tasks = set(self._preparing.values())
-        self._preparing.clear()
+    async def _end_take_overs(self, parts: Sequence[Partition] | None = None) -> None:
+        """Cancel the take-overs under way (of ``parts``, or all) and wait for them, bounded.
+        Once ``run`` returns the Kafka clients close, and once a revocation returns the
+        parts are another member's: a take-over left running would start producers and
+        read offsets after that (on closed clients, or for parts no longer ours)."""
+        if parts is None:
+            parts = list(self._preparing)
+        tasks = {t for p in parts if (t := self._preparing.pop(p, None)) is not None}
         for task in tasks:
             task.cancel()
         if tasks:
@@ -621,10 +623,7 @@ class Pipeline:
             self._revoking.difference_update(parts)
 
     async def _let_go(self, parts: Sequence[Partition], states: Sequence[_PartState]) -> None:
-        for part in parts:
-            task = self._preparing.pop(part, None)
-            if task is not None:
-                task.cancel()
+        await self._end_take_overs(parts)
         for state in states:
             self._drop_waiting(state)  # running records may still finish and be flushed
         await self._finish_running(states, self._revoke_grace_s)
