@@ -481,9 +481,7 @@ async def test_stop_and_revocation_flush_at_once_whatever_the_interval(ending: s
     (or losing the partition) flushes it at once instead of waiting out the interval."""
     log = MemoryLog()
     handler = Handler()
-    m = Member(log, handler, flush_interval_s=30.0)
-    m.start()
-    try:
+    async with member(log, handler, flush_interval_s=30.0) as m:
         m.assign([P0])
         log.append(P0, b"a", b"{}")
         await until(flushed(log))  # the first flush does not wait
@@ -497,9 +495,12 @@ async def test_stop_and_revocation_flush_at_once_whatever_the_interval(ending: s
             await asyncio.wait_for(m.revoke([P0]), 10)
         assert log.committed[P0] == 2
         assert_exactly_once(log, m.sink)
-    finally:
-        if m.task is not None and not m.task.done():
-            await m.stop()
+
+
+def hold_take_overs(sink: MemorySink) -> None:
+    """Take-overs hang (a slow coordinator) and, cancelled, take 200 ms to end."""
+    sink.assign_gate = asyncio.Event()
+    sink.assign_cleanup_s = 0.2
 
 
 def take_overs() -> list[asyncio.Task[object]]:
@@ -515,9 +516,7 @@ async def test_an_assignment_once_stopping_is_not_taken_over(when: str) -> None:
     log = MemoryLog()
     handler = Handler()
     handler.stuck.add(b"stuck")
-    m = Member(log, handler, shutdown_grace_s=0.5)
-    m.start()
-    try:
+    async with member(log, handler, shutdown_grace_s=0.5) as m:
         m.assign([P0])
         log.append(P0, b"stuck", b"{}")
         await until(lambda: len(handler.started) == 1)
@@ -534,42 +533,30 @@ async def test_an_assignment_once_stopping_is_not_taken_over(when: str) -> None:
         assert report.abandoned == 1
         assert P1 not in m.sink.owned
         assert not take_overs()
-    finally:
-        if m.task is not None and not m.task.done():
-            await m.stop()
 
 
 async def test_a_take_over_under_way_is_ended_before_the_run_returns() -> None:
     """A take-over still starting when the worker stops is cancelled and waited for: once
     ``run`` returns nothing of the pipeline's uses the Kafka clients, which close next."""
-    log = MemoryLog()
-    m = Member(log, Handler())
-    m.sink.assign_gate = asyncio.Event()  # the take-over hangs (a slow coordinator) ...
-    m.sink.assign_cleanup_s = 0.2  # ... and, cancelled, takes a while to end
-    m.start()
-    m.assign([P0])
-    await until(lambda: m.sink.at_gate == 1)
-    await m.stop()
-    assert not take_overs()
-    assert m.sink.at_gate == 0
-    assert P0 not in m.sink.owned
+    async with member(MemoryLog(), Handler()) as m:
+        hold_take_overs(m.sink)
+        m.assign([P0])
+        await until(lambda: m.sink.at_gate == 1)
+        await m.stop()
+        assert not take_overs()
+        assert m.sink.at_gate == 0
+        assert P0 not in m.sink.owned
 
 
 async def test_a_take_over_under_way_is_ended_before_the_revocation_returns() -> None:
     """Once ``on_revoked`` returns the parts are another member's: a take-over of them still
     starting is cancelled and waited for, so nothing of it (a producer started, a position
     read) happens after that."""
-    log = MemoryLog()
-    m = Member(log, Handler())
-    m.sink.assign_gate = asyncio.Event()  # the take-over hangs ...
-    m.sink.assign_cleanup_s = 0.2  # ... and, cancelled, takes a while to end
-    m.start()
-    try:
+    async with member(MemoryLog(), Handler()) as m:
+        hold_take_overs(m.sink)
         m.assign([P0])
         await until(lambda: m.sink.at_gate == 1)
         await asyncio.wait_for(m.revoke([P0]), 5)
         assert not take_overs()
         assert m.sink.at_gate == 0
         assert P0 not in m.sink.owned
-    finally:
-        await m.stop()

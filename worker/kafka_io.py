@@ -322,9 +322,12 @@ class TransactionalSink:
     async def revoked(self, parts: Sequence[Partition]) -> None:
         for part in parts:
             self._broken.discard(part)
-            producer = self._producers.pop(part, None)
-            if producer is not None:
-                await _stop_quietly(producer, self._settings.commit_timeout_s)
+            await self._stop_producer(part)
+
+    async def _stop_producer(self, part: Partition) -> None:
+        producer = self._producers.pop(part, None)
+        if producer is not None:
+            await _stop_quietly(producer, self._settings.commit_timeout_s)
 
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         outcomes = await asyncio.gather(
@@ -340,9 +343,7 @@ class TransactionalSink:
         lost = [p for p, o in failed.items() if isinstance(o, FENCED)]
         self._broken.update(p for p in failed if p not in lost and p in self._producers)
         for part in lost:
-            producer = self._producers.pop(part, None)
-            if producer is not None:
-                await _stop_quietly(producer, self._settings.commit_timeout_s)
+            await self._stop_producer(part)
         first = next(iter(failed.values()))
         raise FlushError(
             f"{len(failed)} of {len(batches)} transaction(s) failed, first: {first!r}",
@@ -352,9 +353,7 @@ class TransactionalSink:
 
     async def _flush_one(self, part: Partition, batch: Flush) -> None:
         if part in self._broken:  # until a new producer starts, every flush tries again
-            old = self._producers.pop(part, None)
-            if old is not None:
-                await _stop_quietly(old, self._settings.commit_timeout_s)
+            await self._stop_producer(part)
             await self._start(part)
             self._broken.discard(part)
         producer = self._producers.get(part)
