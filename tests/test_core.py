@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from worker import normalize
 from worker.accounts import AccountsError, load_accounts
-from worker.app import _Closers
+from worker.app import YOUNG_COLLECTION_THRESHOLD, _Closers, settle_garbage_collector
 from worker.commands import Command, Market
 from worker.decisions import Gone, decide_gone
 from worker.errors import (
@@ -362,3 +363,17 @@ async def test_close_steps_run_in_reverse_each_bounded_and_logged(
     assert any("consumer" in m and "0.2s" in m for m in said), said
     assert any("producer" in m and "producer broke" in m for m in said), said
     assert len(said) == 2
+
+
+def test_the_collector_is_settled_once_the_worker_has_started() -> None:
+    """Start-up's objects are frozen out of every collection, and young collections run
+    every YOUNG_COLLECTION_THRESHOLD new objects; the older generations keep theirs."""
+    before = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, before[1], before[2])
+        assert before[0] < YOUNG_COLLECTION_THRESHOLD
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -180,6 +181,23 @@ async def test_each_route_cancels_with_evidence(rig: Rig) -> None:
         cm["strategy_id"],
         algo["algo_id"],
     }
+
+
+async def test_answers_are_freed_once_read_without_the_cyclic_collector(rig: Rig) -> None:
+    """httpx binds a response's stream to the response (a reference cycle): the client
+    breaks it once the answer is read, so each answer is freed at once instead of waiting,
+    with its request, for the garbage collector (which walked them all, at a cost)."""
+    orders = [rig.seed(kind="algo") for _ in range(20)]
+    gc.collect()
+    gc.disable()
+    try:
+        for order in orders:
+            outcome = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
+            assert outcome.canceled
+        left = [o for o in gc.get_objects() if isinstance(o, httpx.Response | httpx.Request)]
+    finally:
+        gc.enable()
+    assert left == []
 
 
 async def test_retry_carries_fresh_timestamp_and_signature(rig: Rig) -> None:

@@ -290,6 +290,7 @@ class PapiClient:
                 raw, unreadable = await _read_body(response)
             finally:
                 await response.aclose()
+                _unbind(response)
             metrics.EXCHANGE_SECONDS.labels(route, str(status)).observe(time.monotonic() - started)
             error = None if 200 <= status < 300 or raw is None else _error_from(status, raw)
             end.observe(status, headers, error)
@@ -369,6 +370,17 @@ def _interpret(
     except orjson.JSONDecodeError:
         raise NoAnswerError(f"HTTP {status} with a body that is not JSON") from None
     return PapiResponse(status, body, headers)
+
+
+_CLOSED_STREAM = httpx.ByteStream(b"")
+
+
+def _unbind(response: httpx.Response) -> None:
+    """Break the reference cycle httpx makes between a response and its stream (the client
+    binds the stream to the response, to time it). Left in place, every answer (with its
+    request, headers and URL, some twenty objects) waits for the cyclic garbage collector
+    instead of being freed once closed."""
+    response.stream = _CLOSED_STREAM
 
 
 async def _read_body(response: httpx.Response) -> tuple[bytes | None, str | None]:
