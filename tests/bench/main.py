@@ -64,6 +64,7 @@ from tests.bench import measure
 from tests.bench.jitter import READY as JITTER_READY
 from tests.bench.report import render_table, results_json
 from tests.bench.systems import CONFIG_ENV, READY
+from tests.bench.txnload import READY as TXN_LOAD_READY
 from tests.support import (
     HMAC_ACCOUNTS,
     SimControl,
@@ -428,12 +429,15 @@ async def run_once(
     label = f"{scenario.name} {system} round {rnd + 1}"
     bench.progress.show(f"{label}: preparing", force=True)
     topics = await fresh_topics(bench.broker.bootstrap, partitions=PARTITIONS)
-    seeded = bench.sim.seed(order_specs(warmup + count))
+    specs = order_specs(warmup + count)
+    seeded = bench.sim.seed(specs)
+    # Each command names the account its order was seeded in.
+    accounts = [spec["account"] for spec in specs]
     warm_orders, orders = seeded[:warmup], seeded[warmup:]
     tag = uuid.uuid4().hex[:8]
 
     def command_for(i: int, order: dict[str, Any], kind: str) -> dict[str, Any]:
-        account = ACCOUNTS[(i % KEYS) % len(ACCOUNTS)]
+        account = accounts[i if kind == "w" else warmup + i]
         return command(account, order, command_id=f"bench-{tag}-{kind}{i:06d}")
 
     warm_commands = [command_for(i, order, "w") for i, order in enumerate(warm_orders)]
@@ -582,6 +586,7 @@ async def bench_all(
     live: set[Process],
     connections: int,
     others: dict[str, int],
+    txn_load: bool = False,
 ) -> list[Run]:
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -595,6 +600,8 @@ async def bench_all(
     bench = Bench(broker, sim, accounts_file, producer, Progress(total), live, connections, others)
     runs: list[Run] = []
     try:
+        if txn_load:
+            await start_txn_load(bench)
         await warm_up_round(bench, plan, schedule)
         for name, rnd, order in schedule:
             scenario = SCENARIOS[name]
@@ -615,6 +622,16 @@ async def bench_all(
         await stop_client(producer)
         sim.close()
     return runs
+
+
+async def start_txn_load(bench: Bench) -> None:
+    """``--txn-load``: an exactly-once worker's transactions beside every run, until the end
+    (:mod:`tests.bench.txnload`); the broker's CPU per command then counts them too."""
+    argv = [sys.executable, "-m", "tests.bench.txnload", bench.broker.bootstrap]
+    load = Process("txn-load", argv)
+    bench.live.add(load)
+    await wait_for_line(load, TXN_LOAD_READY, 60)
+    bench.progress.show("transaction load started", force=True)
 
 
 async def warm_up_round(
@@ -711,6 +728,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "where in a run the tail sits",
     )
     parser.add_argument(
+        "--txn-load",
+        action="store_true",
+        help="run an exactly-once worker's transactions (6 partitions, 100 commands/s) beside\n"
+        "every system, on a scratch topic: every system meets a broker as busy as the\n"
+        "default worker makes it (tests.bench.txnload)",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -788,7 +812,15 @@ def main(argv: list[str] | None = None) -> None:
         }
         runs = asyncio.run(
             bench_all(
-                plan, schedule, broker, sim_url, accounts_file, live, args.connections, others
+                plan,
+                schedule,
+                broker,
+                sim_url,
+                accounts_file,
+                live,
+                args.connections,
+                others,
+                txn_load=args.txn_load,
             )
         )
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -812,7 +844,11 @@ def main(argv: list[str] | None = None) -> None:
         wall_s=wall_s,
         machine=measure.machine(),
         load_before=load_before,
-        extra={"connections_pipeline_floor": args.connections, "partitions": PARTITIONS},
+        extra={
+            "connections_pipeline_floor": args.connections,
+            "partitions": PARTITIONS,
+            "txn_load": args.txn_load,
+        },
         samples=args.samples,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

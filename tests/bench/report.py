@@ -197,6 +197,11 @@ def render_table(report: dict[str, Any]) -> str:
     ]
     if fewer:
         notes.append("* fewer commands: this system is slow here")
+    if report.get("txn_load"):
+        notes.append(
+            "--txn-load: an exactly-once worker's transactions ran beside every system "
+            "(broker µs/cmd includes them)"
+        )
     failed = {
         f"{scenario}/{system}": n
         for scenario, systems in report["failed_results"].items()

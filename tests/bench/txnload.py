@@ -1,0 +1,97 @@
+"""The broker load of an exactly-once worker's transactions, beside every bench run:
+
+    python -m tests.bench.txnload BOOTSTRAP
+
+(``make bench BENCH_ARGS=--txn-load``). What the default worker asks of the broker at 100
+commands/s over 6 partitions, without the worker: one transactional producer per partition,
+each committing a transaction every ``TRANSACTION_INTERVAL_MS`` (the partitions take turns,
+a sixth of the interval apart) that holds two results and the partition's consumer offset,
+on a scratch topic and group of its own. Every system then runs on a broker that is as busy
+as it is beside an exactly-once worker: what is left between the worker's latency and the
+floors' is the worker's own, not the broker's. Prints ``TXN_LOAD_READY`` once its producers
+are up; on SIGTERM (or SIGINT) it ends its transactions and prints how many it committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import uuid
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS
+from worker.settings import Settings
+
+READY = "TXN_LOAD_READY"
+PARTITIONS = 6
+RECORDS_PER_TRANSACTION = 2
+RECORD = b"r" * 300  # about a result event's size
+INTERVAL_S = Settings().transaction_interval_ms / 1000
+
+
+async def committing(producer: AIOKafkaProducer, tp: TopicPartition, group: str) -> int:
+    """Commit a transaction every INTERVAL_S (after a start a share of it late) until cancelled."""
+    loop = asyncio.get_running_loop()
+    committed = offset = 0
+    try:
+        await asyncio.sleep(tp.partition * INTERVAL_S / PARTITIONS)
+        while True:
+            started = loop.time()
+            async with producer.transaction():
+                sent = [
+                    await producer.send(tp.topic, RECORD, partition=tp.partition)
+                    for _ in range(RECORDS_PER_TRANSACTION)
+                ]
+                offset += RECORDS_PER_TRANSACTION
+                await producer.send_offsets_to_transaction({tp: offset}, group)
+                await asyncio.gather(*sent)
+            committed += 1
+            await asyncio.sleep(max(0.0, INTERVAL_S - (loop.time() - started)))
+    except asyncio.CancelledError:
+        return committed
+
+
+async def main(bootstrap: str) -> None:
+    topic = f"bench-txn-load-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
+    finally:
+        await admin.close()
+    producers = [
+        AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            transactional_id=f"{topic}-{p}",
+            retry_backoff_ms=TRANSACTIONAL_RETRY_BACKOFF_MS,
+        )
+        for p in range(PARTITIONS)
+    ]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await asyncio.gather(*(p.start() for p in producers))
+        print(READY, flush=True)
+        tasks = [
+            asyncio.create_task(committing(p, TopicPartition(topic, i), f"{topic}-group"))
+            for i, p in enumerate(producers)
+        ]
+        await stop.wait()
+        for task in tasks:
+            task.cancel()
+        counts = await asyncio.gather(*tasks)
+        print(f"committed {sum(counts)} transactions", flush=True)
+    finally:
+        for producer in producers:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))
