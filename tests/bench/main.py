@@ -430,20 +430,21 @@ async def run_once(
     bench.progress.show(f"{label}: preparing", force=True)
     topics = await fresh_topics(bench.broker.bootstrap, partitions=PARTITIONS)
     specs = order_specs(warmup + count)
-    seeded = bench.sim.seed(specs)
-    # Each command names the account its order was seeded in.
-    accounts = [spec["account"] for spec in specs]
+    # Each order with the account it was seeded in, which its command names.
+    seeded = list(zip(bench.sim.seed(specs), (spec["account"] for spec in specs), strict=True))
     warm_orders, orders = seeded[:warmup], seeded[warmup:]
     tag = uuid.uuid4().hex[:8]
 
-    def command_for(i: int, order: dict[str, Any], kind: str) -> dict[str, Any]:
-        account = accounts[i if kind == "w" else warmup + i]
-        return command(account, order, command_id=f"bench-{tag}-{kind}{i:06d}")
+    def commands_for(seeded: list[tuple[dict[str, Any], str]], kind: str) -> list[dict[str, Any]]:
+        return [
+            command(account, order, command_id=f"bench-{tag}-{kind}{i:06d}")
+            for i, (order, account) in enumerate(seeded)
+        ]
 
-    warm_commands = [command_for(i, order, "w") for i, order in enumerate(warm_orders)]
-    commands = [command_for(i, order, "") for i, order in enumerate(orders)]
+    warm_commands = commands_for(warm_orders, "w")
+    commands = commands_for(orders, "")
     keys = [f"key-{i % KEYS}".encode() for i in range(count)]
-    index_of_order = {order["algo_id"]: i for i, order in enumerate(orders)}
+    index_of_order = {order["algo_id"]: i for i, (order, _) in enumerate(orders)}
     index_of_command = {c["command_id"]: i for i, c in enumerate(commands)}
     await wait_for_leaders(bench.producer, [topics.commands, topics.results])
     consumer = await results_consumer(bench.broker.bootstrap, topics.results)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 import uuid
@@ -23,14 +24,15 @@ import uuid
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS
+from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS, make_producer
 from worker.settings import Settings
 
 READY = "TXN_LOAD_READY"
 PARTITIONS = 6
 RECORDS_PER_TRANSACTION = 2
 RECORD = b"r" * 300  # about a result event's size
-INTERVAL_S = Settings().transaction_interval_ms / 1000
+DEFAULTS = Settings()  # the default worker's
+INTERVAL_S = DEFAULTS.transaction_interval_ms / 1000
 
 
 async def committing(producer: AIOKafkaProducer, tp: TopicPartition, group: str) -> int:
@@ -63,10 +65,13 @@ async def main(bootstrap: str) -> None:
         await admin.create_topics([NewTopic(topic, PARTITIONS, 1)])
     finally:
         await admin.close()
+    settings = dataclasses.replace(DEFAULTS, bootstrap_servers=bootstrap)
+    # Configured as the worker's transactional sink configures its producers.
     producers = [
-        AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
+        make_producer(
+            settings,
             transactional_id=f"{topic}-{p}",
+            transaction_timeout_ms=settings.transaction_timeout_ms,
             retry_backoff_ms=TRANSACTIONAL_RETRY_BACKOFF_MS,
         )
         for p in range(PARTITIONS)
