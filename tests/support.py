@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from worker.app import Worker, load_worker_accounts
 from worker.contracts import result_validator
-from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
+from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics, make_consumer
 from worker.settings import ENV_PREFIX, Settings
 from worker.timeutil import now_ms
 from worker.tools.devstack import REPO, cli_argv, write_private_key
@@ -308,3 +308,20 @@ async def until(
             detail = f":\n{context()}" if context is not None else ""
             raise AssertionError(f"timed out waiting for {what}{detail}")
         await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def in_group(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+    """A consumer of the settings' group, subscribed to the commands topic, once it holds
+    an assignment."""
+    consumer = make_consumer(settings)
+    consumer.subscribe([settings.commands_topic])
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not consumer.assignment():
+            assert time.monotonic() < deadline, "no assignment"
+            await consumer.getmany(timeout_ms=100)
+        yield consumer
+    finally:
+        await consumer.stop()

@@ -31,12 +31,14 @@ from tests.support import (
     command,
     events_of,
     fresh_topics,
+    in_group,
     produce,
     read_to_end,
     until,
     worker_env,
     worker_settings,
 )
+from worker.kafka_fencing import GroupMember, group_member
 from worker.kafka_io import SinkClosedError, TransactionalSink
 from worker.pipeline import Flush, FlushError, OutRecord
 from worker.settings import Settings
@@ -462,22 +464,24 @@ async def test_a_transactional_producer_left_broken_is_replaced_and_the_results_
     goes through a new producer with the same transactional id, exactly once."""
     topics = await fresh_topics(broker.bootstrap, partitions=1)
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
-    sink = TransactionalSink(settings)
     part = (topics.commands, 0)
     batch = Flush((OutRecord(topics.results, b"k", b'{"n": 1}'),), 1)
-    await sink.assigned([part])
-    try:
-        broken = sink._producers[part]
-        # What aiokafka does when the sender task dies inside a transaction:
-        await broken.begin_transaction()
-        broken._txn_manager.fatal_error(KafkaError("the sender task died"))
-        with pytest.raises(FlushError) as failed:
-            await sink.flush({part: batch})
-        assert not failed.value.lost  # not fenced: the partition stays ours
-        await sink.flush({part: batch})  # the same batch again, as the pipeline retries
-        assert sink._producers[part] is not broken
-    finally:
-        await sink.close()
+    async with in_group(settings) as consumer:
+        sink = TransactionalSink(settings, lambda: group_member(consumer))
+        await sink.assigned([part])
+        try:
+            broken = sink._producer
+            assert broken is not None
+            # What aiokafka does when the sender task dies inside a transaction:
+            await broken.begin_transaction()
+            broken._txn_manager.fatal_error(KafkaError("the sender task died"))
+            with pytest.raises(FlushError) as failed:
+                await sink.flush({part: batch})
+            assert not failed.value.lost  # not fenced: the partition stays ours
+            await sink.flush({part: batch})  # the same batch again, as the pipeline retries
+            assert sink._producer is not broken
+        finally:
+            await sink.close()
     published = await read_to_end(broker.bootstrap, topics.results)
     assert [r.value for r in published] == [b'{"n": 1}']
 
@@ -506,7 +510,7 @@ async def test_a_producer_still_starting_when_the_sink_closes_is_stopped(
         made.append(producer)
         return producer
 
-    sink = TransactionalSink(settings, producer_factory=factory)
+    sink = TransactionalSink(settings, lambda: GroupMember(-1, ""), producer_factory=factory)
     parts = [(topics.commands, 0), (topics.commands, 1)]
     starting = asyncio.create_task(sink.assigned(parts))
     await until(lambda: len(made) == 2, "both producers starting")

@@ -32,6 +32,7 @@ import worker
 from tests.support import run_cli
 from tests.tls_material import TlsFiles, write_tls_material
 from worker.client import CancelClient, CommandProducer, ResultConsumer
+from worker.kafka_fencing import GroupMember
 from worker.kafka_io import (
     TransactionalSink,
     make_consumer,
@@ -482,7 +483,7 @@ async def test_the_clients_built_from_settings_carry_the_options(tls: TlsFiles) 
 
     producer = make_producer(settings)
     consumer = make_consumer(settings)
-    transactional = TransactionalSink(settings)._factory("t-0")
+    transactional = TransactionalSink(settings, lambda: GroupMember(-1, ""))._factory("t-0")
     reader = ResultsReader(
         settings.bootstrap_servers, "r", client_id="x", **security_options(settings)
     )

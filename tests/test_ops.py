@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker import metrics
 from worker.app import Worker, load_worker_accounts
+from worker.kafka_fencing import GroupMember
 from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS, TransactionalSink
 from worker.ops import (
     LIVENESS_PATH,
@@ -220,7 +221,7 @@ async def test_the_transaction_interval_paces_exactly_once_flushes_only(
         transaction_interval_ms=interval_ms,
     ).check()
     worker = Worker(settings, load_worker_accounts(settings))
-    transactional = TransactionalSink(settings)._factory("t-0")
+    transactional = TransactionalSink(settings, lambda: GroupMember(-1, ""))._factory("t-0")
     try:
         assert worker.pipeline._flush_interval_s == expected_s
         assert transactional._sender._retry_backoff == TRANSACTIONAL_RETRY_BACKOFF_MS / 1000

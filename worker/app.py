@@ -28,6 +28,7 @@ from worker.clock import ExchangeClock
 from worker.dedup import ResultsFeed, SeenCommands
 from worker.executor import CancelExecutor, RetryPolicy
 from worker.governor import GovernorSettings, RateGovernor
+from worker.kafka_fencing import group_member
 from worker.kafka_io import (
     AtLeastOnceSink,
     ConsumerSource,
@@ -221,14 +222,16 @@ class Worker:
             seen=self.seen,
         )
         self._consumer = make_consumer(settings)
-        # The shared producer publishes in at-least-once mode; in exactly-once mode each
-        # input partition gets a transactional producer of its own (TransactionalSink).
+        # The shared producer publishes in at-least-once mode; in exactly-once mode the
+        # member has one transactional producer, fenced by its group generation
+        # (TransactionalSink).
         self._producer = make_producer(settings)
         self._transactions: TransactionalSink | None = None
         self._stack = contextlib.AsyncExitStack()
         sink: ResultSink
         if settings.delivery == "exactly_once":
-            self._transactions = sink = TransactionalSink(settings)
+            consumer = self._consumer
+            self._transactions = sink = TransactionalSink(settings, lambda: group_member(consumer))
         else:
             sink = AtLeastOnceSink(self._producer, self._consumer)
         self.pipeline = Pipeline(

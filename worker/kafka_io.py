@@ -25,6 +25,12 @@ from aiokafka.errors import (
 from cryptography import x509
 
 from worker import metrics
+from worker.kafka_fencing import (
+    GroupFencedError,
+    MemberSource,
+    commit_offsets_as_member,
+    stable_committed,
+)
 from worker.pipeline import Flush, FlushError, InRecord, Partition, Pipeline
 from worker.settings import (
     KAFKA_SASL_PROTOCOLS,
@@ -205,9 +211,9 @@ class ConsumerSource:
         self._consumer.resume(*(tp for tp in map(_tp, parts) if tp in owned))
 
     async def rewind(self, parts: Sequence[Partition]) -> None:
-        positions: dict[TopicPartition, int | None] = {}
-        for tp in map(_tp, parts):
-            positions[tp] = await self._consumer.committed(tp)
+        # Read with require_stable: never a position an open transaction is replacing.
+        committed = await stable_committed(self._consumer, parts)
+        positions = {_tp(p): offset for p, offset in committed.items()}
         never = [tp for tp, offset in positions.items() if offset is None]
         if never:  # nothing committed yet: from the beginning (auto_offset_reset=earliest)
             positions.update(await self._consumer.beginning_offsets(never))
@@ -252,27 +258,40 @@ class SinkClosedError(RuntimeError):
 
 
 class TransactionalSink:
-    """Exactly-once: each input partition has its own transactional producer.
+    """Exactly-once: one transactional producer per member, one transaction per flush for
+    every partition in it: the results and the consumer offsets, both or neither.
 
-    Its ``transactional.id`` is ``<prefix>-<topic>-<partition>``, the same on every member,
-    so the member that takes a partition over fences the previous owner's producer (its
-    open transaction is aborted, and it can never commit again). A flush writes the
-    partition's results and its consumer offset in one transaction: both or neither.
+    Fencing has two parts (KIP-447, :mod:`worker.kafka_fencing`):
 
-    A producer whose transaction failed (not fenced) is replaced before the partition's next
-    flush: a new producer with the same ``transactional.id`` aborts what the old one left
-    open. aiokafka cannot be trusted to recover by itself: when its sender task dies (seen
-    during a broker outage) the producer is left in FATAL_ERROR, refusing every later
-    transaction, and the partition's results waited forever.
+    * The offsets are committed with the member's group generation (``TxnOffsetCommit``
+      v3). A member that lost its partitions without knowing it (paused past its session
+      timeout) has its offsets refused, so its transaction aborts and nothing it published
+      is read; and a new owner reads committed positions with ``require_stable``, so it
+      never starts from a position that an open transaction is about to move.
+    * A member that died leaves its transaction open. Every ``transactional.id`` is named
+      after an input partition, ``<prefix>-<topic>-<partition>``: a member's producer takes
+      the id of the lowest partition it owns, and on every take-over the new owner of a
+      partition starts a producer with that partition's id (the producer it works with, or
+      one it stops at once). Any id a previous member used is so taken by the member that
+      owns its partition now, which aborts what was left open without waiting for the
+      transaction timeout. (The ids are those of the earlier producer-per-partition design,
+      so a rolling upgrade from it is fenced the same way.)
+
+    A producer whose transaction failed (not fenced) is replaced before the next flush: a
+    new producer with the same ``transactional.id`` aborts what the old one left open.
+    aiokafka cannot be trusted to recover by itself: when its sender task dies (seen during
+    a broker outage) the producer is left in FATAL_ERROR, refusing every later transaction.
     """
 
     def __init__(
         self,
         settings: Settings,
+        member: MemberSource,
         *,
         producer_factory: Callable[[str], AIOKafkaProducer] | None = None,
     ) -> None:
         self._settings = settings
+        self._member = member
         self._group_id = settings.group_id
         self._prefix = settings.transactional_id_prefix or settings.group_id
         self._factory = producer_factory or (
@@ -283,20 +302,28 @@ class TransactionalSink:
                 retry_backoff_ms=TRANSACTIONAL_RETRY_BACKOFF_MS,
             )
         )
-        self._producers: dict[Partition, AIOKafkaProducer] = {}
-        self._broken: set[Partition] = set()  # a transaction failed: replace the producer
+        self._owned: set[Partition] = set()
+        self._producer: AIOKafkaProducer | None = None
+        self._producer_for: Partition | None = None  # whose transactional.id it has
+        self._broken = False  # a transaction failed: replace the producer
         self._closed = False
 
     def transactional_id(self, part: Partition) -> str:
         return f"{self._prefix}-{part[0]}-{part[1]}"
 
     async def assigned(self, parts: Sequence[Partition]) -> None:
-        """Start the partitions' producers, all at once (each start is a few round trips to
-        the transaction coordinator); any failure fails the take-over, which is retried."""
-        new = [part for part in parts if part not in self._producers]
-        outcomes = await asyncio.gather(
-            *(self._start(part) for part in new), return_exceptions=True
-        )
+        """Own the partitions: the producer gets the lowest one's id, and every other new
+        partition's id is taken once and let go (aborting whatever a previous owner left
+        open under it). All at once; any failure fails the take-over, which is retried."""
+        self._refuse_if_closed()
+        self._owned.update(parts)
+        lowest = min(self._owned)
+        if self._producer_for != lowest:
+            await self._stop_producer()
+        jobs = [self._fence(p) for p in set(parts) if p != lowest]
+        if self._producer is None:
+            jobs.append(self._start(lowest))
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation
@@ -304,80 +331,80 @@ class TransactionalSink:
         if failed:
             raise failed[0]
 
-    async def _start(self, part: Partition) -> None:
-        self._refuse_if_closed(part)
+    async def _started(self, part: Partition) -> AIOKafkaProducer:
+        self._refuse_if_closed()
         producer = self._factory(self.transactional_id(part))
         try:
-            await producer.start()  # init_transactions: fences the previous owner
-            self._refuse_if_closed(part)  # closed meanwhile: nothing would ever stop it
+            await producer.start()  # init_transactions: fences the id's previous user
+            self._refuse_if_closed()  # closed meanwhile: nothing would ever stop it
         except BaseException:
             await _stop_quietly(producer, self._settings.commit_timeout_s)
             raise
-        self._producers[part] = producer
+        return producer
 
-    def _refuse_if_closed(self, part: Partition) -> None:
+    async def _start(self, part: Partition) -> AIOKafkaProducer:
+        producer = await self._started(part)
+        commit_offsets_as_member(producer, self._member)
+        self._producer, self._producer_for, self._broken = producer, part, False
+        return producer
+
+    async def _fence(self, part: Partition) -> None:
+        await _stop_quietly(await self._started(part), self._settings.commit_timeout_s)
+
+    def _refuse_if_closed(self) -> None:
         if self._closed:
-            raise SinkClosedError(f"no producer for {part}: the sink is closed")
+            raise SinkClosedError("no producer: the sink is closed")
 
     async def revoked(self, parts: Sequence[Partition]) -> None:
-        for part in parts:
-            self._broken.discard(part)
-            await self._stop_producer(part)
+        """Let go of the partitions; the producer too when its id's partition goes (its
+        new owner takes that id). Called after the partitions' last flush."""
+        self._owned.difference_update(parts)
+        if self._producer_for in parts or not self._owned:
+            await self._stop_producer()
 
-    async def _stop_producer(self, part: Partition) -> None:
-        producer = self._producers.pop(part, None)
+    async def _stop_producer(self) -> None:
+        producer, self._producer, self._producer_for = self._producer, None, None
         if producer is not None:
             await _stop_quietly(producer, self._settings.commit_timeout_s)
 
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
-        outcomes = await asyncio.gather(
-            *(self._flush_one(p, b) for p, b in batches.items()), return_exceptions=True
-        )
-        results = dict(zip(batches, outcomes, strict=True))
-        for outcome in results.values():
-            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                raise outcome  # cancellation
-        failed = {p: o for p, o in results.items() if isinstance(o, Exception)}
-        if not failed:
-            return
-        lost = [p for p, o in failed.items() if isinstance(o, FENCED)]
-        self._broken.update(p for p in failed if p not in lost and p in self._producers)
-        for part in lost:
-            await self._stop_producer(part)
-        first = next(iter(failed.values()))
-        raise FlushError(
-            f"{len(failed)} of {len(batches)} transaction(s) failed, first: {first!r}",
-            done=[p for p in batches if p not in failed],
-            lost=lost,
-        )
-
-    async def _flush_one(self, part: Partition, batch: Flush) -> None:
-        if part in self._broken:  # until a new producer starts, every flush tries again
-            await self._stop_producer(part)
-            await self._start(part)
-            self._broken.discard(part)
-        producer = self._producers.get(part)
-        if producer is None:
-            raise RuntimeError(f"no producer for {part}: not taken over yet")
+        """One transaction for every partition's batch: all of it is stored, or none."""
+        producer = None if self._broken else self._producer
+        if producer is None:  # every flush tries again until a producer starts
+            await self._stop_producer()
+            if not self._owned:
+                raise RuntimeError(f"no producer for {list(batches)}: not taken over yet")
+            producer = await self._start(min(self._owned))
         try:
             async with producer.transaction():
                 futures = [
                     await producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
+                    for batch in batches.values()
                     for r in batch.records
                 ]
                 await producer.send_offsets_to_transaction(
-                    {_tp(part): batch.position}, self._group_id
+                    {_tp(p): b.position for p, b in batches.items()}, self._group_id
                 )
                 await asyncio.gather(*futures)
-        except Exception:
+        except Exception as exc:
             metrics.TRANSACTIONS.labels("failed").inc()
-            raise
+            if isinstance(exc, (*FENCED, GroupFencedError)):
+                # Another member took a partition's id, or the group has a generation
+                # without this member: a rebalance is under way or done, and whatever is
+                # assigned next is taken over afresh. Until then, nothing is published.
+                lost = sorted(self._owned | set(batches))
+                self._owned.clear()
+                await self._stop_producer()
+                raise FlushError(f"fenced: {exc!r}", lost=lost) from exc
+            self._broken = True
+            raise FlushError(f"the transaction failed: {exc!r}") from exc
         metrics.TRANSACTIONS.labels("committed").inc()
 
     async def close(self) -> None:
-        """Stop every producer; a producer still starting is stopped as its start ends."""
+        """Stop the producer; a producer still starting is stopped as its start ends."""
         self._closed = True
-        await self.revoked(list(self._producers))
+        self._owned.clear()
+        await self._stop_producer()
 
 
 async def _stop_quietly(producer: AIOKafkaProducer, timeout_s: float) -> None:

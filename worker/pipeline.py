@@ -22,10 +22,10 @@ when it has drained to half, so memory stays bounded and other partitions keep f
 
 Durability: a flush hands the sink each partition's completed prefix (its outgoing
 records and the next position); the sink makes them durable and stores the position
-(:class:`ResultSink`). A partition's flushes start at most every ``flush_interval_s``, and
-partitions take turns rather than flushing together (exactly-once: a transaction per
-partition per flush, so this trades a little result latency for far fewer transactions,
-spread out); the final flush on shutdown or revocation does not wait. A flush that fails
+(:class:`ResultSink`). Flushes start at most every ``flush_interval_s``, each with every
+partition that has results (exactly-once: one transaction per flush, so this trades a little
+result latency for far fewer transactions); the final flush on shutdown or revocation does
+not wait. A flush that fails
 (the broker is down) is retried with backoff, for as long as it takes; the outage is
 reported once, in a log line and in a metric, and the pipeline resumes by itself.
 
@@ -219,9 +219,8 @@ class Pipeline:
         self._commit_timeout_s = commit_timeout_s
         self._retry_initial_s = retry_initial_s
         self._retry_max_s = retry_max_s
-        # Per partition, the shortest time from one flush's start to the next one's (the
-        # final flush on shutdown or revocation does not wait for it): fewer, larger
-        # transactions, spread over the interval rather than started together.
+        # The shortest time from one flush's start to the next one's (the final flush on
+        # shutdown or revocation does not wait for it): fewer, larger transactions.
         self._flush_interval_s = flush_interval_s
         self._parts: dict[Partition, _PartState] = {}
         self._ready_lanes: deque[tuple[_PartState, bytes | None]] = deque()
@@ -476,15 +475,14 @@ class Pipeline:
                 soonest = state.flush_at
         return due, None if soonest is None else soonest - now
 
-    def _space_out(self, states: Sequence[_PartState], started: float) -> None:
-        """The next flush of each of ``states`` (flushed together, from ``started``): one
-        interval on, and each a further share of the interval after the one before, so that
-        partitions flushed together once are not flushed together ever after."""
+    def _space_out(self, started: float) -> None:
+        """The next flush of every partition in hand: one interval after ``started`` (the
+        start of a flush), so that the partitions' results go together, one transaction
+        per interval for the whole member."""
         if not self._flush_interval_s:
             return
-        share = self._flush_interval_s / max(1, len(self._parts))
-        for i, state in enumerate(sorted(states, key=lambda s: s.part)):
-            state.flush_at = started + self._flush_interval_s + i * share
+        for state in self._parts.values():
+            state.flush_at = started + self._flush_interval_s
 
     async def _flush_ready(self, states: Sequence[_PartState]) -> bool:
         """Flush every state's completed prefix; False if the sink failed (kept for later)."""
@@ -502,12 +500,12 @@ class Pipeline:
         failure: Exception | None = None
         done: frozenset[Partition] = frozenset(batches)
         self.flush_since = started = time.monotonic()
-        self._space_out([state for state, _ in taken.values()], started)
+        self._space_out(started)
         try:
             await self._sink.flush(batches)
         except FlushError as exc:
             failure, done = exc, exc.done
-            self._lose([taken[p][0] for p in exc.lost if p in taken])
+            self._lose([st for p in exc.lost if (st := self._parts.get(p)) is not None])
         except Exception as exc:  # noqa: BLE001 - any failure is retried; the records stay
             failure, done = exc, frozenset()
         finally:

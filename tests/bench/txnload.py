@@ -3,13 +3,13 @@
     python -m tests.bench.txnload BOOTSTRAP
 
 (``make bench BENCH_ARGS=--txn-load``). What the default worker asks of the broker at 100
-commands/s over 6 partitions, without the worker: one transactional producer per partition,
-each committing a transaction every ``TRANSACTION_INTERVAL_MS`` (the partitions take turns,
-a sixth of the interval apart) that holds two results and the partition's consumer offset,
-on a scratch topic and group of its own. Every system then runs on a broker that is as busy
-as it is beside an exactly-once worker: what is left between the worker's latency and the
-floors' is the worker's own, not the broker's. Prints ``TXN_LOAD_READY`` once its producers
-are up; on SIGTERM (or SIGINT) it ends its transactions and prints how many it committed.
+commands/s over 6 partitions, without the worker: one transactional producer committing a
+transaction every ``TRANSACTION_INTERVAL_MS`` that holds two results on each partition and
+the six partitions' consumer offsets, on a scratch topic and group of its own. Every system
+then runs on a broker that is as busy as it is beside an exactly-once worker: what is left
+between the worker's latency and the floors' is the worker's own, not the broker's. Prints
+``TXN_LOAD_READY`` once its producer is up; on SIGTERM (or SIGINT) it ends its transactions
+and prints how many it committed.
 """
 
 from __future__ import annotations
@@ -35,21 +35,22 @@ DEFAULTS = Settings()  # the default worker's
 INTERVAL_S = DEFAULTS.transaction_interval_ms / 1000
 
 
-async def committing(producer: AIOKafkaProducer, tp: TopicPartition, group: str) -> int:
-    """Commit a transaction every INTERVAL_S (after a start a share of it late) until cancelled."""
+async def committing(producer: AIOKafkaProducer, topic: str, group: str) -> int:
+    """Commit a transaction every INTERVAL_S until cancelled."""
     loop = asyncio.get_running_loop()
     committed = offset = 0
+    parts = [TopicPartition(topic, p) for p in range(PARTITIONS)]
     try:
-        await asyncio.sleep(tp.partition * INTERVAL_S / PARTITIONS)
         while True:
             started = loop.time()
             async with producer.transaction():
                 sent = [
-                    await producer.send(tp.topic, RECORD, partition=tp.partition)
+                    await producer.send(topic, RECORD, partition=tp.partition)
+                    for tp in parts
                     for _ in range(RECORDS_PER_TRANSACTION)
                 ]
                 offset += RECORDS_PER_TRANSACTION
-                await producer.send_offsets_to_transaction({tp: offset}, group)
+                await producer.send_offsets_to_transaction(dict.fromkeys(parts, offset), group)
                 await asyncio.gather(*sent)
             committed += 1
             await asyncio.sleep(max(0.0, INTERVAL_S - (loop.time() - started)))
@@ -66,36 +67,27 @@ async def main(bootstrap: str) -> None:
     finally:
         await admin.close()
     settings = dataclasses.replace(DEFAULTS, bootstrap_servers=bootstrap)
-    # Configured as the worker's transactional sink configures its producers.
-    producers = [
-        make_producer(
-            settings,
-            transactional_id=f"{topic}-{p}",
-            transaction_timeout_ms=settings.transaction_timeout_ms,
-            retry_backoff_ms=TRANSACTIONAL_RETRY_BACKOFF_MS,
-        )
-        for p in range(PARTITIONS)
-    ]
+    # Configured as the worker's transactional sink configures its producer.
+    producer = make_producer(
+        settings,
+        transactional_id=f"{topic}-0",
+        transaction_timeout_ms=settings.transaction_timeout_ms,
+        retry_backoff_ms=TRANSACTIONAL_RETRY_BACKOFF_MS,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await asyncio.gather(*(p.start() for p in producers))
+        await producer.start()
         print(READY, flush=True)
-        tasks = [
-            asyncio.create_task(committing(p, TopicPartition(topic, i), f"{topic}-group"))
-            for i, p in enumerate(producers)
-        ]
+        task = asyncio.create_task(committing(producer, topic, f"{topic}-group"))
         await stop.wait()
-        for task in tasks:
-            task.cancel()
-        counts = await asyncio.gather(*tasks)
-        print(f"committed {sum(counts)} transactions", flush=True)
+        task.cancel()
+        print(f"committed {await task} transactions", flush=True)
     finally:
-        for producer in producers:
-            with contextlib.suppress(Exception):
-                await producer.stop()
+        with contextlib.suppress(Exception):
+            await producer.stop()
 
 
 if __name__ == "__main__":
