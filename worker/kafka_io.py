@@ -82,7 +82,7 @@ def _tls_context(
     cafile: Path | None, certfile: Path | None, keyfile: Path | None, password: str
 ) -> ssl.SSLContext:
     """One context per TLS configuration, shared by the clients (a context with the system's
-    CAs takes a while to build, and exactly-once mode starts a producer per partition)."""
+    CAs takes a while to build, and an exactly-once take-over starts a producer per partition)."""
     from aiokafka.helpers import create_ssl_context  # noqa: PLC0415 - only with TLS
 
     asked: list[bool] = []
