@@ -28,8 +28,11 @@ from worker.kafka_fencing import (
     GroupFencedError,
     GroupMember,
     OffsetsUnstableError,
+    broker_versions,
     commit_offsets_as_member,
+    exactly_once_refusal,
     group_member,
+    missing_requests,
     stable_committed,
 )
 from worker.kafka_io import TransactionalSink, make_producer
@@ -203,3 +206,42 @@ async def test_each_new_partitions_id_is_taken_so_any_previous_owner_is_fenced(
             with contextlib.suppress(Exception):
                 await producer.stop()
     assert await read_to_end(broker.bootstrap, topics.results) == []
+
+
+def test_the_requests_exactly_once_needs_are_named_when_the_broker_lacks_them() -> None:
+    kafka_3_9 = {28: (0, 4), 9: (0, 9)}
+    kafka_2_4 = {28: (0, 2), 9: (0, 6)}
+    assert missing_requests(kafka_3_9) == []
+    assert missing_requests(kafka_2_4) == ["TxnOffsetCommit v3", "OffsetFetch v7"]
+    assert missing_requests({}) == ["TxnOffsetCommit v3", "OffsetFetch v7"]
+    assert missing_requests({28: (3, 3), 9: (8, 9)}) == ["OffsetFetch v7"]
+
+
+def test_the_refusal_says_what_to_do() -> None:
+    class Conn:
+        def __init__(self, versions: dict[int, tuple[int, int]], connected: bool) -> None:
+            self._versions, self._connected = versions, connected
+
+        def connected(self) -> bool:
+            return self._connected
+
+    class Client:
+        def __init__(self, *conns: Conn) -> None:
+            self._conns = dict(enumerate(conns))
+
+    old = Conn({28: (0, 2), 9: (0, 6)}, connected=True)
+    refusal = exactly_once_refusal(Client(Conn({}, connected=False), old))
+    assert refusal is not None
+    assert "TxnOffsetCommit v3, OffsetFetch v7" in refusal
+    assert "Kafka 2.5" in refusal and "DELIVERY=at_least_once" in refusal
+    assert exactly_once_refusal(Client(Conn({28: (0, 4), 9: (0, 9)}, connected=True))) is None
+
+
+async def test_the_local_broker_offers_what_exactly_once_needs(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    async with in_group(settings) as consumer:
+        assert missing_requests(broker_versions(consumer._client)) == []
+        assert exactly_once_refusal(consumer._client) is None

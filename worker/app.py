@@ -28,7 +28,7 @@ from worker.clock import ExchangeClock
 from worker.dedup import ResultsFeed, SeenCommands
 from worker.executor import CancelExecutor, RetryPolicy
 from worker.governor import GovernorSettings, RateGovernor
-from worker.kafka_fencing import group_member
+from worker.kafka_fencing import exactly_once_refusal, group_member
 from worker.kafka_io import (
     AtLeastOnceSink,
     ConsumerSource,
@@ -285,6 +285,10 @@ class Worker:
                 f"{', '.join(absent)} (create them, or run 'cancel-worker "
                 "check --create-topics')"
             )
+        if self._transactions is not None:
+            refusal = exactly_once_refusal(self._consumer._client)
+            if refusal is not None:
+                raise ConfigError(f"{self.settings.bootstrap_servers}: {refusal}")
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()

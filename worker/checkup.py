@@ -44,6 +44,7 @@ from worker.accounts import AccountsError, Credentials, load_each_account
 from worker.clock import ClockSyncError, ExchangeClock
 from worker.config_report import redact_url_credentials
 from worker.errors import ExchangeError, NoAnswerError, NotSentError, PapiError
+from worker.kafka_fencing import exactly_once_refusal
 from worker.kafka_io import ensure_topics, security_options
 from worker.papi import PapiClient
 from worker.settings import (
@@ -198,8 +199,14 @@ async def check_broker(settings: Settings, timeout_s: float) -> CheckResult:
         except (KafkaError, OSError) as exc:
             cause = _kafka_cause(exc, logged.last, settings)
             return CheckResult("broker", False, f"cannot reach {_where(settings)}: {cause}")
+        else:
+            refusal = (
+                exactly_once_refusal(admin._client) if settings.delivery == "exactly_once" else None
+            )
         finally:
             await admin.close()
+    if refusal is not None:
+        return CheckResult("broker", False, f"{_where(settings)}: {refusal}")
     took_ms = (time.monotonic() - started) * 1000
     brokers = len(cluster.get("brokers") or [])
     return CheckResult(

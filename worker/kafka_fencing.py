@@ -228,6 +228,42 @@ class StableOffsetFetchRequest(Request[OffsetFetchRequest_v7]):  # type: ignore[
         return self.build(OffsetFetchRequest_v7)
 
 
+# What exactly-once needs of the broker: (API key, name, version).
+NEEDED_REQUESTS = ((28, "TxnOffsetCommit", 3), (9, "OffsetFetch", 7))
+
+
+def missing_requests(versions: Mapping[int, tuple[int, int]]) -> list[str]:
+    """The requests of :data:`NEEDED_REQUESTS` the broker's API versions (key → (min, max),
+    as its ApiVersions answer says) do not cover."""
+    missing = []
+    for key, name, version in NEEDED_REQUESTS:
+        low, high = versions.get(key, (0, -1))
+        if not low <= version <= high:
+            missing.append(f"{name} v{version}")
+    return missing
+
+
+def broker_versions(client: Any) -> dict[int, tuple[int, int]]:
+    """The API versions of a connected broker, from an aiokafka client that has started
+    (each connection asks on connecting); empty if none is connected."""
+    for conn in client._conns.values():
+        if conn.connected() and conn._versions:
+            return dict(conn._versions)
+    return {}
+
+
+def exactly_once_refusal(client: Any) -> str | None:
+    """Why this cluster cannot give exactly-once delivery; None if it can."""
+    missing = missing_requests(broker_versions(client))
+    if not missing:
+        return None
+    return (
+        f"exactly-once delivery needs {', '.join(missing)} (KIP-447: a broker of Kafka 2.5 "
+        "or later), which the broker does not offer; upgrade it, or set "
+        "DELIVERY=at_least_once"
+    )
+
+
 # -- the member a transaction commits for -------------------------------------------------------
 
 

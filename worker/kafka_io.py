@@ -274,8 +274,8 @@ class TransactionalSink:
       partition starts a producer with that partition's id (the producer it works with, or
       one it stops at once). Any id a previous member used is so taken by the member that
       owns its partition now, which aborts what was left open without waiting for the
-      transaction timeout. (The ids are those of the earlier producer-per-partition design,
-      so a rolling upgrade from it is fenced the same way.)
+      transaction timeout. (The ids are those of the earlier producer-per-partition design:
+      a member of that version still running is fenced the same way.)
 
     A producer whose transaction failed (not fenced) is replaced before the next flush: a
     new producer with the same ``transactional.id`` aborts what the old one left open.
