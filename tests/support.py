@@ -20,7 +20,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from worker.app import Worker, load_worker_accounts
 from worker.contracts import result_validator
-from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics, make_consumer
+from worker.kafka_fencing import MemberSource
+from worker.kafka_io import MAX_RECORD_BYTES, TransactionalSink, ensure_topics, make_consumer
+from worker.pipeline import Partition
 from worker.settings import ENV_PREFIX, Settings
 from worker.timeutil import now_ms
 from worker.tools.devstack import REPO, cli_argv, write_private_key
@@ -325,3 +327,16 @@ async def in_group(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
         yield consumer
     finally:
         await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def owning(
+    settings: Settings, member: MemberSource, parts: Sequence[Partition]
+) -> AsyncIterator[TransactionalSink]:
+    """A transactional sink that has taken ``parts`` over, closed on the way out."""
+    sink = TransactionalSink(settings, member)
+    await sink.assigned(parts)
+    try:
+        yield sink
+    finally:
+        await sink.close()

@@ -32,6 +32,7 @@ from tests.support import (
     events_of,
     fresh_topics,
     in_group,
+    owning,
     produce,
     read_to_end,
     until,
@@ -466,22 +467,20 @@ async def test_a_transactional_producer_left_broken_is_replaced_and_the_results_
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     part = (topics.commands, 0)
     batch = Flush((OutRecord(topics.results, b"k", b'{"n": 1}'),), 1)
-    async with in_group(settings) as consumer:
-        sink = TransactionalSink(settings, lambda: group_member(consumer))
-        await sink.assigned([part])
-        try:
-            broken = sink._producer
-            assert broken is not None
-            # What aiokafka does when the sender task dies inside a transaction:
-            await broken.begin_transaction()
-            broken._txn_manager.fatal_error(KafkaError("the sender task died"))
-            with pytest.raises(FlushError) as failed:
-                await sink.flush({part: batch})
-            assert not failed.value.lost  # not fenced: the partition stays ours
-            await sink.flush({part: batch})  # the same batch again, as the pipeline retries
-            assert sink._producer is not broken
-        finally:
-            await sink.close()
+    async with (
+        in_group(settings) as consumer,
+        owning(settings, lambda: group_member(consumer), [part]) as sink,
+    ):
+        broken = sink._producer
+        assert broken is not None
+        # What aiokafka does when the sender task dies inside a transaction:
+        await broken.begin_transaction()
+        broken._txn_manager.fatal_error(KafkaError("the sender task died"))
+        with pytest.raises(FlushError) as failed:
+            await sink.flush({part: batch})
+        assert not failed.value.lost  # not fenced: the partition stays ours
+        await sink.flush({part: batch})  # the same batch again, as the pipeline retries
+        assert sink._producer is not broken
     published = await read_to_end(broker.bootstrap, topics.results)
     assert [r.value for r in published] == [b'{"n": 1}']
 

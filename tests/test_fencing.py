@@ -20,6 +20,7 @@ from tests.support import (
     SimControl,
     fresh_topics,
     in_group,
+    owning,
     read_to_end,
     until,
     worker_settings,
@@ -27,12 +28,15 @@ from tests.support import (
 from worker.kafka_fencing import (
     GroupFencedError,
     GroupMember,
+    NeedsNewerBrokerError,
     OffsetsUnstableError,
+    StableOffsetFetchRequest,
     broker_versions,
     commit_offsets_as_member,
     exactly_once_refusal,
     group_member,
     missing_requests,
+    refusal_for,
     stable_committed,
 )
 from worker.kafka_io import TransactionalSink, make_producer
@@ -66,23 +70,15 @@ async def test_a_member_of_an_older_generation_cannot_commit_and_publishes_nothi
         async with in_group(settings) as second:  # a second member: a new generation
             await until(lambda: group_member(first).generation > stale.generation, "rejoin")
             assert group_member(second).generation == group_member(first).generation
-            sink = TransactionalSink(settings, lambda: stale)
-            await sink.assigned([part])
-            try:
+            async with owning(settings, lambda: stale, [part]) as sink:
                 with pytest.raises(FlushError) as refused:
                     await sink.flush({part: one_result(settings, b'{"n": "stale"}')})
                 assert isinstance(refused.value.__cause__, GroupFencedError)
                 assert part in refused.value.lost
                 assert await committed(first, *part) is None
-                current = TransactionalSink(settings, lambda: group_member(first))
-                await current.assigned([part])
-                try:
+                async with owning(settings, lambda: group_member(first), [part]) as current:
                     await current.flush({part: one_result(settings, b'{"n": "current"}')})
-                finally:
-                    await current.close()
                 assert await committed(first, *part) == 1
-            finally:
-                await sink.close()
     published = await read_to_end(broker.bootstrap, topics.results)
     assert [r.value for r in published] == [b'{"n": "current"}']
 
@@ -95,14 +91,10 @@ async def test_no_transaction_is_sent_by_a_consumer_outside_the_group(
     topics = await fresh_topics(broker.bootstrap, partitions=1)
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     part = (topics.commands, 0)
-    sink = TransactionalSink(settings, lambda: GroupMember(-1, ""))
-    await sink.assigned([part])
-    try:
+    async with owning(settings, lambda: GroupMember(-1, ""), [part]) as sink:
         with pytest.raises(FlushError) as refused:
             await sink.flush({part: one_result(settings, b"{}")})
         assert isinstance(refused.value.__cause__, GroupFencedError)
-    finally:
-        await sink.close()
     assert await read_to_end(broker.bootstrap, topics.results) == []
 
 
@@ -245,3 +237,12 @@ async def test_the_local_broker_offers_what_exactly_once_needs(
     async with in_group(settings) as consumer:
         assert missing_requests(broker_versions(consumer._client)) == []
         assert exactly_once_refusal(consumer._client) is None
+
+
+def test_a_request_the_broker_does_not_offer_is_refused_with_the_same_reason() -> None:
+    """No fallback to an older version: it would commit without the generation."""
+    fetch = StableOffsetFetchRequest("g", {"t": [0]})
+    with pytest.raises(NeedsNewerBrokerError) as refused:
+        fetch.prepare({9: (0, 6)})
+    assert str(refused.value).endswith(refusal_for(["OffsetFetch v7"]))
+    assert fetch.prepare({9: (0, 9)}).require_stable is True

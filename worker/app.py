@@ -259,7 +259,7 @@ class Worker:
             await wait_for_kafka(self.settings)
             await self._producer.start()
             await self._consumer.start()
-            await self._check_topics()
+            await self._check_cluster()
             if self._dedup is not None:
                 await self._dedup.start()  # before the first command is read
                 closers.add("duplicate window", self._dedup.stop)
@@ -272,7 +272,8 @@ class Worker:
         self._stack = stack
         return self
 
-    async def _check_topics(self) -> None:
+    async def _check_cluster(self) -> None:
+        """The topics exist; in exactly-once mode, the broker offers what it needs."""
         wanted = [
             self.settings.commands_topic,
             self.settings.results_topic,

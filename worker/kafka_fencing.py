@@ -64,11 +64,18 @@ STABLE_FETCH_BACKOFF_S = (0.01, 0.2)  # first and longest wait while a transacti
 STABLE_FETCH_PATIENCE_S = 5.0  # then fail the take-over, which the pipeline retries
 
 
+def refusal_for(missing: Sequence[str]) -> str:
+    """Why exactly-once cannot run on a broker that lacks the ``missing`` requests."""
+    return (
+        f"exactly-once delivery needs {', '.join(missing)} (KIP-447: a broker of Kafka 2.5 "
+        "or later), which the broker does not offer; upgrade it, or set "
+        "DELIVERY=at_least_once"
+    )
+
+
 class NeedsNewerBrokerError(kafka_errors.IncompatibleBrokerVersion):  # type: ignore[misc]
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"exactly-once delivery needs {what} (KIP-447): a broker of Kafka 2.5 or later"
-        )
+    def __init__(self, missing: str) -> None:
+        super().__init__(refusal_for([missing]))
 
 
 class GroupFencedError(kafka_errors.KafkaError):  # type: ignore[misc]
@@ -91,22 +98,24 @@ def _tags() -> tuple[str, Any]:
     return ("tags", TaggedFields)
 
 
+def _per_topic(*partition_fields: tuple[str, Any]) -> tuple[str, Any]:
+    """Kafka's ``topics`` array: per topic, its name and its ``partitions`` array."""
+    return (
+        "topics",
+        CompactArray(
+            ("name", CompactString("utf-8")),
+            ("partitions", CompactArray(*partition_fields, _tags())),
+            _tags(),
+        ),
+    )
+
+
 class TxnOffsetCommitResponse_v3(Response):  # type: ignore[misc]  # noqa: N801 - Kafka's names
     API_KEY = 28
     API_VERSION = 3
     SCHEMA = Schema(
         ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(("partition_index", Int32), ("error_code", Int16), _tags()),
-                ),
-                _tags(),
-            ),
-        ),
+        _per_topic(("partition_index", Int32), ("error_code", Int16)),
         _tags(),
     )
 
@@ -124,22 +133,11 @@ class TxnOffsetCommitRequest_v3(RequestStruct):  # type: ignore[misc]  # noqa: N
         ("generation_id", Int32),
         ("member_id", CompactString("utf-8")),
         ("group_instance_id", CompactString("utf-8")),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("committed_metadata", CompactString("utf-8")),
-                        _tags(),
-                    ),
-                ),
-                _tags(),
-            ),
+        _per_topic(
+            ("partition_index", Int32),
+            ("committed_offset", Int64),
+            ("committed_leader_epoch", Int32),
+            ("committed_metadata", CompactString("utf-8")),
         ),
         _tags(),
     )
@@ -155,10 +153,7 @@ class GroupTxnOffsetCommitRequest(Request[TxnOffsetCommitRequest_v3]):  # type: 
         return request_struct_class(*self._fields)
 
     def prepare(self, versions: dict[int, tuple[int, int]]) -> Any:
-        low, high = versions.get(self.API_KEY, (0, -1))
-        if not low <= TxnOffsetCommitRequest_v3.API_VERSION <= high:
-            raise NeedsNewerBrokerError("TxnOffsetCommit v3")
-        return self.build(TxnOffsetCommitRequest_v3)
+        return self.build(_offered(versions, TxnOffsetCommitRequest_v3))
 
 
 class OffsetFetchResponse_v7(Response):  # type: ignore[misc]  # noqa: N801
@@ -166,23 +161,12 @@ class OffsetFetchResponse_v7(Response):  # type: ignore[misc]  # noqa: N801
     API_VERSION = 7
     SCHEMA = Schema(
         ("throttle_time_ms", Int32),
-        (
-            "topics",
-            CompactArray(
-                ("name", CompactString("utf-8")),
-                (
-                    "partitions",
-                    CompactArray(
-                        ("partition_index", Int32),
-                        ("committed_offset", Int64),
-                        ("committed_leader_epoch", Int32),
-                        ("metadata", CompactString("utf-8")),
-                        ("error_code", Int16),
-                        _tags(),
-                    ),
-                ),
-                _tags(),
-            ),
+        _per_topic(
+            ("partition_index", Int32),
+            ("committed_offset", Int64),
+            ("committed_leader_epoch", Int32),
+            ("metadata", CompactString("utf-8")),
+            ("error_code", Int16),
         ),
         ("error_code", Int16),
         _tags(),
@@ -222,25 +206,36 @@ class StableOffsetFetchRequest(Request[OffsetFetchRequest_v7]):  # type: ignore[
         return request_struct_class(self._group_id, self._topics, True, {})
 
     def prepare(self, versions: dict[int, tuple[int, int]]) -> Any:
-        low, high = versions.get(self.API_KEY, (0, -1))
-        if not low <= OffsetFetchRequest_v7.API_VERSION <= high:
-            raise NeedsNewerBrokerError("OffsetFetch v7")
-        return self.build(OffsetFetchRequest_v7)
+        return self.build(_offered(versions, OffsetFetchRequest_v7))
 
 
-# What exactly-once needs of the broker: (API key, name, version).
-NEEDED_REQUESTS = ((28, "TxnOffsetCommit", 3), (9, "OffsetFetch", 7))
+# What exactly-once needs of the broker, with the names Kafka gives the requests.
+NEEDED_REQUESTS: tuple[tuple[type[Any], str], ...] = (
+    (TxnOffsetCommitRequest_v3, "TxnOffsetCommit"),
+    (OffsetFetchRequest_v7, "OffsetFetch"),
+)
+
+
+def _name(struct: type[Any]) -> str:
+    return next(f"{name} v{struct.API_VERSION}" for s, name in NEEDED_REQUESTS if s is struct)
+
+
+def _covers(versions: Mapping[int, tuple[int, int]], struct: type[Any]) -> bool:
+    low, high = versions.get(struct.API_KEY, (0, -1))
+    return bool(low <= struct.API_VERSION <= high)
+
+
+def _offered(versions: Mapping[int, tuple[int, int]], struct: type[Any]) -> type[Any]:
+    """``struct``, if the broker's API versions cover it (one version, no fallback)."""
+    if not _covers(versions, struct):
+        raise NeedsNewerBrokerError(_name(struct))
+    return struct
 
 
 def missing_requests(versions: Mapping[int, tuple[int, int]]) -> list[str]:
     """The requests of :data:`NEEDED_REQUESTS` the broker's API versions (key → (min, max),
     as its ApiVersions answer says) do not cover."""
-    missing = []
-    for key, name, version in NEEDED_REQUESTS:
-        low, high = versions.get(key, (0, -1))
-        if not low <= version <= high:
-            missing.append(f"{name} v{version}")
-    return missing
+    return [_name(struct) for struct, _ in NEEDED_REQUESTS if not _covers(versions, struct)]
 
 
 def broker_versions(client: Any) -> dict[int, tuple[int, int]]:
@@ -255,13 +250,7 @@ def broker_versions(client: Any) -> dict[int, tuple[int, int]]:
 def exactly_once_refusal(client: Any) -> str | None:
     """Why this cluster cannot give exactly-once delivery; None if it can."""
     missing = missing_requests(broker_versions(client))
-    if not missing:
-        return None
-    return (
-        f"exactly-once delivery needs {', '.join(missing)} (KIP-447: a broker of Kafka 2.5 "
-        "or later), which the broker does not offer; upgrade it, or set "
-        "DELIVERY=at_least_once"
-    )
+    return refusal_for(missing) if missing else None
 
 
 # -- the member a transaction commits for -------------------------------------------------------

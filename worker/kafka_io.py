@@ -277,8 +277,8 @@ class TransactionalSink:
       transaction timeout. (The ids are those of the earlier producer-per-partition design:
       a member of that version still running is fenced the same way.)
 
-    A producer whose transaction failed (not fenced) is replaced before the next flush: a
-    new producer with the same ``transactional.id`` aborts what the old one left open.
+    A producer whose transaction failed (not fenced) is stopped, and the next flush starts
+    a new one with the same ``transactional.id``, which aborts what the old one left open.
     aiokafka cannot be trusted to recover by itself: when its sender task dies (seen during
     a broker outage) the producer is left in FATAL_ERROR, refusing every later transaction.
     """
@@ -305,7 +305,6 @@ class TransactionalSink:
         self._owned: set[Partition] = set()
         self._producer: AIOKafkaProducer | None = None
         self._producer_for: Partition | None = None  # whose transactional.id it has
-        self._broken = False  # a transaction failed: replace the producer
         self._closed = False
 
     def transactional_id(self, part: Partition) -> str:
@@ -345,7 +344,7 @@ class TransactionalSink:
     async def _start(self, part: Partition) -> AIOKafkaProducer:
         producer = await self._started(part)
         commit_offsets_as_member(producer, self._member)
-        self._producer, self._producer_for, self._broken = producer, part, False
+        self._producer, self._producer_for = producer, part
         return producer
 
     async def _fence(self, part: Partition) -> None:
@@ -369,9 +368,8 @@ class TransactionalSink:
 
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         """One transaction for every partition's batch: all of it is stored, or none."""
-        producer = None if self._broken else self._producer
+        producer = self._producer
         if producer is None:  # every flush tries again until a producer starts
-            await self._stop_producer()
             if not self._owned:
                 raise RuntimeError(f"no producer for {list(batches)}: not taken over yet")
             producer = await self._start(min(self._owned))
@@ -388,15 +386,16 @@ class TransactionalSink:
                 await asyncio.gather(*futures)
         except Exception as exc:
             metrics.TRANSACTIONS.labels("failed").inc()
+            # Fenced, its id is another member's; otherwise the next flush starts a new
+            # producer under the same id, which aborts what this one left open.
+            await self._stop_producer()
             if isinstance(exc, (*FENCED, GroupFencedError)):
                 # Another member took a partition's id, or the group has a generation
                 # without this member: a rebalance is under way or done, and whatever is
                 # assigned next is taken over afresh. Until then, nothing is published.
                 lost = sorted(self._owned | set(batches))
                 self._owned.clear()
-                await self._stop_producer()
                 raise FlushError(f"fenced: {exc!r}", lost=lost) from exc
-            self._broken = True
             raise FlushError(f"the transaction failed: {exc!r}") from exc
         metrics.TRANSACTIONS.labels("committed").inc()
 
