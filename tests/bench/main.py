@@ -25,8 +25,9 @@ Figures per system and scenario (pooled over its rounds):
 
 * throughput — commands / (first produce → last result visible), summed over rounds;
 * produced → request at the exchange (p50/p99/max) — the command's produce time against the
-  simulator's arrival time (``at``) of the first DELETE for its order; for the Kafka floor,
-  which sends no request, produced → consumed (the ``at`` its handler stamps on the result);
+  simulator's arrival time (``at_us``) of the first DELETE for its order; for the Kafka floor,
+  which sends no request, produced → consumed (the ``at_us`` its handler stamps on the result);
+  both ends are read in microseconds, so a p99 of a few ms is not rounded by whole ms;
 * produced → result visible (p50/p99/max) — until the bench's own ``read_committed``
   consumer receives the result, i.e. a durable, acknowledged result;
 * CPU µs per command and peak RSS of the system's own process (``/proc``), and the CPU the
@@ -459,9 +460,9 @@ async def run_once(
         jitter = Process("jitter", [sys.executable, "-m", "tests.bench.jitter"])
         bench.live.add(jitter)
         await wait_for_line(jitter, JITTER_READY, 30)
-        produced_ms = [0] * count
+        produced_ms = [0.0] * count  # sub-millisecond, as the arrival times
         seen_ms: dict[int, float] = {}
-        consumed_ms: dict[int, int] = {}  # the Kafka floor's consume time, from its results
+        consumed_ms: dict[int, float] = {}  # the Kafka floor's consume time, from its results
         sent = 0
 
         async def produce() -> None:
@@ -470,9 +471,10 @@ async def run_once(
             started = time.monotonic()
             for i in range(count):
                 await keep_pace(started, i, scenario.rate)
-                now = time.time_ns() // 1_000_000
+                now_ns = time.time_ns()
+                now = now_ns // 1_000_000
                 commands[i]["issued_at"] = now
-                produced_ms[i] = now
+                produced_ms[i] = now_ns / 1e6
                 value = orjson.dumps(commands[i])
                 futures.append(
                     await bench.producer.send(topics.commands, value, key=keys[i], timestamp_ms=now)
@@ -500,8 +502,8 @@ async def run_once(
                         if i >= 0 and i not in seen_ms:
                             seen_ms[i] = now_ms
                             run.failed += is_failure(event)
-                            if isinstance(event.get("at"), int):
-                                consumed_ms[i] = event["at"]
+                            if isinstance(event.get("at_us"), int):
+                                consumed_ms[i] = event["at_us"] / 1000
                 if producing.done() and producing.exception() is not None:
                     raise RuntimeError(f"producing failed: {producing.exception()!r}")
                 raise_if_exited(proc)
@@ -535,13 +537,13 @@ async def run_once(
                 consumed_ms[i] - produced_ms[i] for i in sorted(consumed_ms)
             ]
         else:
-            arrived: dict[int, int] = {}
+            arrived: dict[int, float] = {}
             for request in bench.sim.requests(seq0):
                 params = request.get("params") or {}
                 if request["method"] == "DELETE" and "algoId" in params:
                     i = index_of_order.get(int(params["algoId"]), -1)
                     if i >= 0 and i not in arrived:
-                        arrived[i] = request["at"]
+                        arrived[i] = request["at_us"] / 1000
             run.request_latencies_ms = [arrived[i] - produced_ms[i] for i in sorted(arrived)]
             if len(arrived) < count:
                 run.error = f"{count - len(arrived)} commands without a request at the exchange"

@@ -118,7 +118,12 @@ def _num(value: float | None, digits: int = 0) -> str:
 def _lat(value: dict[str, float] | None) -> str:
     if value is None:
         return "-"
-    return f"{value['p50']:,.0f} / {value['p99']:,.0f} / {value['max']:,.0f}"
+    return " / ".join(_ms(value[k]) for k in ("p50", "p99", "max"))
+
+
+def _ms(value: float) -> str:
+    """Tenths of a ms where they matter (a paced run's few ms), whole ms above 100."""
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
 def render_table(report: dict[str, Any]) -> str:

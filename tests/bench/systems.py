@@ -64,7 +64,7 @@ async def wait_assigned(consumer: AIOKafkaConsumer) -> list[Any]:
 def result(record: ConsumerRecord[bytes, bytes], ok: bool, **extra: Any) -> bytes:
     command_id = orjson.loads(record.value)["command_id"] if record.value else None
     return orjson.dumps(
-        {"command_id": command_id, "ok": ok, "at": time.time_ns() // 1_000_000, **extra}
+        {"command_id": command_id, "ok": ok, "at_us": time.time_ns() // 1000, **extra}
     )
 
 

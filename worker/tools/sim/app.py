@@ -108,7 +108,10 @@ class SimState:
     order_windows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def server_time(self) -> int:
-        return time.time_ns() // 1_000_000 + self.config.clock_skew_ms
+        return self.server_time_us() // 1000
+
+    def server_time_us(self) -> int:
+        return time.time_ns() // 1000 + self.config.clock_skew_ms * 1000
 
     def count(self, name: str) -> None:
         self.stats[name] = self.stats.get(name, 0) + 1
@@ -483,10 +486,12 @@ def signed_endpoint(
         fault, latency_ms = state.injector.draw(request.method)
         if latency_ms:
             await asyncio.sleep(latency_ms / 1000)
+        at_us = state.server_time_us()
         entry: dict[str, Any] = {
             "method": request.method,
             "path": request.url.path,
-            "at": state.server_time(),
+            "at": at_us // 1000,
+            "at_us": at_us,
             "account": None,
             "params": None,
         }
