@@ -61,7 +61,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from tests.bench import measure
+from tests.bench import measure, stages
 from tests.bench.jitter import READY as JITTER_READY
 from tests.bench.report import render_table, results_json
 from tests.bench.systems import CONFIG_ENV, READY
@@ -264,7 +264,7 @@ async def wait_for_line(proc: Process, text: str, timeout_s: float) -> None:
         await asyncio.sleep(0.05)
 
 
-async def start_system(bench: Bench, system: str, topics: Topics) -> Process:
+async def start_system(bench: Bench, system: str, topics: Topics, scenario: str) -> Process:
     bootstrap = bench.broker.bootstrap
     if system.startswith("worker"):
         settings = worker_settings(
@@ -276,12 +276,16 @@ async def start_system(bench: Bench, system: str, topics: Topics) -> Process:
             rate_weight_limit=UNLIMITED,
             rate_order_limit=UNLIMITED,
         )
-        if PROFILE_DIR is None:
-            proc = start_worker(worker_env(settings))
-        else:  # the same worker under cProfile; the profile is written when it stops
+        if PROFILE_DIR is not None:  # the same worker under cProfile, written when it stops
             out = PROFILE_DIR / f"{system}-{uuid.uuid4().hex[:6]}.prof"
             argv = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "worker", "run"]
             proc = Process("worker", argv, env=worker_env(settings))
+        elif STAGES_DIR is not None:  # the same worker with marks on its request path
+            out = STAGES_DIR / f"{scenario}.{system}.{uuid.uuid4().hex[:6]}.json"
+            argv = [sys.executable, "-m", "tests.bench.stages", str(out), "run"]
+            proc = Process("worker", argv, env=worker_env(settings))
+        else:
+            proc = start_worker(worker_env(settings))
         ready = "taken over, processing"  # partitions assigned and their producers ready
     else:
         config = {
@@ -451,7 +455,7 @@ async def run_once(
     consumer = await results_consumer(bench.broker.bootstrap, topics.results)
     proc: Process | None = None
     try:
-        proc = await start_system(bench, system, topics)
+        proc = await start_system(bench, system, topics, scenario.name)
         pid = proc.proc.pid
         if warm_commands:
             await warm_up(
@@ -672,6 +676,7 @@ def describe(run: Run, rounds: int) -> str:
 
 
 PROFILE_DIR: Path | None = None  # --profile: where the worker's profiles go
+STAGES_DIR: Path | None = None  # --stages: where the worker's request-path marks go
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -745,7 +750,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the worker under cProfile, one .prof file per run in DIR (figures are then\n"
         "slower: use it to see where the time goes, not to measure)",
     )
+    parser.add_argument(
+        "--stages",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="mark the worker's path from fetch to request (tests.bench.stages), one file per\n"
+        "run in DIR; the time between the marks is printed and kept in the JSON (stages)",
+    )
     args = parser.parse_args(argv)
+    if args.profile is not None and args.stages is not None:
+        parser.error("--profile and --stages: one at a time (each slows what the other measures)")
     for option, known in (("systems", SYSTEMS), ("scenarios", tuple(SCENARIOS))):
         chosen = [s.strip() for s in getattr(args, option).split(",") if s.strip()]
         unknown = [s for s in chosen if s not in known]
@@ -765,6 +780,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         global PROFILE_DIR  # noqa: PLW0603 - one option, read by start_system
         args.profile.mkdir(parents=True, exist_ok=True)
         PROFILE_DIR = args.profile
+    if args.stages is not None:
+        global STAGES_DIR  # noqa: PLW0603 - one option, read by start_system
+        args.stages.mkdir(parents=True, exist_ok=True)
+        STAGES_DIR = args.stages
     return args
 
 
@@ -854,12 +873,32 @@ def main(argv: list[str] | None = None) -> None:
         },
         samples=args.samples,
     )
+    if args.stages is not None:
+        report["stages"] = stage_figures(args.stages)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     print(render_table(report))
+    for scenario, by_system in report.get("stages", {}).items():
+        for system, figures in by_system.items():
+            print(f"\n{scenario} {system}: fetch → request, one record per fetch")
+            print(stages.render(figures))
     print(f"\nwall time {wall_s:.0f} s; results in {args.out}")
     if any(r.error for r in runs):
         raise SystemExit(1)
+
+
+def stage_figures(directory: Path) -> dict[str, dict[str, Any]]:
+    """The marks of every run, per scenario and system (file names: scenario.system.id)."""
+    runs: dict[tuple[str, str], list[Path]] = {}
+    for path in sorted(directory.glob("*.json")):
+        scenario, system, _ = path.name.split(".", 2)
+        runs.setdefault((scenario, system), []).append(path)
+    out: dict[str, dict[str, Any]] = {}
+    for (scenario, system), paths in runs.items():
+        figures = stages.summarize(paths)
+        if figures:  # bursts rarely fetch one record at a time
+            out.setdefault(scenario, {})[system] = figures
+    return out
 
 
 if __name__ == "__main__":

@@ -75,10 +75,14 @@ def percentiles(values: list[float]) -> dict[str, float] | None:
     ordered = sorted(values)
 
     def rank(q: float) -> float:
-        index = max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.5) - 1))
-        return round(ordered[index], 1)
+        return round(nearest_rank(ordered, q), 1)
 
     return {"p50": rank(0.50), "p99": rank(0.99), "max": round(ordered[-1], 1)}
+
+
+def nearest_rank(ordered: list[float], q: float) -> float:
+    """The q-quantile (0..1) of sorted, non-empty values, by nearest rank."""
+    return ordered[max(0, min(len(ordered) - 1, int(q * len(ordered) + 0.5) - 1))]
 
 
 def machine() -> dict[str, Any]:
