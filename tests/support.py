@@ -107,6 +107,13 @@ class SimControl:
         out: dict[str, int] = self._http.get("/_sim/stats").json()
         return out
 
+    def settle(self) -> dict[str, int]:
+        """Collect the simulator's garbage and keep what it holds out of later collections."""
+        r = self._http.post("/_sim/settle")
+        r.raise_for_status()
+        out: dict[str, int] = r.json()
+        return out
+
     def close(self) -> None:
         self._http.close()
 

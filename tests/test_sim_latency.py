@@ -1,14 +1,15 @@
-"""The simulator's fixed exchange latency: every PAPI answer waits ``fixed_latency_ms``.
+"""The simulator as the bench uses it: its fixed exchange latency, and its settled heap.
 
 A real loopback server (the sleep must be a real one), driven through ``/_sim/config`` as the
-bench does: the answer comes that much later, the request log's ``at`` is still the arrival,
-concurrent requests wait side by side (the sleep blocks nothing), and a negative value is
-refused.
+bench does: every PAPI answer waits ``fixed_latency_ms``, the request log's ``at`` is still
+the arrival, concurrent requests wait side by side (the sleep blocks nothing), and a
+negative value is refused. ``/_sim/settle`` keeps the book out of later garbage collections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import httpx
@@ -102,3 +103,31 @@ async def test_a_negative_fixed_latency_is_refused(accounts: dict[str, Credentia
         assert bad.status_code == 400 and "fixed_latency_ms" in bad.json()["error"]
         assert state.config.fixed_latency_ms == 0
         assert (await http.get("/_sim/config")).json()["fixed_latency_ms"] == 0
+
+
+async def test_settle_keeps_the_book_out_of_later_collections(
+    accounts: dict[str, Credentials],
+) -> None:
+    """The bench settles the simulator before each run: a full collection then no longer
+    walks the orders held (with 150,000 of them, one took 136 ms, and a request arriving
+    meanwhile was noted that late), and the book still answers as before."""
+    state = state_from_accounts(accounts, SimConfig())
+
+    def held_orders() -> int:
+        return sum(1 for o in gc.get_objects() if type(o).__name__ == "AlgoOrder")
+
+    try:
+        async with running_sim(state) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+            first, *rest = await seed(http, 50)
+            assert held_orders() >= 50  # walked by every full collection
+
+            r = await http.post("/_sim/settle")
+            assert r.status_code == 200, r.text
+            assert r.json()["frozen"] >= 50 and gc.get_freeze_count() >= 50
+            assert held_orders() == 0  # left out of the collector's generations
+
+            answer = await cancel(http, first)
+            assert answer.status_code == 200 and answer.json() == {"complete": True}
+            assert len(rest) == 49 and all(state.book.algo[i].status == "NEW" for i in rest)
+    finally:
+        gc.unfreeze()  # the simulator ran in this test's process
