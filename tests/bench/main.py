@@ -19,7 +19,10 @@ produce and transaction paths during the first tens of thousands of requests, wh
 otherwise slow whichever system runs first); and every run starts with a few unmeasured
 commands, answered before its clock starts (connections opened, producers' first
 transactions done); a paced run's are sent at its pace for 3 s, because the first seconds
-after a system starts are not steady (the broker stalls for tens of ms a few times).
+after a system starts are not steady (the broker stalls for tens of ms a few times). Before
+each run the simulator is settled (``POST /_sim/settle``): what it holds grows with every
+run, and its own full garbage collections would otherwise pause it for up to a few hundred
+ms, counted as the system's request latency.
 
 Figures per system and scenario (pooled over its rounds):
 
