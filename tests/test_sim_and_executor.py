@@ -18,7 +18,7 @@ import pytest
 from tests.support import HMAC_ACCOUNTS
 from worker.accounts import Credentials
 from worker.commands import Command, Market
-from worker.errors import FailureReason
+from worker.errors import FailureReason, NotSentError
 from worker.executor import CancelExecutor, RetryPolicy
 from worker.governor import GovernorSettings, RateGovernor
 from worker.papi import PapiClient
@@ -443,6 +443,20 @@ async def test_unreachable_exchange_is_retried_until_the_deadline_then_reported(
     assert out.attempts == 0  # nothing reached the exchange
     assert "nothing was sent" in out.detail
     assert 400 <= now_ms() - started < 2_000  # kept trying for (about) the deadline
+
+
+async def test_a_closed_client_sends_nothing(rig: Rig) -> None:
+    """Once shut down, a request still asked for is refused as not sent (a retry elsewhere
+    is safe), instead of opening a connection after the end."""
+    order = rig.seed(kind="algo")
+    before = len(rig.cancel_log())
+    client = PapiClient(rig.url, clock=now_ms)
+    await client.aclose()
+    creds = rig.accounts[next(iter(rig.accounts))]
+    query = f"algoId={order['algo_id']}"
+    with pytest.raises(NotSentError, match="closed: nothing was sent"):
+        await client.signed(creds, "DELETE", "/papi/v1/um/algo/order", query, is_order=True)
+    assert len(rig.cancel_log()) == before
 
 
 async def test_recv_window_never_exceeds_the_time_left(rig: Rig) -> None:

@@ -149,6 +149,7 @@ class PapiClient:
         # httpx's own pool (httpcore) scans every pooled connection on every request, so its
         # cost grows with the pool; FastTransport's does not (README, "Performance").
         self._transport = transport or FastTransport(max_connections=max_connections)
+        self._closed = False
 
     async def __aenter__(self) -> PapiClient:
         return self
@@ -159,6 +160,7 @@ class PapiClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._transport.aclose()
 
     def _auth_for(self, creds: Credentials) -> PapiAuth:
@@ -278,6 +280,9 @@ class PapiClient:
         self, request: httpx.Request, auth: PapiAuth, end: _TicketEnd
     ) -> httpx.Response:
         """Send and wait for the answer's head; translate what can go wrong before it."""
+        if self._closed:  # shut down: a pool would open anew, and send after the end
+            end.refund()
+            raise NotSentError("the client is closed: nothing was sent")
         try:
             return await self._send(request, auth)
         except SigningRefusedError as exc:
