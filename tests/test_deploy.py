@@ -553,6 +553,15 @@ def test_pods_get_longer_than_the_workers_worst_case_drain() -> None:
     assert stop > drain_bound_s(compose), f"stop_grace_period {stop}s <= drain bound"
 
 
+def test_each_pod_can_have_a_core_of_its_own() -> None:
+    """Guaranteed QoS with a whole CPU (requests = limits, for every resource): what the
+    kubelet's static CPU manager policy needs to give the pod an exclusive core."""
+    resources = _worker_container()["resources"]
+    assert resources["requests"] == resources["limits"]
+    assert set(resources["limits"]) == {"cpu", "memory"}
+    assert str(resources["limits"]["cpu"]) == "1"
+
+
 # -- scaling ----------------------------------------------------------------------------------
 
 
