@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import orjson
@@ -30,7 +31,7 @@ def test_the_time_between_marks_is_read_per_stage_and_from_fetch_to_write(
     figures = stages.summarize([path])
 
     assert list(figures) == [
-        *(f"{a} → {b}" for a, b in zip(stages.STAGES, stages.STAGES[1:], strict=False)),
+        *(f"{a} → {b}" for a, b in itertools.pairwise(stages.STAGES)),
         "fetched → written",
     ]
     step = figures["signing → sending"]

@@ -79,7 +79,7 @@ from tests.support import (
     worker_settings,
     write_accounts,
 )
-from worker.tools.devstack import REPO, Broker, Process, start_broker, start_sim, start_worker
+from worker.tools.devstack import REPO, Broker, Process, cli_argv, start_broker, start_sim
 from worker.tools.sim.app import UM_SYMBOLS
 
 SYSTEMS = ("kafka_floor", "pipeline_floor", "naive", "worker", "worker_at_least_once")
@@ -282,13 +282,12 @@ async def start_system(bench: Bench, system: str, topics: Topics, scenario: str)
         if PROFILE_DIR is not None:  # the same worker under cProfile, written when it stops
             out = PROFILE_DIR / f"{system}-{uuid.uuid4().hex[:6]}.prof"
             argv = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", "worker", "run"]
-            proc = Process("worker", argv, env=worker_env(settings))
         elif STAGES_DIR is not None:  # the same worker with marks on its request path
             out = STAGES_DIR / f"{scenario}.{system}.{uuid.uuid4().hex[:6]}.json"
             argv = [sys.executable, "-m", "tests.bench.stages", str(out), "run"]
-            proc = Process("worker", argv, env=worker_env(settings))
         else:
-            proc = start_worker(worker_env(settings))
+            argv = cli_argv("run")
+        proc = Process("worker", argv, env=worker_env(settings))
         ready = "taken over, processing"  # partitions assigned and their producers ready
     else:
         config = {
