@@ -3,7 +3,9 @@
 A real loopback server (the sleep must be a real one), driven through ``/_sim/config`` as the
 bench does: every PAPI answer waits ``fixed_latency_ms``, the request log's ``at`` is still
 the arrival, concurrent requests wait side by side (the sleep blocks nothing), and a
-negative value is refused. ``/_sim/settle`` keeps the book out of later garbage collections.
+negative value is refused. ``arrived_us``, what the bench reads, is when the request's bytes
+reached the server, before anything the simulator does with it. ``/_sim/settle`` keeps the
+book out of later garbage collections.
 """
 
 from __future__ import annotations
@@ -94,6 +96,28 @@ async def test_fixed_latency_delays_every_answer_and_the_log_keeps_the_arrival(
         (extra,) = await seed(http, 1)
         _, elapsed = await timed_cancel(http, extra)
         assert elapsed < LATENCY_MS / 1000
+
+
+async def test_the_log_notes_when_the_bytes_arrived_before_the_exchange_handled_them(
+    accounts: dict[str, Credentials],
+) -> None:
+    """The ``latency`` profile holds each request 20-150 ms *before* the exchange handles it:
+    ``at_us`` is after that hold, ``arrived_us`` before it, on the exchange's (skewed) clock.
+    Several requests on one kept-alive connection each get their own arrival."""
+    skew_ms = 1_000
+    state = state_from_accounts(accounts, SimConfig(profile="latency", clock_skew_ms=skew_ms))
+    async with running_sim(state) as url, httpx.AsyncClient(base_url=url, timeout=10) as http:
+        algo_ids = await seed(http, 3)
+        for algo_id in algo_ids:
+            sent_at_us = time.time_ns() // 1000 + skew_ms * 1000
+            answer = await cancel(http, algo_id)
+            assert answer.status_code == 200, answer.text
+            await asyncio.sleep(0.03)  # the next one is sent well after this one arrived
+            entry = state.requests[-1]
+            assert entry["params"]["algoId"] == str(algo_id)
+            assert 0 <= entry["arrived_us"] - sent_at_us < 20_000
+            assert entry["at_us"] - entry["arrived_us"] >= 20_000  # the profile's least hold
+        assert len(http._transport._pool.connections) == 1  # type: ignore[attr-defined]
 
 
 async def test_a_negative_fixed_latency_is_refused(accounts: dict[str, Credentials]) -> None:

@@ -28,7 +28,8 @@ Figures per system and scenario (pooled over its rounds):
 
 * throughput — commands / (first produce → last result visible), summed over rounds;
 * produced → request at the exchange (p50/p99/max) — the command's produce time against the
-  simulator's arrival time (``at_us``) of the first DELETE for its order; for the Kafka floor,
+  simulator's arrival time (``arrived_us``: its first bytes read from the socket, before the
+  simulator parses or routes it) of the first DELETE for its order; for the Kafka floor,
   which sends no request, produced → consumed (the ``at_us`` its handler stamps on the result);
   both ends are read in microseconds, so a p99 of a few ms is not rounded by whole ms;
 * produced → result visible (p50/p99/max) — until the bench's own ``read_committed``
@@ -550,7 +551,7 @@ async def run_once(
                 if request["method"] == "DELETE" and "algoId" in params:
                     i = index_of_order.get(int(params["algoId"]), -1)
                     if i >= 0 and i not in arrived:
-                        arrived[i] = request["at_us"] / 1000
+                        arrived[i] = request["arrived_us"] / 1000
             run.request_latencies_ms = [arrived[i] - produced_ms[i] for i in sorted(arrived)]
             if len(arrived) < count:
                 run.error = f"{count - len(arrived)} commands without a request at the exchange"

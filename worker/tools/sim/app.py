@@ -17,6 +17,10 @@ Request weight is 1, except the open-order lists without a ``symbol`` (40). ``/f
 counts its weight apart from PAPI's (another exchange host), in the same window.
 A route switched off (``um_conditional_enabled = false``) answers 404 as a retired route does.
 
+Each signed request is logged with ``at``/``at_us`` (when the exchange handled it, after any
+injected latency) and ``arrived_us`` (when its first bytes reached the server, stamped by the
+HTTP protocol before any parsing; ``None`` when served in-process with no socket).
+
 Control routes under ``/_sim/`` (not part of PAPI) seed orders, read the request log and
 the book's ground truth, change the configuration, and settle the heap between benchmark
 runs (``POST /_sim/settle``).
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import re
 import time
@@ -53,6 +58,13 @@ from worker.tools.sim.book import (
     no_such_order,
 )
 from worker.tools.sim.faults import PROFILES, TOO_MANY, Fault, Injector
+
+# The wall clock (µs) when the request being served reached the server: set per connection by
+# the HTTP protocol (worker.tools.sim.server) as a request's first bytes arrive, and inherited
+# by the task that serves it.
+ARRIVED_US: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "sim_arrived_us", default=None
+)
 
 UM_SYMBOLS = frozenset(
     {"BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT", "LTCUSDT"}
@@ -112,8 +124,10 @@ class SimState:
     def server_time(self) -> int:
         return self.server_time_us() // 1000
 
-    def server_time_us(self) -> int:
-        return time.time_ns() // 1000 + self.config.clock_skew_ms * 1000
+    def server_time_us(self, wall_us: int | None = None) -> int:
+        """The exchange's clock (skewed as configured), now or at ``wall_us``."""
+        wall = time.time_ns() // 1000 if wall_us is None else wall_us
+        return wall + self.config.clock_skew_ms * 1000
 
     def count(self, name: str) -> None:
         self.stats[name] = self.stats.get(name, 0) + 1
@@ -482,6 +496,7 @@ def signed_endpoint(
     weigh: Weigher | None = None,
 ) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
+        arrived_us = ARRIVED_US.get()
         # The weight is charged on arrival, from the parameters as sent, before any check.
         weight = state.use_weight(1 if weigh is None else weigh(request.query_params))
         headers = {"X-MBX-USED-WEIGHT-1M": str(weight)}
@@ -494,6 +509,7 @@ def signed_endpoint(
             "path": request.url.path,
             "at": at_us // 1000,
             "at_us": at_us,
+            "arrived_us": None if arrived_us is None else state.server_time_us(arrived_us),
             "account": None,
             "params": None,
         }

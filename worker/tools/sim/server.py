@@ -6,14 +6,24 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
+import h11
 import orjson
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from worker.accounts import Credentials
-from worker.tools.sim.app import SimConfig, SimState, SimulatedResetError, build_app, seed_order
+from worker.tools.sim.app import (
+    ARRIVED_US,
+    SimConfig,
+    SimState,
+    SimulatedResetError,
+    build_app,
+    seed_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,21 @@ class _HideSimulatedResets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and isinstance(record.exc_info[1], SimulatedResetError))
+
+
+class _ArrivalStampingH11(H11Protocol):
+    """uvicorn's h11 protocol, noting when each request's first bytes arrive.
+
+    That is the exchange's receive time, before the simulator parses, routes or schedules
+    anything. The stamp lives in the connection's context, and the task that serves the
+    request inherits it. A pipelined request (sent before the previous answer; no client
+    we meet does this) keeps the stamp of the request before it.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:
+            ARRIVED_US.set(time.time_ns() // 1000)
+        super().data_received(data)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -51,6 +76,7 @@ async def running_sim(
         log_level="warning",
         access_log=False,
         lifespan="off",
+        http=_ArrivalStampingH11,
     )
     logging.getLogger("uvicorn.error").addFilter(_HideSimulatedResets())
     server = _EmbeddedServer(config)
