@@ -559,3 +559,37 @@ async def test_a_take_over_under_way_is_ended_before_the_revocation_returns() ->
         assert not take_overs()
         assert m.sink.at_gate == 0
         assert P0 not in m.sink.owned
+
+
+async def test_records_just_fetched_start_before_the_next_fetch_is_asked_for() -> None:
+    """A paced command's request should leave as soon as its record is in hand: the
+    records a fetch handed over begin running before the pipeline sets up its next
+    fetch, not after."""
+    log = MemoryLog()
+    journal: list[str] = []
+
+    class Journaled(Handler):
+        async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
+            journal.append(f"start {record.offset}")
+            return await super().__call__(record)
+
+    async with member(log, Journaled()) as m:
+        fetch = m.source.fetch
+
+        async def journaled_fetch(timeout_ms: int) -> Sequence[InRecord]:
+            journal.append("fetch")
+            records = await fetch(timeout_ms)
+            journal.extend(f"fetched {r.offset}" for r in records)
+            return records
+
+        m.source.fetch = journaled_fetch  # type: ignore[method-assign]
+        m.assign([P0])
+        await until(lambda: "fetch" in journal)
+        for _ in range(3):  # one record per fetch, as when paced
+            fill(log, P0, 1, [b"a"])
+            await until(flushed(log))
+    fetched = [i for i, line in enumerate(journal) if line.startswith("fetched")]
+    assert len(fetched) == 3
+    for i in fetched:
+        offset = journal[i].split()[1]
+        assert journal[i + 1] == f"start {offset}", journal[i : i + 3]

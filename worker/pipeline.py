@@ -277,7 +277,10 @@ class Pipeline:
                 records = await self._source.fetch(timeout_ms=100)
                 for record in records:  # no await in here: ownership cannot change under us
                     self._enqueue(record)
-                self._pump()
+                if self._pump():
+                    # Let the records just started reach their requests before this task
+                    # sets up the next fetch: a paced command's request leaves sooner.
+                    await asyncio.sleep(0)
         finally:
             abandoned = await self._shutdown(flusher)
         if self._fatal is not None:
@@ -353,8 +356,10 @@ class Pipeline:
             self._ready_lanes.append((state, record.key))
         self._check_pause(state)
 
-    def _pump(self) -> None:
-        """Start waiting records while slots are free, one lane at a time, round-robin."""
+    def _pump(self) -> bool:
+        """Start waiting records while slots are free, one lane at a time, round-robin;
+        whether any started."""
+        started = False
         while self._running < self._max_in_flight and self._ready_lanes:
             state, key = self._ready_lanes.popleft()
             lane = state.lanes.get(key)
@@ -364,6 +369,8 @@ class Pipeline:
             if not lane:
                 del state.lanes[key]
             self._start(state, key, entry)
+            started = True
+        return started
 
     def _start(self, state: _PartState, key: bytes | None, entry: _Entry) -> None:
         self._running += 1
