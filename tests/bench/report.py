@@ -32,6 +32,7 @@ def figures(runs: Sequence[Run]) -> dict[str, Any]:
     commands = sum(r.commands for r in good)
     duration = sum(r.duration_s for r in good)
     http = [x for r in good for x in r.request_latencies_ms]
+    round_p99 = [p["p99"] for r in good if (p := percentiles(r.request_latencies_ms)) is not None]
     return {
         "throughput_cmd_s": round(commands / duration, 1) if duration else None,
         "cpu_us_per_cmd": round(sum(r.cpu_s for r in good) * 1e6 / commands, 1)
@@ -40,6 +41,8 @@ def figures(runs: Sequence[Run]) -> dict[str, Any]:
         "peak_rss_mb": round(max(r.peak_rss_mb for r in good), 1) if good else None,
         "latency_ms": percentiles([x for r in good for x in r.latencies_ms]),
         "request_latency_ms": percentiles(http) if http else None,
+        # Each round's request p99: how far one round's tail moves from the next.
+        "request_p99_by_round_ms": round_p99,
         # How late a process sleeping 10 ms woke up meanwhile: the machine's own noise.
         "machine_jitter_ms": percentiles([x for r in good for x in r.jitter_ms]),
     }
@@ -61,11 +64,13 @@ def results_json(
     grouped: dict[str, dict[str, list[Run]]] = {}
     for run in runs:
         grouped.setdefault(run.scenario, {}).setdefault(run.system, []).append(run)
+    pooled = {
+        scenario: {system: figures(rs) for system, rs in systems.items()}
+        for scenario, systems in grouped.items()
+    }
     return {
-        "scenarios": {
-            scenario: {system: figures(rs) for system, rs in systems.items()}
-            for scenario, systems in grouped.items()
-        },
+        "scenarios": pooled,
+        "targets": targets(pooled),
         "commands": {
             scenario: {system: sum(r.commands for r in rs) for system, rs in systems.items()}
             for scenario, systems in grouped.items()
@@ -107,6 +112,92 @@ def results_json(
             f"{r.scenario} {r.system} round {r.round + 1}: {r.error}" for r in runs if r.error
         ],
     }
+
+
+# The issue's targets for the worker, each read from one run's pooled figures.
+CPU_LIMIT_US = 500.0  # worker CPU per command, in the bursts
+FLOOR_SHARE = 0.5  # worker throughput at 0 ms, as a share of the pipeline floor's
+NAIVE_TIMES = 20.0  # worker throughput at 20 ms, in multiples of the naive loop's
+PACED_MARGIN_MS = 2.0  # paced: worker request p99 at most this over the Kafka floor's
+WORKERS = ("worker", "worker_at_least_once")
+
+
+def targets(scenarios: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The speed targets, per worker system that ran: the figure, the limit it is held to
+    and whether it is met (None: a system or scenario the figure needs did not run)."""
+
+    def fig(scenario: str, system: str, *path: str) -> Any:
+        value: Any = scenarios.get(scenario, {}).get(system)
+        for key in path:
+            value = None if value is None else value.get(key)
+        return value
+
+    out: list[dict[str, Any]] = []
+
+    def check(name: str, system: str, value: float | None, limit: float, *, most: bool) -> None:
+        met = None if value is None else (value <= limit if most else value >= limit)
+        out.append(
+            {
+                "target": name,
+                "system": system,
+                "value": None if value is None else round(value, 2),
+                "limit": limit,
+                "met": met,
+            }
+        )
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else a / b
+
+    for system in WORKERS:
+        if not any(system in systems for systems in scenarios.values()):
+            continue
+        for scenario in ("0ms", "20ms"):
+            cpu = fig(scenario, system, "cpu_us_per_cmd")
+            check(f"cpu_us_per_cmd_{scenario}", system, cpu, CPU_LIMIT_US, most=True)
+        share = ratio(
+            fig("0ms", system, "throughput_cmd_s"), fig("0ms", "pipeline_floor", "throughput_cmd_s")
+        )
+        check("share_of_pipeline_floor_0ms", system, share, FLOOR_SHARE, most=False)
+        times = ratio(
+            fig("20ms", system, "throughput_cmd_s"), fig("20ms", "naive", "throughput_cmd_s")
+        )
+        check("times_naive_20ms", system, times, NAIVE_TIMES, most=False)
+        mine = fig("paced100", system, "request_latency_ms", "p99")
+        floor = fig("paced100", "kafka_floor", "request_latency_ms", "p99")
+        over = None if mine is None or floor is None else mine - floor
+        check("paced_p99_over_kafka_floor_ms", system, over, PACED_MARGIN_MS, most=True)
+    return out
+
+
+_TARGET_TEXT = {
+    "cpu_us_per_cmd_0ms": ("CPU per command at 0 ms", "{:,.0f} µs", "at most {:,.0f} µs"),
+    "cpu_us_per_cmd_20ms": ("CPU per command at 20 ms", "{:,.0f} µs", "at most {:,.0f} µs"),
+    "share_of_pipeline_floor_0ms": (
+        "throughput at 0 ms / pipeline floor",
+        "{:.0%}",
+        "at least {:.0%}",
+    ),
+    "times_naive_20ms": ("throughput at 20 ms / naive", "{:.1f}x", "at least {:.0f}x"),
+    "paced_p99_over_kafka_floor_ms": (
+        "paced request p99 over the Kafka floor",
+        "{:+.1f} ms",
+        "at most {:+.1f} ms",
+    ),
+}
+
+
+def render_targets(checks: list[dict[str, Any]]) -> str:
+    """The targets as lines of text: figure, limit, verdict."""
+    lines = ["targets:"]
+    for c in checks:
+        what, shown, limit = _TARGET_TEXT[c["target"]]
+        value = "not measured" if c["value"] is None else shown.format(c["value"])
+        verdict = {True: "met", False: "NOT MET", None: "-"}[c["met"]]
+        lines.append(
+            f"  {c['system']:<22} {what:<40} {value:>14}  ({limit.format(c['limit'])})  {verdict}"
+        )
+    return "\n".join(lines)
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -216,4 +307,16 @@ def render_table(report: dict[str, Any]) -> str:
     if failed:
         notes.append(f"results that were not a successful cancel: {failed}")
     notes += [f"error: {e.splitlines()[0]}" for e in report["errors"]]
+    paced = {
+        system: f["request_p99_by_round_ms"]
+        for system, f in report["scenarios"].get("paced100", {}).items()
+        if len(f.get("request_p99_by_round_ms") or ()) > 1
+    }
+    if paced:
+        notes.append(
+            "paced request p99 by round (ms): "
+            + "; ".join(f"{system} {', '.join(map(_ms, p))}" for system, p in paced.items())
+        )
+    if report.get("targets"):
+        notes += ["", render_targets(report["targets"])]
     return "\n".join(out + notes)
