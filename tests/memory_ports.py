@@ -138,3 +138,69 @@ class MemorySink:
 
     async def revoked(self, parts: Sequence[Partition]) -> None:
         self.owned.difference_update(parts)
+
+
+class MemoryStagingSink(MemorySink):
+    """A sink with exactly-once's staging: results are taken into an open transaction as
+    they complete and committed by the flush with the positions, or dropped with it.
+
+    It checks what the pipeline promises a staging sink: a flush holds every partition
+    with staged results, each batch beginning with exactly the records staged for it.
+    ``refuse`` makes every n-th stage refused (the flush then carries those records)."""
+
+    def __init__(self, log: MemoryLog, *, refuse: int = 0) -> None:
+        super().__init__(log)
+        self.transaction = 0
+        self.pending: dict[Partition, list[OutRecord]] = {}
+        self.refuse = refuse
+        self.stage_calls = 0
+        self.staged_records = 0  # staged and then committed
+        self.dropped = 0  # staged and then aborted
+        self.violations: list[str] = []  # broken promises (each also fails its flush)
+
+    def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:
+        self.stage_calls += 1
+        if not records:
+            self.violations.append(f"{part}: nothing to stage")
+        refused = self.refuse and self.stage_calls % self.refuse == 0
+        if self.fail or part not in self.owned or refused:
+            return False
+        self.pending.setdefault(part, []).extend(records)
+        return True
+
+    def _abort(self) -> None:
+        self.dropped += sum(len(r) for r in self.pending.values())
+        self.pending.clear()
+        self.transaction += 1
+
+    async def flush(self, batches: Mapping[Partition, Flush]) -> None:
+        pending, self.pending = self.pending, {}
+        for part, records in pending.items():
+            if part not in batches:
+                self.violations.append(f"{part} has staged results and is not in the flush")
+            elif list(batches[part].records[: len(records)]) != records:
+                self.violations.append(f"{part}: the flush does not begin with what was staged")
+        if self.violations:
+            self.pending = pending
+            self._abort()
+            raise RuntimeError(self.violations[-1])
+        try:
+            await super().flush(batches)
+        except BaseException as exc:
+            done = exc.done if isinstance(exc, FlushError) else frozenset()
+            self.staged_records += sum(len(r) for p, r in pending.items() if p in done)
+            self.pending = {p: r for p, r in pending.items() if p not in done}
+            self._abort()
+            raise
+        self.staged_records += sum(len(r) for r in pending.values())
+        self.transaction += 1
+
+    async def assigned(self, parts: Sequence[Partition]) -> None:
+        if any(p in self.pending for p in parts):
+            self._abort()
+        await super().assigned(parts)
+
+    async def revoked(self, parts: Sequence[Partition]) -> None:
+        if any(p in self.pending for p in parts):
+            self._abort()
+        await super().revoked(parts)

@@ -16,9 +16,23 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 
-from tests.memory_ports import MemoryLog, MemorySink, MemorySource
+from tests.memory_ports import MemoryLog, MemorySink, MemorySource, MemoryStagingSink
 from worker import metrics
 from worker.pipeline import InRecord, OutRecord, Partition, Pipeline, RunReport
+
+SINKS: dict[str, Callable[[MemoryLog], MemorySink]] = {
+    "flush": MemorySink,
+    # Results staged as they complete (exactly-once's sink), every 5th stage refused.
+    "stage": lambda log: MemoryStagingSink(log, refuse=5),
+}
+
+
+@pytest.fixture(autouse=True, params=list(SINKS))
+def sink_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with both kinds of sink."""
+    monkeypatch.setattr(Member, "make_sink", staticmethod(SINKS[request.param]))
+    return str(request.param)
+
 
 P0: Partition = ("cmd", 0)
 P1: Partition = ("cmd", 1)
@@ -65,6 +79,9 @@ def origins(sink: MemorySink) -> list[tuple[int, int]]:
 
 
 def assert_exactly_once(log: MemoryLog, *sinks: MemorySink) -> None:
+    for sink in sinks:
+        if isinstance(sink, MemoryStagingSink):
+            assert not sink.violations, sink.violations
     published = [o for s in sinks for o in origins(s)]
     counts = collections.Counter(published)
     dupes = {k: v for k, v in counts.items() if v > 1}
@@ -84,9 +101,11 @@ def assert_exactly_once(log: MemoryLog, *sinks: MemorySink) -> None:
 class Member:
     """One pipeline over the shared log, as one consumer-group member."""
 
+    make_sink: Callable[[MemoryLog], MemorySink] = MemorySink
+
     def __init__(self, log: MemoryLog, handler: Handler, **options: float) -> None:
         self.source = MemorySource(log)
-        self.sink = MemorySink(log)
+        self.sink = self.make_sink(log)
         opts: dict[str, float] = {
             "max_in_flight": 8,
             "max_buffered": 100,

@@ -25,7 +25,11 @@ records and the next position); the sink makes them durable and stores the posit
 (:class:`ResultSink`). Flushes start at most every ``flush_interval_s``, each with every
 partition that has results (exactly-once: one transaction per flush, so this trades a little
 result latency for far fewer transactions); the final flush on shutdown or revocation does
-not wait. A flush that fails
+not wait. A sink that stages (:class:`StagingSink`, exactly-once's) is handed each
+partition's results as its completed prefix grows, and sends them into its open transaction
+then; the flush commits them, and every flush carries each partition with staged results.
+When the sink's transaction ends any other way, what was staged is dropped with it, and the
+next flush carries those results again. A flush that fails
 (the broker is down) is retried with backoff, for as long as it takes; the outage is
 reported once, in a log line and in a metric, and the pipeline resumes by itself.
 
@@ -49,7 +53,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from worker import metrics
 
@@ -119,6 +123,21 @@ class ResultSink(Protocol):
         """Let go of partitions after their last flush."""
 
 
+@runtime_checkable
+class StagingSink(ResultSink, Protocol):
+    """A sink that takes results ahead of their flush (exactly-once: into the open
+    transaction, committed by the flush with the positions)."""
+
+    @property
+    def transaction(self) -> int:
+        """Changes whenever what was staged is no longer pending (flushed or dropped)."""
+
+    def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:
+        """Take a partition's next completed results, following those staged before;
+        whether it did. A flush's batches then hold every partition with staged results,
+        each from its first staged record."""
+
+
 class RecordSource(Protocol):
     async def fetch(self, timeout_ms: int) -> Sequence[InRecord]: ...
 
@@ -166,6 +185,7 @@ class _PartState:
         "ready",
         "revoked",
         "running",
+        "staged",
     )
 
     def __init__(self, part: Partition) -> None:
@@ -178,6 +198,7 @@ class _PartState:
         self.revoked = False  # let go of: nothing of it is published any more
         self.paused = False
         self.flush_at = -math.inf  # (monotonic) its next flush does not start before this
+        self.staged = 0  # leading entries whose results the sink has staged
 
     @property
     def flushable(self) -> bool:
@@ -232,6 +253,10 @@ class Pipeline:
         self._lost: set[Partition] = set()  # fenced: ignored until assigned again
         self._revoking: set[Partition] = set()
         self._fatal: BaseException | None = None
+        # States with results staged in the sink's pending transaction, and its number.
+        self._stager = sink if isinstance(sink, StagingSink) else None
+        self._staged: dict[Partition, _PartState] = {}
+        self._staged_in: int | None = None
         self._unreachable_since: float | None = None
         self.processed = 0
         # For the liveness probe (monotonic seconds): when the fetch loop last came round
@@ -413,7 +438,33 @@ class Pipeline:
         entry.done = True
         self.processed += 1
         metrics.COMMAND_SECONDS.observe(time.monotonic() - started)
+        if self._stager is not None:
+            self._stage(self._stager, state)
         self._flush_wanted.set()
+
+    def _stage(self, stager: StagingSink, state: _PartState) -> None:
+        """Hand the sink the results by which the partition's completed prefix grew."""
+        if not state.ready or state.revoked:
+            return
+        staged = self._staged_now(stager)
+        entries = state.entries
+        start = end = state.staged
+        while end < len(entries) and entries[end].done:
+            end += 1
+        if end > start and stager.stage(
+            state.part, [r for i in range(start, end) for r in entries[i].outgoing]
+        ):
+            state.staged = end
+            staged[state.part] = state
+
+    def _staged_now(self, stager: StagingSink) -> dict[Partition, _PartState]:
+        """The states with results in the sink's pending transaction (none once it ended)."""
+        if stager.transaction != self._staged_in:
+            for state in self._staged.values():
+                state.staged = 0
+            self._staged.clear()
+            self._staged_in = stager.transaction
+        return self._staged
 
     def _fail(self, exc: BaseException) -> None:
         if self._fatal is None:
@@ -492,11 +543,18 @@ class Pipeline:
             state.flush_at = started + self._flush_interval_s
 
     async def _flush_ready(self, states: Sequence[_PartState]) -> bool:
-        """Flush every state's completed prefix; False if the sink failed (kept for later)."""
+        """Flush every state's completed prefix, and every one with staged results with them
+        (the sink's transaction commits all it holds); False if the sink failed (kept for
+        later)."""
+        if self._stager is not None:
+            wanted = {s.part: s for s in states}
+            for part, state in self._staged_now(self._stager).items():
+                wanted.setdefault(part, state)
+            states = list(wanted.values())
         taken: dict[Partition, tuple[_PartState, int]] = {}
         batches: dict[Partition, Flush] = {}
         for state in states:
-            if not state.flushable:
+            if state.revoked or not state.flushable:
                 continue
             prefix = state.ready_prefix()
             records = tuple(r for e in prefix for r in e.outgoing)
