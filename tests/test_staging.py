@@ -12,6 +12,7 @@ transaction timeout, five minutes by default).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ from tests.test_pipeline_memory import (
 from tests.test_pipeline_memory import until as soon
 from worker.kafka_fencing import group_member, stable_committed
 from worker.kafka_io import TransactionalSink
-from worker.pipeline import Flush, FlushError, OutRecord, Partition
+from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition
 from worker.settings import Settings
 from worker.tools.devstack import Broker
 
@@ -121,6 +122,29 @@ async def test_a_revocations_flush_carries_the_other_partitions_staged_results()
         assert log.committed == {P0: 4, P1: 5}
         assert sink.pending == {} and not sink.violations
     assert_exactly_once(log, sink)
+
+
+async def test_records_answered_with_nothing_move_the_staged_run_on() -> None:
+    """A record can be answered with nothing (a command already answered): the run it is
+    part of still grows, and the results around it are staged and flushed in order."""
+    log = MemoryLog()
+    fill(log, P0, 1, [b"a"])
+
+    class Quiet(Handler):
+        async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
+            out = await super().__call__(record)
+            return [] if record.offset % 3 == 1 else out
+
+    async with member(log, Quiet(), flush_interval_s=30.0) as m:
+        sink = staging(m)
+        m.assign([P0])
+        await soon(flushed(log))
+        fill(log, P0, 9, [b"a", b"b"])
+        await soon(lambda: len(sink.pending.get(P0, [])) == 6)  # offsets 1..9 but 1, 4 and 7
+        assert sink.flushes == 1
+    assert not sink.violations
+    assert log.committed[P0] == 10
+    assert origins(sink) == [(0, o) for o in range(10) if o % 3 != 1]
 
 
 # -- the sink's side, on the broker ------------------------------------------------------------

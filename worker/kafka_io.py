@@ -344,6 +344,8 @@ class TransactionalSink:
         producer = self._producer
         if producer is None or self._flushing or self._staging_failed or part not in self._owned:
             return False
+        if not records:
+            return True
         self._to_send.extend(records)
         self._staged[part] = self._staged.get(part, 0) + len(records)
         if self._sender is None or self._sender.done():

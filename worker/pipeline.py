@@ -451,9 +451,11 @@ class Pipeline:
         start = end = state.staged
         while end < len(entries) and entries[end].done:
             end += 1
-        if end > start and stager.stage(
-            state.part, [r for i in range(start, end) for r in entries[i].outgoing]
-        ):
+        if end == start:
+            return
+        records = [r for i in range(start, end) for r in entries[i].outgoing]
+        # Records answered with nothing (already answered) need nothing of the sink.
+        if not records or stager.stage(state.part, records):
             state.staged = end
             staged[state.part] = state
 
