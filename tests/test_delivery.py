@@ -16,7 +16,7 @@ import random
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +82,32 @@ def key_of(cmd: dict[str, Any]) -> bytes:
     return f"{cmd['account']}:{cmd['symbol']}".encode()
 
 
-async def feed(bootstrap: str, topic: str, commands: list[dict[str, Any]], per_s: int) -> None:
-    """Produce the commands as a steady stream of ``per_s`` a second (in chunks of 50)."""
+@dataclass
+class FeedLimit:
+    """How many commands may be fed so far; raising it wakes the feeder."""
+
+    value: int
+    raised: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def raise_to(self, value: int) -> None:
+        self.value = value
+        self.raised.set()
+
+
+async def feed(
+    bootstrap: str,
+    topic: str,
+    commands: list[dict[str, Any]],
+    per_s: int,
+    limit: FeedLimit | None = None,
+) -> None:
+    """Produce the commands as a steady stream of ``per_s`` a second (in chunks of 50);
+    with ``limit``, never more of them than it allows (waiting for it to be raised)."""
     for start in range(0, len(commands), 50):
         chunk = commands[start : start + 50]
+        while limit is not None and start + len(chunk) > limit.value:
+            limit.raised.clear()
+            await limit.raised.wait()
         await produce(bootstrap, topic, [(key_of(c), orjson.dumps(c)) for c in chunk])
         await asyncio.sleep(50 / per_s)
 
@@ -201,12 +223,16 @@ async def test_sigkill_at_five_random_moments_gives_exactly_one_result_each(
     total = 5000
     run = await scenario(broker, sim, accounts_file, total=total, keys=50, prefix="crash")
     topics, commands, env = run.topics, run.commands, run.env
-    feeder = asyncio.create_task(feed(broker.bootstrap, topics.commands, commands, per_s=250))
     rng = random.Random(20261121)
     kill_points = sorted(rng.sample(range(300, total - 500), 5))
+    # The stream is held 500 commands past the next kill point until that kill: a worker
+    # that catches up fast (after a slow restart, the stream fed meanwhile) cannot answer
+    # everything before the last kill, and every kill lands mid-stream.
+    limit = FeedLimit(kill_points[0] + 500)
+    feeder = asyncio.create_task(feed(broker.bootstrap, topics.commands, commands, 250, limit))
     procs: list[Process] = []
     answered_at_kill: list[int] = []
-    for point in kill_points:
+    for i, point in enumerate(kill_points):
         proc = start_worker(env)
         procs.append(proc)
         await wait_for_results(broker.bootstrap, topics.results, point, 180, procs)
@@ -214,6 +240,7 @@ async def test_sigkill_at_five_random_moments_gives_exactly_one_result_each(
         proc.kill()
         assert proc.proc.returncode == -signal.SIGKILL
         answered_at_kill.append(len(await results_so_far(broker.bootstrap, topics.results)))
+        limit.raise_to(kill_points[i + 1] + 500 if i + 1 < len(kill_points) else total)
     assert answered_at_kill[-1] < total, "every kill must land mid-stream"
     last = start_worker(env)
     procs.append(last)
