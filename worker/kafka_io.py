@@ -237,9 +237,7 @@ class AtLeastOnceSink:
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         # send() enqueues in call order (so per-partition order is kept); then wait for acks.
         futures = [
-            await self._producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
-            for batch in batches.values()
-            for r in batch.records
+            await _send(self._producer, r) for batch in batches.values() for r in batch.records
         ]
         await asyncio.gather(*futures)
         await self._consumer.commit({_tp(p): b.position for p, b in batches.items()})
@@ -359,7 +357,7 @@ class TransactionalSink:
                 self._open = True
             while self._to_send:
                 r = self._to_send.popleft()
-                ack = await producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
+                ack = await _send(producer, r)
                 ack.add_done_callback(_retrieve)  # read at the flush, or dropped with it
                 self._acks.append(ack)
         except Exception as exc:  # noqa: BLE001 - the flush fails with it, the records resent
@@ -493,9 +491,7 @@ class TransactionalSink:
         acks = self._acks
         for part, batch in batches.items():
             for r in batch.records[self._staged.get(part, 0) :]:
-                acks.append(
-                    await producer.send(r.topic, r.value, key=r.key, headers=list(r.headers))
-                )
+                acks.append(await _send(producer, r))
         await producer.send_offsets_to_transaction(
             {_tp(p): b.position for p, b in batches.items()}, self._group_id
         )
@@ -507,6 +503,14 @@ class TransactionalSink:
         self._closed = True
         self._owned.clear()
         await self._stop_producer(abort=True)
+
+
+async def _send(producer: AIOKafkaProducer, record: OutRecord) -> asyncio.Future[Any]:
+    """Enqueue the record (in call order); the future is its acknowledgement."""
+    ack: asyncio.Future[Any] = await producer.send(
+        record.topic, record.value, key=record.key, headers=list(record.headers)
+    )
+    return ack
 
 
 def _retrieve(ack: asyncio.Future[Any]) -> None:
