@@ -50,6 +50,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import gc
 import logging
 import os
 import shutil
@@ -388,6 +389,19 @@ def stop_jitter(bench: Bench, jitter: Process) -> list[float]:
     return [float(v) for v in values] if isinstance(values, list) else []
 
 
+def settle_collector() -> None:
+    """The bench's own collector, settled before every measured run as the simulator's is:
+    what the bench holds (every run's commands, orders, samples and the simulator's request
+    log) is collected once and then left out of the collections during the run
+    (``gc.freeze``). The bench stamps a command's produce time and then sends it; a full
+    collection in between (16-22 ms over what earlier runs left) was counted as the
+    system's latency, in whichever system happened to run. The previous run's frozen
+    objects are thawed first, so that what it left behind is freed here."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 async def keep_pace(started: float, i: int, rate: float | None) -> None:
     """Wait until the ``i``-th command of a run paced at ``rate`` (per second, from the
     monotonic ``started``) is due; at once without a rate."""
@@ -468,6 +482,7 @@ async def run_once(
         jitter = Process("jitter", [sys.executable, "-m", "tests.bench.jitter"])
         bench.live.add(jitter)
         await wait_for_line(jitter, JITTER_READY, 30)
+        settle_collector()
         produced_ms = [0.0] * count  # sub-millisecond, as the arrival times
         seen_ms: dict[int, float] = {}
         consumed_ms: dict[int, float] = {}  # the Kafka floor's consume time, from its results
