@@ -93,7 +93,9 @@ async def test_the_worker_and_the_client_answer_a_cancel_over_sasl_ssl(
     )
     [order] = sim.seed([{"account": "desk-0", "kind": "algo", "symbol": "BTCUSDT"}])
     async with running_worker(settings), CancelClient.from_settings(settings) as client:
-        result = await client.cancel("desk-0", "UM", algo_id=order["algo_id"], timeout=60)
+        result = await client.cancel(
+            "desk-0", "UM", symbol="BTCUSDT", algo_id=order["algo_id"], timeout=60
+        )
     assert isinstance(result, StrategyCanceled), result
     assert result.strategy.algo_id == order["algo_id"]
     assert sim.orders()[order["algo_id"]]["status"] == "CANCELED"

@@ -3,8 +3,9 @@
 * :class:`CommandProducer` builds commands from typed arguments, checks them against the
   command schema before they leave (a bad command raises :class:`InvalidCommandError` here,
   not a ``cancel.failed`` later), keys them ``account:symbol`` (so that a kill switch is
-  ordered with the single cancels of its symbol) and publishes with an idempotent producer.
-  It returns the command id.
+  ordered with the single cancels of its symbol: every command carries its symbol, algo
+  cancels too, where the exchange does not need it) and publishes with an idempotent
+  producer. It returns the command id.
 * :class:`ResultConsumer` is an async iterator of typed results (:class:`StrategyCanceled`,
   :class:`StrategiesCanceled`, :class:`CancelFailed`, :class:`CancelDuplicate`), read
   ``read_committed`` so that an exactly-once worker's aborted writes are never seen.
@@ -16,16 +17,19 @@
   topic).
 
 Results are parsed against the result schema; one that does not match it raises
-:class:`ResultError` from :func:`parse_result` and is skipped (and logged) by the readers.
+:class:`ResultError` from :func:`parse_result` and is skipped (and logged) by
+:class:`ResultConsumer`'s iterator. A record the client cannot read that carries the command
+id a :class:`CancelClient` call is waiting for fails that call at once with
+:class:`ResultUnreadableError` (the record and why it is unreadable), never with a timeout.
 Money stays a decimal string.
 
 Extra keyword arguments of all three go to aiokafka (TLS, SASL, client id). Each also has
 ``from_settings(settings)``: the worker's cluster, topics and TLS/SASL options
 (``worker.kafka_io.security_options``) from the same ``CANCEL_WORKER_*`` settings.
 
-Example (a risk engine)::
+Example (a risk engine; README "Client library" has one that runs as pasted)::
 
-    async with CancelClient("kafka:9092") as client:
+    async with CancelClient("127.0.0.1:9092") as client:
         result = await client.cancel_all("desk-a", "UM", "BTCUSDT", timeout=5)
         if isinstance(result, StrategiesCanceled):
             print([s.strategy.algo_id or s.strategy.strategy_id for s in result.strategies])
@@ -44,9 +48,11 @@ from typing import Any, Literal, Self
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import RecordMetadata
+from jsonschema.exceptions import best_match
 
 from worker.commands import InvalidCommand, decode
-from worker.contracts import RESULT_SCHEMA, fast_check
+from worker.contracts import RESULT_SCHEMA, fast_check, result_validator
 from worker.kafka_io import security_options
 from worker.settings import Settings
 from worker.timeutil import now_ms
@@ -70,6 +76,23 @@ class InvalidCommandError(ClientError, ValueError):
 
 class ResultError(ClientError, ValueError):
     """A record on the results topic that is not a result event of the schema."""
+
+
+class ResultUnreadableError(ResultError):
+    """A record on the results topic that names a command id but is not a result event this
+    client can read (it fails the result schema, or its type is unknown).
+
+    A :class:`CancelClient` call waiting for ``command_id`` gets this error as soon as the
+    record is read, not a :class:`CancelTimeoutError`: the worker answered, and the answer
+    is here, in ``event`` (the parsed JSON object) and ``raw`` (the record value), with
+    ``problem`` saying what is wrong with it."""
+
+    def __init__(self, command_id: str | None, raw: bytes, event: Any, problem: str) -> None:
+        super().__init__(f"result for command {command_id} is unreadable: {problem}")
+        self.command_id = command_id
+        self.raw = raw
+        self.event = event
+        self.problem = problem
 
 
 class CancelTimeoutError(ClientError, TimeoutError):
@@ -215,17 +238,36 @@ def _routes(items: list[dict[str, Any]]) -> tuple[RouteResult, ...]:
     )
 
 
+_KINDS = ("strategy.canceled", "strategies.canceled", "cancel.failed", "cancel.duplicate")
+
+
+def _problem(event: Any) -> str:
+    """What is wrong with an event the compiled check refused, briefly."""
+    if isinstance(event, dict) and event.get("type") not in _KINDS:
+        return f"unknown result type {str(event.get('type'))[:60]!r}"
+    error = best_match(result_validator().iter_errors(event))
+    if error is None:
+        return "refused by the compiled schema check"
+    where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+    return f"{where}: {error.message[:200]}"
+
+
 def parse_result(raw: bytes | None) -> Result:
     """A typed result from a results-topic record value; :class:`ResultError` if it is not
-    one (the schema is the contract)."""
+    one (the schema is the contract), :class:`ResultUnreadableError` when the record is a
+    JSON object naming a ``command_id`` (a call waiting for that id learns why)."""
     if raw is None:
         raise ResultError("empty record")
     try:
         event: Any = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise ResultError(f"not JSON: {exc}") from exc
-    if not _is_result(event):
-        raise ResultError(f"not a result event of the schema: {raw[:200]!r}")
+    if not _is_result(event) or event.get("type") not in _KINDS:
+        problem = _problem(event)
+        command_id = event.get("command_id") if isinstance(event, dict) else None
+        if isinstance(command_id, str):
+            raise ResultUnreadableError(command_id, raw, event, problem)
+        raise ResultError(f"not a result event of the schema ({problem}): {raw[:200]!r}")
     common = {
         "command_id": event["command_id"],
         "account": event["account"],
@@ -308,17 +350,26 @@ def build_command(
 
 
 def checked_command(command: Mapping[str, Any]) -> bytes:
-    """The command as bytes, or :class:`InvalidCommandError` with the worker's own reason."""
+    """The command as bytes, or :class:`InvalidCommandError` with the worker's own reason.
+    Beyond the worker's rules, the client asks for ``symbol`` on every command (algo cancels
+    included, where the exchange does not use it): commands are keyed ``account:symbol``."""
     value = orjson.dumps(command)
     decoded = decode(value)
     if isinstance(decoded, InvalidCommand):
         raise InvalidCommandError(decoded.detail)
+    if decoded.symbol is None:
+        raise InvalidCommandError(
+            "symbol: required by the client on every command, algo cancels too (the "
+            "exchange ignores it there): commands are keyed account:symbol, so that a "
+            "kill switch is ordered with the single cancels of its symbol"
+        )
     return value
 
 
 def key_of(command: Mapping[str, Any]) -> bytes:
-    """``account:symbol`` (``account:market`` for an algo cancel without a symbol)."""
-    return f"{command['account']}:{command.get('symbol') or command['market']}".encode()
+    """``account:symbol``: a kill switch and the single cancels of its symbol share a key,
+    so a partition, so an order."""
+    return f"{command['account']}:{command['symbol']}".encode()
 
 
 class CommandProducer:
@@ -371,16 +422,20 @@ class CommandProducer:
 
     async def publish(self, command: Mapping[str, Any]) -> str:
         """Publish a command dict (checked first); returns its command id."""
-        value = checked_command(command)
-        await self._producer.send_and_wait(self.topic, value, key=key_of(command))
+        await self.publish_record(command)
         return str(command["command_id"])
+
+    async def publish_record(self, command: Mapping[str, Any]) -> RecordMetadata:
+        """Publish a command dict (checked first); returns where it was written."""
+        value = checked_command(command)
+        return await self._producer.send_and_wait(self.topic, value, key=key_of(command))
 
     async def cancel(
         self,
         account: str,
         market: Market,
         *,
-        symbol: str | None = None,
+        symbol: str,
         strategy_id: int | None = None,
         client_strategy_id: str | None = None,
         algo_id: int | None = None,
@@ -389,7 +444,8 @@ class CommandProducer:
         expires_in_ms: int | None = None,
         reason: str | None = None,
     ) -> str:
-        """Cancel one order (exactly one identifier; ``symbol`` for conditional ones)."""
+        """Cancel one order (exactly one identifier). ``symbol`` is the order's symbol, algo
+        orders' too: it keys the command (the algo route does not send it)."""
         return await self.publish(
             build_command(
                 account,
@@ -525,6 +581,14 @@ class ResultConsumer:
         return self._results()
 
     async def _results(self) -> AsyncIterator[Result]:
+        async for item in self.records():
+            if not isinstance(item, ResultError):
+                yield item
+
+    async def records(self) -> AsyncIterator[Result | ResultError]:
+        """Every record as it comes: a typed result, or the :class:`ResultError` (a
+        :class:`ResultUnreadableError` when it names a command id) that says why it is not
+        one. Unreadable records are counted in ``skipped`` and logged here."""
         while True:
             batches = await self._consumer.getmany(timeout_ms=500)
             for records in batches.values():
@@ -540,6 +604,7 @@ class ResultConsumer:
                             record.offset,
                             exc,
                         )
+                        yield exc
 
 
 class CancelClient:
@@ -609,10 +674,16 @@ class CancelClient:
 
     async def _read(self) -> None:
         try:
-            async for result in self._results:
-                future = self._waiting.get(result.command_id or "")
-                if future is not None and not future.done():
-                    future.set_result(result)
+            async for item in self._results.records():
+                if isinstance(item, ResultError) and not isinstance(item, ResultUnreadableError):
+                    continue  # names no command: nobody waits for it
+                future = self._waiting.get(item.command_id or "")
+                if future is None or future.done():
+                    continue
+                if isinstance(item, ResultUnreadableError):
+                    future.set_exception(item)
+                else:
+                    future.set_result(item)
         except Exception as exc:  # the reader died: every waiting call learns why
             log.exception("results reader stopped")
             for future in self._waiting.values():
@@ -643,7 +714,7 @@ class CancelClient:
         market: Market,
         *,
         timeout: float,  # noqa: ASYNC109 - the reply's deadline is the API
-        symbol: str | None = None,
+        symbol: str,
         strategy_id: int | None = None,
         client_strategy_id: str | None = None,
         algo_id: int | None = None,
@@ -652,7 +723,9 @@ class CancelClient:
         expires_in_ms: int | None = None,
         reason: str | None = None,
     ) -> Result:
-        """Cancel one order and wait up to ``timeout`` seconds for the result."""
+        """Cancel one order and wait up to ``timeout`` seconds for the result. ``symbol``
+        is the order's symbol, algo orders' too: it keys the command, so that the cancel is
+        ordered with a kill switch on that symbol (the algo route does not send it)."""
         return await self.request(
             build_command(
                 account,

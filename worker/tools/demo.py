@@ -143,7 +143,10 @@ def build_batch(seeded: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] 
                 client_strategy_id=cm["client_strategy_id"],
             ),
         ),
-        ("UM algo, RSA", cmd("demo-algo-1", "desk-c", market="UM", algo_id=algo["algo_id"])),
+        (
+            "UM algo, RSA",
+            cmd("demo-algo-1", "desk-c", market="UM", symbol="ETHUSDT", algo_id=algo["algo_id"]),
+        ),
         (
             "UM trailing stop",
             cmd(
@@ -154,8 +157,11 @@ def build_batch(seeded: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] 
                 strategy_id=trail["strategy_id"],
             ),
         ),
-        ("unknown order", cmd("demo-gone-1", "desk-c", market="UM", algo_id=123456789)),
-        ("unknown account", cmd("demo-acct-1", "desk-z", market="UM", algo_id=1)),
+        (
+            "unknown order",
+            cmd("demo-gone-1", "desk-c", market="UM", symbol="ETHUSDT", algo_id=123456789),
+        ),
+        ("unknown account", cmd("demo-acct-1", "desk-z", market="UM", symbol="BTCUSDT", algo_id=1)),
         (
             "already expired",
             cmd(
