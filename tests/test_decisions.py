@@ -64,10 +64,22 @@ def test_should_retry(name: str, error: PapiError, retry: bool) -> None:
     assert should_retry(error) is retry
 
 
-def test_a_request_that_never_left_is_retried_until_the_deadline_not_a_count() -> None:
-    assert not retries_spent(NotSentError("refused"), sent_attempts=99, max_attempts=4)
-    assert retries_spent(ExchangeError(429, None, None), sent_attempts=4, max_attempts=4)
-    assert not retries_spent(ExchangeError(429, None, None), sent_attempts=3, max_attempts=4)
+def test_what_did_not_execute_is_retried_until_the_deadline_not_a_count() -> None:
+    """Only requests that may have landed are counted; "not executed" answers and requests
+    that never left are bounded by the deadline alone."""
+    not_executed = [
+        NotSentError("refused"),
+        ExchangeError(503, None, "Service Unavailable."),
+        ExchangeError(429, -1003, "Too many requests"),
+        ExchangeError(418, -1003, "banned"),
+        ExchangeError(400, -1008, "overloaded"),
+    ]
+    for error in not_executed:
+        assert error.retryable, error
+        assert not retries_spent(error, maybe_landed=99, max_attempts=4), error
+    ambiguous = NoAnswerError("read timeout")
+    assert retries_spent(ambiguous, maybe_landed=4, max_attempts=4)
+    assert not retries_spent(ambiguous, maybe_landed=3, max_attempts=4)
 
 
 # -- after the cancel's last error ------------------------------------------------------------

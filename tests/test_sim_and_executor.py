@@ -241,6 +241,20 @@ async def test_ambiguous_answer_is_settled_by_query(rig: Rig) -> None:
     assert sum(c.order_id == not_applied["strategy_id"] for c in rig.state.book.cancels) == 1
 
 
+async def test_cancels_that_may_have_landed_are_capped_by_max_attempts(rig: Rig) -> None:
+    """Each ambiguous answer (not applied: the order is still NEW when queried) is reconciled
+    and the cancel sent again, but no more than max_attempts (3) such cancels go out."""
+    order = rig.seed(market="CM", symbol="BTCUSD_PERP")
+    rig.state.faults.extend(Fault(502, None, "Bad Gateway", method="DELETE") for _ in range(10))
+    out = await rig.executor.execute(
+        cmd(market=Market.CM, symbol="BTCUSD_PERP", strategy_id=order["strategy_id"]), now_ms()
+    )
+    assert out.reason is FailureReason.OUTCOME_UNKNOWN
+    deletes = [r for r in rig.cancel_log() if r["path"] == "/papi/v1/cm/conditional/order"]
+    assert len(deletes) == 3
+    assert not rig.state.book.cancels
+
+
 async def test_gone_orders_report_their_real_status(rig: Rig) -> None:
     triggered = rig.seed(market="UM", symbol="BTCUSDT", status="TRIGGERED")
     out = await rig.executor.execute(
@@ -388,10 +402,27 @@ async def test_terminal_and_retryable_answers(rig: Rig) -> None:
     auth = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
     assert auth.reason is FailureReason.AUTH and auth.attempts == 1
 
-    for _ in range(3):
+    # "Not executed" answers are retried past max_attempts (3 here): only the deadline stops them.
+    for _ in range(6):
         rig.state.faults.append(Fault(503, None, "Service Unavailable.", body="json"))
     busy = await rig.executor.execute(cmd(algo_id=order["algo_id"]), now_ms())
-    assert busy.reason is FailureReason.EXCHANGE_UNAVAILABLE and busy.attempts == 3
+    assert busy.canceled and busy.attempts == 7
+    assert [c.order_id for c in rig.state.book.cancels] == [order["algo_id"]]
+
+
+async def test_not_executed_answers_until_the_deadline_fail_at_the_deadline(rig: Rig) -> None:
+    order = rig.seed(kind="algo")
+    rig.state.faults.extend(
+        Fault(503, None, "Service Unavailable.", body="json") for _ in range(10_000)
+    )
+    started = now_ms()
+    busy = await rig.executor.execute(
+        cmd(algo_id=order["algo_id"], expires_at=now_ms() + 800), now_ms()
+    )
+    took = now_ms() - started
+    assert busy.reason is FailureReason.EXCHANGE_UNAVAILABLE
+    assert busy.attempts > 3  # more than max_attempts: the deadline stopped it
+    assert took >= 600  # kept going for most of the 800 ms (backoff at most 50 ms here)
     assert not rig.state.book.cancels
 
 

@@ -158,15 +158,21 @@ def should_ask_again(error: BaseException) -> bool:
     return isinstance(error, PapiError) and error.disposition is not Disposition.TERMINAL
 
 
-def retries_spent(error: BaseException | None, sent_attempts: int, max_attempts: int) -> bool:
+def retries_spent(error: BaseException | None, maybe_landed: int, max_attempts: int) -> bool:
     """Whether the retry budget is spent (the deadline is checked apart).
 
-    A request that never left is safe to repeat and costs the exchange nothing, so it is
-    tried again until the deadline whatever the count; others stop after ``max_attempts``.
+    What a retry may repeat is a cancel that did not execute: a request that never left, and
+    an answer that says "not executed" (the taxonomy's retryable rows: 429, 418, the two
+    "not executed" 503 messages, -1003, -1008, -1000, -1001...). Repeating those is safe
+    whatever the count, so they are tried again until the deadline: a risk engine sets a
+    deadline, not a number of tries, and an exchange incident shorter than it costs latency,
+    not cancels. The count that stays is of requests that *may have landed* (``maybe_landed``:
+    ambiguous answers, each reconciled by query before another cancel is sent): after
+    ``max_attempts`` of those, no further cancel is sent.
     """
-    if isinstance(error, NotSentError) and error.retryable:  # never left, and may go again
+    if isinstance(error, PapiError) and error.retryable:
         return False
-    return sent_attempts >= max_attempts
+    return maybe_landed >= max_attempts
 
 
 def is_resync(error: PapiError, already_resynced: bool) -> bool:

@@ -3,10 +3,13 @@
 This module only orchestrates; what each answer, error and order status means is decided in
 :mod:`worker.decisions` (pure, with the contract in its docstring).
 
-* a cancel is sent with retry and backoff (fresh timestamp and signature each time) while
-  :func:`~worker.decisions.should_retry` says so, until ``max_attempts`` requests have
-  reached the exchange — or, for a request that never left, until the deadline — or until
-  the next attempt would start past the deadline;
+* a cancel is sent with retry and capped exponential backoff with jitter (fresh timestamp
+  and signature each time) while :func:`~worker.decisions.should_retry` says so (the answer
+  said "not executed", or the request never left), until the next attempt would start past
+  the command's deadline: the deadline bounds the retries, not a count
+  (:func:`~worker.decisions.retries_spent`);
+* ``max_attempts`` caps the cancels that *may have landed* (ambiguous answers): each is
+  reconciled by query first, and after that many no further cancel is sent;
 * a -1021 re-syncs the clock and re-signs once, within the attempt;
 * an ambiguous answer or an "order gone" -2011/-2013 leads to a status query (conditional
   ``openOrder`` then ``orderHistory``; algo ``algoOrder``), retried until the reconcile
@@ -27,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
@@ -65,16 +68,28 @@ class RetryPolicy:
 
     def backoff(self) -> wait_base:
         """The wait between retries after the first (exponential, capped, with jitter)."""
-        return wait_exponential_jitter(
-            multiplier=self.backoff_initial_s * 2,
-            max=self.backoff_max_s,
-            jitter=self.backoff_initial_s,
-        )
+        return _EqualJitter(self.backoff_initial_s, self.backoff_max_s)
 
     def first_backoff_s(self) -> float:
         """The wait before the first retry."""
         jitter = random.uniform(0, self.backoff_initial_s)  # noqa: S311 - spreading, not secrets
         return min(self.backoff_initial_s + jitter, self.backoff_max_s)
+
+
+class _EqualJitter(wait_base):
+    """Capped exponential backoff with "equal jitter": the n-th retry waits between half and
+    all of ``min(cap, 2 * initial * 2**(n-1))``. The jitter scales with the wait, so the
+    cancels that met the same incident do not come back together at the cap (a jitter added
+    before the cap, as tenacity's ``wait_exponential_jitter`` does, vanishes there)."""
+
+    def __init__(self, initial_s: float, cap_s: float) -> None:
+        self._initial_s = initial_s
+        self._cap_s = cap_s
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        exponent = min(retry_state.attempt_number, 60)
+        ceiling = min(self._cap_s, self._initial_s * 2.0**exponent)
+        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - spreading, not secrets
 
 
 class _StopRetrying(stop_base):
@@ -98,7 +113,7 @@ class _StopRetrying(stop_base):
             return True
         if self._max_attempts is None:
             return False
-        return decisions.retries_spent(error, self._job.attempts, self._max_attempts)
+        return decisions.retries_spent(error, self._job.landed_maybe, self._max_attempts)
 
 
 def _log_retry(job: Job) -> Callable[[BaseException | None, int, float], None]:
@@ -192,6 +207,8 @@ class CancelExecutor:
                 decided = await self._reconcile(job, exc)
                 if isinstance(decided, Outcome):
                     return decided
+                if job.landed_maybe >= self._policy.max_attempts:
+                    break  # as many cancels as may land unanswered have been sent
                 log.info(
                     "command_id=%s: order still open after %s; canceling again",
                     command.command_id,
@@ -264,6 +281,7 @@ class CancelExecutor:
             job.last_error = exc
             if is_order and exc.ambiguous:
                 job.maybe_landed = True
+                job.landed_maybe += 1
             metrics.HTTP_REQUESTS.labels(request.route.value, exc.disposition.value).inc()
             raise
         job.attempts += 1

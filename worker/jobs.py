@@ -26,6 +26,7 @@ class Job:
     resynced: bool = False
     last_error: PapiError | None = None
     maybe_landed: bool = False  # a cancel of this execution got an ambiguous answer
+    landed_maybe: int = 0  # cancels of this execution that got an ambiguous answer
 
     @property
     def expires_at(self) -> int | None:

@@ -101,6 +101,13 @@ class SimConfig:
     # the request was handled and logged, so the log's ``at`` is still its arrival. Adds to a
     # profile's random latency.
     fixed_latency_ms: int = 0
+    # An exchange incident: until this server time (ms), every signed PAPI request is
+    # answered 503 "Service Unavailable." (JSON msg: not executed). ``POST /_sim/config``
+    # also takes ``unavailable_for_ms`` (from now) and sets this from it.
+    unavailable_until_ms: int = 0
+
+
+UNAVAILABLE = Fault(503, None, "Service Unavailable.", body="json", kind="answer")
 
 
 @dataclass
@@ -567,7 +574,9 @@ async def _handle_signed(
     # Only an authenticated request counts toward the account's orders.
     if order_route:
         _count_order(state, creds.alias, headers)
-    fault = state.faults.popleft() if state.faults else drawn
+    fault = _scripted(state.faults, request.method) or drawn
+    if state.server_time() < state.config.unavailable_until_ms:
+        fault = UNAVAILABLE
     if fault is None:
         response = handler(state, creds, signed.params)
         response.headers.update(headers)
@@ -588,6 +597,15 @@ async def _handle_signed(
         state.log(entry)
         await asyncio.sleep(hold_ms / 1000)
     return fault_response(fault, headers)
+
+
+def _scripted(faults: deque[Fault], method: str) -> Fault | None:
+    """The first queued fault for a request of ``method`` (taken off the queue), if any."""
+    for i, fault in enumerate(faults):
+        if fault.method is None or fault.method == method:
+            del faults[i]
+            return fault
+    return None
 
 
 async def fixed_latency(config: SimConfig) -> None:
@@ -822,6 +840,9 @@ def control_routes(state: SimState) -> list[Route]:
         if request.method == "POST":
             try:
                 changes = orjson.loads(await request.body())
+                if "unavailable_for_ms" in changes:
+                    for_ms = int(changes.pop("unavailable_for_ms"))
+                    changes["unavailable_until_ms"] = state.server_time() + max(for_ms, 0)
                 for name, value in changes.items():
                     if not hasattr(state.config, name):
                         return _json({"error": f"unknown setting {name}"}, 400)

@@ -40,6 +40,9 @@ class Fault:
     # message as text (a gateway's page); "json" is JSON with the message (and the code when
     # set), as the exchange's own 503s carry it; "empty" is no body at all.
     body: str = "auto"
+    # Scripted faults only: the method of the requests this one is for (None: any). A queued
+    # fault for DELETE lets status queries (GET) pass untouched.
+    method: str | None = None
 
 
 @dataclass(frozen=True)
