@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 from tests.secure_broker import FORMAT_ARGS, PASSWORD, USER, SecureBroker, secure_listener
-from tests.support import SimControl, write_accounts
+from tests.support import SimControl, result_schema_error, write_accounts
+from worker import events
 from worker.accounts import Credentials, load_accounts
 from worker.tools.devstack import Broker, Process, free_port, start_broker, start_sim
 
@@ -31,6 +34,65 @@ def collect_garbage_after_each_test() -> Iterator[None]:
     later test the collector happens to run in."""
     yield
     gc.collect()
+
+
+EVENT_BUILDERS = ("canceled", "strategies_canceled", "failed", "duplicate")
+
+
+class ResultEventCheck:
+    """What the schema check of the events built during one test found."""
+
+    def __init__(self) -> None:
+        self.checked = 0
+        self.violations: list[str] = []
+
+    def check(self, event: object, where: str) -> None:
+        self.checked += 1
+        problem = result_schema_error(event)
+        if problem is not None:
+            message = f"{where}: the event violates the result schema: {problem}"
+            self.violations.append(f"{message}: {event!r}")
+            raise AssertionError(message)
+
+
+@pytest.fixture(autouse=True)
+def result_events() -> Iterator[ResultEventCheck]:
+    """Every result event built in this process during a test is checked against
+    ``schemas/result-event.schema.json``: each builder of :mod:`worker.events` as it returns,
+    and :func:`worker.events.serialize` (the one place results become bytes) as it is
+    called. An invalid event raises where it is built and fails the test at teardown too,
+    even if the code that built it swallowed the error. (Results written by worker
+    processes are checked where the tests read them: see tests/support.py.)"""
+    check = ResultEventCheck()
+    originals: dict[str, Callable[..., Any]] = {}
+
+    def checked_builder(name: str, build: Callable[..., dict[str, Any]]) -> Callable[..., Any]:
+        @functools.wraps(build)
+        def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            event = build(*args, **kwargs)
+            check.check(event, f"worker.events.{name}")
+            return event
+
+        return wrapper
+
+    serialize = events.serialize
+
+    def checked_serialize(event: dict[str, Any]) -> bytes:
+        check.check(event, "worker.events.serialize")
+        return serialize(event)
+
+    for name in EVENT_BUILDERS:
+        originals[name] = getattr(events, name)
+        setattr(events, name, checked_builder(name, originals[name]))
+    originals["serialize"] = serialize
+    events.serialize = checked_serialize
+    try:
+        yield check
+    finally:
+        for name, original in originals.items():
+            setattr(events, name, original)
+    if check.violations:
+        pytest.fail("\n".join(check.violations), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import os
 import subprocess
 import time
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema_rs
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from worker.app import Worker, load_worker_accounts
-from worker.contracts import result_validator
+from worker.contracts import RESULT_SCHEMA, load_schema, result_validator
 from worker.kafka_fencing import MemberSource
 from worker.kafka_io import MAX_RECORD_BYTES, TransactionalSink, ensure_topics, make_consumer
 from worker.pipeline import Partition
@@ -193,16 +195,81 @@ async def consume(
     return out
 
 
+# -- every result a test sees is checked against the schema ---------------------------------
+#
+# Events built in the test process are checked where they are built (tests/conftest.py wraps
+# worker.events); results written by worker processes are checked where the tests read them:
+# `consume` and `read_to_end` (every record the worker wrote) and `events_of` (every record).
+
+
+@functools.cache
+def _compiled_result_schema() -> Callable[[object], bool]:
+    return jsonschema_rs.validator_for(load_schema(RESULT_SCHEMA)).is_valid
+
+
+def _has_float(node: object) -> bool:
+    if isinstance(node, float):
+        return True
+    if isinstance(node, dict):
+        return any(_has_float(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_float(v) for v in node)
+    return False
+
+
+def result_schema_error(event: Any) -> str | None:
+    """Why ``event`` is not a valid result event, or None when it is.
+
+    The compiled validator answers first (a few microseconds, so that checking every event
+    of a busy in-process worker costs it nothing measurable); the full validator, which
+    reads integers strictly (the result schema has no other numbers, so any float is
+    checked by it), says what is wrong."""
+    if _compiled_result_schema()(event) and not _has_float(event):
+        return None
+    errors = sorted(result_validator().iter_errors(event), key=lambda e: list(e.absolute_path))
+    if not errors:
+        return None
+    # `oneOf` hides the branch's own error: name the deepest one.
+    worst = max(errors, key=lambda e: len(list(e.context or ())))
+    deepest = min(worst.context or [worst], key=lambda e: -len(list(e.absolute_path)))
+    where = "/".join(str(p) for p in deepest.absolute_path) or "(top)"
+    return f"{deepest.message} at {where}"
+
+
+def check_result_event(event: Any) -> None:
+    """Fail (AssertionError) unless ``event`` is valid against the result schema."""
+    problem = result_schema_error(event)
+    assert problem is None, f"result event violates {RESULT_SCHEMA}: {problem}: {event!r}"
+
+
+def written_by_the_worker(record: Any) -> bool:
+    """Whether a record on a results topic is a result the worker wrote (every one carries
+    a ``type`` header), or looks like one (a JSON object with a ``type`` or
+    ``schema_version``), rather than a test's own bytes (some transaction tests write
+    ``b"1"`` or ``b"zombie"`` to a results topic)."""
+    if any(name == "type" for name, _ in record.headers or ()):
+        return True
+    try:
+        value = orjson.loads(record.value)
+    except (orjson.JSONDecodeError, TypeError):
+        return False
+    return isinstance(value, dict) and ("type" in value or "schema_version" in value)
+
+
 def _check_results(records: Sequence[Any]) -> None:
-    validator = result_validator()
     for record in records:
-        event = orjson.loads(record.value)
-        errors = list(validator.iter_errors(event))
-        assert not errors, f"result violates the schema: {errors[0].message} in {event}"
+        check_result_event(orjson.loads(record.value))
+        types = [v for name, v in record.headers or () if name == "type"]
+        event_type = orjson.loads(record.value)["type"]
+        assert types == [event_type.encode()], f"type header {types} for a {event_type}"
 
 
-async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list[Any]:
-    """Every committed record of ``topic`` (read_committed), up to its end as of now."""
+async def read_to_end(
+    bootstrap: str, topic: str, timeout_s: float = 60.0, *, validate: bool = True
+) -> list[Any]:
+    """Every committed record of ``topic`` (read_committed), up to its end as of now; with
+    ``validate``, every record the worker wrote there (:func:`written_by_the_worker`) is
+    checked against the result schema."""
     consumer = AIOKafkaConsumer(  # no group: every partition of the topic is assigned
         topic,
         bootstrap_servers=bootstrap,
@@ -230,11 +297,18 @@ async def read_to_end(bootstrap: str, topic: str, timeout_s: float = 60.0) -> li
                 out.extend(records)
     finally:
         await consumer.stop()
+    if validate:
+        # In a thread, as in `consume`.
+        await asyncio.to_thread(_check_results, [r for r in out if written_by_the_worker(r)])
     return out
 
 
 def events_of(records: Sequence[Any]) -> list[dict[str, Any]]:
-    return [orjson.loads(r.value) for r in records]
+    """The result events of ``records``, each checked against the result schema."""
+    out = [orjson.loads(r.value) for r in records]
+    for event in out:
+        check_result_event(event)
+    return out
 
 
 def cancel_requests(sim: SimControl, since: int) -> list[dict[str, Any]]:

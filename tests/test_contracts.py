@@ -6,15 +6,19 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, NamedTuple, cast
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker import events, normalize
+from tests import support
+from tests.conftest import ResultEventCheck
+from tests.support import events_of, written_by_the_worker
+from worker import events, normalize, sweep
 from worker.commands import Command, InvalidCommand, Market, Scope, decode
 from worker.contracts import (
     COMMAND_SCHEMA,
@@ -26,11 +30,14 @@ from worker.contracts import (
     result_validator,
     schema_dir,
 )
+from worker.decisions import Outcome
 from worker.dedup import first_result_of
 from worker.errors import ExchangeReply, FailureReason
 from worker.events import Origin
+from worker.executor import CancelExecutor
+from worker.processor import CommandProcessor
 from worker.routes import Route
-from worker.sweep import RouteOutcome, RouteReport, SweepReport, Swept, parse_listing
+from worker.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept, parse_listing
 
 EXAMPLES = schema_dir() / "examples"
 
@@ -71,6 +78,34 @@ def test_invalid_result_examples(path: Path) -> None:
 
 ORIGIN = Origin("cmds", 0, 5, b"desk:BTCUSDT")
 CMD = Command("c1", "desk", Market.UM, 1, symbol="BTCUSDT", strategy_id=7, reason="r", source="s")
+KILL_SWITCH = Command(
+    "ks-1", "desk", Market.UM, 1, symbol="BTCUSDT", scope=Scope.SYMBOL, reason="flatten"
+)
+
+
+def _sweep_report() -> SweepReport:
+    canceled = parse_listing(
+        [{"algoId": 11, "algoStatus": "CANCELED", "quantity": "0.5", "updateTime": 3}],
+        Route.UM_ALGO,
+    )
+    still = parse_listing(
+        [{"strategyId": 12, "strategyStatus": "NEW", "origQty": "1"}], Route.UM_CONDITIONAL
+    )
+    assert canceled is not None and still is not None
+    return SweepReport(
+        (
+            RouteReport(Route.UM_ALGO, RouteOutcome.DONE, listed=1),
+            RouteReport(
+                Route.UM_CONDITIONAL,
+                RouteOutcome.FAILED,
+                listed=1,
+                reason=FailureReason.EXCHANGE_UNAVAILABLE,
+                detail="503",
+                exchange=ExchangeReply(503, None, "Service Unavailable."),
+            ),
+        ),
+        Swept(canceled=canceled, still_open=still),
+    )
 
 
 @pytest.mark.parametrize("route", list(Route))
@@ -157,18 +192,28 @@ def _final_results() -> list[dict[str, object]]:
         out.append(events.failed(CMD, ORIGIN, reason, "d", 1, 10, 11, order_status="FINISHED"))
     strategy = normalize.from_algo_cancel(CMD)
     out += [events.canceled(CMD, ORIGIN, route, strategy, 1, 10, 11) for route in Route]
+    # A kill switch's: its sweep, and its failure (no cancel-all that may have applied).
+    out.append(events.strategies_canceled(KILL_SWITCH, ORIGIN, _sweep_report(), 3, 10, 11))
+    out.append(
+        events.failed(
+            KILL_SWITCH, ORIGIN, FailureReason.AUTH, "d", 1, 10, 11, sweep=_sweep_report()
+        )
+    )
     return out
 
 
 @pytest.mark.parametrize(
-    "first", _final_results(), ids=lambda e: f"{e['type']}-{e.get('reason') or e['route']}"
+    "first",
+    _final_results(),
+    ids=lambda e: f"{e['type']}-{e.get('reason') or e.get('route') or e['command_id']}",
 )
 def test_duplicate_events_carry_any_first_result_the_code_builds(first: dict[str, object]) -> None:
     """Every final result the code builds counts for the window, and the duplicate event
-    built from it matches the schema."""
+    built from it (for a repeat of the same command) matches the schema."""
     found = first_result_of(first)
-    assert found is not None and found[0] == "c1"
-    event = events.duplicate(CMD, Origin("cmds", 1, 9, None), found[1].as_dict(), 20, 21)
+    command = KILL_SWITCH if first["command_id"] == KILL_SWITCH.command_id else CMD
+    assert found is not None and found[0] == command.command_id
+    event = events.duplicate(command, Origin("cmds", 1, 9, None), found[1].as_dict(), 20, 21)
     result_validator().validate(event)
     assert event["first_result"]["origin"] == {"topic": "cmds", "partition": 0, "offset": 5}
     assert (event["first_result"]["type"], event["first_result"]["reason"]) == (
@@ -394,36 +439,6 @@ def test_a_command_id_with_a_newline_is_not_salvaged_into_the_event() -> None:
     result_validator().validate(event)
 
 
-KILL_SWITCH = Command(
-    "ks-1", "desk", Market.UM, 1, symbol="BTCUSDT", scope=Scope.SYMBOL, reason="flatten"
-)
-
-
-def _sweep_report() -> SweepReport:
-    canceled = parse_listing(
-        [{"algoId": 11, "algoStatus": "CANCELED", "quantity": "0.5", "updateTime": 3}],
-        Route.UM_ALGO,
-    )
-    still = parse_listing(
-        [{"strategyId": 12, "strategyStatus": "NEW", "origQty": "1"}], Route.UM_CONDITIONAL
-    )
-    assert canceled is not None and still is not None
-    return SweepReport(
-        (
-            RouteReport(Route.UM_ALGO, RouteOutcome.DONE, listed=1),
-            RouteReport(
-                Route.UM_CONDITIONAL,
-                RouteOutcome.FAILED,
-                listed=1,
-                reason=FailureReason.EXCHANGE_UNAVAILABLE,
-                detail="503",
-                exchange=ExchangeReply(503, None, "Service Unavailable."),
-            ),
-        ),
-        Swept(canceled=canceled, still_open=still),
-    )
-
-
 def test_kill_switch_events_from_the_code_match_the_schema() -> None:
     report = _sweep_report()
     event = events.strategies_canceled(KILL_SWITCH, ORIGIN, report, 3, 10, 11)
@@ -437,3 +452,245 @@ def test_kill_switch_events_from_the_code_match_the_schema() -> None:
     # A kill switch's result is never one order's: no top-level route or strategy.
     bad = {**event, "strategy": event["strategies"][0]["strategy"]}
     assert not result_validator().is_valid(bad)
+
+
+# --- every event the code builds, in every test, is checked ---------------------------------
+
+
+def test_the_suite_checks_every_event_a_builder_returns(result_events: ResultEventCheck) -> None:
+    """The autouse hook (tests/conftest.py) fails a test that builds an invalid event, here a
+    duplicate whose failed first result has a null reason where the schema wants a string."""
+    first = {
+        "type": "cancel.failed",
+        "reason": None,
+        "route": None,
+        "order_status": None,
+        "origin": {"topic": "cmds", "partition": 0, "offset": 5},
+        "completed_at": 10,
+    }
+    before = result_events.checked
+    with pytest.raises(AssertionError, match=r"worker\.events\.duplicate: the event violates"):
+        events.duplicate(CMD, ORIGIN, first, 20, 21)
+    assert result_events.checked == before + 1
+    (violation,) = result_events.violations
+    assert "None is not of type 'string'" in violation and "first_result/reason" in violation
+    # The processor's path to bytes is checked too, even for a dict no builder made.
+    with pytest.raises(AssertionError, match=r"worker\.events\.serialize: the event violates"):
+        events.serialize({**events.canceled(CMD, ORIGIN, Route.UM_ALGO, _algo(), 1, 1, 2), "x": 1})
+    assert len(result_events.violations) == 2
+    result_events.violations.clear()  # seen: this test must not fail at teardown
+    # A valid event passes, and is counted.
+    events.serialize(events.canceled(CMD, ORIGIN, Route.UM_ALGO, _algo(), 1, 1, 2))
+    assert result_events.checked == before + 5 and not result_events.violations
+
+
+def _algo() -> dict[str, Any]:
+    return normalize.from_algo_cancel(Command("c2", "desk", Market.UM, 1, algo_id=9))
+
+
+class _Record(NamedTuple):
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+def test_results_read_from_kafka_are_checked() -> None:
+    """What tests read from a results topic (tests/support.py) is checked: a worker's
+    record (with its `type` header) that violates the schema fails, a test's own bytes on a
+    results topic are not taken for a result."""
+    good = events.canceled(CMD, ORIGIN, Route.UM_ALGO, _algo(), 1, 1, 2)
+    bad = {**good, "strategy": {**good["strategy"], "status": None}}
+    record = _Record(orjson.dumps(bad), [("type", b"strategy.canceled")])
+    assert written_by_the_worker(record)
+    with pytest.raises(AssertionError, match="strategy/status"):
+        support._check_results([record])
+    with pytest.raises(AssertionError, match="violates"):
+        events_of([record])
+    headerless = _Record(orjson.dumps(bad), [])
+    assert written_by_the_worker(headerless)  # it looks like a result: it is checked
+    with pytest.raises(AssertionError, match="type header"):
+        support._check_results([_Record(orjson.dumps(good), [])])
+    assert not written_by_the_worker(_Record(b"zombie", []))
+    assert not written_by_the_worker(_Record(b'{"n": "dead"}', []))
+    support._check_results([_Record(orjson.dumps(good), [("type", b"strategy.canceled")])])
+    assert events_of([_Record(orjson.dumps(good), [])]) == [good]
+
+
+def test_a_float_where_an_integer_belongs_is_caught() -> None:
+    """The compiled validator takes 5.0 for an integer; the check does not."""
+    event = {**events.failed(CMD, ORIGIN, FailureReason.REJECTED, "d", 1, 10, 11), "attempts": 1.0}
+    assert support.result_schema_error(event) is not None
+    assert not result_validator().is_valid(event)
+
+
+# --- every Outcome the executor can hand the processor becomes a valid event ----------------
+
+_text = st.text(max_size=40)
+_maybe_text = st.none() | _text
+_STATUSES = load_schema(RESULT_SCHEMA)["$defs"]["order_status"]["enum"]
+_exchange = st.none() | st.builds(
+    ExchangeReply,
+    st.integers(100, 599),
+    st.none() | st.integers(-10_000, 10_000),
+    st.none() | st.text(max_size=2000),
+)
+# What an exchange may answer for an order (known fields, junk in them, or nothing).
+_junk = st.none() | st.booleans() | st.integers() | st.text(max_size=12) | st.floats()
+_decimal_text = st.from_regex(r"\A-?[0-9]{1,6}(\.[0-9]{1,4})?\Z")
+
+
+def _order_object(route: Route) -> st.SearchStrategy[dict[str, Any]]:
+    id_field, status_field = (
+        ("algoId", "algoStatus") if route is Route.UM_ALGO else ("strategyId", "strategyStatus")
+    )
+    return st.fixed_dictionaries(
+        {id_field: st.integers(1, 2**62)},
+        optional={
+            status_field: st.sampled_from(_STATUSES) | _junk,
+            "origQty": _decimal_text | _junk,
+            "quantity": _decimal_text | _junk,
+            "price": _decimal_text | _junk,
+            "stopPrice": _decimal_text | _junk,
+            "side": st.sampled_from(["BUY", "SELL"]) | _junk,
+            "positionSide": st.sampled_from(["BOTH", "LONG", "SHORT"]) | _junk,
+            "reduceOnly": _junk,
+            "bookTime": _junk,
+            "updateTime": _junk,
+            "timeInForce": _junk,
+            "selfTradePreventionMode": _junk,
+            "goodTillDate": _junk,
+            "newClientStrategyId": _junk,
+            "clientAlgoId": _junk,
+        },
+    )
+
+
+@st.composite
+def _listed(draw: st.DrawFn, routes: Sequence[Route]) -> Listed:
+    route = draw(st.sampled_from(list(routes)))
+    strategy = sweep.normalized(draw(_order_object(route)), route)
+    order_id = sweep.order_id_of(strategy, route)
+    assert order_id is not None
+    return Listed(route, order_id, strategy)
+
+
+@st.composite
+def _sweep(draw: st.DrawFn) -> SweepReport:
+    """A kill switch's report: one to three routes (never none: a market has routes), each
+    with any outcome, and listed orders sorted as classify() sorts them."""
+    routes = draw(st.lists(st.sampled_from(list(Route)), min_size=1, max_size=3, unique=True))
+    reports = tuple(
+        RouteReport(
+            route,
+            draw(st.none() | st.sampled_from(list(RouteOutcome))),
+            draw(st.integers(0, 50)),
+            draw(st.none() | st.sampled_from(list(FailureReason))),
+            draw(_text),
+            draw(_exchange),
+        )
+        for route in routes
+    )
+    listed = st.lists(_listed(routes), max_size=3)
+    first = draw(listed)
+    again = draw(st.lists(st.sampled_from(first))) if first else []
+    open_after = {x.key: x for x in again}
+    statuses = {
+        x.key: draw(st.none() | st.just(x.strategy) | _listed([x.route]).map(lambda y: y.strategy))
+        for x in sweep.to_ask(first, open_after)
+    }
+    return SweepReport(reports, sweep.classify(first, open_after, statuses))
+
+
+_SINGLE = [
+    CMD,
+    Command("a1", "desk", Market.UM, 1, algo_id=9, expires_at=5),
+    Command("c3", "desk", Market.CM, 1, symbol="BTCUSD_PERP", client_strategy_id="x"),
+]
+
+
+@st.composite
+def _outcomes(draw: st.DrawFn) -> tuple[Command, Outcome]:
+    kill_switch = draw(st.booleans())
+    command = KILL_SWITCH if kill_switch else draw(st.sampled_from(_SINGLE))
+    route = draw(st.none() | st.sampled_from(list(Route)))
+    strategy = None
+    if draw(st.booleans()) and route is not None:
+        if route is Route.UM_ALGO and draw(st.booleans()):
+            strategy = normalize.from_algo_cancel(command)
+        else:
+            strategy = sweep.normalized(draw(_order_object(route)), route)
+            # The executor reports a cancel only with the order's CANCELED status.
+            strategy["status"] = "CANCELED"
+    outcome = Outcome(
+        canceled=draw(st.booleans()),
+        attempts=draw(st.integers(0, 100)),
+        route=route,
+        strategy=strategy,
+        confirmed_by=draw(st.sampled_from(["cancel", "query"])),
+        reason=draw(st.none() | st.sampled_from(list(FailureReason))),
+        detail=draw(_text),
+        exchange=draw(_exchange),
+        order_status=draw(st.none() | st.sampled_from(_STATUSES)),
+        hint=draw(_maybe_text),
+        sweep=draw(st.none() | _sweep()) if kill_switch else None,
+    )
+    return command, outcome
+
+
+@settings(max_examples=300, deadline=None)
+@given(drawn=_outcomes())
+def test_every_outcome_becomes_a_valid_event_and_its_duplicate_too(
+    drawn: tuple[Command, Outcome],
+) -> None:
+    """Any Outcome the executor may hand over (any route, reason, exchange answer, order
+    status, kill-switch report) becomes a result event the schema accepts, by the
+    processor's own mapping; and a repeat of the command gets a valid `cancel.duplicate`.
+    The full validator and the compiled one agree on each."""
+    command, outcome = drawn
+    processor = CommandProcessor(
+        cast(CancelExecutor, None),  # not asked: _event only maps an outcome to an event
+        results_topic="res",
+        deadletter_topic="dlq",
+        max_command_bytes=65_536,
+        clock=lambda: 1_795_260_000_000,
+    )
+    event: dict[str, Any] = processor._event(command, ORIGIN, outcome, 1_795_259_999_000)
+    result_validator().validate(event)
+    assert support.result_schema_error(event) is None
+    found = first_result_of(event)
+    assert found is not None, event  # every final result counts for the window
+    duplicate = events.duplicate(command, Origin("cmds", 2, 99, b"k"), found[1].as_dict(), 1, 2)
+    result_validator().validate(duplicate)
+    assert duplicate["first_result"]["type"] == event["type"]
+    if event["type"] != events.FAILED:
+        assert duplicate["first_result"]["reason"] is None
+    else:
+        assert duplicate["first_result"]["reason"] == event["reason"]
+
+
+def test_the_compiled_check_agrees_with_the_full_validator_on_the_examples() -> None:
+    for path in sorted((EXAMPLES / "result").glob("*/*.json")):
+        event = orjson.loads(path.read_bytes())
+        assert (support.result_schema_error(event) is None) == result_validator().is_valid(event)
+        assert (path.parent.name == "valid") == result_validator().is_valid(event), path
+
+
+def test_a_kill_switch_listing_an_order_without_a_known_status_is_a_valid_event(
+    result_events: ResultEventCheck,
+) -> None:
+    """An order the listing showed with a status the worker does not know (or none), whose
+    status could not be learned after: it is `unknown`, as last reported, status null."""
+    listing = parse_listing(
+        [{"strategyId": 12, "strategyStatus": "SOMETHING_NEW"}], Route.UM_CONDITIONAL
+    )
+    assert listing is not None and listing[0].strategy["status"] is None
+    report = SweepReport(
+        (RouteReport(Route.UM_CONDITIONAL, RouteOutcome.UNCONFIRMED, listed=1),),
+        sweep.classify(listing, {}, {listing[0].key: None}),
+    )
+    event = events.strategies_canceled(KILL_SWITCH, ORIGIN, report, 2, 10, 11)
+    result_validator().validate(event)
+    assert event["unknown"][0]["strategy"]["status"] is None and event["complete"] is False
+    # A single cancel's result always names the status.
+    with pytest.raises(AssertionError, match="strategy/status"):
+        events.canceled(CMD, ORIGIN, Route.UM_CONDITIONAL, listing[0].strategy, 1, 10, 11)
+    result_events.violations.clear()

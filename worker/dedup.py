@@ -12,7 +12,8 @@ Contracts:
   ``cancel.duplicate`` is never stored. A result that does not have the shape of the schema
   (:func:`first_result_of`) is ignored.
 * **One entry per command id, the first result.** A later result for the same id does not
-  replace it, with two exceptions: a result read back from the results topic replaces one
+  replace it, with three exceptions: a re-driven command's result (its ``retry_of``,
+  :mod:`worker.redrive`) replaces the re-drivable failure it retries; a result read back from the results topic replaces one
   that was only recorded by this process and has not been read back yet (what is on the
   topic is what every member can see), and so does a new result for the same record (the
   record was answered again because its first answer may not have been made durable).
@@ -39,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
+from worker import redrive
 from worker.contracts import load_schema
 from worker.errors import FailureReason
 from worker.kafka_io import security_options
@@ -78,8 +80,13 @@ class RecordAt(NamedTuple):
 class FirstResult:
     """The outcome of the first final result for a command id.
 
-    ``reason`` is None for ``strategy.canceled``; ``order_status`` is the canceled order's
-    status there, and the ``order_status`` of a ``cancel.failed``."""
+    ``reason`` is the failure reason of a ``cancel.failed``, None for ``strategy.canceled``
+    and a kill switch's ``strategies.canceled`` (neither is a failure). ``route`` is the
+    order's route of a ``strategy.canceled`` (always set), None for ``strategies.canceled``
+    (a kill switch covers every route of its symbol). ``order_status`` is the canceled
+    order's status of a ``strategy.canceled``, the ``order_status`` of a ``cancel.failed``,
+    None for ``strategies.canceled``. The schema's ``first_result`` says the same, type by
+    type."""
 
     type: str
     reason: str | None
@@ -235,11 +242,21 @@ class SeenCommands:
         found = first_result_of(event)
         if found is None:
             return False
-        return self.put(found[0], found[1], on_topic=on_topic)
+        return self.put(
+            found[0], found[1], on_topic=on_topic, retries=redrive.retried_origin(event)
+        )
 
-    def put(self, command_id: str, first: FirstResult, *, on_topic: bool) -> bool:
+    def put(
+        self,
+        command_id: str,
+        first: FirstResult,
+        *,
+        on_topic: bool,
+        retries: tuple[str, int, int] | None = None,
+    ) -> bool:
         """Record ``first`` for ``command_id`` unless an entry it does not replace is there
-        (see the module docstring) or it is already out of the window. True when the
+        (see the module docstring) or it is already out of the window. ``retries``: where
+        the failure that ``first`` re-drives was read (its ``retry_of``). True when the
         window changed."""
         now = self.clock()
         if first.completed_at < now - self.window_ms:
@@ -247,7 +264,12 @@ class SeenCommands:
         old = self._entries.get(command_id)
         if old is not None:
             same_record = old[_ORIGIN] == first.origin
-            if old[_ON_TOPIC] or not (on_topic or same_record):
+            redriven = (
+                retries is not None
+                and old[_ORIGIN] == tuple(retries)
+                and redrive.may_redrive(old[0], old[1], redrive.REDRIVABLE)
+            )
+            if not redriven and (old[_ON_TOPIC] or not (on_topic or same_record)):
                 return False
         self._seq += 1
         entry = self._entries[command_id] = _pack(first, on_topic)

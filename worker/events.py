@@ -131,7 +131,8 @@ def duplicate(
 ) -> dict[str, Any]:
     """A command whose id already has a final result within the duplicate window: no request
     was sent (``attempts`` 0); ``first_result`` is that result's outcome
-    (:meth:`worker.dedup.FirstResult.as_dict`). ``origin`` is this record's."""
+    (:meth:`worker.dedup.FirstResult.as_dict`; a kill switch's has no reason, route or order
+    status). ``origin`` is this record's."""
     event = _common(DUPLICATE, command, origin, 0, received_at, completed_at)
     event["first_result"] = dict(first_result)
     return event
