@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 KAFKA_JARS := deploy/kafka/target/libs/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit bench bench-quick clean kafka-start kafka-stop
+.PHONY: setup demo test lint typecheck unit bench bench-quick clean kafka-start kafka-stop \
+	k8s-tools k8s-validate lock
 
 setup: $(STAMP) $(KAFKA_JARS)
 
@@ -19,6 +20,33 @@ $(STAMP): pyproject.toml
 
 $(KAFKA_JARS): deploy/kafka/pom.xml
 	deploy/kafka/kafka.sh fetch
+
+# The Kubernetes kit's validator (tests/k8s_validate.py): kustomize, built with Go from its
+# module at a pinned version into .venv/bin (about 40 s once, then cached), and the strict
+# Kubernetes JSON schemas that the kubernetes-validate package ships.
+KUSTOMIZE_VERSION := v5.8.1
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+K8S_TOOLS := $(VENV)/.k8s-tools-$(KUSTOMIZE_VERSION)-$(KUBERNETES_VALIDATE_VERSION)
+
+$(K8S_TOOLS): $(STAMP)
+	GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	$(BIN)/python -m pip install --quiet kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+	touch $@
+
+k8s-tools: $(K8S_TOOLS)
+
+# kustomize build of the base and each overlay, every object checked against its schema.
+k8s-validate: $(K8S_TOOLS)
+	$(BIN)/python -m tests.k8s_validate
+
+# The container's lock file (deploy/container/requirements.lock): every runtime dependency
+# of pyproject.toml resolved to one version with its hashes, for the image's Python 3.11.
+UV_VERSION := 0.13.8
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		--generate-hashes --annotation-style line --quiet \
+		--output-file deploy/container/requirements.lock
 
 demo: setup
 	$(BIN)/cancel-worker demo
@@ -33,7 +61,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
-test: setup lint typecheck
+test: setup $(K8S_TOOLS) lint typecheck
 	$(BIN)/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 # Starts its own broker and simulator; results in .bench/results.json. BENCH_ARGS passes

@@ -14,7 +14,13 @@
   worker's worst-case drain, computed from worker/app.py's close steps and the settings.
 - Scaling: one partition count everywhere (the CLI's default, the compose topics job, the
   KafkaTopics, KEDA's maxReplicaCount); KEDA watches the worker's own group and topic; the
-  selectors select the Deployment's pods; the replicas' weight budgets fit the exchange's.
+  selectors select the Deployment's pods; every pod may use the exchange's whole IP budget.
+- Kustomize: the base and each overlay render with the pinned kustomize and every object
+  passes a strict schema validation (tests/k8s_validate.py); the base creates no Secret and
+  needs no CRD; the example's Secret can never be the real one; production pins the image
+  by digest. The Kubernetes facts above are read from the rendered overlays.
+- Container: the base image is pinned by version and digest, and the Python dependencies
+  are installed from a lock file with hashes that covers every runtime dependency.
 - Metrics: every ``cancel_worker_*`` name in the dashboard's and the alerts' expressions is
   exported (read from prometheus_client's registry), every label matched or grouped by is
   one of that metric's, label values matched with ``=`` are ones the code produces, and
@@ -24,9 +30,13 @@
 from __future__ import annotations
 
 import ast
+import copy
+import functools
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -36,9 +46,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
+from tests import k8s_validate
 from worker import metrics
 from worker.accounts import load_accounts, parse_accounts
 from worker.cli import check
@@ -58,13 +71,18 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 CONTAINERFILE = DEPLOY / "container" / "Containerfile"
 K8S = DEPLOY / "k8s"
+LOCK = DEPLOY / "container" / "requirements.lock"
+BASE = K8S / "base"
+EXAMPLE = K8S / "overlays" / "example"
+PRODUCTION = K8S / "overlays" / "production"
 DASHBOARD = DEPLOY / "grafana" / "cancel-worker.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 KAFKA_POM = DEPLOY / "kafka" / "pom.xml"
 
 SETTING_NAMES = frozenset(env_name(f.name) for f in fields(Settings))
 ENV_TOKEN = re.compile(r"CANCEL_WORKER_[A-Z0-9_]+")
-SECRET_NAME = "cancel-worker-accounts"
+SECRET_NAME = "cancel-worker-accounts"  # the real credentials: no file here creates it
+EXAMPLE_SECRET_NAME = "cancel-worker-accounts-example"
 EVERYWHERE = "0.0.0.0"  # noqa: S104 - a container's metrics must be reachable from outside it
 
 
@@ -75,23 +93,30 @@ def _docs(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text("utf-8")) if d is not None]
 
 
-def _manifests() -> list[dict[str, Any]]:
-    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in _docs(path)]
+@functools.cache
+def _rendered(directory: Path) -> tuple[dict[str, Any], ...]:
+    """``kustomize build`` of one kustomization (base or overlay), read once per session."""
+    return tuple(k8s_validate.render(directory))
 
 
-def _k8s(kind: str, name: str = "cancel-worker") -> dict[str, Any]:
-    found = [d for d in _manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name!r} in deploy/k8s, found {len(found)}"
+def _manifests(overlay: Path = PRODUCTION) -> list[dict[str, Any]]:
+    """A rendered overlay's objects (copies: a test may change them)."""
+    return copy.deepcopy(list(_rendered(overlay)))
+
+
+def _k8s(kind: str, name: str = "cancel-worker", overlay: Path = PRODUCTION) -> dict[str, Any]:
+    found = [d for d in _manifests(overlay) if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name!r} in {overlay.name}, found {len(found)}"
     return found[0]
 
 
-def _pod_spec() -> dict[str, Any]:
-    spec: dict[str, Any] = _k8s("Deployment")["spec"]["template"]["spec"]
+def _pod_spec(overlay: Path = PRODUCTION) -> dict[str, Any]:
+    spec: dict[str, Any] = _k8s("Deployment", overlay=overlay)["spec"]["template"]["spec"]
     return spec
 
 
-def _worker_container() -> dict[str, Any]:
-    containers = _pod_spec()["containers"]
+def _worker_container(overlay: Path = PRODUCTION) -> dict[str, Any]:
+    containers = _pod_spec(overlay)["containers"]
     assert len(containers) == 1
     container: dict[str, Any] = containers[0]
     return container
@@ -308,10 +333,14 @@ def test_the_service_servicemonitor_and_annotations_scrape_the_metrics_port() ->
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["port"] == port["name"]
     assert endpoint["path"] == METRICS_PATH
-    annotations = _k8s("Deployment")["spec"]["template"]["metadata"]["annotations"]
+    # Without the Prometheus Operator (the example), the pods carry scrape annotations...
+    annotations = _k8s("Deployment", overlay=EXAMPLE)["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(DEPLOY_PORT)
     assert annotations["prometheus.io/path"] == METRICS_PATH
+    # ... and with its ServiceMonitor (production) they do not: never scraped twice.
+    template = _k8s("Deployment")["spec"]["template"]["metadata"]
+    assert not any(k.startswith("prometheus.io/") for k in template.get("annotations") or {})
 
 
 def test_the_service_links_kubernetes_would_inject_are_accepted() -> None:
@@ -338,7 +367,7 @@ def test_the_service_links_kubernetes_would_inject_are_accepted() -> None:
 
 
 def _secret_files() -> dict[str, str]:
-    secret = _k8s("Secret", SECRET_NAME)
+    secret = _k8s("Secret", EXAMPLE_SECRET_NAME, overlay=EXAMPLE)
     assert not secret.get("data"), "the example carries stringData only"
     files: dict[str, str] = secret["stringData"]
     return files
@@ -348,9 +377,13 @@ def test_the_accounts_file_is_a_key_of_the_mounted_secret_and_loads(tmp_path: Pa
     settings = load_settings(_k8s_env())
     assert settings.accounts_file is not None
     accounts_file = PurePosixPath(str(settings.accounts_file))
-    volumes = {v["name"]: v["secret"] for v in _pod_spec()["volumes"] if "secret" in v}
-    (volume,) = [name for name, s in volumes.items() if s["secretName"] == SECRET_NAME]
-    (mount,) = [m for m in _worker_container()["volumeMounts"] if m["name"] == volume]
+    # The example overlay mounts its own example Secret where production mounts the real one.
+    for overlay, name in ((PRODUCTION, SECRET_NAME), (EXAMPLE, EXAMPLE_SECRET_NAME)):
+        volumes = {v["name"]: v["secret"] for v in _pod_spec(overlay)["volumes"] if "secret" in v}
+        assert [s["secretName"] for s in volumes.values()] == [name], overlay.name
+    volumes = {v["name"]: v["secret"] for v in _pod_spec(EXAMPLE)["volumes"] if "secret" in v}
+    (volume,) = [name for name, s in volumes.items() if s["secretName"] == EXAMPLE_SECRET_NAME]
+    (mount,) = [m for m in _worker_container(EXAMPLE)["volumeMounts"] if m["name"] == volume]
     mount_path = PurePosixPath(mount["mountPath"])
     assert mount.get("readOnly") is True
     assert "subPath" not in mount and "items" not in volumes[volume]
@@ -600,6 +633,10 @@ def test_keda_scales_the_deployment_on_the_workers_own_group_and_topic() -> None
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+    # Without KEDA (the base, the example), a fixed count within the same bounds.
+    for overlay in (BASE, EXAMPLE):
+        replicas = _k8s("Deployment", overlay=overlay)["spec"]["replicas"]
+        assert spec["minReplicaCount"] <= replicas <= spec["maxReplicaCount"], overlay.name
     assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"]  # never scaled to zero
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "kafka"
@@ -611,12 +648,13 @@ def test_keda_scales_the_deployment_on_the_workers_own_group_and_topic() -> None
     assert str(meta.get("allowIdleConsumers", "false")).lower() == "false"
 
 
-def test_the_replicas_together_stay_within_the_exchanges_weight_budget() -> None:
+def test_every_pod_may_use_the_exchanges_whole_weight_budget() -> None:
+    # No static split between the pods behind one egress IP: the exchange's used-weight
+    # header tells each what the others spent (tests/test_shared_ip_budget.py).
     settings = load_settings(_k8s_env())
     exchange = Settings()  # the defaults are the exchange's limits
-    replicas = _k8s("ScaledObject")["spec"]["maxReplicaCount"]
     assert settings.rate_weight_window_ms == exchange.rate_weight_window_ms
-    assert settings.rate_weight_limit * replicas <= exchange.rate_weight_limit
+    assert settings.rate_weight_limit == exchange.rate_weight_limit
 
 
 def test_the_selectors_select_the_workers_pods() -> None:
@@ -634,6 +672,216 @@ def test_the_selectors_select_the_workers_pods() -> None:
         assert pdb["spec"]["minAvailable"] < min_replicas  # else no node could be drained
     service = _k8s("Service")
     assert service["spec"]["selector"].items() <= labels.items()
+
+
+# -- kustomize: what applying the kit does -----------------------------------------------------
+
+KUSTOMIZATIONS = {d.relative_to(K8S).as_posix(): d for d in k8s_validate.KUSTOMIZATIONS}
+CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
+CRD_KINDS = {"ServiceMonitor", "ScaledObject", "KafkaTopic"}
+
+
+def test_the_validator_covers_the_base_and_every_overlay() -> None:
+    overlays = {p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml")}
+    assert set(k8s_validate.KUSTOMIZATIONS) == {BASE, *overlays}
+    assert overlays == {EXAMPLE, PRODUCTION}
+
+
+@pytest.mark.parametrize("name", sorted(KUSTOMIZATIONS))
+def test_each_kustomization_renders_and_every_object_passes_strict_validation(name: str) -> None:
+    docs = _manifests(KUSTOMIZATIONS[name])
+    assert len(docs) >= 4
+    problems = [str(p) for doc in docs for p in k8s_validate.problems(doc)]
+    assert problems == [], f"{name}:\n" + "\n".join(problems)
+
+
+def test_the_strict_validation_fails_what_a_cluster_would_refuse_or_drop() -> None:
+    def problems_of(doc: dict[str, Any]) -> str:
+        return "\n".join(map(str, k8s_validate.problems(doc)))
+
+    deployment = _k8s("Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    assert "'readinessprobe' was unexpected" in problems_of(deployment)
+    deployment = _k8s("Deployment")
+    deployment["spec"]["strategy"]["rollingUpdate"]["maxSurge"] = [1]
+    assert "maxSurge" in problems_of(deployment)
+    deployment = _k8s("Deployment")
+    deployment["metadata"]["label"] = {"a": "b"}
+    assert "'label' was unexpected" in problems_of(deployment)
+    scaled = _k8s("ScaledObject")
+    scaled["spec"]["minReplicas"] = 2
+    assert "'minReplicas' was unexpected" in problems_of(scaled)
+    monitor = _k8s("ServiceMonitor")
+    monitor["spec"]["endpoints"][0]["interval"] = "fifteen seconds"
+    assert "interval" in problems_of(monitor)
+    topic = _k8s("KafkaTopic", "papi.cancel.commands")
+    topic["spec"]["partitions"] = 0
+    assert "partitions" in problems_of(topic)
+    topic["apiVersion"] = "kafka.strimzi.io/v1beta2"  # not served by current Strimzi
+    assert "no schema" in problems_of(topic)
+    unknown = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+    assert "no schema" in problems_of(unknown)
+
+
+def test_applying_the_base_alone_creates_no_secret_and_needs_no_crd() -> None:
+    docs = _manifests(BASE)
+    assert {d["kind"] for d in docs} == {
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+    }
+    assert {d["apiVersion"] for d in docs} <= CORE_API_VERSIONS
+    assert all("namespace" not in d["metadata"] for d in docs), "the overlays choose it"
+    # It names the real Secret (mounted, never created): a pod waits for it, nothing is
+    # overwritten.
+    volumes = _pod_spec(BASE)["volumes"]
+    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == [SECRET_NAME]
+
+
+def test_no_overlay_creates_a_secret_named_like_the_real_one() -> None:
+    assert not [d for d in _manifests(PRODUCTION) if d["kind"] == "Secret"]
+    (secret,) = [d for d in _manifests(EXAMPLE) if d["kind"] == "Secret"]
+    name = secret["metadata"]["name"]
+    assert name == EXAMPLE_SECRET_NAME
+    assert name != SECRET_NAME
+    # Nothing in the kit (files included) creates a Secret under the real name.
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in _docs(path):
+            if doc.get("kind") == "Secret":
+                assert doc["metadata"]["name"] != SECRET_NAME, path
+
+
+@pytest.mark.parametrize(
+    ("overlay", "namespace"), [(EXAMPLE, "cancel-worker-example"), (PRODUCTION, "cancel-worker")]
+)
+def test_each_overlay_puts_every_object_in_its_own_namespace(overlay: Path, namespace: str) -> None:
+    docs = _manifests(overlay)
+    (created,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert created["metadata"]["name"] == namespace
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == namespace, doc["metadata"]["name"]
+
+
+def test_crd_kinds_come_only_from_the_optional_components() -> None:
+    assert not {d["kind"] for d in _manifests(EXAMPLE)} & CRD_KINDS
+    assert {d["kind"] for d in _manifests(PRODUCTION)} >= CRD_KINDS
+    for directory in sorted(p for p in (K8S / "components").iterdir() if p.is_dir()):
+        (kustomization,) = _docs(directory / "kustomization.yaml")
+        assert kustomization["kind"] == "Component", directory.name
+    production = yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text("utf-8"))
+    assert production["components"], "production enables the components"
+    for directory in (BASE, EXAMPLE, PRODUCTION):
+        for path in directory.glob("*.yaml"):
+            kinds = {d.get("kind") for d in _docs(path)}
+            assert not kinds & CRD_KINDS, f"{path}: a CRD kind outside the components"
+
+
+DIGEST = re.compile(r"(?P<repo>[a-z0-9.-]+(?::\d+)?/[a-z0-9._/-]+)@sha256:(?P<hex>[0-9a-f]{64})")
+
+
+def test_production_runs_the_image_by_registry_and_digest() -> None:
+    image = _worker_container(PRODUCTION)["image"]
+    match = DIGEST.fullmatch(image)
+    assert match is not None, f"{image}: not registry/repository@sha256:<digest>"
+    assert "." in match["repo"].split("/")[0], "the first part names a registry host"
+    # The example runs a local build under the project's version.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    assert _worker_container(EXAMPLE)["image"] == f"cancel-worker:{project['version']}"
+    assert _worker_container(BASE)["image"] == "cancel-worker"
+
+
+def test_kustomize_edit_set_image_sets_the_digest(tmp_path: Path) -> None:
+    # The README's way to set the real digest, on a copy of the kit.
+    kit = tmp_path / "k8s"
+    shutil.copytree(K8S, kit)
+    digest = "sha256:" + "ab" * 32
+    image = f"registry.internal:5000/desk/cancel-worker@{digest}"
+    overlay = kit / "overlays" / "production"
+    subprocess.run(
+        [k8s_validate.kustomize(), "edit", "set", "image", f"cancel-worker={image}"],
+        cwd=overlay,
+        check=True,
+        capture_output=True,
+    )
+    rendered = k8s_validate.render(overlay)
+    (deployment,) = [d for d in rendered if d["kind"] == "Deployment"]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == image
+
+
+def test_the_workers_are_spread_over_nodes_and_zones() -> None:
+    pod = _pod_spec()
+    labels = _k8s("Deployment")["spec"]["template"]["metadata"]["labels"]
+    constraints = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(constraints) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    for constraint in constraints.values():
+        assert constraint["maxSkew"] == 1
+        assert constraint["labelSelector"]["matchLabels"].items() <= labels.items()
+        # Only the pods of one revision count, so a rollout's surge pod is not held back.
+        assert constraint["matchLabelKeys"] == ["pod-template-hash"]
+    assert constraints["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    assert constraints["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+
+
+# -- the container image ----------------------------------------------------------------------
+
+
+def test_the_base_image_is_pinned_by_version_and_digest() -> None:
+    text = CONTAINERFILE.read_text("utf-8")
+    (default,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.MULTILINE)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}", default), (
+        f"PYTHON_IMAGE={default}: not an exact version with its digest"
+    )
+    froms = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert froms and all(f == "${PYTHON_IMAGE}" for f in froms)
+
+
+def _locked() -> dict[str, str]:
+    """The lock file's packages (canonical name → version); each one carries hashes."""
+    text = re.sub(r"\\\n", " ", LOCK.read_text("utf-8"))
+    pins: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.split("#")[0].strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)((?:\s+--hash=sha256:[0-9a-f]{64})+)", line)
+        assert match is not None, f"requirements.lock: not a pin with hashes: {line[:80]!r}"
+        pins[canonicalize_name(match[1])] = match[2]
+    return pins
+
+
+def test_the_lock_covers_every_runtime_dependency() -> None:
+    pins = _locked()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["project"]
+    for entry in project["dependencies"]:
+        requirement = Requirement(entry)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"requirements.lock has {name}=={pins[name]}, pyproject.toml wants {requirement}:"
+            " run `make lock`"
+        )
+    assert len(pins) > len(project["dependencies"])  # the transitive ones too
+
+
+def test_the_image_installs_exactly_the_lock() -> None:
+    text = CONTAINERFILE.read_text("utf-8")
+    logical = re.sub(r"\\\n", " ", text)
+    installs = [
+        line for line in logical.splitlines() if re.search(r"\bpip (install|wheel)\b", line)
+    ]
+    assert installs
+    for line in installs:
+        for command in re.split(r"&&", line):
+            if "pip install" in command and "requirements.lock" in command:
+                assert "--require-hashes" in command
+            elif re.search(r"\bpip (install|wheel)\b", command):
+                # The project's own wheel: nothing else comes in with it.
+                assert "--no-deps" in command, command
+    assert f"COPY {LOCK.relative_to(ROOT).as_posix()} " in text
+    ignore = (CONTAINERFILE.parent / "Containerfile.dockerignore").read_text("utf-8")
+    assert f"!{LOCK.relative_to(ROOT).as_posix()}" in ignore.splitlines()
 
 
 # -- metrics in the dashboard and the alerts --------------------------------------------------
