@@ -160,6 +160,55 @@ async def test_kill_switch_cancels_exactly_the_accounts_open_orders_on_the_symbo
     assert all(r["params"]["symbol"] == symbol and r["status"] == 200 for r in deletes)
 
 
+async def test_a_kill_switch_sent_twice_with_one_command_id_gets_a_valid_duplicate(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """An operator's retry of a kill switch (same command id): the second copy sends nothing
+    and is answered `cancel.duplicate`, whose `first_result` is the kill switch's (no reason,
+    route or order status: it is neither a failure nor one order's), valid against the
+    schema (`consume` and `events_of` check every result they read)."""
+    account, symbol = "desk-1", "LTCUSDT"
+    topics = await fresh_topics(broker.bootstrap, partitions=2)
+    preexisting = open_um_orders(sim.orders(), account, symbol)  # left open by other tests
+    targets = sim.seed(mixed(account, symbol, 4))
+    ks = kill_switch(account, symbol, reason="flatten", command_id="kill-retry-1")
+    since = sim.last_seq()
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    async with running_worker(settings):
+        await produce(broker.bootstrap, topics.commands, [(key(account, symbol), orjson.dumps(ks))])
+        (first,) = events_of(await consume(broker.bootstrap, topics.results, 1))
+        after_first = sim.last_seq()
+        await produce(broker.bootstrap, topics.commands, [(key(account, symbol), orjson.dumps(ks))])
+        records = await consume(broker.bootstrap, topics.results, 2)
+    assert len(records) == 2
+    records.sort(key=lambda r: r.offset)
+    first_again, again = events_of(records)
+    assert first_again == first
+    assert first["type"] == "strategies.canceled" and first["complete"] is True, first
+    assert {oid(o) for o in targets} | preexisting == set(ids_in(first, "strategies"))
+
+    assert again["type"] == "cancel.duplicate", again
+    assert (again["command_id"], again["account"], again["symbol"], again["attempts"]) == (
+        "kill-retry-1",
+        account,
+        symbol,
+        0,
+    )
+    assert again["first_result"] == {
+        "type": "strategies.canceled",
+        "reason": None,
+        "route": None,
+        "order_status": None,
+        "origin": {k: first["origin"][k] for k in ("topic", "partition", "offset")},
+        "completed_at": first["completed_at"],
+    }
+    assert again["origin"]["offset"] > first["origin"]["offset"]
+    assert dict(records[1].headers)["type"] == b"cancel.duplicate"
+    # Nothing was sent for the repeat.
+    assert sim.last_seq() == after_first
+    assert len([r for r in sim.requests(since) if r["method"] == "DELETE"]) == 2  # two routes
+
+
 # The profiles draw a fault per DELETE (the cancel-alls) from the seed; each seed was chosen
 # for what it makes the exchange do. The two routes' first cancel-alls draw in the order they
 # arrive, so "one route" below is whichever reached the simulator first.
