@@ -75,6 +75,8 @@ async def test_processes_end_to_end_with_cli_send_and_clean_sigterm(
                 "desk-rsa",
                 "--market",
                 "UM",
+                "--symbol",
+                "ETHUSDT",
                 "--algo-id",
                 str(algo["algo_id"]),
                 "--command-id",
@@ -92,7 +94,6 @@ async def test_processes_end_to_end_with_cli_send_and_clean_sigterm(
                 "--command-id",
                 "cli-um",
             ],
-            ["--json", '{"command_id": "cli-bad", "account": "desk-2", "market": "UM"}'],
         ]
         for args in sends:
             done = subprocess.run(
@@ -105,6 +106,18 @@ async def test_processes_end_to_end_with_cli_send_and_clean_sigterm(
             )
             assert done.returncode == 0, done.stderr
             assert "sent to" in done.stdout
+        # send refuses an invalid command (exit 2); a producer without the check can send it.
+        bad = b'{"command_id": "cli-bad", "account": "desk-2", "market": "UM"}'
+        refused = subprocess.run(
+            cli_argv("send", "--json", bad.decode()),
+            env={**env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        await produce(broker.bootstrap, topics.commands, [(b"desk-2:UM", bad)])
         results = {
             e["command_id"]: e
             for e in events_of(await consume(broker.bootstrap, topics.results, 4))

@@ -1,4 +1,4 @@
-"""``cancel-worker``: run | sim | send | replay | demo | check | config.
+"""``cancel-worker``: run | sim | send | results | replay | demo | dev | check | config.
 
 Only this module configures logging handlers.
 """
@@ -223,12 +223,11 @@ def sim(
 
 @cli.command()
 @config_option
-@click.option("--json", "payload", help="The command as JSON (sent as given, even if invalid).")
-@click.option("--key", help="Record key (default: <account>:<symbol> from the command).")
-@click.option("--command-id")
+@click.option("--json", "payload", help="The command as JSON (checked like the options are).")
+@click.option("--command-id", help="Default: a fresh one (c-...).")
 @click.option("--account")
 @click.option("--market", type=click.Choice(["UM", "CM"]))
-@click.option("--symbol")
+@click.option("--symbol", help="Required, algo cancels too: commands are keyed account:symbol.")
 @click.option("--strategy-id", type=int)
 @click.option("--client-strategy-id")
 @click.option("--algo-id", type=int)
@@ -241,27 +240,152 @@ def sim(
 )
 @click.option("--expires-in-ms", type=int, help="Set expires_at this far in the future.")
 @click.option("--reason")
-def send(config: Path | None, payload: str | None, key: str | None, **fields: Any) -> None:
-    """Publish one cancel command (or, with --all, a kill switch) to the commands topic."""
-    from worker.send import build_command, publish  # noqa: PLC0415
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0, min_open=True),
+    is_flag=False,
+    flag_value=30.0,
+    default=None,
+    help="Wait up to SECONDS (30 when given alone) for the result, print it, exit by outcome.",
+)
+@click.option("--raw", is_flag=True, help="With --wait: print the result event as published.")
+def send(
+    config: Path | None, payload: str | None, wait_s: float | None, raw: bool, **fields: Any
+) -> None:
+    """Publish one cancel command (or, with --all, a kill switch) to the commands topic.
+
+    The command is checked as the client library checks it before anything is published
+    (exit 2 with the reason) and keyed account:symbol. Exit codes with --wait: 0 canceled
+    (a kill switch: complete), 1 failed, incomplete or unreadable (and Kafka failures),
+    2 invalid command or configuration, 5 no result in time, 6 duplicate command id."""
+    from worker.client import InvalidCommandError, ResultUnreadableError  # noqa: PLC0415
+    from worker.send import (  # noqa: PLC0415
+        EXIT_NO_RESULT,
+        KafkaUnavailableError,
+        build_command,
+        check,
+        describe,
+        describe_unreadable,
+        exit_code,
+        parse_json_command,
+        publish,
+    )
 
     settings = _settings(config)
-    if payload is not None:
-        value = payload.encode()
-        try:
-            obj = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            obj = {}
-    else:
-        try:
-            obj = build_command(**fields)
-        except ValueError as exc:
-            raise click.UsageError(str(exc)) from exc
-        value = orjson.dumps(obj)
-    if key is None and isinstance(obj, dict):
-        key = f"{obj.get('account', '')}:{obj.get('symbol') or obj.get('market', '')}"
-    where = asyncio.run(publish(settings, key.encode() if key else None, value))
-    click.echo(f"sent to {where}: {value.decode(errors='replace')}")
+    # The outcome is said here, in one line; aiokafka's own retries would only add noise.
+    configure_logging("CRITICAL", settings.log_format)
+    try:
+        if payload is not None:
+            if any(v not in (None, False) for v in fields.values()):
+                raise click.UsageError("--json carries the whole command: give no other field")
+            command = parse_json_command(payload)
+        else:
+            command = build_command(**fields)
+        value = check(command)
+    except ValueError as exc:  # InvalidCommandError included
+        name = "invalid command" if isinstance(exc, InvalidCommandError) else "usage"
+        raise InvalidArgument(f"{name}: {exc}") from None
+
+    def sent(where: str) -> None:
+        click.echo(f"sent to {where}: {value.decode()}", err=wait_s is not None)
+        if wait_s is not None:
+            click.echo(f"waiting up to {wait_s:g}s for its result ...", err=True)
+
+    try:
+        result = asyncio.run(publish(settings, command, wait_s=wait_s, on_sent=sent))
+    except KafkaUnavailableError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ResultUnreadableError as exc:
+        click.echo(exc.raw.decode(errors="replace") if raw else describe_unreadable(exc))
+        sys.exit(1)
+    if wait_s is None:
+        return
+    if result is None:
+        click.echo(
+            f"no result for command {command['command_id']} within {wait_s:g}s: it was "
+            "published and may still be executed; look it up with: cancel-worker results "
+            f"--command-id {command['command_id']}",
+            err=True,
+        )
+        sys.exit(EXIT_NO_RESULT)
+    click.echo(orjson.dumps(result.raw).decode() if raw else describe(result))
+    sys.exit(exit_code(result))
+
+
+class InvalidArgument(click.ClickException):
+    """A command line that cannot be sent: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(" ".join(self.format_message().split()), file=file, err=file is None)
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--command-id",
+    "command_ids",
+    multiple=True,
+    help="A command id to look up (repeatable); none: every result.",
+)
+@click.option("--since", help="First record time: ms since the epoch or ISO-8601 (UTC if naive).")
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Then print new results as they come (until every --command-id has one).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print each event as published.")
+def results(
+    config: Path | None,
+    command_ids: tuple[str, ...],
+    since: str | None,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Look results up on the results topic by command id, or follow them as they come.
+
+    Reads read_committed, from the beginning (or --since) to the end, one line per result.
+    Exit codes: 0 every --command-id has a result, 1 Kafka failed, 2 bad arguments,
+    5 some --command-id has none."""
+    from worker.client import ResultError  # noqa: PLC0415
+    from worker.replay import parse_time  # noqa: PLC0415
+    from worker.send import (  # noqa: PLC0415
+        EXIT_NO_RESULT,
+        KafkaUnavailableError,
+        describe,
+        describe_unreadable,
+    )
+    from worker.send import results as read_results  # noqa: PLC0415
+
+    settings = _settings(config)
+    configure_logging("CRITICAL", settings.log_format)
+    try:
+        since_ms = None if since is None else parse_time(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from exc
+
+    def emit(event: dict[str, Any], item: Any) -> None:
+        if as_json:
+            click.echo(orjson.dumps(event).decode())
+        elif isinstance(item, ResultError):
+            click.echo(describe_unreadable(item))
+        else:
+            click.echo(describe(item))
+
+    try:
+        found = asyncio.run(
+            read_results(settings, command_ids, since_ms=since_ms, follow=follow, emit=emit)
+        )
+    except KafkaUnavailableError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+    missing = [c for c in dict.fromkeys(command_ids) if c not in found]
+    for command_id in missing:
+        click.echo(f"no result for command {command_id} on {settings.results_topic}", err=True)
+    sys.exit(EXIT_NO_RESULT if missing else 0)
 
 
 @cli.command()
@@ -289,6 +413,15 @@ def send(config: Path | None, payload: str | None, key: str | None, **fields: An
     help="Set issued_at to now and move expires_at (if any) by as much.",
 )
 @click.option("--expires-in-ms", type=int, help="Set expires_at to now plus this.")
+@click.option(
+    "--failed",
+    is_flag=True,
+    help="Re-drive the commands whose latest result is a failure that may be re-driven "
+    "(REASON... names which; default: exchange_unavailable, rate_limited, "
+    "retries_exhausted, outcome_unknown, expired; auth and unknown_account only when "
+    "named), and publish those with no final result yet; skip the rest.",
+)
+@click.argument("reasons", nargs=-1, metavar="[REASON...]")
 @click.option("--dry-run", is_flag=True, help="Print one line per record; send nothing.")
 def replay(
     config: Path | None,
@@ -301,9 +434,15 @@ def replay(
     skip_processed: bool,
     restamp: bool,
     expires_in_ms: int | None,
+    failed: bool,
+    reasons: tuple[str, ...],
     dry_run: bool,
 ) -> None:
     """Publish a range of commands (or dead letters) to the commands topic again.
+
+    With --failed, re-drive failed cancels: each re-driven copy passes the worker's
+    duplicate window on purpose (it names the failure it retries in x-redrive-of), its
+    result carries retry_of, and an accidental repeat still gets cancel.duplicate.
 
     Bounded by the end offsets found at start; every publish is acknowledged before the
     summary line. Exit codes: 0 done, 1 Kafka failed (the message says how many records
@@ -337,6 +476,7 @@ def replay(
         restamp=restamp,
         expires_in_ms=expires_in_ms,
         dry_run=dry_run,
+        failed=_failed_reasons(failed, reasons),
     )
     try:
         summary = asyncio.run(
@@ -347,6 +487,16 @@ def replay(
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(summary.line())
+
+
+def _failed_reasons(failed: bool, reasons: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--failed`` and its REASON words (commas allowed) as the request's ``failed``."""
+    names = tuple(n for word in reasons for n in word.split(",") if n)
+    if names and not failed:
+        raise click.UsageError(
+            f"unexpected argument(s) {' '.join(reasons)}: REASON goes with --failed"
+        )
+    return names if failed else None
 
 
 @cli.command()
