@@ -114,21 +114,31 @@ async def test_scraped_during_a_run_with_a_ban_the_endpoint_tells_the_truth(
             ]
             await produce(broker.bootstrap, topics.commands, valid)
 
-            def banned() -> bool:
-                code, body = probe(http, READINESS_PATH)
-                return code == 503 and not body["checks"]["exchange"]["ok"]
+            def exchange_detail() -> str:
+                detail: str = probe(http, READINESS_PATH)[1]["checks"]["exchange"]["detail"]
+                return detail
 
-            await until(banned, "/readyz to fail on the ban", worker, timeout_s=15)
-            _, during = probe(http, READINESS_PATH)
+            await until(lambda: "banned" in exchange_detail(), "the ban in /readyz", worker, 15)
+            # The ban is on the IP, shared by every pod: it is reported, and the worker stays
+            # ready (unready pods would stall a rollout, and no restart lifts a ban).
+            code, during = probe(http, READINESS_PATH)
+            assert code == 200, during
+            assert during["status"] == "ok"
+            assert during["checks"]["exchange"]["ok"] is True
             assert "banned" in during["checks"]["exchange"]["detail"]
             assert probe(http, LIVENESS_PATH)[0] == 200  # banned is not dead
             held = scrape(http)
             assert total(held, "cancel_worker_exchange_banned_until_timestamp_seconds") > 0
+            assert total(held, "cancel_worker_governor_stops_total", kind="ban") == 1
+            assert total(held, "cancel_worker_ready") == 1
             assert total(held, "cancel_worker_consumer_lag_records", position="committed") > 0
             assert total(held, "cancel_worker_oldest_in_flight_seconds") > 0
 
-            # After the ban: ready again, and everything answered.
-            await until(lambda: answers(READINESS_PATH) == 200, "/readyz after the ban", worker, 30)
+            # After the ban: no longer reported, still ready, and everything answered.
+            await until(
+                lambda: "banned" not in exchange_detail(), "the ban's end in /readyz", worker, 30
+            )
+            assert answers(READINESS_PATH) == 200
             bad: list[tuple[bytes | None, bytes | None]] = [
                 (b"bad", b"{not json"),
                 (None, orjson.dumps({"command_id": "x"})),
@@ -218,3 +228,46 @@ async def test_a_worker_waiting_for_kafka_is_alive_and_not_ready(
         assert "stopped before it started" in worker.output()
     finally:
         worker.stop()
+
+
+async def test_readiness_at_start_goes_from_not_ready_to_ready_once(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """A worker joining a new group on a fresh topic: /readyz, polled every 50 ms from the
+    moment it answers, says 503 until the worker is ready and then 200, and stays there (a
+    kubelet that saw it ready must not see it flap back while it settles into the group);
+    and the start logs no ERROR (finding the group's coordinator is part of joining)."""
+    topics = await fresh_topics(broker.bootstrap, partitions=3)
+    port = free_port()
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file, metrics_port=port)
+    worker = start_worker(worker_env(settings))
+    seen: list[tuple[int, tuple[str, ...]]] = []  # (status, failing checks) per answer
+    stable_s = 4.0
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            ready_since: float | None = None
+            deadline = time.monotonic() + 90
+            while ready_since is None or time.monotonic() - ready_since < stable_s:
+                assert time.monotonic() < deadline, (seen[-5:], worker.output()[-3000:])
+                try:
+                    r = await http.get(READINESS_PATH)
+                except httpx.TransportError:  # not listening yet
+                    await asyncio.sleep(0.05)
+                    continue
+                checks = r.json()["checks"]
+                seen.append((r.status_code, tuple(n for n, c in checks.items() if not c["ok"])))
+                if r.status_code != 200:
+                    ready_since = None
+                elif ready_since is None:
+                    ready_since = time.monotonic()
+                await asyncio.sleep(0.05)
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.output()[-3000:]
+    statuses = [s for s, _ in seen]
+    changes = [s for i, s in enumerate(statuses) if i == 0 or statuses[i - 1] != s]
+    flaps = [seen[i] for i in range(1, len(seen)) if seen[i][0] != seen[i - 1][0]]
+    assert changes == [503, 200], (changes, flaps)
+    assert statuses.count(503) >= 1 and seen[0][1], seen[0]
+    errors = [line for line in worker.output().splitlines() if " ERROR " in line]
+    assert errors == [], (errors, seen, worker.output())

@@ -354,8 +354,14 @@ class Worker:
         )
 
     def readiness(self) -> Sequence[Check]:
-        """Ready: serving, in a healthy group, Kafka and the exchange reachable, not
-        banned, and the exchange clock synced recently."""
+        """Ready: serving, in a healthy group, Kafka and the exchange reachable, and the
+        exchange clock synced recently.
+
+        An IP ban does not make a worker unready: the exchange bans the egress IP, which
+        every pod behind it shares, and no restart, eviction or rescheduling lifts it, so
+        failing readiness would only stall rollouts and drains (``maxUnavailable: 0``) for
+        the ban's length. It is reported in the ``exchange`` check's detail and in
+        ``cancel_worker_exchange_banned_until_timestamp_seconds``."""
         pipeline = self.pipeline
         checks: list[Check] = []
         if pipeline.loop_at is None:
@@ -378,7 +384,8 @@ class Worker:
         now = self.clock.now()
         banned = self.governor.banned_until_ms - now
         if banned > 0:
-            checks.append(Check("exchange", False, f"IP banned for {banned / 1000:.1f}s more"))
+            detail = f"IP banned for {banned / 1000:.1f}s more (on the IP: no restart lifts it)"
+            checks.append(Check("exchange", True, detail))
         elif not self._client.reachability.reachable:
             checks.append(Check("exchange", False, "refusing connections"))
         else:

@@ -5,7 +5,7 @@ One small HTTP/1.0-style server in the worker's own event loop: a probe answered
 proves the loop is alive, and a wedged loop fails its probes by timing out. Each health
 answer is a small JSON object naming every check and what failed::
 
-    {"status": "fail", "checks": {"exchange": {"ok": false, "detail": "IP banned for 41 s"}, ...}}
+    {"status": "fail", "checks": {"kafka": {"ok": false, "detail": "results cannot be ..."}, ...}}
 
 with status 200 when every check passes and 503 otherwise.
 """
