@@ -18,6 +18,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from worker import redrive
 from worker.commands import Command
 from worker.contracts import result_validator
 from worker.dedup import FirstResult, RecordAt, SeenCommands
@@ -28,6 +29,7 @@ from worker.processor import (
     MAX_HEADER_BYTES,
     MAX_KEY_BYTES,
     CommandProcessor,
+    Header,
     key_stand_in,
     record_bytes,
 )
@@ -444,3 +446,108 @@ async def test_invalid_commands_are_not_checked_against_the_window_but_recorded(
     assert entry is not None and entry.first.reason == "invalid_command"
     await processor(InRecord("cmd", 0, 6, b"k", b"\x00"))  # no command id: nothing to key on
     assert len(seen) == 2 and not executor.seen
+
+
+# -- re-driving a failure (replay --failed) ---------------------------------------------------
+
+
+def _failed_on_topic(seen: SeenCommands, at: RecordAt, reason: str) -> FirstResult:
+    """c-1 failed with ``reason``, its result read back from the results topic."""
+    first = FirstResult("cancel.failed", reason, "um_conditional", None, at, now_ms())
+    seen.put("c-1", first, on_topic=True)
+    return first
+
+
+def _redrive_of(at: RecordAt, reason: str = "exchange_unavailable") -> tuple[Header, ...]:
+    return (
+        ("x-replayed-from", f"{at.topic}:{at.partition}:{at.offset}".encode()),
+        (redrive.REDRIVE_OF, f"{at.topic}:{at.partition}:{at.offset}".encode()),
+        (redrive.REDRIVE_REASON, reason.encode()),
+    )
+
+
+async def test_a_redrive_of_a_redrivable_failure_passes_the_window_once(
+    executor: RecordingExecutor,
+) -> None:
+    seen = _window()
+    failure = _failed_on_topic(seen, RecordAt("cmd", 0, 3), "exchange_unavailable")
+    processor = _processor(executor, seen=seen)
+    copy = InRecord("cmd", 0, 10, b"k", VALID, _redrive_of(RecordAt("cmd", 0, 3)))
+    (result,) = await processor(copy)
+    event = orjson.loads(result.value)
+    result_validator().validate(event)
+    assert len(executor.seen) == 1  # processed: the executor was asked
+    assert event["type"] == "cancel.failed" and event["reason"] == "unknown_account"
+    assert event["retry_of"] == {
+        "type": "cancel.failed",
+        "reason": "exchange_unavailable",
+        "origin": {"topic": "cmd", "partition": 0, "offset": 3},
+        "completed_at": failure.completed_at,
+    }
+    entry = seen.get("c-1")  # the re-drive's result took the failure's place
+    assert entry is not None and entry.first.origin == RecordAt("cmd", 0, 10)
+
+    # The same claim again (the replay run twice, a producer retry of the copy): a duplicate.
+    again = InRecord("cmd", 0, 11, b"k", VALID, _redrive_of(RecordAt("cmd", 0, 3)))
+    (dup,) = await processor(again)
+    dup_event = orjson.loads(dup.value)
+    result_validator().validate(dup_event)
+    assert dup_event["type"] == "cancel.duplicate"
+    assert dup_event["first_result"]["origin"]["offset"] == 10
+    assert len(executor.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("first_type", "reason"),
+    [
+        ("cancel.failed", "already_closed"),
+        ("cancel.failed", "not_found"),
+        ("cancel.failed", "rejected"),
+        ("cancel.failed", "route_retired"),
+        ("strategy.canceled", None),
+        ("strategies.canceled", None),
+    ],
+)
+async def test_a_final_answer_is_never_redriven(
+    executor: RecordingExecutor, first_type: str, reason: str | None
+) -> None:
+    seen = _window()
+    route = "um_conditional" if first_type == "strategy.canceled" else None
+    status = "CANCELED" if first_type == "strategy.canceled" else None
+    first = FirstResult(first_type, reason, route, status, RecordAt("cmd", 0, 3), now_ms())
+    seen.put("c-1", first, on_topic=True)
+    copy = InRecord("cmd", 0, 10, b"k", VALID, _redrive_of(RecordAt("cmd", 0, 3)))
+    (dup,) = await _processor(executor, seen=seen)(copy)
+    event = orjson.loads(dup.value)
+    result_validator().validate(event)
+    assert event["type"] == "cancel.duplicate" and not executor.seen
+    entry = seen.get("c-1")
+    assert entry is not None and entry.first == first
+
+
+async def test_a_redrive_naming_another_record_is_a_duplicate(
+    executor: RecordingExecutor,
+) -> None:
+    seen = _window()
+    _failed_on_topic(seen, RecordAt("cmd", 0, 3), "outcome_unknown")
+    for claim in (b"cmd:0:4", b"other:0:3", b"cmd:0", b"\xff", b""):
+        headers: tuple[Header, ...] = ((redrive.REDRIVE_OF, claim),)
+        (dup,) = await _processor(executor, seen=seen)(InRecord("cmd", 0, 9, b"k", VALID, headers))
+        assert orjson.loads(dup.value)["type"] == "cancel.duplicate", claim
+    assert not executor.seen
+
+
+async def test_a_redrive_the_window_no_longer_holds_is_processed_and_says_what_it_claims(
+    executor: RecordingExecutor,
+) -> None:
+    copy = InRecord("cmd", 0, 10, b"k", VALID, _redrive_of(RecordAt("cmd", 0, 3), "expired"))
+    (result,) = await _processor(executor, seen=_window())(copy)
+    event = orjson.loads(result.value)
+    result_validator().validate(event)
+    assert len(executor.seen) == 1
+    assert event["retry_of"] == {
+        "type": "cancel.failed",
+        "reason": "expired",
+        "origin": {"topic": "cmd", "partition": 0, "offset": 3},
+        "completed_at": None,
+    }

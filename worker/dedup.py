@@ -13,10 +13,11 @@ Contracts:
   (:func:`first_result_of`) is ignored.
 * **One entry per command id, the first result.** A later result for the same id does not
   replace it, with three exceptions: a re-driven command's result (its ``retry_of``,
-  :mod:`worker.redrive`) replaces the re-drivable failure it retries; a result read back from the results topic replaces one
-  that was only recorded by this process and has not been read back yet (what is on the
-  topic is what every member can see), and so does a new result for the same record (the
-  record was answered again because its first answer may not have been made durable).
+  :mod:`worker.redrive`) replaces the re-drivable failure it retries; a result read back
+  from the results topic replaces one that was only recorded by this process and has not
+  been read back yet (what is on the topic is what every member can see); and so does a
+  new result for the same record (the record was answered again because its first answer
+  may not have been made durable).
 * **Bounded.** By time: an entry whose result completed more than ``window_ms`` ago (by the
   result's ``completed_at``, on :attr:`SeenCommands.clock`) is forgotten. By count: beyond
   ``max_entries`` the oldest (by ``completed_at``) are forgotten first.

@@ -51,7 +51,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 
-from worker import events, metrics
+from worker import events, metrics, redrive
 from worker.commands import Command, InvalidCommand, decode
 from worker.decisions import Outcome
 from worker.dedup import RecordAt, Seen, SeenCommands
@@ -147,12 +147,39 @@ class CommandProcessor:
             decoded = _refused(decoded, oversize)
         if isinstance(decoded, InvalidCommand):
             return self._invalid(record, origin, decoded, received_at)
+        redrives = redrive.redrive_header(record.headers)
+        retry_of: dict[str, object] | None = None
         if self._seen is not None:
             seen = self._seen.get(decoded.command_id)
             if seen is not None:
-                repeat = self._repeat(record, origin, decoded, seen, received_at)
-                if repeat is not None:
-                    return repeat
+                first = seen.first
+                if redrive.passes_window(redrives, first.type, first.reason, first.origin):
+                    retry_of = redrive.retry_of(
+                        redrive.RecordAt(*first.origin), first.reason, first.completed_at
+                    )
+                    log.info(
+                        "command_id=%s at %s[%d]@%d re-drives its %s/%s at %s[%d]@%d",
+                        decoded.command_id,
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        first.type,
+                        first.reason,
+                        first.origin.topic,
+                        first.origin.partition,
+                        first.origin.offset,
+                    )
+                else:
+                    repeat = self._repeat(record, origin, decoded, seen, received_at)
+                    if repeat is not None:
+                        return repeat
+        if retry_of is None and redrives is not None:
+            # Nothing in the window to check the claim against (it was forgotten, or the
+            # window is off): processed like any command; the result names what the copy
+            # says it retries, with the reason only as the copy's header states it.
+            claimed = dict(record.headers).get(redrive.REDRIVE_REASON)
+            reason = claimed.decode("ascii", "replace") if claimed is not None else None
+            retry_of = redrive.retry_of(redrives, reason, None)
         try:
             outcome = await self._executor.execute(decoded, received_at)
         except Exception:
@@ -164,6 +191,8 @@ class CommandProcessor:
                 detail="internal error while executing; outcome not claimed",
             )
         event = self._event(decoded, origin, outcome, received_at)
+        if retry_of is not None:
+            event["retry_of"] = retry_of
         self._remember(event)
         return [self._result(record, event)]
 

@@ -49,6 +49,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from worker import redrive
 from worker.kafka_io import make_producer, security_options
 from worker.settings import Settings
 from worker.timeutil import now_ms
@@ -121,6 +122,8 @@ class ReplayRequest:
     restamp: bool = False
     expires_in_ms: int | None = None
     dry_run: bool = False
+    # ``--failed [REASON...]``: None when not asked; the reasons named (empty: the default set).
+    failed: tuple[str, ...] | None = None
 
     def check(self) -> ReplayRequest:
         """Raise :class:`ReplayArgumentError` for a request no broker state can make valid."""
@@ -161,7 +164,31 @@ class ReplayRequest:
             )
         if self.expires_in_ms is not None and self.expires_in_ms <= 0:
             raise ReplayArgumentError("--expires-in-ms must be positive")
+        if self.failed is not None:
+            try:
+                redrive.selected_reasons(self.failed)
+            except ValueError as exc:
+                raise ReplayArgumentError(f"--failed: {exc}") from None
+            if self.from_topic != "commands":
+                raise ReplayArgumentError(
+                    "--failed re-drives failed cancels from the commands topic; dead letters "
+                    "never had a cancel to re-drive"
+                )
+            if self.restamp:
+                raise ReplayArgumentError(
+                    "--failed keeps issued_at (so a cancel that did land is recognised); "
+                    "use --expires-in-ms to give re-driven commands a deadline, not --restamp"
+                )
         return self
+
+    @property
+    def selects_processed(self) -> bool:
+        """Whether the results topic is read first (``--skip-processed`` or ``--failed``)."""
+        return self.skip_processed or self.failed is not None
+
+    @property
+    def redrive_reasons(self) -> frozenset[str]:
+        return frozenset() if self.failed is None else redrive.selected_reasons(self.failed)
 
     @property
     def restamping(self) -> bool:
@@ -211,6 +238,8 @@ class ReplaySummary:
     not_commands: int = 0
     restamped: int = 0
     not_restamped: int = 0
+    redriven: int = 0
+    redriving: bool = False  # --failed was asked: the line says how many were re-driven
     planned: list[PlannedRecord] = field(default_factory=list)  # every record read: dry run only
 
     def line(self) -> str:
@@ -225,6 +254,8 @@ class ReplaySummary:
         )
         if self.not_restamped:
             counts += f", not restamped {self.not_restamped}"
+        if self.redriving:
+            counts += f", {'would re-drive' if self.dry_run else 're-driven'} {self.redriven}"
         ranges = ", ".join(f"[{p}]@{s}..{e}" for p, (s, e) in sorted(self.ranges.items()))
         head = "dry run (nothing sent)" if self.dry_run else "replayed"
         return f"{head} {self.source_topic} {ranges or '(empty)'} -> {self.target_topic}: {counts}"
@@ -278,10 +309,49 @@ def _partitions(topics: Mapping[str, list[int]], topic: str) -> list[int]:
     return parts
 
 
-async def final_result_ids(
+@dataclass(frozen=True, slots=True)
+class LastResult:
+    """The latest final result of a command id on the results topic."""
+
+    type: str
+    reason: str | None
+    origin: redrive.RecordAt | None  # where its command was read
+    completed_at: int
+
+    def describe(self) -> str:
+        kind = self.type if self.reason is None else f"{self.type}/{self.reason}"
+        if self.origin is None:
+            return kind
+        o = self.origin
+        return f"{kind} of {o.topic}[{o.partition}]@{o.offset}"
+
+
+def _last_result(event: Mapping[str, Any]) -> LastResult | None:
+    kind = event.get("type")
+    if kind not in FINAL_RESULT_TYPES:
+        return None
+    reason = event.get("reason") if kind == "cancel.failed" else None
+    origin = event.get("origin")
+    at: redrive.RecordAt | None = None
+    if isinstance(origin, Mapping):
+        at = redrive.parse_record_at(
+            f"{origin.get('topic')}:{origin.get('partition')}:{origin.get('offset')}"
+        )
+    completed = event.get("completed_at")
+    return LastResult(
+        str(kind),
+        reason if isinstance(reason, str) else None,
+        at,
+        completed if type(completed) is int else 0,
+    )
+
+
+async def final_results(
     bootstrap: str, results_topic: str, *, since_ms: int | None = None, **kafka: Any
-) -> set[str]:
-    """The ``command_id`` of every final result (:data:`FINAL_RESULT_TYPES`) on the topic.
+) -> dict[str, LastResult]:
+    """The latest final result (:data:`FINAL_RESULT_TYPES`) of every ``command_id`` on the
+    topic: the last in topic order (a command id's results share its key, so its
+    partition), the later ``completed_at`` across partitions.
 
     Reads every partition of ``results_topic`` from the beginning (or, with ``since_ms``,
     from the first record at or after that time) up to the end offsets captured when it
@@ -294,15 +364,21 @@ async def final_result_ids(
     reader = ResultsReader(
         bootstrap, results_topic, client_id="cancel-worker-replay-results", **kafka
     )
-    ids: set[str] = set()
+    found: dict[str, tuple[int, LastResult]] = {}
     try:
         await reader.start()
         async for result in reader.read_since(since_ms):
-            if result.event.get("type") not in FINAL_RESULT_TYPES:
-                continue
+            last = _last_result(result.event)
             command_id = result.event.get("command_id")
-            if isinstance(command_id, str):
-                ids.add(command_id)
+            if last is None or not isinstance(command_id, str):
+                continue
+            before = found.get(command_id)
+            if (
+                before is None
+                or before[0] == result.partition
+                or last.completed_at >= before[1].completed_at
+            ):
+                found[command_id] = (result.partition, last)
     except MissingTopicError as exc:
         raise ReplayArgumentError(
             f"{exc} (cancel-worker check --create-topics makes them)"
@@ -311,8 +387,15 @@ async def final_result_ids(
         raise ReplayError(str(exc)) from exc
     finally:
         await reader.stop()
-    log.info("read %d final result id(s) from %s", len(ids), results_topic)
-    return ids
+    log.info("read the final results of %d command id(s) from %s", len(found), results_topic)
+    return {command_id: last for command_id, (_, last) in found.items()}
+
+
+async def final_result_ids(
+    bootstrap: str, results_topic: str, *, since_ms: int | None = None, **kafka: Any
+) -> set[str]:
+    """The ``command_id`` of every final result on the topic (see :func:`final_results`)."""
+    return set(await final_results(bootstrap, results_topic, since_ms=since_ms, **kafka))
 
 
 def restamp(
@@ -372,15 +455,34 @@ class _Plan:
     def __init__(
         self,
         request: ReplayRequest,
-        processed: set[str],
+        processed: Mapping[str, LastResult],
         summary: ReplaySummary,
         clock: Callable[[], int],
     ) -> None:
         self._request = request
         self._processed = processed
+        self._reasons = request.redrive_reasons
         self._summary = summary
         self._clock = clock
         self._sent_ids: set[str] = set()
+
+    def _redrive(
+        self, command: dict[str, Any], last: LastResult, now: int
+    ) -> tuple[bytes, str, Headers]:
+        """A re-drive of ``command``, whose latest result ``last`` is a selected failure:
+        the value to send, the dry run's line and the re-drive headers."""
+        self._summary.redriven += 1
+        expires_in_ms = self._request.expires_in_ms
+        value = orjson.dumps(redrive.redrive_value(command, now, expires_in_ms))
+        action = f"re-drive (last result {last.describe()})"
+        if "expires_at" in command or expires_in_ms is not None:
+            action += ", expires_at moved"
+        origin = last.origin if last.origin is not None else redrive.RecordAt("", 0, 0)
+        extra: Headers = [
+            (redrive.REDRIVE_OF, origin.header()),
+            (redrive.REDRIVE_REASON, (last.reason or "").encode()),
+        ]
+        return value, action, extra
 
     def decide(self, record: Any) -> tuple[PlannedRecord, bytes | None, Headers]:
         """What to do with one source record: the plan, and the value and headers to send."""
@@ -392,19 +494,28 @@ class _Plan:
         command_id = command.get("command_id") if command is not None else None
         if not isinstance(command_id, str):
             command_id = None
+        last = self._processed.get(command_id) if command_id is not None else None
+        redrives = (
+            last is not None
+            and last.origin is not None
+            and redrive.may_redrive(last.type, last.reason, self._reasons)
+        )
         publish, action = True, "publish"
+        extra: Headers = []
         if command_id is None:
             summary.not_commands += 1
             action = "publish unchanged (not a command)"
             if request.restamping:
                 summary.not_restamped += 1
                 action += ", not restamped"
-        elif request.skip_processed and command_id in self._processed:
-            summary.skipped_processed += 1
-            publish, action = False, "skip (already has a final result)"
-        elif request.skip_processed and command_id in self._sent_ids:
+        elif request.selects_processed and command_id in self._sent_ids:
             summary.skipped_repeated += 1
             publish, action = False, "skip (command_id already replayed in this run)"
+        elif redrives and command is not None and last is not None:
+            value, action, extra = self._redrive(command, last, now)
+        elif request.selects_processed and last is not None:
+            summary.skipped_processed += 1
+            publish, action = False, _skip_processed(last)
         elif request.restamping and command is not None:
             stamped = restamp(
                 command, now, shift=request.restamp, expires_in_ms=request.expires_in_ms
@@ -416,6 +527,8 @@ class _Plan:
                 summary.restamped += 1
                 value = orjson.dumps(stamped)
                 action = "publish restamped"
+        elif request.selects_processed:
+            action = "publish (no final result yet)"
         headers: Headers = [(k, None if v is None else bytes(v)) for k, v in record.headers or ()]
         if publish:
             summary.selected += 1
@@ -423,16 +536,35 @@ class _Plan:
                 self._sent_ids.add(command_id)
             if any(k == "x-truncated-from" for k, _ in headers):
                 action += " (a truncated dead-letter copy: the whole record is at x-source-*)"
-            headers += [
-                (REPLAYED_FROM, f"{record.topic}:{record.partition}:{record.offset}".encode()),
-                (REPLAYED_AT, str(now).encode()),
-            ]
+            headers = _copy_headers(record, headers, now, extra)
         planned = PlannedRecord(
             record.topic, record.partition, record.offset, record.key, command_id, publish, action
         )
         if request.dry_run:
             summary.planned.append(planned)
         return planned, value, headers
+
+
+def _skip_processed(last: LastResult) -> str:
+    """The dry run's line for a command left out because it has a final result."""
+    action = f"skip (already has a final result: {last.describe()})"
+    if redrive.may_redrive(last.type, last.reason, redrive.REDRIVE_DEFAULT):
+        action += "; re-drive it with --failed"
+    elif redrive.may_redrive(last.type, last.reason, redrive.REDRIVE_ON_REQUEST):
+        action += f"; re-drive it with --failed {last.reason} once its cause is fixed"
+    return action
+
+
+def _copy_headers(record: Any, headers: Headers, now: int, extra: Headers) -> Headers:
+    """A copy's headers: the source's, less the re-drive headers of an earlier copy (only
+    this replay's claim counts), plus where it was replayed from and when, and ``extra``."""
+    kept = [h for h in headers if h[0] not in (redrive.REDRIVE_OF, redrive.REDRIVE_REASON)]
+    return [
+        *kept,
+        (REPLAYED_FROM, f"{record.topic}:{record.partition}:{record.offset}".encode()),
+        (REPLAYED_AT, str(now).encode()),
+        *extra,
+    ]
 
 
 async def replay(
@@ -462,7 +594,7 @@ async def replay(
         raise ReplayError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
     partitions = _partitions(topics, source)
     _partitions(topics, target)
-    if request.skip_processed:
+    if request.selects_processed:
         _partitions(topics, settings.results_topic)
     if request.partition is not None and request.partition not in partitions:
         raise ReplayArgumentError(
@@ -486,20 +618,25 @@ async def replay(
         tps = [TopicPartition(source, p) for p in chosen]
         ranges = await _ranges(consumer, request, tps)
         summary = ReplaySummary(
-            source, target, {tp.partition: r for tp, r in ranges.items()}, request.dry_run
+            source,
+            target,
+            {tp.partition: r for tp, r in ranges.items()},
+            request.dry_run,
+            redriving=request.failed is not None,
         )
-        processed: set[str] = set()
-        if request.skip_processed:
-            processed = await final_result_ids(
+        processed: dict[str, LastResult] = {}
+        if request.selects_processed:
+            processed = await final_results(
                 settings.bootstrap_servers, settings.results_topic, **security_options(settings)
             )
         log.info(
-            "replay %s -> %s ranges=%s dry_run=%s skip_processed=%s",
+            "replay %s -> %s ranges=%s dry_run=%s skip_processed=%s failed=%s",
             source,
             target,
             summary.ranges,
             request.dry_run,
             request.skip_processed,
+            None if request.failed is None else ",".join(sorted(request.redrive_reasons)),
         )
         await _run(
             settings,
@@ -526,7 +663,7 @@ async def _run(
     consumer: AIOKafkaConsumer,
     ranges: Mapping[TopicPartition, tuple[int, int]],
     summary: ReplaySummary,
-    processed: set[str],
+    processed: Mapping[str, LastResult],
     observer: ReplayObserver | None,
     clock: Callable[[], int],
     stall_timeout_s: float,
