@@ -258,7 +258,7 @@ async def test_liveness_fails_when_the_fetch_loop_or_a_flush_stalls(idle_worker:
 async def test_readiness_names_what_is_missing(idle_worker: Worker) -> None:
     ready = _by_name(idle_worker.readiness())
     assert ready["running"] == Check("running", False, "starting")
-    assert ready["group"] == Check("group", False, "no group coordinator")
+    assert ready["group"] == Check("group", False, "joining the group")
     assert not ready["clock"].ok
     assert ready["clock"].detail.startswith("never read from ")
     assert ready["exchange"].ok
@@ -279,3 +279,37 @@ async def test_readiness_names_what_is_missing(idle_worker: Worker) -> None:
     assert exchange.detail.startswith("IP banned for ")
     idle_worker.refresh_metrics()
     assert metrics.BANNED_UNTIL._value.get() == until / 1000
+
+
+@dataclass
+class _Coordinator:
+    """What the group check reads of aiokafka's group coordinator."""
+
+    coordinator_id: int | None
+    generation: int = -1
+    member_id: str = ""
+    _group_instance_id: str | None = None
+
+
+def test_a_known_coordinator_is_not_yet_the_group(idle_worker: Worker) -> None:
+    """At start, aiokafka finds the coordinator, then the first join can be refused (the
+    coordinator is being loaded) and the coordinator looked up again: not ready until the
+    first join completed, so /readyz does not go 200, 503, 200."""
+    consumer = idle_worker._consumer
+    saved = consumer._coordinator
+    try:
+        consumer._coordinator = _Coordinator(coordinator_id=1)  # found, join not answered
+        group = _by_name(idle_worker.readiness())["group"]
+        assert group == Check("group", False, "joining the group")
+        consumer._coordinator = _Coordinator(None)  # the join refused: looked up again
+        assert not _by_name(idle_worker.readiness())["group"].ok
+        # Joined, no partition (more members than partitions, or a rebalance): ready.
+        consumer._coordinator = _Coordinator(1, generation=3, member_id="m-1")
+        group = _by_name(idle_worker.readiness())["group"]
+        assert group == Check("group", True, "in the group (generation 3), no partition")
+        consumer._coordinator = _Coordinator(None, generation=3, member_id="m-1")
+        assert _by_name(idle_worker.readiness())["group"] == Check(
+            "group", False, "no group coordinator"
+        )
+    finally:
+        consumer._coordinator = saved

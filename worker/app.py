@@ -22,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from worker import metrics
+from worker import kafka_logs, metrics
 from worker.accounts import AccountsError, Credentials, load_accounts
 from worker.clock import ExchangeClock
 from worker.dedup import ResultsFeed, SeenCommands
@@ -186,6 +186,7 @@ class Worker:
     """The running worker. ``async with Worker(...)`` starts Kafka and HTTP; ``run`` serves."""
 
     def __init__(self, settings: Settings, accounts: Mapping[str, Credentials]) -> None:
+        kafka_logs.install()  # the first join's coordinator lookup is not an ERROR
         self.settings = settings
         self._accounts = accounts
         self.clock = ExchangeClock(settings.time_url, refresh_s=settings.clock_refresh_s)
@@ -370,13 +371,7 @@ class Worker:
             checks.append(Check("running", False, "stopping"))
         else:
             checks.append(Check("running", True, "fetching"))
-        assigned = len(self._consumer.assignment())
-        if assigned:
-            checks.append(Check("group", True, f"{assigned} partition(s) assigned"))
-        elif _group_coordinator_known(self._consumer):
-            checks.append(Check("group", True, "in the group, waiting for an assignment"))
-        else:
-            checks.append(Check("group", False, "no group coordinator"))
+        checks.append(self._group_check())
         if pipeline.kafka_reachable_now:
             checks.append(Check("kafka", True, "reachable"))
         else:
@@ -394,6 +389,24 @@ class Worker:
             checks.append(Check("exchange", True, detail))
         checks.append(self._clock_check())
         return checks
+
+    def _group_check(self) -> Check:
+        """In the group: partitions assigned, or joined (a generation) with its coordinator
+        known (a member with no partition: more members than partitions, or a rebalance
+        under way). Knowing the coordinator is not being in the group: at start, the first
+        join can still be refused (the coordinator's partition is being loaded or moved,
+        and aiokafka looks it up again), so a worker is not ready before its first join
+        has completed, and its readiness goes from 503 to 200 once."""
+        consumer = self._consumer
+        assigned = len(consumer.assignment())
+        if assigned:
+            return Check("group", True, f"{assigned} partition(s) assigned")
+        member = group_member(consumer)
+        if not member.joined:
+            return Check("group", False, "joining the group")
+        if not _group_coordinator_known(consumer):
+            return Check("group", False, "no group coordinator")
+        return Check("group", True, f"in the group (generation {member.generation}), no partition")
 
     def _clock_check(self) -> Check:
         synced = self.clock.synced_at_ms
