@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 KAFKA_JARS := deploy/kafka/target/libs/.complete
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint typecheck unit bench bench-quick clean kafka-start kafka-stop \
+.PHONY: setup demo dev test lint typecheck unit bench bench-quick clean kafka-start kafka-stop \
 	k8s-tools k8s-validate lock
 
 setup: $(STAMP) $(KAFKA_JARS)
@@ -50,6 +50,11 @@ lock: $(STAMP)
 
 demo: setup
 	$(BIN)/cancel-worker demo
+
+# Kafka on 127.0.0.1:9092, the simulator on :8765 (seeded from deploy/dev/) and the worker,
+# on the worker's defaults, until Ctrl-C (README, "Run it by hand").
+dev: setup
+	$(BIN)/cancel-worker dev
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests

@@ -511,6 +511,37 @@ def demo(keep: bool, verbose: bool) -> None:
 
 
 @cli.command()
+@click.option("--kafka-port", default=9092, show_default=True, type=int)
+@click.option("--controller-port", default=9093, show_default=True, type=int)
+@click.option("--sim-port", default=8765, show_default=True, type=int, help="0 picks a free one.")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The broker's data (default .local/dev; emptied at every start).",
+)
+@click.option("--quiet", is_flag=True, help="Do not echo the worker's and simulator's logs.")
+def dev(
+    kafka_port: int, controller_port: int, sim_port: int, data_dir: Path | None, quiet: bool
+) -> None:
+    """A local stack by hand: Kafka, the simulator (seeded from deploy/dev/) and the worker,
+    on the worker's default ports and topics, until Ctrl-C.
+
+    Exit codes: 0 stopped by Ctrl-C or SIGTERM, 1 a part failed, 2 a port in use."""
+    from worker.tools.dev import DEV_DIR, run_dev  # noqa: PLC0415
+
+    configure_logging("WARNING")
+    sys.exit(
+        run_dev(
+            kafka_port=kafka_port,
+            controller_port=controller_port,
+            sim_port=sim_port,
+            data_dir=data_dir or DEV_DIR,
+            quiet=quiet,
+        )
+    )
+
+
+@cli.command()
 @config_option
 @click.option("--create-topics", is_flag=True, help="Create missing topics first.")
 @click.option("--partitions", default=6, show_default=True, help="For --create-topics.")

@@ -1,5 +1,6 @@
-"""Local parts for the demo and the tests: the Kafka broker script, simulator and worker
-processes. Everything binds to loopback on free ports.
+"""Local parts for the demo, the local stack (``cancel-worker dev``) and the tests: the Kafka
+broker script, simulator and worker processes. Everything binds to loopback (on free ports,
+unless a port is given).
 """
 
 from __future__ import annotations
@@ -193,9 +194,14 @@ def cli_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "worker", *args]
 
 
-def start_sim(accounts_file: Path, *extra: str, echo: IO[str] | None = None) -> tuple[Process, str]:
+def start_sim(
+    accounts_file: Path, *extra: str, echo: IO[str] | None = None, port: int = 0
+) -> tuple[Process, str]:
+    """The simulator on ``port`` (0: a free one); returns it and its base URL."""
     proc = Process(
-        "sim", cli_argv("sim", "--port", "0", "--accounts", str(accounts_file), *extra), echo=echo
+        "sim",
+        cli_argv("sim", "--port", str(port), "--accounts", str(accounts_file), *extra),
+        echo=echo,
     )
     line = proc.wait_for_line("SIM_READY ", 30, at_start=True)
     return proc, line.split(" ", 1)[1].strip()
