@@ -123,6 +123,13 @@ def _order(strategy: Strategy) -> str:
 def describe(result: Result) -> str:
     """One readable line: what happened to the command, and where and when."""
     head = f"{result.command_id} {result.account} {result.market} {result.symbol or '-'}:"
+    retried = result.raw.get("retry_of")
+    if isinstance(retried, Mapping):
+        at = retried.get("origin") or {}
+        head += (
+            f" re-drive of {retried.get('type')}/{retried.get('reason')} at "
+            f"{at.get('topic')}[{at.get('partition')}]@{at.get('offset')}:"
+        )
     took = f"attempts {result.attempts}, {result.completed_at - result.received_at} ms"
     if isinstance(result, StrategyCanceled):
         s = result.strategy
