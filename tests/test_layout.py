@@ -10,7 +10,7 @@ from pathlib import Path
 import worker
 
 PACKAGE = Path(worker.__file__).parent
-CLI_TOOL_COMMANDS = {"sim", "demo"}
+CLI_TOOL_COMMANDS = {"sim", "demo", "dev"}
 
 
 def _imports(tree: ast.Module) -> list[tuple[str, ast.AST]]:
@@ -51,7 +51,7 @@ def test_the_runtime_never_imports_the_tools() -> None:
 def test_the_tools_are_a_subpackage_of_their_own() -> None:
     tools = PACKAGE / "tools"
     assert (tools / "__init__.py").is_file()
-    assert {p.name for p in tools.iterdir()} >= {"sim", "demo.py", "devstack.py"}
+    assert {p.name for p in tools.iterdir()} >= {"sim", "demo.py", "devstack.py", "dev.py"}
     assert not (PACKAGE / "sim").exists()
     assert not (PACKAGE / "demo.py").exists()
     assert not (PACKAGE / "devstack.py").exists()
