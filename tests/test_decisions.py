@@ -129,6 +129,22 @@ def test_a_cancel_that_never_left_says_so() -> None:
     assert "could not be reached" in decided.detail and "nothing was sent" in decided.detail
 
 
+@pytest.mark.parametrize("expired", [True, False])
+def test_the_deadline_met_while_the_exchange_said_not_executed_names_the_incident(
+    expired: bool,
+) -> None:
+    """The cancel kept getting "not executed" until no attempt fit before the deadline:
+    the reason is what the exchange kept answering, whichever wait hit the deadline."""
+    for answer, reason in (
+        (ExchangeError(503, None, "Service Unavailable."), FailureReason.EXCHANGE_UNAVAILABLE),
+        (ExchangeError(429, -1003, "Too many requests"), FailureReason.RATE_LIMITED),
+    ):
+        p = Progress(progress().command, Route.UM_ALGO, 9, last_error=answer)
+        decided = after_cancel_error(not_admitted(expired=expired), p)
+        assert isinstance(decided, Outcome) and decided.reason is reason
+        assert decided.exchange == answer.reply and "kept answering" in decided.detail
+
+
 # -- after a 2XX answer -------------------------------------------------------------------------
 
 CONDITIONAL = {

@@ -437,6 +437,8 @@ async def test_expired_unknown_account_and_retired_route_send_nothing_or_explain
         cmd(account="nobody", symbol="BTCUSDT", strategy_id=order["strategy_id"]), now_ms()
     )
     assert expired.reason is FailureReason.EXPIRED and expired.attempts == 0
+    assert "had passed when the command was taken up" in expired.detail
+    assert "waiting" not in expired.detail
     assert stranger.reason is FailureReason.UNKNOWN_ACCOUNT and stranger.attempts == 0
     assert rig.cancel_log() == []
 

@@ -186,6 +186,21 @@ def is_resync(error: PapiError, already_resynced: bool) -> bool:
 def after_cancel_error(error: PapiError, p: Progress) -> Outcome | Next:
     """What a cancel's final error (retries already spent where they apply) means."""
     if isinstance(error, NotAdmittedError):
+        incident = p.last_error
+        if (
+            incident is not None
+            and incident.retryable
+            and incident.reason in (FailureReason.RATE_LIMITED, FailureReason.EXCHANGE_UNAVAILABLE)
+        ):
+            # Retrying an answer that said "not executed" until the deadline came: the cause
+            # is what the exchange kept answering, not the deadline.
+            return _failed(
+                p,
+                incident.reason,
+                f"gave up at the deadline after {p.attempts} attempt(s) ({error}); the "
+                f"exchange kept answering: {incident}",
+                exchange=reply_of(incident),
+            )
         if error.expired:
             detail = (
                 "expires_at passed before the cancel could be signed"
@@ -220,6 +235,22 @@ def after_cancel_error(error: PapiError, p: Progress) -> Outcome | Next:
     hint = RETIRED_HINTS[p.route] if error.reason is FailureReason.ROUTE_RETIRED else None
     return _failed(
         p, error.reason, f"exchange refused the cancel: {error}", exchange=reply, hint=hint
+    )
+
+
+def expired_on_arrival(command: Command, now: int) -> Outcome | None:
+    """``expired`` without a request when ``expires_at`` had passed (on the exchange clock)
+    by the time the command was taken up; None while it stands."""
+    if command.expires_at is None or now < command.expires_at:
+        return None
+    return Outcome(
+        False,
+        0,
+        reason=FailureReason.EXPIRED,
+        detail=(
+            f"expires_at had passed when the command was taken up ({now - command.expires_at} "
+            "ms before, on the exchange clock): nothing was sent"
+        ),
     )
 
 

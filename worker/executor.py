@@ -191,6 +191,9 @@ class CancelExecutor:
         creds = self._accounts.get(command.account)
         if creds is None:
             return decisions.unknown_account(command)
+        late = decisions.expired_on_arrival(command, self._clock())
+        if late is not None:
+            return late
         if command.is_sweep:
             return await self._kill_switch.execute(command, creds, self.retry_deadline_ms(command))
         cancel = plan_cancel(command)
