@@ -92,26 +92,44 @@ async def test_an_incident_costs_latency_and_the_runbook_recovers_what_outlasted
         orders = _seed(sim, 24)
         first_seq = sim.last_seq()
         sim.configure(unavailable_for_ms=10_000)
-        for order in orders:  # a stream over about 2.4 s, into the incident
+        flat = sim.seed([{"account": "desk-0", "kind": "algo", "symbol": "DOGEUSDT"}] * 3)
+        for i, order in enumerate(orders):  # a stream over about 2.4 s, into the incident
             await produce(broker.bootstrap, topics.commands, [_cancel(order, 30_000)])
+            if i == len(orders) // 2:  # and a kill switch in the middle of it
+                issued = now_ms()
+                kill = {
+                    "command_id": "kill-doge",
+                    "account": "desk-0",
+                    "market": "UM",
+                    "symbol": "DOGEUSDT",
+                    "scope": "symbol",
+                    "issued_at": issued,
+                    "expires_at": issued + 30_000,
+                }
+                await produce(
+                    broker.bootstrap, topics.commands, [(b"desk-0:DOGEUSDT", orjson.dumps(kill))]
+                )
             await asyncio.sleep(0.1)
 
         async def answered(count: int) -> bool:
             return len(await _results(broker.bootstrap, topics.results)) >= count
 
         deadline = asyncio.get_running_loop().time() + 60
-        while not await answered(len(orders)):
+        while not await answered(len(orders) + 1):
             assert asyncio.get_running_loop().time() < deadline, "the stream was not answered"
             await asyncio.sleep(0.5)
         results = await _results(broker.bootstrap, topics.results)
         refused = [r for r in sim.requests(first_seq) if r.get("status") == 503]
         assert len(refused) >= len(orders), "the incident did not meet the cancels"
-        assert {r["type"] for r in results} == {"strategy.canceled"}, [
-            (r["type"], r.get("reason"), r.get("detail")) for r in results
-        ]
+        assert sorted(r["type"] for r in results) == ["strategies.canceled"] + [
+            "strategy.canceled"
+        ] * len(orders), [(r["type"], r.get("reason"), r.get("detail")) for r in results]
+        (swept,) = [r for r in results if r["type"] == "strategies.canceled"]
+        assert swept["complete"] and len(swept["strategies"]) == len(flat)
         assert max(r["attempts"] for r in results) > settings.max_attempts
         book = sim.orders()
-        assert all(book[o["algo_id"]]["status"] == "CANCELED" for o in orders)
+        assert all(book[o["algo_id"]]["status"] == "CANCELED" for o in (*orders, *flat))
+        first_phase = len(orders) + 1  # results so far: the cancels and the kill switch
 
         # -- 2. an incident longer than the deadline: the cancels fail ----------------------
         late = _seed(sim, 6)
@@ -122,7 +140,7 @@ async def test_an_incident_costs_latency_and_the_runbook_recovers_what_outlasted
         await produce(broker.bootstrap, topics.commands, late_cancels)
         until_ms = now_ms() + 1
         deadline = asyncio.get_running_loop().time() + 60
-        while not await answered(len(orders) + len(late)):
+        while not await answered(first_phase + len(late)):
             assert asyncio.get_running_loop().time() < deadline, "the failures never came"
             await asyncio.sleep(0.5)
         all_results = await _results(broker.bootstrap, topics.results)
@@ -175,7 +193,7 @@ async def test_an_incident_costs_latency_and_the_runbook_recovers_what_outlasted
                 result["origin"]["partition"] != original["partition"]
             )
         book = sim.orders()
-        assert all(book[o["algo_id"]]["status"] == "CANCELED" for o in (*orders, *late))
+        assert all(book[o["algo_id"]]["status"] == "CANCELED" for o in late)
 
         shown = await run(check_results)
         for result in again:

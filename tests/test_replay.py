@@ -20,6 +20,7 @@ from tests.support import (
     cancel_requests,
     command,
     consume,
+    events_of,
     fresh_topics,
     produce,
     running_worker,
@@ -205,7 +206,7 @@ async def test_replay_with_skip_processed_sends_only_the_missing_commands(
         o["strategy_id"] for o in orders[20:]
     )
 
-    results = [orjson.loads(r.value) for r in await _records(broker.bootstrap, topics.results)]
+    results = events_of(await _records(broker.bootstrap, topics.results))
     finals = collections.Counter(e["command_id"] for e in results if e["type"] in FINAL)
     assert finals == {c["command_id"]: 1 for c in cmds}
     by_id = {e["command_id"]: e for e in results}
@@ -472,6 +473,11 @@ async def test_cli_dry_run_and_bad_arguments(
             ),
             "--from-topic",
         ),
+        (("--failed", "already_closed", "--dry-run"), "already_closed cannot be re-driven"),
+        (("--failed", "outcome_unknown,not_found"), "not_found cannot be re-driven"),
+        (("--failed", "--restamp"), "keeps issued_at"),
+        (("--failed", "--from-topic", "deadletter"), "dead letters"),
+        (("expired",), "REASON goes with --failed"),
     ):
         done = run(*args)
         assert done.returncode == 2, (args, done.stdout, done.stderr)

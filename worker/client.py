@@ -115,7 +115,7 @@ class Strategy:
     client_strategy_id: str | None
     algo_id: int | None
     client_algo_id: str | None
-    status: str
+    status: str | None  # always set on a StrategyCanceled; a kill switch's unknown may lack it
     order_type: str | None
     side: str | None
     position_side: str | None
