@@ -67,6 +67,9 @@ class WindowBudget:
     # process, or this one before a restart, may have used it): only this many may be in
     # flight at once there, so the first answer's count arrives before the budget is spent.
     unconfirmed_allowance: int = 5
+    # Shared with other processes that send at the same time (the IP's weight, pods behind
+    # one NAT IP): in a confirmed window too, only half the room left may be in flight.
+    shared: bool = False
     used: dict[int, int] = field(default_factory=dict)
     in_flight: dict[int, int] = field(default_factory=dict)
     confirmed: set[int] = field(default_factory=set)
@@ -103,22 +106,35 @@ class WindowBudget:
     def _under_limit(self, index: int, limit: int | None) -> bool:
         return self.used.get(index, 0) < (self.limit if limit is None else limit)
 
-    def _unknown_crowded(self, index: int) -> bool:
-        return (
-            index not in self.confirmed
-            and self.in_flight.get(index, 0) >= self.unconfirmed_allowance
-        )
+    def _unknown_crowded(self, index: int, limit: int | None = None) -> bool:
+        """Whether more in flight now could overfill the window for want of a fresher count.
+
+        Unconfirmed: ``unconfirmed_allowance`` at most. Confirmed and ``shared``: the count
+        covers what had reached it by its last answer, from every process on the IP, but
+        not what the others have in flight since; each keeps at most half the room it sees
+        in flight, so processes sharing the IP and doing the same leave each other room and
+        meet the limit in shrinking steps, each step's answers bringing the count up to date.
+        (With plenty of room this is no limit: a burst goes out at once.)
+        """
+        in_flight = self.in_flight.get(index, 0)
+        if index not in self.confirmed:
+            return in_flight >= self.unconfirmed_allowance
+        if not self.shared:
+            return False
+        room = (self.limit if limit is None else limit) - self.used.get(index, 0)
+        return in_flight >= max(1, room // 2)
 
     def has_room(self, now: int, limit: int | None = None) -> bool:
         return all(
-            self._under_limit(i, limit) and not self._unknown_crowded(i) for i in self._indices(now)
+            self._under_limit(i, limit) and not self._unknown_crowded(i, limit)
+            for i in self._indices(now)
         )
 
     def awaiting_count(self, now: int, limit: int | None = None) -> bool:
         """Whether the only thing missing is the exchange's count for the window."""
         indices = self._indices(now)
         return all(self._under_limit(i, limit) for i in indices) and any(
-            self._unknown_crowded(i) for i in indices
+            self._unknown_crowded(i, limit) for i in indices
         )
 
     def settle(self, now: int, taken: frozenset[int] = frozenset()) -> None:
@@ -212,8 +228,9 @@ class RateGovernor:
         self._s = settings
         self._clock = clock
         self._weight = WindowBudget(
-            settings.weight_limit, settings.weight_window_ms, settings.guard_ms
+            settings.weight_limit, settings.weight_window_ms, settings.guard_ms, shared=True
         )
+        self._unconfirmed = self._weight.unconfirmed_allowance
         self._orders: dict[str, WindowBudget] = {}
         self._ip_paused_until = 0
         self._banned_until = 0
@@ -260,6 +277,10 @@ class RateGovernor:
         if self._ip_paused_until > now:
             return "ip_429_pause", self._ip_paused_until
         limit = self._ip_limit(now)
+        # After a 429 or a ban, the IP was full: until the exchange answers in a window, one
+        # request at a time finds out whether the other processes on it have filled it again.
+        recovering = self._ramp_from and now - self._ramp_from < self._s.ramp_ms
+        self._weight.unconfirmed_allowance = 1 if recovering else self._unconfirmed
         if not self._weight.has_room(now, limit):
             if self._weight.awaiting_count(now, limit):
                 return "awaiting_exchange_count", now + 20
