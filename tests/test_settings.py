@@ -435,10 +435,10 @@ def test_the_demos_settings_pass(tmp_path: Path) -> None:
 
 def _deploy_env() -> Iterator[tuple[str, str, str]]:
     """(file, name, value) of every CANCEL_WORKER_* variable the deploy/ manifests set."""
-    configmap = (ROOT / "deploy/k8s/configmap.yaml").read_text()
+    configmap = (ROOT / "deploy/k8s/base/configmap.yaml").read_text()
     for name, value in re.findall(rf'^\s+({W}\w+):\s*"([^"]*)"', configmap, re.M):
         yield "configmap.yaml", name, value
-    deployment = (ROOT / "deploy/k8s/deployment.yaml").read_text()
+    deployment = (ROOT / "deploy/k8s/base/deployment.yaml").read_text()
     pattern = rf'- name: ({W}\w+)\s+value:\s*"([^"]*)"'
     for name, value in re.findall(pattern, deployment):
         yield "deployment.yaml", name, value
