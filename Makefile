@@ -1,5 +1,5 @@
 # Everything installs into .venv and deploy/kafka/target; nothing is needed by hand beyond
-# Python 3.11+, Java 17 and Maven.
+# Python 3.11+, Java 17, Maven and Go (kustomize for the Kubernetes kit's validator).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

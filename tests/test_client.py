@@ -129,6 +129,15 @@ async def test_cancel_returns_typed_results(
     assert isinstance(repeated, CancelDuplicate)
     assert repeated.first_result["type"] == "strategy.canceled"
 
+    # A kill switch retried with one command id: a typed result both times, never a timeout.
+    kill_id = f"kill-retry-{swept.command_id}"[:64]
+    first_kill = await client.cancel_all("desk-1", "UM", "BNBUSDT", command_id=kill_id, timeout=30)
+    assert isinstance(first_kill, StrategiesCanceled) and first_kill.complete
+    retried = await client.cancel_all("desk-1", "UM", "BNBUSDT", command_id=kill_id, timeout=30)
+    assert isinstance(retried, CancelDuplicate)
+    assert retried.first_result["type"] == "strategies.canceled"
+    assert retried.first_result["reason"] is None
+
 
 async def test_a_command_the_worker_would_refuse_is_not_published(client: CancelClient) -> None:
     with pytest.raises(InvalidCommandError, match="symbol"):

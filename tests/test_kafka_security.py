@@ -53,6 +53,7 @@ CONSTRUCTORS = frozenset({"AIOKafkaConsumer", "AIOKafkaProducer", "AIOKafkaAdmin
 # Files whose Kafka clients are not built from settings, and why.
 EXEMPT = {
     "tools/demo.py": "the demo starts its own PLAINTEXT broker on loopback and names it",
+    "tools/dev.py": "the local stack starts its own PLAINTEXT broker on loopback and names it",
 }
 
 
