@@ -17,6 +17,7 @@ from worker.decisions import (
     after_query,
     retries_spent,
     should_retry,
+    too_old,
 )
 from worker.errors import (
     ExchangeError,
@@ -257,3 +258,13 @@ def test_after_query(
         assert decided.strategy is not None and decided.strategy["status"] == "CANCELED"
     if reason == "already_closed":
         assert decided.order_status == body["algoStatus"] if body else None
+
+
+def test_a_command_older_than_the_age_limit_is_expired_without_a_request() -> None:
+    command = progress().command
+    issued = command.issued_at
+    assert too_old(command, issued + 600_000, 600_000) is None  # at the limit: still young
+    old = too_old(command, issued + 600_001, 600_000)
+    assert old is not None and old.reason is FailureReason.EXPIRED and old.attempts == 0
+    assert "MAX_COMMAND_AGE_MS" in old.detail and "replay --failed" in old.detail
+    assert too_old(command, issued + 10**9, 0) is None  # 0: no limit

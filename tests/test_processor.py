@@ -55,9 +55,11 @@ class RecordingExecutor(CancelExecutor):
         super().__init__(client, {}, RetryPolicy(), now_ms)
         self.seen: list[Command] = []
 
-    async def execute(self, command: Command, received_at: int) -> Outcome:
+    async def execute(
+        self, command: Command, received_at: int, *, redrive: bool = False
+    ) -> Outcome:
         self.seen.append(command)
-        return await super().execute(command, received_at)
+        return await super().execute(command, received_at, redrive=redrive)
 
 
 @pytest.fixture

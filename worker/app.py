@@ -70,6 +70,7 @@ def policy_from(settings: Settings) -> RetryPolicy:
         default_deadline_ms=settings.default_deadline_ms,
         recv_window_ms=settings.recv_window_ms,
         reconcile_budget_ms=settings.reconcile_budget_ms,
+        max_command_age_ms=settings.max_command_age_ms,
     )
 
 

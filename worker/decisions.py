@@ -254,6 +254,25 @@ def expired_on_arrival(command: Command, now: int) -> Outcome | None:
     )
 
 
+def too_old(command: Command, now: int, max_age_ms: int) -> Outcome | None:
+    """``expired`` without a request when the command was issued more than ``max_age_ms``
+    before ``now`` (0: no limit). An old command read again (a replay, an offset reset, a
+    backlog after a long outage) must not cancel what the risk engine no longer means: a
+    client order id may name a newer order by now."""
+    age = now - command.issued_at
+    if max_age_ms <= 0 or age <= max_age_ms:
+        return None
+    return Outcome(
+        False,
+        0,
+        reason=FailureReason.EXPIRED,
+        detail=(
+            f"issued {age} ms ago, longer than MAX_COMMAND_AGE_MS ({max_age_ms} ms): nothing "
+            "was sent (cancel-worker replay --failed re-drives it on purpose)"
+        ),
+    )
+
+
 def _expired(p: Progress, detail: str) -> Outcome:
     if p.last_error is not None:
         detail += f"; last error: {p.last_error}"

@@ -65,6 +65,7 @@ class RetryPolicy:
     recv_window_ms: int = 5_000
     reconcile_budget_ms: int = 5_000
     max_cancel_rounds: int = 8
+    max_command_age_ms: int = 0  # 0: no limit (the worker's setting defaults to 10 minutes)
 
     def backoff(self) -> wait_base:
         """The wait between retries after the first (exponential, capped, with jitter)."""
@@ -185,13 +186,20 @@ class CancelExecutor:
         default = self._clock() + self._policy.default_deadline_ms
         return min(command.expires_at, default) if command.expires_at is not None else default
 
-    async def execute(self, command: Command, received_at: int) -> Outcome:
+    async def execute(
+        self, command: Command, received_at: int, *, redrive: bool = False
+    ) -> Outcome:
         """Cancel as the command asks. ``received_at`` (local ms) is kept for the caller's
-        records; deadlines are read on the exchange clock from the start of execution."""
+        records; deadlines are read on the exchange clock from the start of execution.
+        ``redrive``: an operator's re-drive of a recent failure (it passed the duplicate
+        window's check), whose deadline was renewed: exempt from ``max_command_age_ms``."""
         creds = self._accounts.get(command.account)
         if creds is None:
             return decisions.unknown_account(command)
-        late = decisions.expired_on_arrival(command, self._clock())
+        now = self._clock()
+        late = decisions.expired_on_arrival(command, now)
+        if late is None and not redrive:
+            late = decisions.too_old(command, now, self._policy.max_command_age_ms)
         if late is not None:
             return late
         if command.is_sweep:

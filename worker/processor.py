@@ -149,6 +149,7 @@ class CommandProcessor:
             return self._invalid(record, origin, decoded, received_at)
         redrives = redrive.redrive_header(record.headers)
         retry_of: dict[str, object] | None = None
+        verified_redrive = False
         if self._seen is not None:
             seen = self._seen.get(decoded.command_id)
             if seen is not None:
@@ -157,6 +158,7 @@ class CommandProcessor:
                     retry_of = redrive.retry_of(
                         redrive.RecordAt(*first.origin), first.reason, first.completed_at
                     )
+                    verified_redrive = True
                     log.info(
                         "command_id=%s at %s[%d]@%d re-drives its %s/%s at %s[%d]@%d",
                         decoded.command_id,
@@ -181,7 +183,7 @@ class CommandProcessor:
             reason = claimed.decode("ascii", "replace") if claimed is not None else None
             retry_of = redrive.retry_of(redrives, reason, None)
         try:
-            outcome = await self._executor.execute(decoded, received_at)
+            outcome = await self._executor.execute(decoded, received_at, redrive=verified_redrive)
         except Exception:
             log.exception("unexpected error executing command_id=%s", decoded.command_id)
             outcome = Outcome(

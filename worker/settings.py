@@ -131,6 +131,10 @@ class Settings:
     backoff_max_s: float = 2.0
     default_deadline_ms: int = 30_000
     reconcile_budget_ms: int = 5_000
+    # A command issued longer ago than this (by its issued_at, on the exchange clock) is
+    # expired without a request: a replay or an offset reset must not re-run hour-old
+    # cancels (replay --restamp re-runs old commands on purpose). 0 turns it off.
+    max_command_age_ms: int = 600_000
     # Exchange clock
     clock_refresh_s: float = 60.0
     # Rate governor (the exchange's limits; lower them to leave room for other clients)
@@ -256,6 +260,7 @@ RANGES: dict[str, Range] = {
     "backoff_max_s": POSITIVE,
     "default_deadline_ms": ONE_OR_MORE,
     "reconcile_budget_ms": NON_NEGATIVE,
+    "max_command_age_ms": NON_NEGATIVE,
     "clock_refresh_s": POSITIVE,
     "rate_weight_limit": ONE_OR_MORE,
     "rate_weight_window_ms": ONE_OR_MORE,
