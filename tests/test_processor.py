@@ -18,7 +18,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker import redrive
+from tests.test_fit import _strategy
+from worker import metrics, redrive
 from worker.commands import Command
 from worker.contracts import result_validator
 from worker.dedup import FirstResult, RecordAt, SeenCommands
@@ -33,6 +34,8 @@ from worker.processor import (
     key_stand_in,
     record_bytes,
 )
+from worker.routes import Route
+from worker.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept
 from worker.timeutil import now_ms
 
 MB = 1_000_000
@@ -553,3 +556,42 @@ async def test_a_redrive_the_window_no_longer_holds_is_processed_and_says_what_i
         "origin": {"topic": "cmd", "partition": 0, "offset": 3},
         "completed_at": None,
     }
+
+
+async def test_a_kill_switch_listing_thousands_of_orders_fits_one_record(
+    executor: RecordingExecutor,
+) -> None:
+    """The exchange decides how many orders a kill switch lists; the result still fits the
+    bound of every record the processor publishes, and what was left out is counted."""
+    listed = [Listed(Route.UM_ALGO, i, _strategy(i)) for i in range(5_000)]
+    report = SweepReport(
+        (RouteReport(Route.UM_ALGO, RouteOutcome.DONE, len(listed)),), Swept(canceled=listed)
+    )
+
+    class Sweeping(RecordingExecutor):
+        async def execute(
+            self, command: Command, received_at: int, *, redrive: bool = False
+        ) -> Outcome:
+            return Outcome(True, 2, sweep=report)
+
+    before = metrics.SWEEP_OMITTED.labels("strategies")._value.get()
+    kill = orjson.dumps(
+        {
+            "command_id": "kill-1",
+            "account": "desk-0",
+            "market": "UM",
+            "symbol": "BTCUSDT",
+            "scope": "symbol",
+            "issued_at": now_ms(),
+        }
+    )
+    dlq_max = 200_000
+    (out,) = await _processor(Sweeping(executor._client), dlq_max)(
+        InRecord("cmd", 0, 1, b"k", kill)
+    )
+    _check_sizes([out], dlq_max)
+    event = orjson.loads(out.value)
+    result_validator().validate(event)
+    kept, omitted = len(event["strategies"]), event["omitted"]["strategies"]
+    assert kept > 0 and kept + omitted == 5_000
+    assert metrics.SWEEP_OMITTED.labels("strategies")._value.get() - before == omitted

@@ -73,6 +73,12 @@ SWEEP_ORDERS = Counter(
     "Orders listed by kill switches, by what became of them",
     ["group"],
 )
+SWEEP_OMITTED = Counter(
+    "cancel_worker_kill_switch_orders_omitted_total",
+    "Listed orders left out of a kill switch's result to fit one record (counted in its "
+    "omitted object), by group",
+    ["group"],
+)
 
 # -- what the on-call engineer asks (refreshed from the running worker at each scrape) ------
 

@@ -58,6 +58,7 @@ from worker.dedup import RecordAt, Seen, SeenCommands
 from worker.errors import FailureReason
 from worker.events import Origin
 from worker.executor import CancelExecutor
+from worker.fit import fit_kill_switch
 from worker.pipeline import InRecord, OutRecord
 
 log = logging.getLogger(__name__)
@@ -389,7 +390,22 @@ class CommandProcessor:
     def _result(self, record: InRecord, event: dict[str, object]) -> OutRecord:
         metrics.RESULTS.labels(str(event["type"]), str(event.get("reason", ""))).inc()
         headers: tuple[Header, ...] = (("type", str(event["type"]).encode()),)
-        return OutRecord(self._results_topic, self._key(record), events.serialize(event), headers)
+        key = self._key(record)
+        if event["type"] == events.SWEPT:
+            # The exchange decides how many orders a kill switch lists: the result is kept
+            # within the same bound as every other record this module publishes.
+            frame = record_bytes(OutRecord(self._results_topic, key, b"", headers))
+            omitted = fit_kill_switch(event, self._deadletter_max_bytes - frame)
+            for group, count in omitted.items():
+                metrics.SWEEP_OMITTED.labels(group).inc(count)
+            if omitted:
+                log.warning(
+                    "command_id=%s: the kill switch's result names too many orders for one "
+                    "record; left out (counted in its omitted object): %s",
+                    event.get("command_id"),
+                    omitted,
+                )
+        return OutRecord(self._results_topic, key, events.serialize(event), headers)
 
 
 def _refused(decoded: Command | InvalidCommand, detail: str) -> InvalidCommand:
