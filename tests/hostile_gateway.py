@@ -33,7 +33,12 @@ class Mangle:
     (a 200 whose body is ``size`` bytes of JSON-looking text), ``not_json`` (200 "OK"),
     ``status`` (the upstream body with ``status`` instead of its own), ``pass`` (as it is, after
     ``delay_s``), ``chunked`` (the upstream answer with ``Transfer-Encoding: chunked``, its body
-    in three chunks, the first with a chunk extension, then a trailer field).
+    in three chunks, the first with a chunk extension, then a trailer field), ``headers``
+    (the upstream answer, its status replaced by ``status`` when that is not 503, with
+    ``headers`` in place of any of the same names), ``drip`` (the upstream answer whole and
+    correct, its body sent one byte every ``interval_s``: each wait for bytes is short, the
+    whole answer is not; ``size`` spaces are put after its JSON body's opening brace, to make
+    it longer and still the same JSON).
     ``forward``: whether the request reaches the simulator first (the exchange did the work).
     """
 
@@ -42,6 +47,19 @@ class Mangle:
     status: int = 503
     size: int = 0
     delay_s: float = 0.0  # held this long after the upstream answered
+    headers: tuple[tuple[str, str], ...] = ()
+    interval_s: float = 0.03
+
+
+@dataclass
+class Drip:
+    """One dripped answer: its length, and the bytes sent before it ended (all of them, or
+    fewer when the client closed the connection first)."""
+
+    total: int
+    sent: int = 0
+    client_closed: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -50,6 +68,7 @@ class Gateway:
     queued: dict[str, deque[Mangle]] = field(default_factory=dict)
     after: deque[tuple[str, Callable[[], None]]] = field(default_factory=deque)
     seen: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, what)
+    drips: list[Drip] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
     _http: httpx.AsyncClient | None = None
@@ -90,9 +109,32 @@ class Gateway:
                 self.after.popleft()[1]()
         if mangle is not None and mangle.delay_s:
             await asyncio.sleep(mangle.delay_s)
+        if mangle is not None and mangle.kind == "drip":
+            await self._drip(writer, _answer(None, upstream, pad=mangle.size), mangle.interval_s)
+            return
         writer.write(_answer(mangle, upstream))
         with contextlib.suppress(ConnectionError):
             await writer.drain()
+        writer.close()
+
+    async def _drip(self, writer: asyncio.StreamWriter, answer: bytes, interval_s: float) -> None:
+        head_end = answer.index(b"\r\n\r\n") + 4
+        drip = Drip(total=len(answer))
+        self.drips.append(drip)
+        try:
+            writer.write(answer[:head_end])
+            drip.sent = head_end
+            for i in range(head_end, len(answer)):
+                await asyncio.sleep(interval_s)
+                if writer.is_closing():
+                    break
+                writer.write(answer[i : i + 1])
+                await writer.drain()
+                drip.sent = i + 1
+        except ConnectionError:
+            pass
+        drip.client_closed = drip.sent < drip.total
+        drip.ended.set()
         writer.close()
 
     @contextlib.asynccontextmanager
@@ -134,13 +176,15 @@ def _head(status: int, headers: list[tuple[str, str]], length: int) -> bytes:
 _REASONS = {200: "OK", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
-def _answer(mangle: Mangle | None, upstream: httpx.Response | None) -> bytes:
+def _answer(mangle: Mangle | None, upstream: httpx.Response | None, pad: int = 0) -> bytes:
     passed = (
         [(k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP]
         if upstream is not None
         else []
     )
     body = upstream.content if upstream is not None else b'{"code":0,"msg":"ok"}'
+    if pad and body.startswith(b"{"):
+        body = b"{" + b" " * pad + body[1:]
     status = upstream.status_code if upstream is not None else 200
     kind = mangle.kind if mangle is not None else "pass"
     if kind == "pass":
@@ -164,6 +208,11 @@ def _answer(mangle: Mangle | None, upstream: httpx.Response | None) -> bytes:
         return _head(mangle.status if mangle else 503, passed, len(body)) + body
     if kind == "chunked":
         return _chunked(status, passed, body)
+    if kind == "headers" and mangle is not None:
+        answered = status if mangle.status == 503 else mangle.status
+        replaced = {name.lower() for name, _ in mangle.headers}
+        kept = [(k, v) for k, v in passed if k.lower() not in replaced]
+        return _head(answered, [*kept, *mangle.headers], len(body)) + body
     raise ValueError(f"unknown mangle {kind!r}")
 
 

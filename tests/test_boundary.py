@@ -36,10 +36,17 @@ from tests.support import (
 )
 from worker.accounts import Credentials
 from worker.commands import Command, Market
-from worker.errors import FailureReason
+from worker.errors import (
+    MESSAGE_SHOWN_MAX,
+    REPLY_MSG_MAX,
+    ExchangeError,
+    FailureReason,
+    NoAnswerError,
+)
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
 from worker.governor import GovernorSettings, RateGovernor
 from worker.papi import PapiClient
+from worker.signing import encode_params
 from worker.timeutil import now_ms
 from worker.tools.devstack import Broker, start_worker
 from worker.tools.sim.app import SimConfig, SimState, seed_order
@@ -335,3 +342,110 @@ async def test_worker_process_rides_out_an_exchange_refusing_connections(
     assert output.count("exchange unreachable") == 1, output[-3000:]
     assert output.count("exchange reachable again") == 1, output[-3000:]
     assert "retrying command_id" not in output
+
+
+# -- 8. what the exchange's answer can make the client do -----------------------------------
+
+
+async def test_an_answer_dripped_a_byte_at_a_time_is_no_answer_within_the_attempt_timeout(
+    accounts: dict[str, Credentials],
+) -> None:
+    """The cancel applied; its answer comes a byte every 30 ms, each byte well within the
+    read timeout, the whole answer taking several times HTTP_TIMEOUT_S (2 s here). The
+    attempt ends at its overall bound as "no answer" (the client closes the connection with
+    the answer still dripping) and the cancel is confirmed by query, not by the answer."""
+    async with rig_for(accounts) as rig:
+        rig.gateway.queue("DELETE", Mangle("drip", interval_s=0.03, size=300))
+        out = await rig.cancel(rig.algo())
+        assert out.canceled and out.confirmed_by == "query", out
+        [drip] = rig.gateway.drips
+        await asyncio.wait_for(drip.ended.wait(), 30)
+        assert drip.total * 0.03 > 2 * 2  # the whole answer would take over twice the bound
+        assert drip.client_closed and drip.sent < drip.total, drip
+        assert [r["method"] for r in rig.state.requests] == ["DELETE", "GET"]
+
+
+async def test_a_dripped_answer_is_cut_by_papi_client_directly(
+    accounts: dict[str, Credentials],
+) -> None:
+    """The same through the PAPI client alone: ``NoAnswerError`` (ambiguous), and the
+    dripping server sees its client go before the answer is complete."""
+    state = state_from_accounts(accounts, SimConfig())
+    algo_id = int(seed_order(state, {"account": "desk-0", "kind": "algo"})["algo_id"])
+    async with running_sim(state) as sim_url:
+        gateway = Gateway(sim_url)
+        async with gateway.running() as url, PapiClient(url, clock=now_ms, timeout_s=1) as client:
+            gateway.queue("DELETE", Mangle("drip", interval_s=0.03, size=300))
+            with pytest.raises(NoAnswerError, match="attempt timeout"):
+                await client.signed(
+                    accounts["desk-0"],
+                    "DELETE",
+                    "/papi/v1/um/algo/order",
+                    encode_params([("algoId", str(algo_id))]),
+                    is_order=True,
+                )
+            [drip] = gateway.drips
+            await asyncio.wait_for(drip.ended.wait(), 30)
+            assert drip.total * 0.03 > 2 * 1
+            assert drip.client_closed and drip.sent < drip.total, drip
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (("X-MBX-USED-WEIGHT-1M", "\u00b2"),),  # "²".isdigit() is True; int("²") is an error
+        (("X-MBX-ORDER-COUNT-1M", "1\u00b3"),),  # "1³": isdigit() too
+        (("X-MBX-USED-WEIGHT-1M", "1e3"), ("Retry-After", "inf")),
+    ],
+    ids=["superscript-two", "one-cubed", "float-forms"],
+)
+async def test_count_headers_that_are_not_ascii_digits_do_not_spoil_a_successful_cancel(
+    accounts: dict[str, Credentials], headers: tuple[tuple[str, str], ...]
+) -> None:
+    """A confirmed cancel whose answer carries a count the client cannot read as ASCII
+    digits: the cancel is confirmed by its answer (the value is ignored, as if absent),
+    not turned into "no answer" and a reconciliation."""
+    async with rig_for(accounts) as rig:
+        rig.gateway.queue("DELETE", Mangle("headers", headers=headers))
+        out = await rig.cancel(rig.algo())
+        assert out.canceled and out.confirmed_by == "cancel", out
+        assert [r["method"] for r in rig.state.requests] == ["DELETE"]
+        later = await rig.cancel(rig.algo())  # the governor still works
+        assert later.canceled and later.confirmed_by == "cancel"
+
+
+async def test_a_429_with_retry_after_inf_is_a_default_pause_then_the_cancel_goes_out(
+    accounts: dict[str, Credentials],
+) -> None:
+    """``Retry-After: inf`` (``float`` reads it; ``int(inf)`` raises OverflowError) on a 429
+    that did not execute the cancel: read as no Retry-After (the default pause), and the
+    cancel is sent again and confirmed."""
+    async with rig_for(accounts) as rig:
+        rig.gateway.queue(
+            "DELETE",
+            Mangle("headers", forward=False, status=429, headers=(("Retry-After", "inf"),)),
+        )
+        out = await rig.cancel(rig.algo())
+        assert out.canceled and out.confirmed_by == "cancel", out
+        assert rig.governor.stats.pauses_429 == 1
+        assert [k for m, _, k in rig.gateway.seen if m == "DELETE"] == ["headers", "pass"]
+
+
+async def test_an_exchange_message_is_bounded_and_escaped_in_the_error_logs_and_result(
+    accounts: dict[str, Credentials], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 400 whose JSON ``msg`` is 100 KB with line breaks and terminal escapes: the result's
+    ``msg`` is at most REPLY_MSG_MAX characters with the controls escaped, and no log line
+    holds a raw control character or more than a few hundred characters of the message."""
+    evil = "line one\nFAKE 00:00 ERROR injected\x1b[2J" + "m" * 100_000
+    error = ExchangeError(400, -1102, evil)
+    assert error.msg is not None and len(error.msg) == REPLY_MSG_MAX
+    assert "\n" not in error.msg and "\x1b" not in error.msg
+    assert "\\x0a" in error.msg and "\\x1b" in error.msg
+    assert len(str(error)) < MESSAGE_SHOWN_MAX + 100
+    reply = error.reply.as_dict()
+    assert reply["msg"] == error.msg
+    caplog.set_level(logging.INFO)
+    logging.getLogger("worker.executor").warning("command_id=x: %s", error)
+    line = caplog.records[-1].getMessage()
+    assert "\n" not in line and "\x1b" not in line and len(line) < MESSAGE_SHOWN_MAX + 200

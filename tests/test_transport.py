@@ -693,3 +693,49 @@ async def test_https_with_sni_and_certificate_checks(tmp_path: Path) -> None:
         async with client(f"https://localhost:{port}", FastTransport()) as http:
             with pytest.raises(httpx.ConnectError, match="certificate"):
                 await http.get("/")
+
+
+async def test_a_body_dripped_within_every_read_wait_ends_at_the_attempt_timeout() -> None:
+    """One byte every 30 ms: each wait for bytes is far shorter than the read timeout; the
+    whole answer would take 6 s. With ``attempt_timeout`` the exchange ends at that bound
+    (``ReadTimeout`` saying so), and the server sees the connection closed mid-answer."""
+    body = b"x" * 200
+    sent: list[int] = []
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t: Tiny) -> None:
+        await read_request(reader, t)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(len(body)):
+            await asyncio.sleep(0.03)
+            if writer.is_closing():
+                break
+            writer.write(body[i : i + 1])
+            await writer.drain()
+            sent.append(i)
+
+    async with tiny_server(drip) as tiny, client(tiny.url, read=5) as http:
+        request = http.build_request("GET", "/")
+        request.extensions["attempt_timeout"] = 0.5
+        response = await http.send(request, stream=True)
+        with pytest.raises(httpx.ReadTimeout, match="attempt timeout"):
+            await response.aread()
+        await response.aclose()
+        await asyncio.gather(*tiny.tasks)  # the server's next write finds the connection gone
+    assert len(sent) < len(body)
+
+
+async def test_a_head_dripped_within_every_read_wait_ends_at_the_attempt_timeout() -> None:
+    head = b"HTTP/1.1 200 OK\r\nX-Filler: " + b"y" * 200 + b"\r\nContent-Length: 0\r\n\r\n"
+
+    async def drip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t: Tiny) -> None:
+        await read_request(reader, t)
+        for i in range(len(head)):
+            await asyncio.sleep(0.03)
+            writer.write(head[i : i + 1])
+            await writer.drain()
+
+    async with tiny_server(drip) as tiny, client(tiny.url, read=5) as http:
+        request = http.build_request("GET", "/")
+        request.extensions["attempt_timeout"] = 0.5
+        with pytest.raises(httpx.ReadTimeout, match="attempt timeout"):
+            await http.send(request)

@@ -24,10 +24,35 @@ check --taxonomy``) and a test keeps the two equal.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from typing import Any
 
 REPLY_MSG_MAX = 1024  # longest exchange message carried in a result event
+MESSAGE_SHOWN_MAX = 200  # longest exchange message quoted in an error's text (logs, details)
+
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators: what can end a log
+# line or move a terminal's cursor. The bidirectional overrides, which reorder what a reader
+# sees, too.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as its escape (``\\n``, ``\\x1b``,
+    ``\\u2028``): one line, nothing a terminal or a log reader acts on."""
+    return _CONTROLS.sub(_escape, text)
+
+
+def bounded(text: str, limit: int) -> str:
+    """Control characters escaped, then at most ``limit`` characters (cut ones end in
+    ``...``): how a message from outside is quoted."""
+    text = escape_controls(text)
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
 class Disposition(enum.StrEnum):
@@ -300,12 +325,17 @@ class ExchangeError(PapiError):
 
     ``code`` and ``msg`` come from the JSON body only; ``text`` is a short, printable excerpt
     of a body that was not Binance's JSON (a proxy's page), for the detail and never for
-    classification.
+    classification. ``msg`` is kept with its control characters escaped and at most
+    :data:`REPLY_MSG_MAX` characters (what a result carries); the error's own text, which
+    logs and details quote, shows at most :data:`MESSAGE_SHOWN_MAX` of it.
     """
 
     def __init__(self, status: int, code: int | None, msg: str | None, text: str = "") -> None:
-        where = f" body={text!r}" if text and msg is None else ""
-        super().__init__(f"HTTP {status} code={code} msg={msg}{where}")
+        if msg is not None:
+            msg = bounded(msg, REPLY_MSG_MAX)
+        where = f" body={bounded(text, MESSAGE_SHOWN_MAX)!r}" if text and msg is None else ""
+        shown = None if msg is None else bounded(msg, MESSAGE_SHOWN_MAX)
+        super().__init__(f"HTTP {status} code={code} msg={shown}{where}")
         self.status = status
         self.code = code
         self.msg = msg

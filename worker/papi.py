@@ -11,7 +11,12 @@ One request, in order:
 3. **signing** (:class:`~worker.signing.PapiAuth`): one clock reading gives ``timestamp``
    and ``recvWindow``, and nothing is signed after ``expires_at``;
 4. the **exchange**: the answer's head is read and fed to the governor, then the body, at
-   most :data:`MAX_ANSWER_BYTES`.
+   most :data:`MAX_ANSWER_BYTES`; all of it, from the first byte written to the body's last,
+   within ``timeout_s`` (HTTP_TIMEOUT_S): an answer not complete by then is no answer (a
+   server that drips a byte at a time cannot hold a request longer).
+
+The answer's headers reach the governor only as ASCII-digit numbers (:func:`governed_headers`):
+``"²"`` passes ``str.isdigit`` and ``"inf"`` passes ``float``; neither is a count or a pause.
 
 Whatever happens, the governor's ticket is ended exactly once: ``observe`` for an answer,
 ``refund`` for a request that never left, ``settle`` for one that left and got no answer.
@@ -34,7 +39,8 @@ import orjson
 from worker import metrics
 from worker.accounts import Credentials
 from worker.errors import ExchangeError, NoAnswerError, NotAdmittedError, NotSentError, PapiError
-from worker.governor import GovernorDeadlineError, RateGovernor, Ticket
+from worker.governor import GovernorDeadlineError, Priority, Purpose, RateGovernor, Ticket
+from worker.headers import ascii_int
 from worker.signing import PapiAuth, SigningRefusedError
 from worker.transport import FastTransport
 
@@ -50,6 +56,26 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.
 
 # Statuses whose meaning does not depend on the body: a rate-limit stop is a rate-limit stop.
 _STATUS_SPEAKS = frozenset({418, 429})
+
+# Answer headers the rate governor reads: the exchange's counts and Retry-After.
+_GOVERNED_PREFIXES = ("x-mbx-used-weight", "x-mbx-order-count")
+# Beyond the attempt's own bound (HTTP_TIMEOUT_S, enforced by the transport): the connect
+# timeout and a margin, for a transport that does not honour ``attempt_timeout``.
+_OUTER_MARGIN_S = 1.0
+
+
+def governed_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The answer's headers the rate governor reads (weight and order counts, Retry-After),
+    each kept only when its value is ASCII digits (:func:`worker.headers.ascii_int`), as
+    plain digits; anything else is left out, so the governor uses its default."""
+    kept: dict[str, str] = {}
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered == "retry-after" or lowered.startswith(_GOVERNED_PREFIXES):
+            number = ascii_int(value)
+            if number is not None:
+                kept[lowered] = str(number)
+    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +171,8 @@ class PapiClient:
         self._urls: dict[str, httpx.URL] = {}
         self._headers: dict[str, httpx.Headers] = {}
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s).as_dict()
+        self._attempt_s = timeout_s
+        self._outer_s = timeout_s + connect_timeout_s + _OUTER_MARGIN_S
         self.reachability = Reachability(base_url)
         # httpx's own pool (httpcore) scans every pooled connection on every request, so its
         # cost grows with the pool; FastTransport's does not (README, "Performance").
@@ -179,7 +207,12 @@ class PapiClient:
             headers = self._headers[creds.alias] = httpx.Headers(
                 {"User-Agent": _USER_AGENT, "X-MBX-APIKEY": creds.api_key}
             )
-        return httpx.Request(method, url, headers=headers, extensions={"timeout": self._timeout})
+        return httpx.Request(
+            method,
+            url,
+            headers=headers,
+            extensions={"timeout": self._timeout, "attempt_timeout": self._attempt_s},
+        )
 
     async def signed(
         self,
@@ -193,6 +226,8 @@ class PapiClient:
         expires_at: int | None = None,
         recv_window_ms: int = 5_000,
         route: str = "other",
+        priority: Priority = Priority.NORMAL,
+        purpose: Purpose | None = None,
     ) -> PapiResponse:
         """Send one signed request; return its 2XX JSON answer or raise a :class:`PapiError`.
 
@@ -204,10 +239,13 @@ class PapiClient:
 
         ``route``: the label of the request's latency in ``cancel_worker_exchange_request_seconds``
         (a route name: a bounded set).
+
+        ``priority`` and ``purpose``: how the governor queues it when requests wait (a kill
+        switch goes first; reconciliation's weight is capped per account).
         """
         limit = deadline_ms if expires_at is None else min(deadline_ms or expires_at, expires_at)
         while True:
-            ticket = await self._admit(creds.alias, is_order, limit, expires_at)
+            ticket = await self._admit(creds.alias, is_order, limit, expires_at, priority, purpose)
             async with self._connections:
                 if (
                     ticket is not None
@@ -222,12 +260,24 @@ class PapiClient:
                 )
 
     async def _admit(
-        self, account: str, is_order: bool, deadline_ms: int | None, expires_at: int | None
+        self,
+        account: str,
+        is_order: bool,
+        deadline_ms: int | None,
+        expires_at: int | None,
+        priority: Priority = Priority.NORMAL,
+        purpose: Purpose | None = None,
     ) -> Ticket | None:
         if self._governor is None:
             return None
         try:
-            return await self._governor.acquire(account, is_order=is_order, deadline_ms=deadline_ms)
+            return await self._governor.acquire(
+                account,
+                is_order=is_order,
+                deadline_ms=deadline_ms,
+                priority=priority,
+                purpose=purpose,
+            )
         except GovernorDeadlineError as exc:
             expired = expires_at is not None and exc.wait_until_ms >= expires_at
             raise NotAdmittedError(
@@ -251,21 +301,24 @@ class PapiClient:
         started = time.monotonic()
         try:
             try:
-                response = await self._transmit(self._request(creds, method, path), auth, end)
-            except NoAnswerError:
+                async with asyncio.timeout(self._outer_s):
+                    response = await self._transmit(self._request(creds, method, path), auth, end)
+                    self.reachability.answered()
+                    try:
+                        status, headers = response.status_code, response.headers
+                        raw, unreadable = await _read_body(response)
+                    finally:
+                        await response.aclose()
+            except (NoAnswerError, TimeoutError) as exc:
                 metrics.EXCHANGE_SECONDS.labels(route, "no_answer").observe(
                     time.monotonic() - started
                 )
+                if isinstance(exc, TimeoutError):
+                    raise NoAnswerError(f"no complete answer within {self._outer_s:g} s") from None
                 raise
-            self.reachability.answered()
-            try:
-                status, headers = response.status_code, response.headers
-                raw, unreadable = await _read_body(response)
-            finally:
-                await response.aclose()
             metrics.EXCHANGE_SECONDS.labels(route, str(status)).observe(time.monotonic() - started)
             error = None if 200 <= status < 300 or raw is None else _error_from(status, raw)
-            end.observe(status, headers, error)
+            end.observe(status, governed_headers(headers), error)
             return _interpret(status, headers, raw, unreadable, error)
         except PapiError:
             raise
@@ -327,10 +380,17 @@ class _TicketEnd:
         self._ended = governor is None or ticket is None
 
     def observe(self, status: int, headers: Mapping[str, str], error: ExchangeError | None) -> None:
-        if not self._ended and self._governor is not None and self._ticket is not None:
-            code, msg = (error.code, error.msg) if error is not None else (None, None)
-            self._governor.observe(self._ticket, status, headers, code, msg)
+        """Tell the governor what the exchange answered. The answer stands whatever the
+        governor makes of it: a failure to learn from it is logged, never turned into "no
+        answer" (that would reconcile, or report as unknown, a cancel the exchange confirmed)."""
+        if self._ended or self._governor is None or self._ticket is None:
+            return
         self._ended = True
+        code, msg = (error.code, error.msg) if error is not None else (None, None)
+        try:
+            self._governor.observe(self._ticket, status, headers, code, msg)
+        except Exception:
+            log.exception("the rate governor could not learn from an HTTP %d answer", status)
 
     def refund(self) -> None:
         if not self._ended and self._governor is not None and self._ticket is not None:
@@ -377,5 +437,6 @@ async def _read_body(response: httpx.Response) -> tuple[bytes | None, str | None
                 return None, f"a body over {MAX_ANSWER_BYTES} bytes"
             chunks.append(chunk)
     except httpx.HTTPError as exc:  # DecodingError, a read timeout or reset mid-body
-        return None, f"a body that could not be read ({type(exc).__name__})"
+        why = _printable(str(exc).encode())
+        return None, f"a body that could not be read ({type(exc).__name__}: {why})"
     return b"".join(chunks), None

@@ -21,7 +21,10 @@ one origin) and does the little HTTP/1.1 the worker needs, with the standard lib
   :data:`MAX_HEAD_BYTES` is refused; so is anything malformed.
 * **timeouts** from ``request.extensions["timeout"]`` as httpx passes them: ``connect``
   (TCP and TLS), ``read`` (each wait for bytes), ``write`` (each wait for the socket to drain),
-  ``pool`` (the wait for a connection).
+  ``pool`` (the wait for a connection); and one overall bound, ``request.extensions
+  ["attempt_timeout"]`` (seconds, optional), on the whole exchange from the first byte written
+  to the last byte of the body: a server that drips a byte within every ``read`` wait cannot
+  hold a request past it (``ReadTimeout``, or ``WriteTimeout`` while writing).
 
 Errors are httpx's, in the sense httpx gives them (the PAPI client tells "not sent" from "may
 have arrived" by them): ``ConnectError`` / ``ConnectTimeout`` when no connection could be made
@@ -152,6 +155,9 @@ class _Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         self.keep_alive = False  # whether the current exchange allows reuse
         self.idle_since = 0.0
+        # The current exchange's overall bound (loop time) and its length, for messages.
+        self.deadline: float | None = None
+        self.budget_s: float | None = None
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -210,6 +216,12 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.transport.close()
 
+    def begin(self, budget_s: float | None) -> None:
+        """A new exchange on this connection, to be complete within ``budget_s`` (None: no
+        overall bound, only each wait's)."""
+        self.budget_s = budget_s
+        self.deadline = None if budget_s is None else self._loop.time() + budget_s
+
     # -- writing ------------------------------------------------------------------------------
 
     def write_head(self, data: bytes) -> None:
@@ -236,17 +248,37 @@ class _Connection(asyncio.Protocol):
             raise httpx.WriteError(f"the connection closed while writing: {self._error}")
         self.transport.write(data)
 
+    def _bounded(self, wait_s: float | None) -> tuple[float | None, bool]:
+        """The wait allowed now: ``wait_s``, or less when the exchange's overall deadline
+        comes first (then True). Raises ``ReadTimeout`` once that deadline has passed."""
+        if self.deadline is None:
+            return wait_s, False
+        left = self.deadline - self._loop.time()
+        if left <= 0:
+            raise self._overdue(httpx.ReadTimeout)
+        if wait_s is None or left < wait_s:
+            return left, True
+        return wait_s, False
+
+    def _overdue(self, kind: type[httpx.TimeoutException]) -> httpx.TimeoutException:
+        return kind(f"the exchange was not complete within {self.budget_s} s (attempt timeout)")
+
     async def _drain(self, wait_s: float | None) -> None:
         if not self._writing_paused:
             return
         self._drainer = self._loop.create_future()
         try:
-            async with asyncio.timeout(wait_s):
+            limit, overall = self._bounded(wait_s)
+            async with asyncio.timeout(limit):
                 await self._drainer
         except TimeoutError:
+            if overall:
+                raise self._overdue(httpx.WriteTimeout) from None
             raise httpx.WriteTimeout(
                 f"the request could not be written within {wait_s} s"
             ) from None
+        except httpx.ReadTimeout:
+            raise self._overdue(httpx.WriteTimeout) from None
         finally:
             self._drainer = None
         if self.transport.is_closing():
@@ -256,11 +288,12 @@ class _Connection(asyncio.Protocol):
 
     async def _more(self, wait_s: float | None) -> None:
         """Wait until more bytes arrive or the connection ends (``_eof``)."""
+        limit, overall = self._bounded(wait_s)
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
         waiter = self._reader = self._loop.create_future()
-        timer = None if wait_s is None else self._loop.call_later(wait_s, _time_out, waiter)
+        timer = None if limit is None else self._loop.call_later(limit, _time_out, waiter)
         try:
             arrived = await waiter
         finally:
@@ -268,6 +301,8 @@ class _Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         if not arrived:
+            if overall:
+                raise self._overdue(httpx.ReadTimeout)
             raise httpx.ReadTimeout(f"no bytes from the server within {wait_s} s")
 
     def _ended(self, where: str) -> httpx.TransportError:
@@ -598,6 +633,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         head_bytes, close_after, body = _request_head(request)
         pool = self._pool_for(request.url)
         conn = await pool.acquire(timeouts.get("connect"), timeouts.get("pool"))
+        conn.begin(request.extensions.get("attempt_timeout"))
         try:
             conn.write_head(head_bytes)
             if body is not None:
