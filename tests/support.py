@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import os
 import subprocess
 import time
@@ -19,12 +20,15 @@ import httpx
 import jsonschema_rs
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from worker.app import Worker, load_worker_accounts
 from worker.contracts import RESULT_SCHEMA, load_schema, result_validator
 from worker.kafka_fencing import MemberSource
 from worker.kafka_io import MAX_RECORD_BYTES, TransactionalSink, ensure_topics, make_consumer
 from worker.pipeline import Partition
+from worker.producers import signed_headers, stanza
 from worker.settings import ENV_PREFIX, Settings
 from worker.timeutil import now_ms
 from worker.tools.devstack import REPO, cli_argv, write_private_key
@@ -35,9 +39,52 @@ HMAC_ACCOUNTS = {
 }
 
 
-def write_accounts(directory: Path) -> Path:
-    """Five HMAC accounts, one Ed25519 and one RSA account (keys generated here)."""
+# The tests' producer: every command a test publishes is signed with this key (a fixed test
+# key, so that every process of a session signs alike), and the producers file written next
+# to every accounts file entitles it to every account and to kill switches. The worker runs
+# in its default mode: commands must be signed.
+TEST_PRODUCER_ID = "tests"
+TEST_PRODUCER_KEY = Ed25519PrivateKey.from_private_bytes(
+    hashlib.sha256(b"cancel-worker tests producer (not a secret)").digest()
+)
+PRODUCERS_FILE_NAME = "producers.toml"
+PRODUCER_KEY_FILE_NAME = "tests-producer.key"
+
+
+def write_producer_key(path: Path, key: Ed25519PrivateKey) -> Path:
+    """``key`` as a PEM file, mode 0600."""
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
+def write_producers(directory: Path, *extra: str) -> Path:
+    """The producers file of ``directory``: the tests' producer (every account, kill
+    switches), plus ``extra`` tables; and the tests' producer key beside it."""
     directory.mkdir(parents=True, exist_ok=True)
+    write_producer_key(directory / PRODUCER_KEY_FILE_NAME, TEST_PRODUCER_KEY)
+    tables = [stanza(TEST_PRODUCER_ID, TEST_PRODUCER_KEY, ["*"], kill_switch=True), *extra]
+    path = directory / PRODUCERS_FILE_NAME
+    path.write_text("\n".join(tables))
+    return path
+
+
+def signed(value: bytes | None) -> list[tuple[str, bytes]]:
+    """The headers the tests' producer sends with ``value``."""
+    return signed_headers(TEST_PRODUCER_ID, TEST_PRODUCER_KEY, value)
+
+
+def write_accounts(directory: Path) -> Path:
+    """Five HMAC accounts, one Ed25519 and one RSA account (keys generated here); the
+    producers file (:func:`write_producers`) beside them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_producers(directory)
     lines: list[str] = []
     for alias, (key, secret) in HMAC_ACCOUNTS.items():
         lines += [f"[accounts.{alias}]", f'api_key = "{key}"', f'secret = "{secret}"', ""]
@@ -152,14 +199,23 @@ def command(account: str, order: dict[str, Any], **extra: Any) -> dict[str, Any]
 
 
 async def produce(
-    bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes | None]]
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    *,
+    sign: bool = True,
 ) -> None:
+    """Publish ``records`` (key, value), each signed by the tests' producer unless ``sign``
+    is False (a hostile producer's records)."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", max_request_size=MAX_RECORD_BYTES, linger_ms=5
     )
     await producer.start()
     try:
-        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        futures = [
+            await producer.send(topic, value, key=key, headers=signed(value) if sign else None)
+            for key, value in records
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
@@ -320,7 +376,13 @@ def cancel_requests(sim: SimControl, since: int) -> list[dict[str, Any]]:
 def worker_settings(
     bootstrap: str, topics: Topics, papi_url: str, accounts_file: Path, **overrides: Any
 ) -> Settings:
+    secrets = accounts_file.parent
+    if not (secrets / PRODUCERS_FILE_NAME).exists():
+        write_producers(secrets)
     base: dict[str, Any] = {
+        "producers_file": secrets / PRODUCERS_FILE_NAME,
+        "producer_id": TEST_PRODUCER_ID,
+        "producer_key_file": secrets / PRODUCER_KEY_FILE_NAME,
         "bootstrap_servers": bootstrap,
         "group_id": f"grp-{uuid.uuid4().hex[:8]}",
         "commands_topic": topics.commands,

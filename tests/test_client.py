@@ -11,6 +11,8 @@ import orjson
 import pytest
 
 from tests.support import (
+    TEST_PRODUCER_ID,
+    TEST_PRODUCER_KEY,
     SimControl,
     Topics,
     fresh_topics,
@@ -52,7 +54,11 @@ async def topics(broker: Broker) -> Topics:
 @pytest.fixture
 async def client(broker: Broker, topics: Topics) -> AsyncIterator[CancelClient]:
     async with CancelClient(
-        broker.bootstrap, commands_topic=topics.commands, results_topic=topics.results
+        broker.bootstrap,
+        commands_topic=topics.commands,
+        results_topic=topics.results,
+        producer_id=TEST_PRODUCER_ID,
+        private_key=TEST_PRODUCER_KEY,
     ) as c:
         yield c
 
@@ -233,7 +239,13 @@ async def test_producer_keys_and_consumer_types(
     results = ResultConsumer(broker.bootstrap, topics.results, from_beginning=True)
     await results.start()
     try:
-        async with CommandProducer(broker.bootstrap, topics.commands, source="risk-7") as producer:
+        async with CommandProducer(
+            broker.bootstrap,
+            topics.commands,
+            source="risk-7",
+            producer_id=TEST_PRODUCER_ID,
+            private_key=TEST_PRODUCER_KEY,
+        ) as producer:
             first = await producer.cancel("desk-3", "UM", symbol="LTCUSDT", algo_id=algo["algo_id"])
             second = await producer.cancel_all("desk-3", "UM", "LTCUSDT", reason="flatten")
         # Not a result event: skipped by the reader, never handed out as raw JSON.

@@ -35,6 +35,7 @@ from tests.support import (
     owning,
     produce,
     read_to_end,
+    signed,
     until,
     worker_env,
     worker_settings,
@@ -337,13 +338,17 @@ async def test_hot_key_does_not_delay_other_partitions(
     try:
         worker.wait_for_line("partitions assigned", 60)
         for c in hot:
-            await producer.send(topics.commands, orjson.dumps(c), key=key_of(c), partition=0)
+            value = orjson.dumps(c)
+            await producer.send(
+                topics.commands, value, key=key_of(c), partition=0, headers=signed(value)
+            )
         await producer.flush()
         await wait_for_results(broker.bootstrap, topics.results, 20, 60, [worker])
         sent_at = time.monotonic()
         for i, c in enumerate(cold):  # other keys, on the other partitions
+            value = orjson.dumps(c)
             await producer.send(
-                topics.commands, orjson.dumps(c), key=key_of(c), partition=1 + i % 2
+                topics.commands, value, key=key_of(c), partition=1 + i % 2, headers=signed(value)
             )
         await producer.flush()
         cold_ids = {c["command_id"] for c in cold}

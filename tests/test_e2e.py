@@ -239,6 +239,7 @@ def test_demo_runs_end_to_end() -> None:
         "unknown_account",
         "expired",
         "invalid_command",
+        "unauthorized",  # the command sent without a producer's signature
         "route_retired",
         "worker exit code       0 (clean)",
         "exchange cancels       7",  # 4 single cancels and a kill switch's 3 orders

@@ -32,6 +32,7 @@ from tests.support import (
     consume,
     events_of,
     running_worker,
+    signed,
     worker_settings,
 )
 from worker.kafka_io import MAX_RECORD_BYTES
@@ -104,7 +105,12 @@ async def test_odd_records_end_in_results_and_the_worker_goes_on(
         await producer.start()
         try:
             for key, value, headers in records:  # one at a time: offsets 0..6 in this order
-                await (await producer.send(topics.commands, value, key=key, headers=headers))
+                signature = signed(value)  # a signed producer's hostile records
+                await (
+                    await producer.send(
+                        topics.commands, value, key=key, headers=[*headers, *signature]
+                    )
+                )
         finally:
             await producer.stop()
         out = await consume(broker.bootstrap, topics.results, len(records), timeout_s=90)

@@ -24,6 +24,7 @@ from tests.support import (
     fresh_topics,
     produce,
     running_worker,
+    signed,
     worker_env,
     worker_settings,
 )
@@ -64,7 +65,7 @@ async def _send(bootstrap: str, topic: str, records: Sequence[Rec]) -> None:
                 key=r.key,
                 partition=r.partition,
                 timestamp_ms=r.timestamp_ms,
-                headers=list(r.headers),
+                headers=[*r.headers, *signed(r.value)],
             )
             for r in records
         ]

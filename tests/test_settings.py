@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.support import Topics, worker_env, worker_settings
 from worker.accounts import FIELDS, AccountsError, load_accounts
+from worker.producers import stanza
 from worker.settings import (
     ENV_PREFIX,
     MAX_KAFKA_RECORD_BYTES,
@@ -605,6 +607,7 @@ def test_every_known_accounts_field_is_accepted(tmp_path: Path) -> None:
 # -- (c) the real CLI -----------------------------------------------------------------------
 
 GOOD_ACCOUNTS = '[accounts.x]\napi_key = "k"\nsecret = "s"\n'
+GOOD_PRODUCERS = stanza("risk-1", Ed25519PrivateKey.generate(), ["x"])
 BAD_ACCOUNTS = f'[accounts.x]\napi_key = "k"\nsecret_flie = "{SECRET}"\n'
 
 
@@ -617,6 +620,7 @@ class Case:
     config: str | None = None  # a TOML file given with --config
     accounts: str | None = None  # an accounts file, set as CANCEL_WORKER_ACCOUNTS_FILE
     metrics_port_in_use: bool = False
+    producers: str | None = None  # a producers file, set as CANCEL_WORKER_PRODUCERS_FILE
 
 
 CLI_CASES = [
@@ -639,7 +643,47 @@ CLI_CASES = [
     Case("accounts-unset", {}, f"{W}ACCOUNTS_FILE is not set"),
     Case("accounts-typo", {}, "unknown field 'secret_flie'", accounts=BAD_ACCOUNTS),
     Case("accounts-missing", {f"{W}ACCOUNTS_FILE": "/nonexistent/a.toml"}, "cannot read"),
-    Case("metrics-busy", {}, f"{W}METRICS_PORT", accounts=GOOD_ACCOUNTS, metrics_port_in_use=True),
+    Case(
+        "metrics-busy",
+        {},
+        f"{W}METRICS_PORT",
+        accounts=GOOD_ACCOUNTS,
+        metrics_port_in_use=True,
+        producers=GOOD_PRODUCERS,
+    ),
+    Case("producers-unset", {}, f"{W}PRODUCERS_FILE is not set", accounts=GOOD_ACCOUNTS),
+    Case(
+        "producers-typo",
+        {},
+        "unknown field 'kill_swich'; did you mean 'kill_switch'?",
+        accounts=GOOD_ACCOUNTS,
+        producers=GOOD_PRODUCERS + "kill_swich = true\n",
+    ),
+    Case(
+        "producers-not-a-key",
+        {},
+        "producer 'risk-1': public_key #1 is not a PEM public key",
+        accounts=GOOD_ACCOUNTS,
+        producers='[producers.risk-1]\npublic_key = "not a key"\naccounts = ["x"]\n',
+    ),
+    Case(
+        "producers-no-accounts",
+        {},
+        "producer 'risk-1': accounts is empty",
+        accounts=GOOD_ACCOUNTS,
+        producers=GOOD_PRODUCERS.replace('accounts = ["x"]', "accounts = []"),
+    ),
+    Case(
+        "require-signed",
+        {f"{W}REQUIRE_SIGNED_COMMANDS": "maybe"},
+        f"{W}REQUIRE_SIGNED_COMMANDS must be true or false",
+    ),
+    Case(
+        "send-producer-key",
+        {f"{W}PRODUCER_ID": "risk-1", f"{W}PRODUCER_KEY_FILE": "/nonexistent/risk-1.key"},
+        "cannot read producer key /nonexistent/risk-1.key",
+        args=("send", "--json", "{}"),
+    ),
     Case("check-env", {f"{W}HTTP_TIMEOUT_S": "0"}, "HTTP_TIMEOUT_S", args=("check",)),
     Case(
         "kafka-sasl",
@@ -705,6 +749,9 @@ def _run_case(case: Case, work: Path) -> Outcome:
             args.append(str(where / "a.toml"))
         else:
             env[f"{W}ACCOUNTS_FILE"] = str(where / "a.toml")
+    if case.producers is not None:
+        (where / "p.toml").write_text(case.producers)
+        env[f"{W}PRODUCERS_FILE"] = str(where / "p.toml")
     with socket.socket() as busy:
         if case.metrics_port_in_use:
             busy.bind(("127.0.0.1", 0))

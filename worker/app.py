@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Final, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -44,6 +45,7 @@ from worker.ops import Check, OpsServer
 from worker.papi import PapiClient
 from worker.pipeline import Partition, Pipeline, ResultSink, RunReport
 from worker.processor import CommandProcessor
+from worker.producers import Producers, ProducersError, load_producers
 from worker.settings import Settings
 from worker.timeutil import now_ms
 
@@ -125,6 +127,33 @@ def _group_coordinator_known(consumer: AIOKafkaConsumer) -> bool:
 def load_worker_accounts(settings: Settings) -> dict[str, Credentials]:
     if settings.accounts_file is None:
         raise ConfigError("CANCEL_WORKER_ACCOUNTS_FILE is not set")
+def load_worker_producers(settings: Settings) -> Producers | None:
+    """The producers whose signed commands the worker takes (:mod:`worker.producers`), or
+    None when commands are not verified: only with ``REQUIRE_SIGNED_COMMANDS=false`` and no
+    producers file, said at WARNING. A missing or broken file is a :class:`ConfigError`."""
+    if settings.producers_file is None:
+        if settings.require_signed_commands:
+            raise ConfigError(
+                "CANCEL_WORKER_PRODUCERS_FILE is not set: every command must be signed by a "
+                "producer of that file (README: Security model); set "
+                "CANCEL_WORKER_REQUIRE_SIGNED_COMMANDS=false to take unsigned commands"
+            )
+        log.warning(
+            "commands are not verified (CANCEL_WORKER_REQUIRE_SIGNED_COMMANDS=false and no "
+            "CANCEL_WORKER_PRODUCERS_FILE): any writer of the commands topic %s can cancel "
+            "any account's orders",
+            settings.commands_topic,
+        )
+        return None
+    try:
+        return load_producers(settings.producers_file)
+    except ProducersError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+FROM_SETTINGS: Final = "from settings"
+
+
     try:
         return load_accounts(settings.accounts_file)
     except AccountsError as exc:
@@ -186,7 +215,15 @@ def settle_garbage_collector() -> None:
 class Worker:
     """The running worker. ``async with Worker(...)`` starts Kafka and HTTP; ``run`` serves."""
 
-    def __init__(self, settings: Settings, accounts: Mapping[str, Credentials]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        accounts: Mapping[str, Credentials],
+        producers: Producers | Literal["from settings"] | None = FROM_SETTINGS,
+    ) -> None:
+        """``producers``: as :func:`load_worker_producers` returns them (loaded from the
+        settings when not given)."""
+        verified = load_worker_producers(settings) if isinstance(producers, str) else producers
         kafka_logs.install()  # the first join's coordinator lookup is not an ERROR
         self.settings = settings
         self._accounts = accounts
@@ -229,6 +266,7 @@ class Worker:
         # (TransactionalSink).
         self._producer = make_producer(settings)
         self._transactions: TransactionalSink | None = None
+            producers=verified,
         self._stack = contextlib.AsyncExitStack()
         sink: ResultSink
         if settings.delivery == "exactly_once":
@@ -458,9 +496,10 @@ async def serve(settings: Settings) -> ExitCode:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG
     metrics.BUILD_INFO.labels(build_version(), platform.python_version()).set(1)
-    worker = Worker(settings, accounts)
+    worker = Worker(settings, accounts, producers)
     ops: OpsServer | None = None
     if settings.metrics_port:
+        producers = load_worker_producers(settings)
         # Up before Kafka is: liveness passes and readiness says "starting" meanwhile.
         # A port that cannot be bound raises OSError here (the CLI reports it, exit 2).
         ops = OpsServer(settings.metrics_host, settings.metrics_port, worker)

@@ -3,6 +3,8 @@
 Each check gives one :class:`CheckResult` (ok or not, and a one-line detail), in this order:
 
 * **settings**: loaded (the CLI refuses bad ones before this, exit code 2), and from where;
+* **exchange tls** (only when it applies): a WARNING that ``papi_url`` or ``time_url`` is plain
+  http to a host that is not loopback, as ``ALLOW_INSECURE_EXCHANGE`` allows;
 * **broker**: a Kafka admin client, with the TLS/SASL options
   (:func:`worker.kafka_io.security_options`), gets the cluster's metadata within a short
   bound;
@@ -53,6 +55,7 @@ from worker.settings import (
     SOURCE_OVERRIDE,
     Settings,
     env_name,
+    insecure_exchange_url,
 )
 from worker.signing import encode_params
 from worker.timeutil import now_ms
@@ -172,6 +175,26 @@ def settings_result(sources: Mapping[str, str], config_file: Path | None) -> Che
 
 
 # -- Kafka -------------------------------------------------------------------------------------
+
+
+def exchange_tls_result(settings: Settings) -> CheckResult | None:
+    """A warning (the check passes) when the exchange is reached over plain http to a host
+    that is not loopback; None when both URLs are https or loopback."""
+    insecure = [
+        name for name in ("papi_url", "time_url") if insecure_exchange_url(getattr(settings, name))
+    ]
+    if not insecure:
+        return None
+    urls = ", ".join(
+        f"{env_name(name)}={redact_url_credentials(getattr(settings, name))}" for name in insecure
+    )
+    return CheckResult(
+        "exchange tls",
+        True,
+        f"WARNING: plain http to the exchange ({urls}; "
+        f"{env_name('allow_insecure_exchange')}=true): API keys travel in clear and answers "
+        "can be forged on the way; for a simulator only",
+    )
 
 
 def _where(settings: Settings) -> str:
@@ -430,6 +453,9 @@ async def run_checks(
     if unknown:
         raise ValueError(f"unknown checks {sorted(unknown)}: choose from {', '.join(SKIPPABLE)}")
     results: list[CheckResult] = [settings_result(sources, config_file)]
+    tls = exchange_tls_result(settings)
+    if tls is not None:
+        results.append(tls)
     broker: CheckResult | None = None
     if "broker" not in skip:
         broker = await _guarded("broker", check_broker(settings, kafka_timeout_s))

@@ -1,4 +1,5 @@
-"""``cancel-worker``: run | sim | send | results | replay | demo | dev | check | config.
+"""``cancel-worker``: run | sim | send | results | replay | keygen | demo | dev | check |
+config.
 
 Only this module configures logging handlers.
 """
@@ -87,6 +88,43 @@ def _load_kafka_tls(settings: Settings) -> None:
         from worker.kafka_io import security_options  # noqa: PLC0415 - only with TLS
 
         security_options(settings)
+
+
+def _producer_options(func: Any) -> Any:
+    """``--producer-id`` and ``--producer-key-file``: the producer identity to sign with
+    (over ``PRODUCER_ID`` / ``PRODUCER_KEY_FILE``)."""
+    func = click.option(
+        "--producer-key-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Ed25519 private key (PEM) to sign with (default: PRODUCER_KEY_FILE).",
+    )(func)
+    return click.option(
+        "--producer-id",
+        help="Producer id to sign as, from the worker's producers file (default: PRODUCER_ID).",
+    )(func)
+
+
+def _signing(
+    settings: Settings, producer_id: str | None, producer_key_file: Path | None
+) -> Settings:
+    """``settings`` with the command line's producer identity, its key loaded now: a key
+    that cannot be loaded is a configuration error, said before anything is published."""
+    import dataclasses  # noqa: PLC0415
+
+    from worker.producers import ProducerKeyError, load_private_key  # noqa: PLC0415
+
+    changes: dict[str, Any] = {}
+    if producer_id is not None:
+        changes["producer_id"] = producer_id
+    if producer_key_file is not None:
+        changes["producer_key_file"] = producer_key_file
+    try:
+        settings = dataclasses.replace(settings, **changes).check()
+        if settings.producer_key_file is not None:
+            load_private_key(settings.producer_key_file)
+    except (SettingsError, ProducerKeyError) as exc:
+        raise ConfigurationError(str(exc)) from None
+    return settings
 
 
 config_option = click.option(
@@ -250,15 +288,24 @@ def sim(
     help="Wait up to SECONDS (30 when given alone) for the result, print it, exit by outcome.",
 )
 @click.option("--raw", is_flag=True, help="With --wait: print the result event as published.")
+@_producer_options
 def send(
-    config: Path | None, payload: str | None, wait_s: float | None, raw: bool, **fields: Any
+    config: Path | None,
+    payload: str | None,
+    wait_s: float | None,
+    raw: bool,
+    producer_id: str | None,
+    producer_key_file: Path | None,
+    **fields: Any,
 ) -> None:
     """Publish one cancel command (or, with --all, a kill switch) to the commands topic.
 
     The command is checked as the client library checks it before anything is published
-    (exit 2 with the reason) and keyed account:symbol. Exit codes with --wait: 0 canceled
-    (a kill switch: complete), 1 failed, incomplete or unreadable (and Kafka failures),
-    2 invalid command or configuration, 5 no result in time, 6 duplicate command id."""
+    (exit 2 with the reason) and keyed account:symbol, and signed as --producer-id with
+    --producer-key-file (or PRODUCER_ID / PRODUCER_KEY_FILE). Exit codes with --wait: 0
+    canceled (a kill switch: complete), 1 failed, incomplete or unreadable (and Kafka
+    failures), 2 invalid command or configuration, 5 no result in time, 6 duplicate
+    command id."""
     from worker.client import InvalidCommandError, ResultUnreadableError  # noqa: PLC0415
     from worker.send import (  # noqa: PLC0415
         EXIT_NO_RESULT,
@@ -272,9 +319,15 @@ def send(
         publish,
     )
 
-    settings = _settings(config)
+    settings = _signing(_settings(config), producer_id, producer_key_file)
     # The outcome is said here, in one line; aiokafka's own retries would only add noise.
     configure_logging("CRITICAL", settings.log_format)
+    if not settings.producer_id:
+        click.echo(
+            "warning: unsigned (no --producer-id/--producer-key-file, PRODUCER_ID or "
+            "PRODUCER_KEY_FILE): a worker with a producers file refuses it as unauthorized",
+            err=True,
+        )
     try:
         if payload is not None:
             if any(v not in (None, False) for v in fields.values()):
@@ -423,8 +476,11 @@ def results(
 )
 @click.argument("reasons", nargs=-1, metavar="[REASON...]")
 @click.option("--dry-run", is_flag=True, help="Print one line per record; send nothing.")
+@_producer_options
 def replay(
     config: Path | None,
+    producer_id: str | None,
+    producer_key_file: Path | None,
     from_topic: str,
     partition: int | None,
     start_offset: int | None,
@@ -444,6 +500,11 @@ def replay(
     duplicate window on purpose (it names the failure it retries in x-redrive-of), its
     result carries retry_of, and an accidental repeat still gets cancel.duplicate.
 
+    A copy sent byte for byte keeps its producer's signature; a copy whose bytes change
+    (--restamp, --expires-in-ms, a re-drive) is signed anew as the operator's producer
+    (--producer-id and --producer-key-file, or PRODUCER_ID / PRODUCER_KEY_FILE), which the
+    worker checks as any other: without one such a run is refused (exit 2).
+
     Bounded by the end offsets found at start; every publish is acknowledged before the
     summary line. Exit codes: 0 done, 1 Kafka failed (the message says how many records
     were published), 2 bad arguments.
@@ -457,7 +518,7 @@ def replay(
     )
     from worker.replay import replay as run_replay  # noqa: PLC0415
 
-    settings = _settings(config)
+    settings = _signing(_settings(config), producer_id, producer_key_file)
     configure_logging(settings.log_level, settings.log_format)
     times: dict[str, int | None] = {}
     for name, text in (("since", since), ("until", until)):
@@ -497,6 +558,39 @@ def _failed_reasons(failed: bool, reasons: tuple[str, ...]) -> tuple[str, ...] |
             f"unexpected argument(s) {' '.join(reasons)}: REASON goes with --failed"
         )
     return names if failed else None
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for <ID>.key (the private key, mode 0600) and <ID>.pub.",
+)
+@click.option("--producer", "producer_id", required=True, help="The producer's id.")
+@click.option(
+    "--account",
+    "accounts",
+    multiple=True,
+    help='An account it may name (repeatable; "*" for every account).',
+)
+@click.option("--kill-switch", is_flag=True, help="It may send kill switches (scope symbol).")
+def keygen(out_dir: Path, producer_id: str, accounts: tuple[str, ...], kill_switch: bool) -> None:
+    """Make a producer's Ed25519 key pair; print its [producers.ID] table for the worker's
+    producers file.
+
+    The private key stays with the producer (PRODUCER_KEY_FILE, or the client library's
+    private_key); the worker holds only the public key. Never overwrites a file. Exit
+    codes: 0 written, 2 bad id or the key file exists."""
+    from worker.producers import ProducerKeyError, generate, stanza  # noqa: PLC0415
+
+    try:
+        path, key = generate(out_dir, producer_id)
+    except ProducerKeyError as exc:
+        raise InvalidArgument(str(exc)) from None
+    click.echo(f"private key written to {path} (mode 0600): give it to the producer only", err=True)
+    click.echo(stanza(producer_id, key, accounts, kill_switch), nl=False)
 
 
 @cli.command()

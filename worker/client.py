@@ -23,13 +23,19 @@ id a :class:`CancelClient` call is waiting for fails that call at once with
 :class:`ResultUnreadableError` (the record and why it is unreadable), never with a timeout.
 Money stays a decimal string.
 
-Extra keyword arguments of all three go to aiokafka (TLS, SASL, client id). Each also has
-``from_settings(settings)``: the worker's cluster, topics and TLS/SASL options
-(``worker.kafka_io.security_options``) from the same ``CANCEL_WORKER_*`` settings.
+Commands are signed (``producer_id`` and ``private_key``: headers ``x-producer`` and
+``x-signature``, the Ed25519 signature of the record value), as a worker with a producers
+file requires (README "Security model"). Extra keyword arguments of all three go to
+aiokafka (TLS, SASL, client id). Each also has ``from_settings(settings)``: the worker's
+cluster, topics and TLS/SASL options (``worker.kafka_io.security_options``), and the
+producer's id and key (``PRODUCER_ID``, ``PRODUCER_KEY_FILE``), from the same
+``CANCEL_WORKER_*`` settings.
 
 Example (a risk engine; README "Client library" has one that runs as pasted)::
 
-    async with CancelClient("127.0.0.1:9092") as client:
+    async with CancelClient(
+        "127.0.0.1:9092", producer_id="risk-7", private_key="/run/secrets/risk-7.key"
+    ) as client:
         result = await client.cancel_all("desk-a", "UM", "BTCUSDT", timeout=5)
         if isinstance(result, StrategiesCanceled):
             print([s.strategy.algo_id or s.strategy.strategy_id for s in result.strategies])
@@ -40,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields
@@ -49,11 +56,13 @@ from typing import Any, Literal, Self
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import RecordMetadata
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jsonschema.exceptions import best_match
 
 from worker.commands import InvalidCommand, decode
 from worker.contracts import RESULT_SCHEMA, fast_check, result_validator
 from worker.kafka_io import security_options
+from worker.producers import Signer
 from worker.settings import Settings
 from worker.timeutil import now_ms
 from worker.topic_reader import cluster_topics
@@ -366,6 +375,18 @@ def checked_command(command: Mapping[str, Any]) -> bytes:
     return value
 
 
+PrivateKey = Ed25519PrivateKey | str | os.PathLike[str]
+"""A producer's signing key: the key, or the path of its PEM file."""
+
+
+def _signer(producer_id: str | None, private_key: PrivateKey | None) -> Signer | None:
+    if (producer_id is None) != (private_key is None):
+        raise ValueError("give producer_id and private_key together (or neither: unsigned)")
+    if producer_id is None or private_key is None:
+        return None
+    return Signer.of(producer_id, private_key)
+
+
 def key_of(command: Mapping[str, Any]) -> bytes:
     """``account:symbol``: a kill switch and the single cancels of its symbol share a key,
     so a partition, so an order."""
@@ -381,11 +402,17 @@ class CommandProducer:
         topic: str = DEFAULT_COMMANDS_TOPIC,
         *,
         source: str | None = None,
+        producer_id: str | None = None,
+        private_key: PrivateKey | None = None,
         **kafka: Any,
     ) -> None:
-        """``kafka``: passed to :class:`aiokafka.AIOKafkaProducer` (TLS, SASL, client id)."""
+        """``producer_id`` and ``private_key`` (an Ed25519 private key object, or the path
+        of its PEM file): every command is signed with them (headers ``x-producer`` and
+        ``x-signature``), as a worker with a producers file requires; give both or neither.
+        ``kafka``: passed to :class:`aiokafka.AIOKafkaProducer` (TLS, SASL, client id)."""
         self.topic = topic
         self.source = source  # the commands' ``source`` field
+        self.signer = _signer(producer_id, private_key)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap_servers,
             acks="all",
@@ -397,11 +424,14 @@ class CommandProducer:
     @classmethod
     def from_settings(cls, settings: Settings, *, source: str | None = None, **kafka: Any) -> Self:
         """A producer to the worker's commands topic, on its cluster, with its TLS and SASL
-        options (``kafka`` adds to them or overrides them)."""
+        options (``kafka`` adds to them or overrides them), signing as ``PRODUCER_ID`` with
+        ``PRODUCER_KEY_FILE`` when they are set."""
         return cls(
             settings.bootstrap_servers,
             settings.commands_topic,
             source=source,
+            producer_id=settings.producer_id or None,
+            private_key=settings.producer_key_file,
             **(security_options(settings) | kafka),
         )
 
@@ -428,7 +458,10 @@ class CommandProducer:
     async def publish_record(self, command: Mapping[str, Any]) -> RecordMetadata:
         """Publish a command dict (checked first); returns where it was written."""
         value = checked_command(command)
-        return await self._producer.send_and_wait(self.topic, value, key=key_of(command))
+        headers = self.signer.headers(value) if self.signer is not None else None
+        return await self._producer.send_and_wait(
+            self.topic, value, key=key_of(command), headers=headers
+        )
 
     async def cancel(
         self,
@@ -617,9 +650,19 @@ class CancelClient:
         commands_topic: str = DEFAULT_COMMANDS_TOPIC,
         results_topic: str = DEFAULT_RESULTS_TOPIC,
         source: str | None = "cancel-worker client",
+        producer_id: str | None = None,
+        private_key: PrivateKey | None = None,
         **kafka: Any,
     ) -> None:
-        self.producer = CommandProducer(bootstrap_servers, commands_topic, source=source, **kafka)
+        """``producer_id`` and ``private_key``: as :class:`CommandProducer` signs with them."""
+        self.producer = CommandProducer(
+            bootstrap_servers,
+            commands_topic,
+            source=source,
+            producer_id=producer_id,
+            private_key=private_key,
+            **kafka,
+        )
         self._results = ResultConsumer(bootstrap_servers, results_topic, **kafka)
         self._waiting: dict[str, asyncio.Future[Result]] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -629,12 +672,15 @@ class CancelClient:
         cls, settings: Settings, *, source: str | None = "cancel-worker client", **kafka: Any
     ) -> Self:
         """A client of the worker's commands and results topics, on its cluster, with its TLS
-        and SASL options (``kafka`` adds to them or overrides them)."""
+        and SASL options (``kafka`` adds to them or overrides them), signing as
+        ``PRODUCER_ID`` with ``PRODUCER_KEY_FILE`` when they are set."""
         return cls(
             settings.bootstrap_servers,
             commands_topic=settings.commands_topic,
             results_topic=settings.results_topic,
             source=source,
+            producer_id=settings.producer_id or None,
+            private_key=settings.producer_key_file,
             **(security_options(settings) | kafka),
         )
 

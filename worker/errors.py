@@ -65,6 +65,7 @@ class FailureReason(enum.StrEnum):
     """The closed set of ``cancel.failed`` reasons (mirrors schemas/result-event.schema.json)."""
 
     INVALID_COMMAND = "invalid_command"
+    UNAUTHORIZED = "unauthorized"
     REJECTED = "rejected"
     ALREADY_CLOSED = "already_closed"
     NOT_FOUND = "not_found"

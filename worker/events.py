@@ -44,6 +44,7 @@ def _common(
     attempts: int,
     received_at: int,
     completed_at: int,
+    producer: str | None = None,
 ) -> dict[str, Any]:
     market = subject.market.value if subject.market is not None else None
     return {
@@ -59,6 +60,7 @@ def _common(
         "completed_at": completed_at,
         "command_reason": subject.reason if isinstance(subject, Command) else None,
         "command_source": subject.source if isinstance(subject, Command) else None,
+        "producer": producer,
     }
 
 
@@ -71,8 +73,9 @@ def canceled(
     received_at: int,
     completed_at: int,
     confirmed_by: str = "cancel",
+    producer: str | None = None,
 ) -> dict[str, Any]:
-    event = _common(CANCELED, command, origin, attempts, received_at, completed_at)
+    event = _common(CANCELED, command, origin, attempts, received_at, completed_at, producer)
     event["route"] = route.value
     event["strategy"] = strategy
     event["confirmed_by"] = confirmed_by
@@ -86,10 +89,11 @@ def strategies_canceled(
     attempts: int,
     received_at: int,
     completed_at: int,
+    producer: str | None = None,
 ) -> dict[str, Any]:
     """A kill switch's result: every order listed open on the symbol, by what became of it
     (see :mod:`worker.sweep`), and each route's outcome."""
-    event = _common(SWEPT, command, origin, attempts, received_at, completed_at)
+    event = _common(SWEPT, command, origin, attempts, received_at, completed_at, producer)
     event.update(report.as_fields())
     return event
 
@@ -107,8 +111,9 @@ def failed(
     order_status: str | None = None,
     hint: str | None = None,
     sweep: SweepReport | None = None,
+    producer: str | None = None,
 ) -> dict[str, Any]:
-    event = _common(FAILED, subject, origin, attempts, received_at, completed_at)
+    event = _common(FAILED, subject, origin, attempts, received_at, completed_at, producer)
     if sweep is not None:  # a kill switch that canceled nothing: what each route met
         event["routes"] = [r.as_dict() for r in sweep.routes]
     event.update(
@@ -128,12 +133,13 @@ def duplicate(
     first_result: Mapping[str, Any],
     received_at: int,
     completed_at: int,
+    producer: str | None = None,
 ) -> dict[str, Any]:
     """A command whose id already has a final result within the duplicate window: no request
     was sent (``attempts`` 0); ``first_result`` is that result's outcome
     (:meth:`worker.dedup.FirstResult.as_dict`; a kill switch's has no reason, route or order
     status). ``origin`` is this record's."""
-    event = _common(DUPLICATE, command, origin, 0, received_at, completed_at)
+    event = _common(DUPLICATE, command, origin, 0, received_at, completed_at, producer)
     event["first_result"] = dict(first_result)
     return event
 

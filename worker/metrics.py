@@ -11,6 +11,12 @@ HTTP_REQUESTS = Counter(
 DEADLETTERS = Counter(
     "cancel_worker_deadletters_total", "Raw records sent to the dead-letter topic"
 )
+UNAUTHORIZED = Counter(
+    "cancel_worker_unauthorized_total",
+    "Commands refused as unauthorized (unsigned, forged, unknown producer, not entitled), by "
+    "producer (a producer id of the producers file, or unknown) and cause",
+    ["producer", "cause"],
+)
 ALREADY_ANSWERED = Counter(
     "cancel_worker_already_answered_total",
     "Commands read again whose result is already on the results topic (nothing published)",

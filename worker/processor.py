@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 4096
 """A longer record key is refused (and replaced by a stand-in where it is published)."""
+from worker.producers import PRODUCER_HEADER, Producer, Producers, Refusal
 MAX_HEADER_BYTES = 64 * 1024
 """Records whose header names and values add up to more are refused."""
 KEY_HEAD_BYTES = 64
@@ -125,6 +126,7 @@ class CommandProcessor:
             raise ValueError("max_key_bytes must be positive, max_header_bytes not negative")
         smallest = max(max_key_bytes, _STAND_IN_BYTES) + _DEADLETTER_ROOM
         if deadletter_max_bytes < smallest:
+        producers: Producers | None = None,
             raise ValueError(
                 f"deadletter_max_bytes must be at least {smallest} "
                 f"(a {max_key_bytes}-byte key plus the dead-letter headers)"
@@ -143,16 +145,30 @@ class CommandProcessor:
         received_at = self._clock()
         origin = Origin(record.topic, record.partition, record.offset, record.key)
         decoded = decode(record.value, self._max_command_bytes)
+        # None: commands are not verified (REQUIRE_SIGNED_COMMANDS=false).
+        self._producers = producers
         oversize = self._oversize(record)
         if oversize is not None:
             decoded = _refused(decoded, oversize)
         if isinstance(decoded, InvalidCommand):
+        # Who sent it comes first: an unsigned or forged record is refused before its value
+        # is read, and never reaches the duplicate window.
+        producer: Producer | None = None
+        if self._producers is not None:
+            verified = self._producers.verify(record.headers, record.value)
+            if isinstance(verified, Refusal):
+                return self._unauthorized(record, origin, verified, received_at)
+            producer = verified
             return self._invalid(record, origin, decoded, received_at)
         redrives = redrive.redrive_header(record.headers)
         retry_of: dict[str, object] | None = None
         verified_redrive = False
         if self._seen is not None:
             seen = self._seen.get(decoded.command_id)
+        if producer is not None:
+            refused = Producers.entitled(producer, decoded.account, decoded.is_sweep)
+            if refused is not None:
+                return self._unauthorized(record, origin, refused, received_at)
             if seen is not None:
                 first = seen.first
                 if redrive.passes_window(redrives, first.type, first.reason, first.origin):
@@ -417,3 +433,55 @@ def _refused(decoded: Command | InvalidCommand, detail: str) -> InvalidCommand:
         market=decoded.market,
         symbol=decoded.symbol,
     )
+        event["producer"] = self._producer_of(record)
+    def _producer_of(self, record: InRecord) -> str | None:
+        """The producer a record's result names: its ``x-producer``, which reached here
+        only verified; None when commands are not verified."""
+        if self._producers is None:
+            return None
+        for name, value in record.headers:
+            if name == PRODUCER_HEADER and value is not None:
+                return value.decode("ascii", "replace")
+        return None  # pragma: no cover - a verified record has one
+
+    def _unauthorized(
+        self, record: InRecord, origin: Origin, refusal: Refusal, received_at: int
+    ) -> Sequence[OutRecord]:
+        """``cancel.failed``/``unauthorized`` and a dead-letter copy: no request, and the
+        duplicate window is neither consulted nor told. The event keeps what identifies
+        the command (as the record states it) so that its sender can find the answer."""
+        decoded = decode(record.value, self._max_command_bytes)
+        event = events.failed(
+            decoded,
+            origin,
+            FailureReason.UNAUTHORIZED,
+            f"unauthorized ({refusal.cause}): {refusal.detail}",
+            0,
+            received_at,
+            self._clock(),
+            hint="sign the command with the key of a producer of the worker's producers file "
+            "that may name this account (and send a kill switch, for scope symbol)",
+            producer=refusal.verified,
+        )
+        log.warning(
+            "unauthorized command at %s[%d]@%d command_id=%s account=%s producer=%s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            decoded.command_id,
+            decoded.account,
+            refusal.producer,
+            refusal.detail,
+        )
+        metrics.UNAUTHORIZED.labels(refusal.producer, refusal.cause).inc()
+        dead = self._deadletter(record, f"unauthorized ({refusal.cause}): {refusal.detail}")
+        metrics.DEADLETTERS.inc()
+        metrics.RESULTS.labels(events.FAILED, FailureReason.UNAUTHORIZED.value).inc()
+        result = OutRecord(
+            self._results_topic,
+            self._key(record),
+            events.serialize(event),
+            (("type", events.FAILED.encode()),),
+        )
+        return [dead, result]
+

@@ -26,6 +26,14 @@ Contracts:
   string ``command_id`` (poison) is published unchanged, also when re-stamping was asked
   (it is then counted as not re-stamped); the worker refuses it again, as it should.
 
+Signatures: a copy sent byte for byte keeps the headers it had, its producer's ``x-producer``
+and ``x-signature`` included, and the worker verifies it as it verified the original. A copy
+whose bytes change (re-stamped, ``expires_in_ms``, a re-drive) is signed anew with the
+operator's producer key (``PRODUCER_ID``/``PRODUCER_KEY_FILE``), whose headers replace the
+original's; the worker checks that producer's entitlements like anyone's. Without that key
+such a run is refused before anything is read (unless ``REQUIRE_SIGNED_COMMANDS=false``,
+when the copies go unsigned); a dry run needs no key.
+
 Re-stamping (``restamp``) sets ``issued_at`` to now and moves ``expires_at``, when present,
 by the same amount; ``expires_in_ms`` sets ``expires_at`` to now plus that. Re-stamp only
 commands that never reached the exchange (expired ones, say): the executor compares an
@@ -51,6 +59,7 @@ from aiokafka.errors import KafkaError
 
 from worker import redrive
 from worker.kafka_io import make_producer, security_options
+from worker.producers import ProducerKeyError, Signer, without_signature
 from worker.settings import Settings
 from worker.timeutil import now_ms
 from worker.topic_reader import (
@@ -458,7 +467,9 @@ class _Plan:
         processed: Mapping[str, LastResult],
         summary: ReplaySummary,
         clock: Callable[[], int],
+        signer: Signer | None = None,
     ) -> None:
+        self._signer = signer
         self._request = request
         self._processed = processed
         self._reasons = request.redrive_reasons
@@ -483,6 +494,16 @@ class _Plan:
             (redrive.REDRIVE_REASON, (last.reason or "").encode()),
         ]
         return value, action, extra
+
+    def _signed(self, record: Any, headers: Headers, value: bytes | None) -> Headers:
+        """A copy's headers: the original signature kept on the same bytes; on new bytes,
+        which it cannot hold for, replaced by the operator's."""
+        if value is record.value:
+            return headers
+        headers = without_signature(headers)
+        if self._signer is None:
+            return headers
+        return [*headers, *self._signer.headers(value)]
 
     def decide(self, record: Any) -> tuple[PlannedRecord, bytes | None, Headers]:
         """What to do with one source record: the plan, and the value and headers to send."""
@@ -536,7 +557,7 @@ class _Plan:
                 self._sent_ids.add(command_id)
             if any(k == "x-truncated-from" for k, _ in headers):
                 action += " (a truncated dead-letter copy: the whole record is at x-source-*)"
-            headers = _copy_headers(record, headers, now, extra)
+            headers = self._signed(record, _copy_headers(record, headers, now, extra), value)
         planned = PlannedRecord(
             record.topic, record.partition, record.offset, record.key, command_id, publish, action
         )
@@ -567,6 +588,26 @@ def _copy_headers(record: Any, headers: Headers, now: int, extra: Headers) -> He
     ]
 
 
+def _operator_signer(settings: Settings, request: ReplayRequest) -> Signer | None:
+    """The operator's producer identity, which signs the copies whose bytes change; a run
+    that would change bytes without one is refused (see the module docstring)."""
+    if settings.producer_id and settings.producer_key_file is not None:
+        try:
+            return Signer.of(settings.producer_id, settings.producer_key_file)
+        except ProducerKeyError as exc:
+            raise ReplayArgumentError(str(exc)) from None
+    changes = request.restamping or request.failed is not None
+    if changes and not request.dry_run and settings.require_signed_commands:
+        what = "re-drives" if request.failed is not None else "re-stamps"
+        raise ReplayArgumentError(
+            f"this replay {what} commands, which changes their bytes and so their signature: "
+            "set CANCEL_WORKER_PRODUCER_ID and CANCEL_WORKER_PRODUCER_KEY_FILE (or "
+            "--producer-id and --producer-key-file) to an operator producer of the worker's "
+            "producers file, entitled to the accounts replayed"
+        )
+    return None
+
+
 async def replay(
     settings: Settings,
     request: ReplayRequest,
@@ -582,6 +623,7 @@ async def replay(
     before anything is published, and :class:`ReplayError` when Kafka fails (the message
     says how many records were acknowledged before that)."""
     request.check()
+    signer = _operator_signer(settings, request)
     source, target = request.source_topic(settings), settings.commands_topic
     try:
         topics = await cluster_topics(
@@ -648,6 +690,7 @@ async def replay(
             observer,
             clock,
             stall_timeout_s,
+            signer,
         )
     except KafkaError as exc:
         raise ReplayError(f"Kafka failed during the replay: {exc!r}") from exc
@@ -667,8 +710,9 @@ async def _run(
     observer: ReplayObserver | None,
     clock: Callable[[], int],
     stall_timeout_s: float,
+    signer: Signer | None = None,
 ) -> None:
-    plan = _Plan(request, processed, summary, clock)
+    plan = _Plan(request, processed, summary, clock, signer)
     if observer is not None:
         observer.started(sum(end - start for start, end in ranges.values()))
     producer = None if request.dry_run else make_producer(settings)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import re
 import tomllib
@@ -84,6 +85,9 @@ class Settings:
     client_id: str = "cancel-worker"
     papi_url: str = "https://papi.binance.com"
     time_url: str = "https://fapi.binance.com/fapi/v1/time"
+    # PAPI_URL and TIME_URL must be https (the API keys and the exchange's answers travel
+    # over them) unless their host is loopback, or this is true (a simulator on another host).
+    allow_insecure_exchange: bool = False
     accounts_file: Path | None = None
     # Delivery: "exactly_once" (results and offsets in one Kafka transaction per input
     # partition) or "at_least_once" (publish, then commit: a crash can repeat results).
@@ -337,9 +341,38 @@ def _check_text(s: Settings) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise SettingsError(f"{env_name(name)} must be an http(s) URL: got {_show(url)}")
+        if insecure_exchange_url(url) and not s.allow_insecure_exchange:
+            raise SettingsError(
+                f"{env_name(name)} must be https (API keys and the exchange's answers travel "
+                f"over it): got {_show(url)}; plain http only to a loopback host (127.0.0.0/8, "
+                f"::1, localhost) or with {env_name('allow_insecure_exchange')}=true"
+            )
     _one_of("delivery", s.delivery, DELIVERY_MODES)
     _one_of("log_format", s.log_format, LOG_FORMATS)
     _one_of("log_level", s.log_level, LOG_LEVELS, fold=True)
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether ``host`` (a URL's host name, brackets removed) is this machine: ``localhost``
+    or an address in 127.0.0.0/8 or ::1 (an IPv4-mapped 127.x too)."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def insecure_exchange_url(url: str) -> bool:
+    """Whether ``url`` is plain http to a host that is not loopback: what
+    ALLOW_INSECURE_EXCHANGE must allow, and ``cancel-worker check`` warns about."""
+    parts = urlsplit(url)
+    return parts.scheme == "http" and not is_loopback_host(parts.hostname)
 
 
 def _check_relations(s: Settings) -> None:

@@ -8,7 +8,9 @@ Commands go out through the client library (:mod:`worker.client`), as a risk eng
 send them: valid ones through ``CommandProducer`` (checked before they leave), the kill
 switch through ``CancelClient.cancel_all`` (request/reply), results read back as typed
 results through ``ResultConsumer``. The deliberately bad ones, which the library refuses,
-are written raw, as a producer without it could.
+are written raw, as a producer without it could. Every command is signed by the demo's
+producer (a key made at start, entitled to every account and to kill switches), but one
+sent unsigned, which the worker refuses as ``unauthorized``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from worker.client import (
     key_of,
 )
 from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
+from worker.producers import Signer, generate, stanza
 from worker.timeutil import now_ms
 from worker.tools.devstack import (
     REPO,
@@ -82,6 +85,8 @@ SEED_ORDERS: list[dict[str, Any]] = [
     *({"account": "desk-c", "kind": "algo", "symbol": "DOGEUSDT"} for _ in range(3)),
 ]
 KILL_SWITCH: tuple[str, Literal["UM", "CM"], str] = ("desk-c", "UM", "DOGEUSDT")
+PRODUCER_ID = "demo"
+UNSIGNED = "unsigned (no producer key)"
 
 
 def progress(text: str | None) -> None:
@@ -94,6 +99,18 @@ def progress(text: str | None) -> None:
 
 def step(n: int, total: int, text: str) -> None:
     print(f"[{n}/{total}] {text}", flush=True)
+
+
+def write_demo_producers(directory: Path) -> Path:
+    """The demo's producer: a key made here (``cancel-worker keygen`` does the same), and the
+    producers file that lets it name every account and send kill switches."""
+    _, key = generate(directory, PRODUCER_ID)
+    path = directory / "producers.toml"
+    path.write_text(
+        "# The demo's producer, generated for the local stack only.\n"
+        + stanza(PRODUCER_ID, key, ["*"], kill_switch=True)
+    )
+    return path
 
 
 def write_demo_accounts(directory: Path) -> Path:
@@ -182,28 +199,46 @@ def build_batch(seeded: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] 
             cmd("demo-bad-2", "desk-a", market="UM", symbol="BTCUSDT&strategyId=1", strategy_id=1),
         ),
         ("undecodable bytes", b"\x00\x01 this is not JSON"),
+        (
+            UNSIGNED,
+            cmd("demo-unsigned-1", "desk-a", market="UM", symbol="BTCUSDT", strategy_id=1),
+        ),
     ]
     return rows
 
 
 async def produce(bootstrap: str, batch: list[tuple[str, dict[str, Any] | bytes]]) -> None:
-    """Valid commands through the library's producer; the rest raw (the library refuses
-    them: that is the point of showing what the worker does with them)."""
+    """Valid commands through the library's producer, signed; the rest raw (the library
+    refuses them: that is the point of showing what the worker does with them), signed by
+    hand but for the one sent as an unsigned producer would."""
     raw = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", max_request_size=MAX_RECORD_BYTES
     )
-    async with CommandProducer(bootstrap, TOPICS["commands"]) as producer:
+    signer = Signer.of(PRODUCER_ID, DEMO_DIR / "secrets" / f"{PRODUCER_ID}.key")
+    async with CommandProducer(
+        bootstrap, TOPICS["commands"], producer_id=signer.producer_id, private_key=signer.key
+    ) as producer:
         await raw.start()
         try:
-            for _, body in batch:
+            for label, body in batch:
                 if isinstance(body, bytes):
-                    await raw.send_and_wait(TOPICS["commands"], body, key=b"desk-a:BTCUSDT")
+                    await raw.send_and_wait(
+                        TOPICS["commands"],
+                        body,
+                        key=b"desk-a:BTCUSDT",
+                        headers=signer.headers(body),
+                    )
+                    continue
+                value = orjson.dumps(body)
+                if label == UNSIGNED:
+                    await raw.send_and_wait(TOPICS["commands"], value, key=key_of(body))
                     continue
                 try:
                     checked_command(body)
                 except InvalidCommandError:
-                    value = orjson.dumps(body)
-                    await raw.send_and_wait(TOPICS["commands"], value, key=key_of(body))
+                    await raw.send_and_wait(
+                        TOPICS["commands"], value, key=key_of(body), headers=signer.headers(value)
+                    )
                 else:
                     await producer.publish(body)
         finally:
@@ -236,6 +271,8 @@ async def kill_switch(bootstrap: str) -> dict[str, Any]:
         commands_topic=TOPICS["commands"],
         results_topic=TOPICS["results"],
         source="demo",
+        producer_id=PRODUCER_ID,
+        private_key=DEMO_DIR / "secrets" / f"{PRODUCER_ID}.key",
     ) as client:
         account, market, symbol = KILL_SWITCH
         result = await client.cancel_all(
@@ -292,6 +329,7 @@ def print_table(labels: dict[str, str], events: list[dict[str, Any]]) -> None:
 def demo_env(broker: Broker, sim_url: str, accounts: Path) -> dict[str, str]:
     """The worker's settings for the demo, as CANCEL_WORKER_* variables."""
     return {
+        "CANCEL_WORKER_PRODUCERS_FILE": str(accounts.parent / "producers.toml"),
         "CANCEL_WORKER_BOOTSTRAP_SERVERS": broker.bootstrap,
         "CANCEL_WORKER_PAPI_URL": sim_url,
         "CANCEL_WORKER_TIME_URL": f"{sim_url}/fapi/v1/time",
@@ -355,6 +393,7 @@ def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
     try:
         print(f"      broker at {broker.bootstrap}")
         accounts = write_demo_accounts(DEMO_DIR / "secrets")
+        write_demo_producers(DEMO_DIR / "secrets")
         step(2, total, "starting the PAPI simulator (HMAC, Ed25519 and RSA accounts) ...")
         sim, sim_url = start_sim(accounts, echo=echo)
         procs.append(sim)

@@ -4,8 +4,11 @@ Starts a single-node Kafka broker on 127.0.0.1:9092 (the worker's default
 ``BOOTSTRAP_SERVERS``), the PAPI simulator on 127.0.0.1:8765 with the accounts and orders of
 ``deploy/dev/`` (``accounts.toml``, ``seed-orders.json``), creates the worker's three topics
 under their default names, and runs the worker (``cancel-worker run``) against them with
-``PAPI_URL`` and ``TIME_URL`` pointing at the simulator. ``cancel-worker send``,
-``cancel-worker results`` and the client library then work with no setting at all. Ctrl-C (or
+``PAPI_URL`` and ``TIME_URL`` pointing at the simulator and ``PRODUCERS_FILE`` at
+``deploy/dev/producers.toml``, whose one producer, ``dev``, signs with the fake key
+``deploy/dev/dev.key``. ``cancel-worker send`` (with ``--producer-id dev
+--producer-key-file deploy/dev/dev.key``), ``cancel-worker results`` and the client library
+then work with no setting at all. Ctrl-C (or
 SIGTERM) stops the worker, the simulator and the broker; every start is a fresh stack (the
 broker's data lives in ``.local/dev`` and is removed at the next start).
 """
@@ -27,6 +30,9 @@ from worker.tools.devstack import REPO, Broker, Process, start_broker, start_sim
 
 DEV_DIR = REPO / ".local" / "dev"
 ACCOUNTS_FILE = REPO / "deploy" / "dev" / "accounts.toml"
+PRODUCERS_FILE = REPO / "deploy" / "dev" / "producers.toml"
+PRODUCER_ID = "dev"
+PRODUCER_KEY_FILE = REPO / "deploy" / "dev" / "dev.key"  # fake: the local stack's only
 SEED_FILE = REPO / "deploy" / "dev" / "seed-orders.json"
 KAFKA_PORT = 9092
 CONTROLLER_PORT = 9093
@@ -50,6 +56,7 @@ def worker_env(bootstrap: str, sim_url: str) -> dict[str, str]:
         f"{ENV_PREFIX}PAPI_URL": sim_url,
         f"{ENV_PREFIX}TIME_URL": f"{sim_url}/fapi/v1/time",
         f"{ENV_PREFIX}ACCOUNTS_FILE": str(ACCOUNTS_FILE),
+        f"{ENV_PREFIX}PRODUCERS_FILE": str(PRODUCERS_FILE),
     }
     if bootstrap != Settings.bootstrap_servers:
         env[f"{ENV_PREFIX}BOOTSTRAP_SERVERS"] = bootstrap
@@ -59,6 +66,9 @@ def worker_env(bootstrap: str, sim_url: str) -> dict[str, str]:
 def banner(broker: Broker, sim_url: str) -> str:
     default = broker.bootstrap == Settings.bootstrap_servers
     prefix = "" if default else f"{ENV_PREFIX}BOOTSTRAP_SERVERS={broker.bootstrap} "
+    signing = (
+        f"--producer-id {PRODUCER_ID} --producer-key-file {PRODUCER_KEY_FILE.relative_to(REPO)}"
+    )
     return "\n".join(
         [
             f"{READY}: Kafka {broker.bootstrap}, simulator {sim_url}, worker running "
@@ -66,9 +76,9 @@ def banner(broker: Broker, sim_url: str) -> str:
             f"{Settings.deadletter_topic}).",
             f"Open orders: {SEED_FILE.relative_to(REPO)} (accounts "
             f"{ACCOUNTS_FILE.relative_to(REPO)}). Try, in another shell:",
-            f"  {prefix}.venv/bin/cancel-worker send --account desk-a --market UM "
+            f"  {prefix}.venv/bin/cancel-worker send {signing} --account desk-a --market UM "
             "--symbol BTCUSDT --client-algo-id desk-a-algo-stop --wait",
-            f"  {prefix}.venv/bin/cancel-worker send --account desk-b --market UM "
+            f"  {prefix}.venv/bin/cancel-worker send {signing} --account desk-b --market UM "
             "--symbol DOGEUSDT --all --wait",
             f"  {prefix}.venv/bin/cancel-worker results --follow",
             f"  curl -s {sim_url}/_sim/orders",
