@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.support import Topics, worker_env, worker_settings
 from worker.accounts import FIELDS, AccountsError, load_accounts
+from worker.checkup import exchange_tls_result
 from worker.producers import stanza
 from worker.settings import (
     ENV_PREFIX,
@@ -637,6 +638,7 @@ CLI_CASES = [
     Case("delivery", {f"{W}DELIVERY": "twice"}, f"{W}DELIVERY must be one of"),
     Case("log-format", {f"{W}LOG_FORMAT": "xml"}, f"{W}LOG_FORMAT must be one of"),
     Case("not-a-number", {f"{W}MAX_IN_FLIGHT": "many"}, f"{W}MAX_IN_FLIGHT: cannot read"),
+    Case("papi-http", {f"{W}PAPI_URL": "http://papi.example"}, f"{W}PAPI_URL must be https"),
     Case("toml-unknown", {}, "did you mean max_in_flight?", config="max_inflight = 7\n"),
     Case("toml-range", {}, f"{W}MAX_ATTEMPTS must be positive", config="max_attempts = 0\n"),
     Case("toml-broken", {}, "cannot read config file", config="max_attempts = \n"),
@@ -825,3 +827,68 @@ def test_the_readme_settings_table_lists_exactly_the_settings() -> None:
     missing = sorted(set(settings) - set(names))
     unknown = sorted(set(names) - set(settings))
     assert (missing, unknown) == ([], [])
+
+
+# -- TLS to the exchange --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8765",
+        "http://127.9.9.9/papi",
+        "http://localhost:8765",
+        "http://LOCALHOST./x",
+        "http://[::1]:8765",
+        "http://[::ffff:127.0.0.1]:8765",
+        "https://papi.binance.com",
+        "https://10.0.0.7:8443",
+    ],
+)
+def test_https_or_a_loopback_host_is_accepted_for_the_exchange(url: str) -> None:
+    settings = load_settings({f"{W}PAPI_URL": url, f"{W}TIME_URL": f"{url}/fapi/v1/time"})
+    assert settings.papi_url == url
+    assert not settings.allow_insecure_exchange
+
+
+@pytest.mark.parametrize("name", ["PAPI_URL", "TIME_URL"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://papi.binance.com",
+        "http://sim:8765",
+        "http://10.0.0.7:8765",
+        "http://128.0.0.1",
+        "http://[::2]:80",
+        "http://localhost.example.com",
+        "http://127.0.0.1.nip.io",
+    ],
+)
+def test_plain_http_to_another_host_is_refused_unless_allowed(name: str, url: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({f"{W}{name}": url})
+    message = str(info.value)
+    assert message.startswith(f"{W}{name} must be https")
+    assert f"{W}ALLOW_INSECURE_EXCHANGE=true" in message
+    allowed = load_settings({f"{W}{name}": url, f"{W}ALLOW_INSECURE_EXCHANGE": "true"})
+    assert getattr(allowed, name.lower()) == url
+    assert allowed.allow_insecure_exchange is True
+
+
+def test_check_warns_when_plain_http_to_the_exchange_is_allowed_and_used() -> None:
+    assert exchange_tls_result(Settings()) is None  # https
+    assert exchange_tls_result(Settings(papi_url="http://127.0.0.1:1")) is None  # loopback
+    https_allowed = Settings(allow_insecure_exchange=True)
+    assert exchange_tls_result(https_allowed) is None  # allowed, not used
+    insecure = load_settings(
+        {
+            f"{W}PAPI_URL": "http://user:pw@sim:8765",
+            f"{W}ALLOW_INSECURE_EXCHANGE": "true",
+        }
+    )
+    result = exchange_tls_result(insecure)
+    assert result is not None
+    assert result.ok  # a warning, not a failure
+    assert result.detail.startswith("WARNING: plain http to the exchange")
+    assert f"{W}PAPI_URL=" in result.detail and f"{W}TIME_URL" not in result.detail
+    assert "pw" not in result.detail
