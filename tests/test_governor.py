@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from worker.governor import GovernorDeadlineError, GovernorSettings, RateGovernor, WindowBudget
+from worker.governor import (
+    GovernorDeadlineError,
+    GovernorSettings,
+    Priority,
+    Purpose,
+    RateGovernor,
+    WindowBudget,
+)
 
 
 class FakeClock:
@@ -191,3 +200,199 @@ async def test_a_ticket_covers_only_the_windows_it_was_counted_in() -> None:
     assert governor.covers(ticket)  # still inside window 10, away from its end
     clock.now = 10_950
     assert not governor.covers(ticket)  # may land in window 11, where it was not counted
+
+
+# -- caps on what the exchange can make the worker do ---------------------------------------
+
+
+@pytest.mark.parametrize("retry_after", ["1e9", "inf", "nan", "-1", "²", "2.5", "9" * 40, ""])
+async def test_an_unreadable_retry_after_pauses_for_the_cap_never_raises(retry_after: str) -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(max_pause_ms=60_000), clock)
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe(ticket, 429, {"retry-after": retry_after})
+    assert governor.paused_until_ms == clock.now + 60_000
+    assert governor.stats.capped_stops == 1
+
+
+async def test_a_huge_retry_after_is_capped_then_one_request_probes() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(max_pause_ms=2_000), clock)
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe(ticket, 429, {"retry-after": "1000000000"})  # about 31 years
+    assert governor.paused_until_ms == clock.now + 2_000
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1_999)
+    assert info.value.reason == "ip_429_pause"
+    clock.now += 2_000
+    probe = await governor.acquire("b", is_order=False, deadline_ms=None)
+    assert probe.probe
+    with pytest.raises(GovernorDeadlineError) as info:  # nothing else until it is answered
+        await governor.acquire("a", is_order=False, deadline_ms=clock.now + 10)
+    assert info.value.reason == "probing"
+    governor.observe(probe, 200, {"x-mbx-used-weight-1m": "1"})
+    after = await governor.acquire("a", is_order=False, deadline_ms=clock.now + 10)
+    assert not after.probe
+    assert governor.stats.probes == 1
+
+
+async def test_a_probe_that_meets_the_stop_again_stops_again_and_probes_after() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(max_ban_ms=5_000), clock)
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe(ticket, 418, {"retry-after": "inf"})
+    assert governor.banned_until_ms == clock.now + 5_000
+    clock.now += 5_000
+    probe = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.settle(probe)  # no answer: the next request probes again
+    probe = await governor.acquire("a", is_order=False, deadline_ms=None)
+    assert probe.probe
+    far = clock.now + 10 * 365 * 86_400_000
+    governor.observe(probe, 418, {}, -1003, f"Way too many requests; IP banned until {far}.")
+    assert governor.banned_until_ms == clock.now + 5_000
+    clock.now += 5_000
+    assert (await governor.acquire("a", is_order=False, deadline_ms=None)).probe
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "IP banned until 99999999999999999999999999999999.",  # past what an int64 holds
+        "IP banned until ١٧٩٥٢٦٠٠٣٠٠٠٠.",  # digits, but not ASCII ones
+        "IP banned until soon.",
+    ],
+)
+async def test_an_unreadable_or_huge_ban_is_the_cap(message: str) -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(max_ban_ms=300_000), clock)
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe(ticket, 418, {}, -1003, message)
+    assert governor.banned_until_ms == clock.now + 300_000
+
+
+async def test_stops_within_the_caps_are_the_exchanges_word_and_need_no_probe() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(), clock)
+    ticket = await governor.acquire("a", is_order=False, deadline_ms=None)
+    governor.observe(ticket, 429, {"retry-after": "3", "x-mbx-used-weight-1m": "²"})
+    assert governor.paused_until_ms == clock.now + 3_000
+    clock.now += 3_000
+    assert not (await governor.acquire("a", is_order=False, deadline_ms=None)).probe
+    assert governor.stats.capped_stops == 0
+
+
+# -- fair shares ------------------------------------------------------------------------------
+
+
+async def _send_until_refused(
+    governor: RateGovernor, account: str, clock: FakeClock
+) -> tuple[int, str]:
+    """Send (each answered at once) until the governor refuses: how many, and why."""
+    sent = 0
+    while True:
+        try:
+            ticket = await governor.acquire(account, is_order=False, deadline_ms=clock.now + 1)
+        except GovernorDeadlineError as exc:
+            return sent, exc.reason
+        governor.observe(ticket, 200, {})
+        sent += 1
+
+
+async def test_an_account_past_its_share_borrows_only_as_the_window_passes() -> None:
+    """Two accounts, 100 a window: a flood from "a" gets its 50 at once, then borrows what "b"
+    leaves unused only as the window passes, so "b" finds room whenever it comes."""
+    clock = FakeClock(1_795_260_000_000)  # a window's start (window 60 s)
+    governor = RateGovernor(GovernorSettings(weight_limit=100), clock, {"a": None, "b": None})
+    for _ in range(50):
+        governor.observe(await governor.acquire("a", is_order=False, deadline_ms=None), 200, {})
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire("a", is_order=False, deadline_ms=clock.now + 100)
+    assert info.value.reason == "account_weight_share"
+    governor.observe(
+        await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1), 200, {}
+    )
+    clock.now += 30_000  # half the window: half of what b leaves unused may be borrowed
+    borrowed, refused = await _send_until_refused(governor, "a", clock)
+    assert refused == "account_weight_share"
+    assert 20 <= borrowed <= 26, borrowed
+    await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1)  # still room for b
+
+
+async def test_a_reserved_share_is_held_all_window_long() -> None:
+    clock = FakeClock(1_795_260_000_000)
+    governor = RateGovernor(GovernorSettings(weight_limit=100), clock, {"a": None, "b": 0.3})
+    assert governor.share_of("a") == pytest.approx(0.7)
+    clock.now += 59_000  # late in the window: b's reserved 30 are still held
+    sent, refused = await _send_until_refused(governor, "a", clock)
+    assert refused == "account_weight_share"
+    assert sent == 70
+    for _ in range(30):
+        ticket = await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1)
+        governor.observe(ticket, 200, {})
+
+
+async def test_waiting_requests_go_by_priority_then_fairly_across_accounts() -> None:
+    """One request per window: waiters from a flooding account, a few from another and a
+    kill switch; each window's request goes to the kill switch first, then alternates."""
+    import time  # noqa: PLC0415
+
+    def wall() -> int:
+        return time.time_ns() // 1_000_000
+
+    governor = RateGovernor(
+        GovernorSettings(weight_limit=1, weight_window_ms=100, guard_ms=0), wall
+    )
+    governor.observe(await governor.acquire("x", is_order=False, deadline_ms=None), 200, {})
+    order: list[str] = []
+
+    async def one(name: str, account: str, priority: Priority = Priority.NORMAL) -> None:
+        ticket = await governor.acquire(
+            account, is_order=False, deadline_ms=wall() + 5_000, priority=priority
+        )
+        order.append(name)
+        governor.observe(ticket, 200, {})
+
+    tasks = [asyncio.create_task(one(f"a{i}", "a")) for i in range(6)]
+    await asyncio.sleep(0)
+    tasks += [asyncio.create_task(one(f"b{i}", "b")) for i in range(2)]
+    await asyncio.sleep(0)
+    tasks.append(asyncio.create_task(one("kill", "c", Priority.KILL_SWITCH)))
+    await asyncio.gather(*tasks)
+    assert order[0] == "kill"
+    assert order[1:5] in (["a0", "b0", "a1", "b1"], ["b0", "a0", "b1", "a1"]), order
+    assert order[5:] == ["a2", "a3", "a4", "a5"]
+
+
+async def test_reconciliation_weight_is_capped_per_account_per_window() -> None:
+    clock = FakeClock(1_795_260_000_000)
+    settings = GovernorSettings(weight_limit=100, reconcile_weight_share=0.05)
+    governor = RateGovernor(settings, clock)
+    for _ in range(5):
+        ticket = await governor.acquire(
+            "a", is_order=False, deadline_ms=None, purpose=Purpose.RECONCILE
+        )
+        governor.observe(ticket, 200, {})
+    with pytest.raises(GovernorDeadlineError) as info:
+        await governor.acquire(
+            "a", is_order=False, deadline_ms=clock.now + 30_000, purpose=Purpose.RECONCILE
+        )
+    assert info.value.reason == "account_reconcile_cap"
+    assert info.value.wait_until_ms == clock.now + 60_000 + settings.guard_ms
+    # The account's cancels, and another account's reconciliation, still go.
+    await governor.acquire("a", is_order=True, deadline_ms=clock.now + 1)
+    await governor.acquire(
+        "b", is_order=False, deadline_ms=clock.now + 1, purpose=Purpose.RECONCILE
+    )
+
+
+async def test_a_waiter_that_gives_up_leaves_the_queue() -> None:
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(weight_limit=1), clock)
+    governor.observe(await governor.acquire("a", is_order=False, deadline_ms=None), 200, {})
+    task = asyncio.create_task(governor.acquire("a", is_order=False, deadline_ms=None))
+    await asyncio.sleep(0)
+    assert governor.waiting == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert governor.waiting == 0

@@ -26,7 +26,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.support import Topics, worker_env, worker_settings
-from worker.accounts import FIELDS, AccountsError, load_accounts
+from worker.accounts import FIELDS, AccountsError, load_accounts, load_each_account
 from worker.checkup import exchange_tls_result
 from worker.producers import stanza
 from worker.settings import (
@@ -600,9 +600,43 @@ def test_every_known_accounts_field_is_accepted(tmp_path: Path) -> None:
         'private_key_passphrase = "pass"\n'
         '[accounts.d]\napi_key = "k"\nprivate_key_file = "k.pem"\n'
         'private_key_passphrase_file = "pass"\n'
+        "reserved_weight_share = 0.25\n"
     )
-    assert sorted(load_accounts(path)) == ["a", "b", "c", "d"]
-    assert len(FIELDS) == 7
+    loaded = load_accounts(path)
+    assert sorted(loaded) == ["a", "b", "c", "d"]
+    assert loaded["d"].reserved_weight_share == 0.25 and loaded["a"].reserved_weight_share is None
+    assert len(FIELDS) == 8
+
+
+@pytest.mark.parametrize(
+    ("shares", "fragment"),
+    [
+        (["0"], "reserved_weight_share must be a number above 0 and below 1"),
+        (["1"], "reserved_weight_share must be a number above 0 and below 1"),
+        (["-0.1"], "reserved_weight_share must be a number above 0 and below 1"),
+        (['"0.2"'], "reserved_weight_share must be a number above 0 and below 1"),
+        (["true"], "reserved_weight_share must be a number above 0 and below 1"),
+        (["nan"], "reserved_weight_share must be a number above 0 and below 1"),
+        (["0.6", "0.5"], "reserved_weight_share values add up to 1.1"),
+        (["0.5", "0.5", None], "less than 1 when some account has none"),
+    ],
+)
+def test_reserved_weight_shares_are_checked(
+    tmp_path: Path, shares: list[str | None], fragment: str
+) -> None:
+    text = ""
+    for i, share in enumerate(shares):
+        text += f'[accounts.a{i}]\napi_key = "k"\nsecret = "{SECRET}"\n'
+        if share is not None:
+            text += f"reserved_weight_share = {share}\n"
+    path = tmp_path / "a.toml"
+    path.write_text(text)
+    with pytest.raises(AccountsError) as info:
+        load_accounts(path)
+    assert fragment in str(info.value) and SECRET not in str(info.value)
+    if len(shares) > 1:  # check names the whole file's problem too
+        with pytest.raises(AccountsError, match="add up to"):
+            load_each_account(path)
 
 
 # -- (c) the real CLI -----------------------------------------------------------------------

@@ -10,16 +10,24 @@
     api_key_file = "/run/secrets/desk-b/api_key"
     private_key_file = "/run/secrets/desk-b/key.pem"   # Ed25519 or RSA, PKCS#8 PEM
     private_key_passphrase_file = "/run/secrets/desk-b/pass"   # optional
+    reserved_weight_share = 0.2   # optional: this share of the IP weight is held for it
 
 Values read from files are stripped of surrounding whitespace, so Kubernetes secret
 mounts work as they are. Secrets never appear in ``repr`` or in error messages. An unknown
 field or top-level table (a misspelt ``secret_flie``) is refused, with a did-you-mean; only
 names are ever quoted, never values.
+
+``reserved_weight_share`` (optional, above 0 and below 1): the share of the IP weight budget
+the rate governor holds for the account all window long, even while it is idle; the shares
+of the accounts without one are equal parts of what the reserved shares leave (see
+:mod:`worker.governor`). The reserved shares add up to at most 1, and to less than 1 when
+some account has none.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +49,7 @@ FIELDS = (
     "private_key_file",
     "private_key_passphrase",
     "private_key_passphrase_file",
+    "reserved_weight_share",
 )
 
 
@@ -64,6 +73,9 @@ class Credentials:
     # Verification material, for the simulator: the HMAC secret or the public key.
     hmac_secret: str | None = field(default=None, repr=False)
     public_key: Ed25519PublicKey | RSAPublicKey | None = field(default=None, repr=False)
+    # The share of the IP weight the rate governor holds for this account (None: an equal
+    # part of what the reserved shares leave).
+    reserved_weight_share: float | None = None
 
     @property
     def key_kind(self) -> str:
@@ -134,21 +146,59 @@ def parse_account(alias: str, entry: object, base: Path) -> Credentials:
     api_key = _value(alias, entry, "api_key", base)
     if not api_key:
         raise AccountsError(f"account {alias!r}: api_key is required")
+    share = _reserved_share(alias, entry.get("reserved_weight_share"))
     secret = _value(alias, entry, "secret", base)
     pem_path = entry.get("private_key_file")
     if (secret is None) == (pem_path is None):
         raise AccountsError(f"account {alias!r}: give exactly one of secret or private_key_file")
     if secret is not None:
-        return Credentials(alias, api_key, HmacSigner(secret), hmac_secret=secret)
+        return Credentials(
+            alias, api_key, HmacSigner(secret), hmac_secret=secret, reserved_weight_share=share
+        )
     pem = _read(alias, "private_key", base, pem_path)
     passphrase = _value(alias, entry, "private_key_passphrase", base)
     signer, public = _private_key_signer(alias, pem, passphrase)
-    return Credentials(alias, api_key, signer, public_key=public)
+    return Credentials(alias, api_key, signer, public_key=public, reserved_weight_share=share)
+
+
+def _reserved_share(alias: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or not 0 < value < 1
+    ):
+        raise AccountsError(
+            f"account {alias!r}: reserved_weight_share must be a number above 0 and below 1"
+        )
+    return float(value)
+
+
+def _check_reserved_shares(tables: dict[str, Any]) -> None:
+    """The reserved shares of the whole file: together at most 1, and below 1 when some
+    account has none (it would never be given any weight)."""
+    shares = [
+        entry.get("reserved_weight_share") if isinstance(entry, dict) else None
+        for entry in tables.values()
+    ]
+    given = [s for s in shares if isinstance(s, int | float) and not isinstance(s, bool)]
+    total = sum(given)
+    unreserved = len(shares) - len(given)
+    if total > 1 or (unreserved and total >= 1):
+        raise AccountsError(
+            f"the accounts' reserved_weight_share values add up to {total:g}: they must add "
+            "up to at most 1, and to less than 1 when some account has none"
+        )
 
 
 def parse_accounts(data: dict[str, Any], base: Path) -> dict[str, Credentials]:
     """Build credentials from parsed TOML; ``base`` resolves relative file paths."""
-    return {alias: parse_account(alias, entry, base) for alias, entry in _tables(data).items()}
+    tables = _tables(data)
+    accounts = {alias: parse_account(alias, entry, base) for alias, entry in tables.items()}
+    _check_reserved_shares(tables)
+    return accounts
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -179,6 +229,7 @@ def load_each_account(path: Path) -> dict[str, Credentials | AccountsError]:
     data = _read_toml(path)
     try:
         tables = _tables(data)
+        _check_reserved_shares(tables)
     except AccountsError as exc:
         raise AccountsError(f"accounts file {path}: {exc}") from None
     each: dict[str, Credentials | AccountsError] = {}

@@ -83,6 +83,9 @@ def governor_from(settings: Settings) -> GovernorSettings:
         order_limit=settings.rate_order_limit,
         order_window_ms=settings.rate_order_window_ms,
         guard_ms=settings.rate_guard_ms,
+        max_pause_ms=settings.rate_max_pause_ms,
+        max_ban_ms=settings.rate_max_ban_ms,
+        reconcile_weight_share=settings.rate_reconcile_weight_share,
     )
 
 
@@ -228,7 +231,11 @@ class Worker:
         self.settings = settings
         self._accounts = accounts
         self.clock = ExchangeClock(settings.time_url, refresh_s=settings.clock_refresh_s)
-        self.governor = RateGovernor(governor_from(settings), self.clock.now)
+        self.governor = RateGovernor(
+            governor_from(settings),
+            self.clock.now,
+            {alias: creds.reserved_weight_share for alias, creds in accounts.items()},
+        )
         self._client = PapiClient(
             settings.papi_url,
             clock=self.clock.now,

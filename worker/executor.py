@@ -46,6 +46,7 @@ from worker.decisions import (
     decide_gone,
 )
 from worker.errors import ExchangeError, NotAdmittedError, NotSentError, PapiError
+from worker.governor import Priority, Purpose
 from worker.jobs import Job
 from worker.killswitch import KillSwitch
 from worker.papi import PapiClient, PapiResponse
@@ -268,8 +269,16 @@ class CancelExecutor:
                 await self._resync_clock(generation)
 
     async def _send(
-        self, job: Job, request: CancelRequest, *, is_order: bool, deadline: int
+        self,
+        job: Job,
+        request: CancelRequest,
+        *,
+        is_order: bool,
+        deadline: int,
+        purpose: Purpose = Purpose.QUERY,
     ) -> PapiResponse:
+        # A kill switch's requests go ahead of single cancels when requests wait for weight.
+        priority = Priority.KILL_SWITCH if job.command.is_sweep else Priority.NORMAL
         try:
             response = await self._client.signed(
                 job.creds,
@@ -281,6 +290,8 @@ class CancelExecutor:
                 expires_at=job.expires_at if is_order else None,
                 recv_window_ms=self._policy.recv_window_ms,
                 route=request.route.value,
+                priority=priority,
+                purpose=Purpose.CANCEL if is_order else purpose,
             )
         except NotSentError as exc:
             if not isinstance(exc, NotAdmittedError):
@@ -307,10 +318,13 @@ class CancelExecutor:
         requests: Sequence[CancelRequest],
         deadline: int,
         readable: Callable[[Any], bool],
+        purpose: Purpose = Purpose.QUERY,
     ) -> PapiResponse | None:
         """Read-only requests, asked in order until one answers with a ``readable`` body;
         "no such order" (-2011/-2013) moves to the next, and None means every one said so.
-        What may be transient is asked again until ``deadline``; the last error is raised."""
+        What may be transient is asked again until ``deadline``; the last error is raised.
+        ``purpose``: :attr:`Purpose.RECONCILE` for a cancel's status queries (their weight is
+        capped per account by the governor)."""
         retrying = AsyncRetrying(
             stop=_StopRetrying(job, self._clock, deadline, None),
             wait=self._policy.backoff(),
@@ -321,7 +335,9 @@ class CancelExecutor:
             with attempt:
                 for request in requests:
                     try:
-                        response = await self._send(job, request, is_order=False, deadline=deadline)
+                        response = await self._send(
+                            job, request, is_order=False, deadline=deadline, purpose=purpose
+                        )
                     except ExchangeError as exc:
                         if exc.code in GONE_CODES:
                             continue  # not there: ask the next place
@@ -340,6 +356,7 @@ class CancelExecutor:
                 plan_queries(job.command),
                 deadline,
                 lambda body: normalize.status_of(body, job.route) is not None,
+                Purpose.RECONCILE,
             )
         except PapiError as exc:
             log.warning("command_id=%s: order status not learned: %s", job.command.command_id, exc)

@@ -11,10 +11,28 @@ number wins when it is higher (other processes on the IP, requests in flight). W
 read on the exchange clock; a request within ``guard_ms`` of a boundary counts in both
 windows it might land in, so a clock error smaller than that never overfills either.
 
+Fairness: each account has a share of the IP weight (``reserved_weight_share`` from the
+accounts file, or an equal part of what the reserved shares leave). Within its share of a
+window an account sends freely. Past it, it borrows the other accounts' unused shares only as
+the window passes: at a fraction f of the window the others' unused equal parts are held back
+but for f of them, and a reserved share is held back whole. So a flood from one account
+cannot spend the window before the others come, and a window the others leave idle is still
+the flooder's by its end. Requests that wait are admitted by :class:`Priority` (a kill switch
+before single cancels), then across accounts in weighted fair order (each account's virtual
+time grows by 1/share per request; the least goes next; an idle account banks no credit),
+then first come first served within an account. Status queries that reconcile a cancel
+(:class:`Purpose`) are capped per account at ``reconcile_weight_share`` of the weight limit a
+window; past the cap they wait for the account's next window, and one that would wait past
+its deadline is refused at once (the executor then reports what it knows: ``not_found`` or
+``outcome_unknown``).
+
 Stops: a 429 pauses all sending on the IP until ``Retry-After`` (default 1 s), after which the
 IP budget is reopened gradually over ``ramp_ms``; a 418 or a -1003 "banned until <ms>" stops
-all traffic until the ban ends. ``acquire`` waits for room, but never past the caller's
-deadline, and never admits a request at or after it: it raises
+all traffic until the ban ends. Both are capped (``max_pause_ms``, ``max_ban_ms``): a longer
+stop, or one whose length is not ASCII digits (``1e9``, ``inf``, ``²``), is taken as the cap,
+and when it ends one request probes the exchange before anything else goes (the probe's
+answer opens the ramp, or stops again). ``acquire`` waits for room, but never past the
+caller's deadline, and never admits a request at or after it: it raises
 :class:`GovernorDeadlineError` instead, so a waiting command keeps its deadline. Per-key
 order is kept by the pipeline (a key's next command waits for this one).
 
@@ -29,17 +47,25 @@ admitted again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import heapq
 import logging
+import math
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum, IntEnum
 
 from worker import metrics
+from worker.headers import ascii_int
 
 log = logging.getLogger(__name__)
 
-_BANNED_UNTIL = re.compile(r"banned until (\d{12,14})", re.IGNORECASE)
+# The ban's end as the exchange words it; read with ascii_int (ASCII digits only), anything
+# else is an unreadable end, taken as the cap.
+_BANNED_UNTIL = re.compile(r"banned until ([^\s.]*)", re.IGNORECASE)
 
 
 class GovernorDeadlineError(Exception):
@@ -153,6 +179,11 @@ class WindowBudget:
             if self.used.get(index, 0) > 0:
                 self.used[index] -= 1
 
+    def room(self, now: int, limit: int | None = None) -> int:
+        """What is left of the limit in the fullest window a request sent now may land in."""
+        cap = self.limit if limit is None else limit
+        return min(cap - self.used.get(i, 0) for i in self._indices(now))
+
     def used_in(self, now: int) -> int:
         """Requests counted in the window ``now`` falls in (a read: nothing is opened)."""
         return self.used.get(now // self.window_ms, 0)
@@ -202,6 +233,28 @@ class GovernorSettings:
     ramp_ms: int = 5_000
     default_retry_after_ms: int = 1_000
     default_ban_ms: int = 120_000
+    # Caps on what the exchange can make the worker do: a longer (or unreadable) Retry-After
+    # or ban is taken as this long, then one request probes before the IP opens again.
+    max_pause_ms: int = 60_000
+    max_ban_ms: int = 300_000
+    # Status queries reconciling a cancel (after "not found" or an ambiguous answer): at most
+    # this share of the weight limit per account per weight window.
+    reconcile_weight_share: float = 0.1
+
+
+class Priority(IntEnum):
+    """Who goes first when requests wait for the IP's weight (higher first)."""
+
+    NORMAL = 0
+    KILL_SWITCH = 1
+
+
+class Purpose(Enum):
+    """What a request is for: reconciliation's weight is capped per account."""
+
+    CANCEL = "cancel"  # a cancel (or a kill switch's cancel-all): counts an order
+    QUERY = "query"  # a read that is part of the command's own work (a kill switch's listing)
+    RECONCILE = "reconcile"  # a status query after "not found" or an ambiguous answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +266,11 @@ class Ticket:
     weight_windows: frozenset[int]
     order_windows: frozenset[int]
     waited_s: float = 0.0
+    # The account's own weight window it was charged to (fair shares, reconciliation).
+    account_window: int = -1
+    reconcile: bool = False
+    # The one request sent after a stop whose end was the worker's guess (capped, unreadable).
+    probe: bool = False
 
 
 @dataclass
@@ -221,10 +279,38 @@ class GovernorStats:
     waited_s: float = 0.0
     pauses_429: int = 0
     bans_418: int = 0
+    capped_stops: int = 0  # pauses and bans shortened to the cap (or unreadable)
+    probes: int = 0
+
+
+@dataclass(eq=False)
+class _Waiter:
+    account: str
+    is_order: bool
+    reconcile: bool
+    priority: int
+    deadline_ms: int | None
+    seq: int
+    future: asyncio.Future[Ticket]
+    reason: str
+
+
+_Lane = tuple[str, int, str]  # (account, priority, kind)
+
+
+def _kind(is_order: bool, reconcile: bool) -> str:
+    return "order" if is_order else "reconcile" if reconcile else "query"
 
 
 class RateGovernor:
-    def __init__(self, settings: GovernorSettings, clock: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        settings: GovernorSettings,
+        clock: Callable[[], int],
+        accounts: Mapping[str, float | None] | None = None,
+    ) -> None:
+        """``accounts``: every configured account and its reserved share of the IP weight
+        (None: an equal part of what the reserved shares leave)."""
         self._s = settings
         self._clock = clock
         self._weight = WindowBudget(
@@ -235,7 +321,29 @@ class RateGovernor:
         self._ip_paused_until = 0
         self._banned_until = 0
         self._ramp_from = 0
+        # "" (none), "needed" (the next admission is the probe) or "in_flight".
+        self._probe = ""
+        self._reserved = {a: r for a, r in (accounts or {}).items() if r}
+        self._shares: dict[str, float] = {}
+        for account in accounts or {}:
+            self._shares[account] = 0.0
+        self._set_shares()
+        # Weight this process sent per account, by weight window; reconciliation's apart.
+        self._spent: dict[str, dict[int, int]] = {}
+        self._reconciled: dict[str, dict[int, int]] = {}
+        # Weighted fair queueing: each account's virtual finish time, and the system's.
+        self._vtime: dict[str, float] = {}
+        self._vnow = 0.0
+        self._lanes: dict[_Lane, deque[_Waiter]] = {}
+        self._waiting = 0
+        self._seq = 0
+        self._deadlines: list[tuple[int, int, _Waiter]] = []
+        self._lane_checked: dict[_Lane, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0
         self.stats = GovernorStats()
+
+    # -- reading --------------------------------------------------------------------------------
 
     @property
     def banned_until_ms(self) -> int:
@@ -255,6 +363,29 @@ class RateGovernor:
     def weight_limit(self) -> int:
         return self._s.weight_limit
 
+    def share_of(self, account: str) -> float:
+        """The account's share of the IP weight (reserved, or an equal part of the rest)."""
+        return self._shares.get(account, 0.0)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for admission now."""
+        return self._waiting
+
+    # -- budgets --------------------------------------------------------------------------------
+
+    def _set_shares(self) -> None:
+        reserved = sum(self._reserved.values())
+        rest = [a for a in self._shares if a not in self._reserved]
+        each = max(0.0, 1.0 - reserved) / len(rest) if rest else 0.0
+        for account in self._shares:
+            self._shares[account] = self._reserved.get(account, each)
+
+    def _know(self, account: str) -> None:
+        if account not in self._shares:  # an account the accounts file did not name
+            self._shares[account] = 0.0
+            self._set_shares()
+
     def _account(self, account: str) -> WindowBudget:
         budget = self._orders.get(account)
         if budget is None:
@@ -271,11 +402,14 @@ class RateGovernor:
         share = 0.1 + 0.9 * since / self._s.ramp_ms
         return max(1, int(self._s.weight_limit * share))
 
-    def _blocked_until(self, account: str, is_order: bool, now: int) -> tuple[str, int] | None:
+    def _ip_block(self, now: int) -> tuple[str, int] | None:
+        """What keeps every account from sending now, and until when."""
         if self._banned_until > now:
             return "ip_banned", self._banned_until
         if self._ip_paused_until > now:
             return "ip_429_pause", self._ip_paused_until
+        if self._probe == "in_flight":
+            return "probing", now + 20  # its answer (observe, settle) opens or stops again
         limit = self._ip_limit(now)
         # After a 429 or a ban, the IP was full: until the exchange answers in a window, one
         # request at a time finds out whether the other processes on it have filled it again.
@@ -284,9 +418,25 @@ class RateGovernor:
         if not self._weight.has_room(now, limit):
             if self._weight.awaiting_count(now, limit):
                 return "awaiting_exchange_count", now + 20
-            if self._ramp_from and now - self._ramp_from < self._s.ramp_ms:
+            if recovering:
                 return "ip_ramp", min(now + 100, self._weight.next_window_at(now, limit))
             return "ip_weight", self._weight.next_window_at(now, limit)
+        return None
+
+    def _account_block(
+        self, account: str, is_order: bool, reconcile: bool, now: int
+    ) -> tuple[str, int] | None:
+        """What keeps this account's request from going now, though the IP has room."""
+        window = self._s.weight_window_ms
+        index = now // window
+        next_window = (index + 1) * window + self._s.guard_ms
+        if reconcile:
+            cap = max(1, int(self._s.reconcile_weight_share * self._s.weight_limit))
+            if self._reconciled.get(account, {}).get(index, 0) >= cap:
+                return "account_reconcile_cap", next_window
+        share = self._share_block(account, now, index)
+        if share is not None:
+            return share
         if is_order:
             budget = self._account(account)
             if not budget.has_room(now):
@@ -295,35 +445,250 @@ class RateGovernor:
                 return "account_orders", budget.next_window_at(now)
         return None
 
-    async def acquire(self, account: str, *, is_order: bool, deadline_ms: int | None) -> Ticket:
+    def _share_block(self, account: str, now: int, index: int) -> tuple[str, int] | None:
+        """An account past its share of the window borrows what the others leave unused, but
+        only as the window passes: at a fraction f of it, the others' unused shares are held
+        back but for f of them (a reserved share is held back whole). So an account that
+        floods cannot spend the window before the others come, and an idle window is still
+        the flooder's by its end."""
+        limit = self._ip_limit(now)
+        share = self._shares.get(account, 1.0)
+        if share >= 1.0:
+            return None
+        spent = self._spent.get(account, {}).get(index, 0)
+        if spent + 1 <= share * limit:
+            return None  # within its own share
+        window = self._s.weight_window_ms
+        elapsed = (now - index * window) / window
+        held_whole = 0.0  # reserved shares, held back all window long
+        held_decaying = 0.0  # equal parts, lent as the window passes
+        for other, other_share in self._shares.items():
+            if other == account or other_share <= 0.0:
+                continue
+            # In whole requests: a share below one request a window holds nothing back.
+            unused = math.floor(other_share * limit) - self._spent.get(other, {}).get(index, 0)
+            if unused <= 0:
+                continue
+            if other in self._reserved:
+                held_whole += unused
+            else:
+                held_decaying += unused
+        room_after = self._weight.room(now, limit) - 1
+        if room_after >= held_whole + held_decaying * (1.0 - elapsed):
+            return None
+        next_window = (index + 1) * window + self._s.guard_ms
+        if held_decaying <= 0 or room_after < held_whole:
+            return "account_weight_share", next_window
+        # When the decaying part has shrunk enough for one more request.
+        fraction = 1.0 - (room_after - held_whole) / held_decaying
+        at = index * window + math.ceil(fraction * window)
+        return "account_weight_share", min(max(at, now + 1), next_window)
+
+    def _blocked_until(
+        self, account: str, is_order: bool, now: int, reconcile: bool = False
+    ) -> tuple[str, int] | None:
+        return self._ip_block(now) or self._account_block(account, is_order, reconcile, now)
+
+    # -- admission ------------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        account: str,
+        *,
+        is_order: bool,
+        deadline_ms: int | None,
+        priority: Priority = Priority.NORMAL,
+        purpose: Purpose | None = None,
+    ) -> Ticket:
         """Wait for room for one request (weight 1, plus one order if ``is_order``).
 
         Returns the :class:`Ticket` to end with ``observe``, ``settle`` or ``refund``. Raises
         :class:`GovernorDeadlineError` if the deadline (exchange-clock ms) has passed, or if
-        room would only come at or after it.
+        room would only come at or after it. Requests that wait are admitted by priority,
+        then in weighted fair order across accounts (see the module docstring).
         """
+        reconcile = purpose is Purpose.RECONCILE
+        self._know(account)
+        now = self._clock()
+        blocked = self._blocked_until(account, is_order, now, reconcile)
+        if blocked is None and deadline_ms is not None and now >= deadline_ms:
+            blocked = "deadline_passed", now
+        if blocked is None and self._waiting == 0:
+            return self._admit(account, is_order, reconcile, now, 0.0)
+        reason, until = blocked or ("fair_queue", now)
+        if deadline_ms is not None and until >= deadline_ms:
+            raise GovernorDeadlineError(reason, until)
         started = time.monotonic()
-        first_reason: str | None = None
-        while True:
-            now = self._clock()
-            blocked = self._blocked_until(account, is_order, now)
-            if blocked is None and deadline_ms is not None and now >= deadline_ms:
-                blocked = "deadline_passed", now
-            if blocked is None:
-                weight = self._weight.take(now)
-                orders = self._account(account).take(now) if is_order else frozenset()
-                waited = time.monotonic() - started
-                if first_reason is not None:
-                    self._record_wait(first_reason, waited, account)
-                return Ticket(account, is_order, weight, orders, waited)
-            reason, until = blocked
-            if deadline_ms is not None and until >= deadline_ms:
-                if first_reason is not None:
-                    self._record_wait(first_reason, time.monotonic() - started, account)
-                raise GovernorDeadlineError(reason, until)
-            first_reason = first_reason or reason
-            # Re-check at least every second: an answer may move a window or lift a pause.
-            await asyncio.sleep(min(max(until - now, 1), 1000) / 1000)
+        self._seq += 1
+        waiter = _Waiter(
+            account,
+            is_order,
+            reconcile,
+            int(priority),
+            deadline_ms,
+            self._seq,
+            asyncio.get_running_loop().create_future(),
+            reason,
+        )
+        lane = (account, waiter.priority, _kind(is_order, reconcile))
+        self._lanes.setdefault(lane, deque()).append(waiter)
+        self._waiting += 1
+        if deadline_ms is not None:
+            heapq.heappush(self._deadlines, (deadline_ms, waiter.seq, waiter))
+        self._pump()
+        if waiter.future.done() and not waiter.future.exception():
+            return waiter.future.result()  # its turn came at once: no wait
+        try:
+            ticket = await waiter.future
+        except GovernorDeadlineError as exc:
+            self._record_wait(waiter.reason, time.monotonic() - started, account)
+            raise exc from None
+        except asyncio.CancelledError:
+            if not waiter.future.cancelled() and waiter.future.done():
+                if waiter.future.exception() is None:
+                    self.refund(waiter.future.result())  # admitted as the caller went away
+            else:
+                self._waiting -= 1  # left in its lane, skipped there
+            raise
+        waited = time.monotonic() - started
+        self._record_wait(waiter.reason, waited, account)
+        return dataclasses.replace(ticket, waited_s=waited)
+
+    def _admit(
+        self, account: str, is_order: bool, reconcile: bool, now: int, waited: float
+    ) -> Ticket:
+        weight = self._weight.take(now)
+        orders = self._account(account).take(now) if is_order else frozenset()
+        index = now // self._s.weight_window_ms
+        spent = self._spent.setdefault(account, {})
+        spent[index] = spent.get(index, 0) + 1
+        if reconcile:
+            reconciled = self._reconciled.setdefault(account, {})
+            reconciled[index] = reconciled.get(index, 0) + 1
+        if len(spent) > 2:
+            self._prune_spent(index)
+        start = max(self._vnow, self._vtime.get(account, 0.0))
+        self._vnow = start
+        self._vtime[account] = start + 1.0 / max(self._shares.get(account, 1.0), 1e-3)
+        probe = self._probe == "needed"
+        if probe:
+            self._probe = "in_flight"
+            self.stats.probes += 1
+            log.warning("probing the exchange with one request after a capped stop")
+        return Ticket(account, is_order, weight, orders, waited, index, reconcile, probe)
+
+    def _prune_spent(self, index: int) -> None:
+        for table in (self._spent, self._reconciled):
+            for by_window in table.values():
+                for old in [i for i in by_window if i < index - 1]:
+                    del by_window[old]
+
+    # -- the queue of waiting requests ----------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Admit waiting requests while there is room: the highest priority first, then the
+        account with the least weighted service (its virtual time); fail those whose
+        deadline room would come too late for."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._waiting == 0:
+            return
+        now = self._clock()
+        self._expire(now)
+        wake: int | None = None
+        while self._waiting:
+            ip = self._ip_block(now)
+            if ip is not None:
+                reason, until = ip
+                self._fail_before(until, reason)
+                wake = until
+                break
+            picked, wake = self._pick(now)
+            if picked is None:
+                break
+            waiter = self._lanes[picked].popleft()
+            self._waiting -= 1
+            ticket = self._admit(waiter.account, waiter.is_order, waiter.reconcile, now, 0.0)
+            waiter.future.set_result(ticket)
+        if self._waiting:
+            self._schedule(now, wake)
+
+    def _pick(self, now: int) -> tuple[_Lane | None, int | None]:
+        """The lane whose head goes next, or None and when to look again."""
+        wake: int | None = None
+        by_priority: dict[int, dict[str, list[_Lane]]] = {}
+        for lane, waiters in list(self._lanes.items()):
+            while waiters and waiters[0].future.done():
+                waiters.popleft()  # failed or given up: skipped
+            if not waiters:
+                del self._lanes[lane]
+                self._lane_checked.pop(lane, None)
+                continue
+            by_priority.setdefault(lane[1], {}).setdefault(lane[0], []).append(lane)
+        for priority in sorted(by_priority, reverse=True):
+            accounts = by_priority[priority]
+            order = sorted(accounts, key=lambda a: max(self._vnow, self._vtime.get(a, 0.0)))
+            for account in order:
+                lanes = sorted(accounts[account], key=lambda lane: self._lanes[lane][0].seq)
+                for lane in lanes:
+                    head = self._lanes[lane][0]
+                    blocked = self._account_block(account, head.is_order, head.reconcile, now)
+                    if blocked is None:
+                        return lane, None
+                    reason, until = blocked
+                    self._fail_lane(lane, reason, until)
+                    wake = until if wake is None else min(wake, until)
+        return None, wake
+
+    def _fail_lane(self, lane: _Lane, reason: str, until: int) -> None:
+        """Fail the lane's waiters whose deadline comes before ``until``; the others wait."""
+        if self._lane_checked.get(lane) == until:
+            return
+        self._lane_checked[lane] = until
+        for waiter in self._lanes[lane]:
+            if waiter.future.done():
+                continue
+            waiter.reason = reason
+            if waiter.deadline_ms is not None and until >= waiter.deadline_ms:
+                self._fail(waiter, reason, until)
+
+    def _fail_before(self, until: int, reason: str) -> None:
+        """Fail every waiter whose deadline comes before ``until`` (the IP is stopped)."""
+        while self._deadlines and self._deadlines[0][0] <= until:
+            _, _, waiter = heapq.heappop(self._deadlines)
+            if not waiter.future.done():
+                waiter.reason = reason if waiter.reason == "fair_queue" else waiter.reason
+                self._fail(waiter, reason, until)
+
+    def _expire(self, now: int) -> None:
+        """Fail every waiter whose deadline has come: nothing is admitted at or after it."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, _, waiter = heapq.heappop(self._deadlines)
+            if not waiter.future.done():
+                self._fail(waiter, waiter.reason, deadline)
+
+    def _fail(self, waiter: _Waiter, reason: str, until: int) -> None:
+        self._waiting -= 1
+        waiter.future.set_exception(GovernorDeadlineError(reason, until))
+
+    def _schedule(self, now: int, wake: int | None) -> None:
+        """Look again at ``wake``, at the next deadline, and at least every second."""
+        at = now + 1_000
+        if wake is not None:
+            at = min(at, wake)
+        if self._deadlines:
+            at = min(at, self._deadlines[0][0])
+        delay_ms = max(at - now, 1)
+        self._timer_at = now + delay_ms
+        self._timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self._pump)
+
+    def _wake(self) -> None:
+        """Something changed (an answer, a settled or refunded request): look at the queue."""
+        if self._waiting:
+            self._pump()
+
+    # -- ends of a ticket -----------------------------------------------------------------------
 
     def covers(self, ticket: Ticket) -> bool:
         """Whether the request may still be sent now in the windows it was counted in."""
@@ -338,6 +703,9 @@ class RateGovernor:
         self._weight.settle(now, ticket.weight_windows)
         if ticket.is_order:
             self._account(ticket.account).settle(now, ticket.order_windows)
+        if ticket.probe and self._probe == "in_flight":
+            self._probe = "needed"  # no answer: the next request probes again
+        self._wake()
 
     def refund(self, ticket: Ticket) -> None:
         """The request never left (connection refused, signing refused): uncount it."""
@@ -345,6 +713,13 @@ class RateGovernor:
         self._weight.refund(now, ticket.weight_windows)
         if ticket.is_order:
             self._account(ticket.account).refund(now, ticket.order_windows)
+        for table, counted in ((self._spent, True), (self._reconciled, ticket.reconcile)):
+            by_window = table.get(ticket.account, {})
+            if counted and by_window.get(ticket.account_window, 0) > 0:
+                by_window[ticket.account_window] -= 1
+        if ticket.probe and self._probe == "in_flight":
+            self._probe = "needed"
+        self._wake()
 
     def _record_wait(self, reason: str, waited_s: float, account: str) -> None:
         self.stats.waits[reason] = self.stats.waits.get(reason, 0) + 1
@@ -366,56 +741,80 @@ class RateGovernor:
         code: int | None = None,
         msg: str | None = None,
     ) -> None:
-        """Learn from an answer: the exchange's counts, 429 pauses and 418 bans."""
+        """Learn from an answer: the exchange's counts, 429 pauses and 418 bans (capped)."""
         now = self._clock()
-        self._weight.correct(now, _int(headers.get("x-mbx-used-weight-1m")), ticket.weight_windows)
+        self._weight.correct(
+            now, ascii_int(headers.get("x-mbx-used-weight-1m")), ticket.weight_windows
+        )
         if ticket.is_order:
             self._account(ticket.account).correct(
-                now, _int(headers.get("x-mbx-order-count-1m")), ticket.order_windows
+                now, ascii_int(headers.get("x-mbx-order-count-1m")), ticket.order_windows
             )
-        retry_after_ms = _retry_after_ms(headers)
         banned = _BANNED_UNTIL.search(msg or "") if code == -1003 else None
+        probe_answered = ticket.probe and self._probe == "in_flight"
+        if probe_answered:
+            self._probe = ""  # a stop below sets it again if its end is a guess
         if status == 418 or banned is not None:
-            until = (
-                int(banned.group(1))
-                if banned is not None
-                else now
-                + (retry_after_ms if retry_after_ms is not None else self._s.default_ban_ms)
-            )
-            if until > self._banned_until:
-                self._banned_until = until
-                self._ramp_from = until
-                self.stats.bans_418 += 1
-                metrics.GOVERNOR_STOPS.labels("ban").inc()
-                log.error(
-                    "IP banned by the exchange until %d (in %.1fs): all traffic stopped",
-                    until,
-                    (until - now) / 1000,
-                )
+            self._ban(now, headers.get("retry-after"), banned)
         elif status == 429:
-            until = now + (
-                retry_after_ms if retry_after_ms is not None else self._s.default_retry_after_ms
+            self._pause(now, headers.get("retry-after"))
+        elif probe_answered:
+            self._ramp_from = now  # the exchange answers: reopen gradually from here
+            log.warning("the exchange answered the probe: sending again, ramping up")
+        self._wake()
+
+    def _ban(self, now: int, retry_after: str | None, banned: re.Match[str] | None) -> None:
+        if banned is not None:
+            said = ascii_int(banned.group(1))
+            wanted = None if said is None else said - now
+        elif retry_after is not None:
+            seconds = ascii_int(retry_after)
+            wanted = None if seconds is None else seconds * 1000
+        else:
+            wanted = self._s.default_ban_ms
+        guessed = wanted is None or wanted > self._s.max_ban_ms
+        until = now + (self._s.max_ban_ms if guessed or wanted is None else wanted)
+        if guessed:
+            self._probe = "needed"
+            self.stats.capped_stops += 1
+            log.error(
+                "IP ban from the exchange for %s: capped at %.1fs, then one request probes",
+                "an unreadable time" if wanted is None else f"{wanted / 1000:.0f}s",
+                self._s.max_ban_ms / 1000,
             )
-            if until > self._ip_paused_until:
-                self._ip_paused_until = until
-                self._ramp_from = until
-                self.stats.pauses_429 += 1
-                metrics.GOVERNOR_STOPS.labels("429").inc()
-                log.warning(
-                    "429 from the exchange: pausing the IP for %.1fs, then ramping up",
-                    (until - now) / 1000,
-                )
+        if until > self._banned_until:
+            self._banned_until = until
+            self._ramp_from = until
+            self.stats.bans_418 += 1
+            metrics.GOVERNOR_STOPS.labels("ban").inc()
+            log.error(
+                "IP banned by the exchange until %d (in %.1fs): all traffic stopped",
+                until,
+                (until - now) / 1000,
+            )
 
-
-def _int(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
-
-
-def _retry_after_ms(headers: Mapping[str, str]) -> int | None:
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0, int(float(value) * 1000))
-    except ValueError:
-        return None
+    def _pause(self, now: int, retry_after: str | None) -> None:
+        seconds = ascii_int(retry_after)
+        if retry_after is None:
+            wanted: int | None = self._s.default_retry_after_ms
+        else:
+            wanted = None if seconds is None else seconds * 1000
+        guessed = wanted is None or wanted > self._s.max_pause_ms
+        until = now + (self._s.max_pause_ms if guessed or wanted is None else wanted)
+        if guessed:
+            self._probe = "needed"
+            self.stats.capped_stops += 1
+            log.warning(
+                "429 with Retry-After %s: pause capped at %.1fs, then one request probes",
+                "unreadable" if wanted is None else f"{wanted / 1000:.0f}s",
+                self._s.max_pause_ms / 1000,
+            )
+        if until > self._ip_paused_until:
+            self._ip_paused_until = until
+            self._ramp_from = until
+            self.stats.pauses_429 += 1
+            metrics.GOVERNOR_STOPS.labels("429").inc()
+            log.warning(
+                "429 from the exchange: pausing the IP for %.1fs, then ramping up",
+                (until - now) / 1000,
+            )

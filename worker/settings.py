@@ -147,6 +147,13 @@ class Settings:
     rate_order_limit: int = 1200
     rate_order_window_ms: int = 60_000
     rate_guard_ms: int = 250
+    # Caps on the exchange's stops: a longer (or unreadable) Retry-After or ban is taken as
+    # this long, then one request probes before the IP opens again.
+    rate_max_pause_ms: int = 60_000
+    rate_max_ban_ms: int = 300_000
+    # Status queries reconciling a cancel: at most this share of RATE_WEIGHT_LIMIT per
+    # account per weight window.
+    rate_reconcile_weight_share: float = 0.1
     # Observability
     metrics_port: int = 0  # also serves /healthz and /readyz
     metrics_host: str = "127.0.0.1"
@@ -271,6 +278,9 @@ RANGES: dict[str, Range] = {
     "rate_order_limit": ONE_OR_MORE,
     "rate_order_window_ms": ONE_OR_MORE,
     "rate_guard_ms": NON_NEGATIVE,
+    "rate_max_pause_ms": ONE_OR_MORE,
+    "rate_max_ban_ms": ONE_OR_MORE,
+    "rate_reconcile_weight_share": Range(0, 1, open_low=True),
     "metrics_port": Range(0, 65535, why="0 turns the metrics endpoint off"),
     "health_stall_s": POSITIVE,
 }
