@@ -49,6 +49,7 @@ from worker.errors import ExchangeError, NoAnswerError, NotSentError, PapiError
 from worker.kafka_fencing import exactly_once_refusal
 from worker.kafka_io import ensure_topics, security_options
 from worker.papi import PapiClient
+from worker.producers import ProducersError, load_producers
 from worker.settings import (
     SOURCE_ENV,
     SOURCE_FILE,
@@ -331,6 +332,45 @@ def check_accounts(settings: Settings) -> tuple[list[CheckResult], dict[str, Cre
     return results, loaded
 
 
+def check_producers(settings: Settings, accounts: Collection[str] = ()) -> list[CheckResult]:
+    """The producers file as the worker loads it at start (one result for a file that cannot
+    be used), then one result per producer: its keys, what it may name. ``accounts``: the
+    aliases of the accounts file, to name the entitlements no account matches."""
+    path = settings.producers_file
+    if path is None:
+        if settings.require_signed_commands:
+            return [
+                CheckResult(
+                    "producers",
+                    False,
+                    f"{env_name('producers_file')} is not set: the worker will not start "
+                    f"(every command must be signed; {env_name('require_signed_commands')}"
+                    "=false takes unsigned commands)",
+                )
+            ]
+        return [
+            CheckResult(
+                "producers",
+                True,
+                f"WARNING: commands are not verified ({env_name('require_signed_commands')}"
+                "=false, no producers file): any writer of the commands topic can cancel any "
+                "account",
+            )
+        ]
+    try:
+        producers = load_producers(path)
+    except ProducersError as exc:
+        return [CheckResult("producers", False, str(exc))]
+    results = [CheckResult("producers", True, f"{len(producers)} loaded from {path}")]
+    for producer in producers:
+        detail = producer.describe()
+        unknown = sorted((producer.accounts or frozenset()) - set(accounts)) if accounts else []
+        if unknown:
+            detail += f" (no such account in the accounts file: {', '.join(unknown)})"
+        results.append(CheckResult(f"producer {producer.id}", True, detail))
+    return results
+
+
 # -- the exchange ------------------------------------------------------------------------------
 
 
@@ -475,6 +515,7 @@ async def run_checks(
     if "accounts" not in skip:
         account_results, accounts = check_accounts(settings)
         results += account_results
+        results += check_producers(settings, accounts)
     offset_ms = 0
     if "clock" not in skip:
         try:

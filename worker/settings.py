@@ -42,6 +42,7 @@ MAX_SESSION_TIMEOUT_MS = 1_800_000
 MAX_TRANSACTION_TIMEOUT_MS = 900_000
 MAX_RECV_WINDOW_MS = 60_000  # the exchange refuses a larger recvWindow
 INT32_MAX = 2**31 - 1  # Kafka protocol timeouts are 32-bit
+_PRODUCER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # worker.producers.PRODUCER_ID
 _TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 # Kafka client security (aiokafka's security_protocol and sasl_mechanism values).
 KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
@@ -49,6 +50,7 @@ KAFKA_TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
 KAFKA_SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 KAFKA_TLS_FILES = ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 SECRETS = frozenset({"kafka_ssl_key_password", "kafka_sasl_password"})
 """Settings whose values are never shown (``repr``, messages, ``cancel-worker config``)."""
 
@@ -89,6 +91,16 @@ class Settings:
     # over them) unless their host is loopback, or this is true (a simulator on another host).
     allow_insecure_exchange: bool = False
     accounts_file: Path | None = None
+    # Who may write commands (worker.producers): every command must be signed by a producer
+    # of this file and name only what it is entitled to. Without the file the worker refuses
+    # to start unless require_signed_commands is false (any writer of the commands topic
+    # may then cancel any account).
+    producers_file: Path | None = None
+    require_signed_commands: bool = True
+    # The producer side (the client library's from_settings, send, replay's re-signing):
+    # this process's producer id and its Ed25519 private key (PEM).
+    producer_id: str = ""
+    producer_key_file: Path | None = None
     # Delivery: "exactly_once" (results and offsets in one Kafka transaction per input
     # partition) or "at_least_once" (publish, then commit: a crash can repeat results).
     delivery: str = "exactly_once"
@@ -171,6 +183,7 @@ class Settings:
         _check_text(self)
         _check_relations(self)
         _check_kafka_security(self)
+        _check_producer(self)
         return self
 
 
@@ -299,6 +312,8 @@ def _check_kinds(s: Settings) -> None:
                 raise SettingsError(
                     f"{env_name(f.name)} must be a finite number: got {_show(value)}"
                 )
+        if f.type == "bool" and not isinstance(value, bool):
+            raise SettingsError(f"{env_name(f.name)} must be true or false: got {_show(value)}")
         if f.type == "str" and not isinstance(value, str):
             shown = f"a {type(value).__name__}" if f.name in SECRETS else _show(value)
             raise SettingsError(f"{env_name(f.name)} must be text: got {shown}")
@@ -360,6 +375,25 @@ def _check_text(s: Settings) -> None:
     _one_of("delivery", s.delivery, DELIVERY_MODES)
     _one_of("log_format", s.log_format, LOG_FORMATS)
     _one_of("log_level", s.log_level, LOG_LEVELS, fold=True)
+
+
+def _check_producer(s: Settings) -> None:
+    """This process's producer identity: an id with a key file, or neither."""
+    if s.producer_id and not _PRODUCER_ID.fullmatch(s.producer_id):
+        raise SettingsError(
+            f"{env_name('producer_id')} must be 1 to 64 of A-Z a-z 0-9 . _ - "
+            f"(it is sent in the x-producer header): got {_show(s.producer_id)}"
+        )
+    if bool(s.producer_id) != (s.producer_key_file is not None):
+        given, missing = (
+            ("producer_id", "producer_key_file")
+            if s.producer_id
+            else ("producer_key_file", "producer_id")
+        )
+        raise SettingsError(
+            f"{env_name(given)} is set without {env_name(missing)}: a producer signs with "
+            "its id and its key together"
+        )
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -494,6 +528,13 @@ def _did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str
 def _coerce(name: str, type_name: object, raw: object) -> object:
     """Convert a TOML or environment value to the field's type (annotations are strings here)."""
     label = env_name(name)
+    if type_name == "bool":
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in BOOL_WORDS:
+            return BOOL_WORDS[word]
+        raise SettingsError(f"{label} must be true or false: got {_show(str(raw))}")
     if isinstance(raw, bool | dict | list):
         raise SettingsError(f"{label}: expected a single value, got a {type(raw).__name__}")
     text = str(raw).strip()
