@@ -6,6 +6,9 @@ import asyncio
 
 import pytest
 
+from worker.accounts import Credentials
+from worker.commands import Command, Market
+from worker.executor import CancelExecutor, RetryPolicy
 from worker.governor import (
     GovernorDeadlineError,
     GovernorSettings,
@@ -14,6 +17,11 @@ from worker.governor import (
     RateGovernor,
     WindowBudget,
 )
+from worker.papi import PapiClient
+from worker.timeutil import now_ms
+from worker.tools.sim.app import SimConfig, seed_order
+from worker.tools.sim.faults import TOO_MANY, Fault
+from worker.tools.sim.server import running_sim, state_from_accounts
 
 
 class FakeClock:
@@ -396,3 +404,60 @@ async def test_a_waiter_that_gives_up_leaves_the_queue() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert governor.waiting == 0
+
+
+# -- a hostile exchange's stops, through the client and the simulator -------------------------
+
+CAP_MS = 1_500
+FAR_FUTURE_MS = 4_102_444_800_000  # 2100-01-01
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault(429, -1003, TOO_MANY.format(limit=6000), retry_after="1e9", method="DELETE"),
+        Fault(429, -1003, TOO_MANY.format(limit=6000), retry_after="inf", method="DELETE"),
+        Fault(429, -1003, TOO_MANY.format(limit=6000), retry_after="9" * 30, method="DELETE"),
+        Fault(
+            418,
+            -1003,
+            f"Way too many requests; IP(127.0.0.1) banned until {FAR_FUTURE_MS}. Please use "
+            "the websocket for live updates to avoid bans.",
+            method="DELETE",
+        ),
+        Fault(418, -1003, "Way too many requests", retry_after="1e9", method="DELETE"),
+    ],
+    ids=["retry-after-1e9", "retry-after-inf", "retry-after-30-digits", "ban-2100", "ban-1e9"],
+)
+async def test_a_hostile_stop_keeps_the_worker_answering_within_the_cap(
+    accounts: dict[str, Credentials], fault: Fault
+) -> None:
+    """The exchange asks for a pause or a ban of years (or of an unreadable length): the
+    worker stops for the cap at most, probes, and cancels; on the governor before the caps
+    the first cancel failed (31 years of pause, a ban until 2100, OverflowError for inf)."""
+    state = state_from_accounts(accounts, SimConfig())
+    orders = [seed_order(state, {"account": "desk-0", "kind": "algo"}) for _ in range(3)]
+    state.faults.append(fault)
+    governor = RateGovernor(GovernorSettings(max_pause_ms=CAP_MS, max_ban_ms=CAP_MS), now_ms)
+    async with running_sim(state) as url, PapiClient(url, clock=now_ms, governor=governor) as c:
+        executor = CancelExecutor(c, accounts, RetryPolicy(default_deadline_ms=20_000), now_ms)
+        outcomes = []
+        for i, order in enumerate(orders):
+            command = Command(
+                command_id=f"hostile-{i}",
+                account="desk-0",
+                market=Market.UM,
+                issued_at=now_ms(),
+                algo_id=order["algo_id"],
+            )
+            outcomes.append(await executor.execute(command, now_ms()))
+    assert all(o.canceled for o in outcomes), outcomes
+    papi = [r for r in state.requests if r["path"].startswith("/papi/")]
+    stopped = next(r for r in papi if r.get("fault"))
+    assert stopped["status"] == fault.status
+    # The stop the worker kept ends within the cap of the answer that asked for it.
+    stop_end = max(governor.paused_until_ms, governor.banned_until_ms)
+    assert stopped["at"] < stop_end <= stopped["at"] + CAP_MS + 500
+    after = [r for r in papi if r["seq"] > stopped["seq"]]
+    assert [r["status"] for r in after] == [200] * len(orders)
+    assert all(r["at"] >= stop_end - 50 for r in after)  # nothing went during the stop

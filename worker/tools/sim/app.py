@@ -222,7 +222,9 @@ class _ResetResponse(Response):
 
 def fault_response(fault: Fault, headers: Mapping[str, str]) -> Response:
     extra = dict(headers)
-    if fault.retry_after_s is not None:
+    if fault.retry_after is not None:
+        extra["Retry-After"] = fault.retry_after
+    elif fault.retry_after_s is not None:
         extra["Retry-After"] = str(fault.retry_after_s)
     if fault.kind == "reset":
         return _ResetResponse()

@@ -2,7 +2,9 @@
 
 A :class:`Fault` is one scripted answer for a signed request. Kinds:
 
-* ``answer`` — an HTTP error (status, optional Binance code and message, ``Retry-After``);
+* ``answer`` — an HTTP error (status, optional Binance code and message, ``Retry-After``:
+  ``retry_after_s`` as a number, or ``retry_after`` as any raw header text, ``"1e9"``,
+  ``"inf"``, ``"²"``, for a hostile exchange);
 * ``timeout`` — hold the request, then answer ``status``: for ``delay_ms`` when a scripted
   fault sets it, otherwise (``delay_ms = 0``, as in the ``timeouts`` profile) for the
   simulator's ``timeout_hold_ms``, which by default outlasts the worker's default HTTP timeout;
@@ -34,6 +36,9 @@ class Fault:
     msg: str = ""
     apply: bool = False
     retry_after_s: int | None = None
+    # The Retry-After header's raw text (wins over retry_after_s): anything an exchange or a
+    # proxy could send.
+    retry_after: str | None = None
     kind: str = "answer"
     delay_ms: int = 0
     # The body of an ``answer``: "auto" is Binance's JSON when ``code`` is set, else the
