@@ -62,6 +62,7 @@ from worker.settings import (
     ENV_PREFIX,
     MAX_KAFKA_RECORD_BYTES,
     Settings,
+    SettingsError,
     env_name,
     load_settings,
 )
@@ -1244,3 +1245,25 @@ def test_every_alert_waits_names_its_severity_and_says_what_to_do() -> None:
     assert f'reason="{FailureReason.AUTH.value}"' in auth
     unknown = next(r for r in rules if r["alert"] == "CancelWorkerOutcomeUnknown")["expr"]
     assert f'reason="{FailureReason.OUTCOME_UNKNOWN.value}"' in unknown
+
+
+def test_compose_publishes_every_port_on_loopback_only() -> None:
+    """The stack's Kafka takes plain, unauthenticated clients and its operations endpoint
+    needs no credentials: every published port is bound to 127.0.0.1."""
+    published = [
+        (name, str(port))
+        for name, service in _compose()["services"].items()
+        for port in service.get("ports", [])
+    ]
+    assert len(published) >= 3
+    for name, port in published:
+        assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_compose_reaches_its_simulator_over_http_only_as_allowed() -> None:
+    settings = load_settings(_compose_env("worker"))
+    assert settings.papi_url.startswith("http://sim:")
+    assert settings.allow_insecure_exchange is True
+    env = {k: v for k, v in _compose_env("worker").items() if not k.endswith("INSECURE_EXCHANGE")}
+    with pytest.raises(SettingsError, match="PAPI_URL must be https"):
+        load_settings(env)
