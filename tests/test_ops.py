@@ -5,6 +5,7 @@ tests/test_ops_integration.py against a real run)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +22,11 @@ from worker.kafka_fencing import GroupMember
 from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS, TransactionalSink
 from worker.ops import (
     LIVENESS_PATH,
+    MAX_CONNECTIONS,
     MAX_HEAD_BYTES,
     METRICS_PATH,
     READINESS_PATH,
+    REQUEST_TIMEOUT_S,
     Check,
     OpsServer,
     verdict,
@@ -54,7 +57,7 @@ class Probes:
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[Probes, OpsServer, httpx.AsyncClient]]:
     probes = Probes()
-    server = OpsServer("127.0.0.1", 0, probes)
+    server = OpsServer("127.0.0.1", 0, probes, metrics_max_age_s=0)  # rendered every scrape
     async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
         yield probes, server, http
 
@@ -181,6 +184,79 @@ async def test_a_port_in_use_is_an_os_error_at_start() -> None:
         await first.close()
 
 
+@dataclass
+class FakeClock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_metrics_are_rendered_at_most_once_per_max_age_and_served_from_the_cache() -> None:
+    """Fifty scrapes within the max age cost one render (and one refresh of the live gauges);
+    the body they get is that render's; once it is older than the max age, the next scrape
+    renders again. Concurrent scrapes of a stale body share one render."""
+    probes, clock = Probes(), FakeClock()
+    async with (
+        OpsServer("127.0.0.1", 0, probes, clock=clock) as server,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http,
+    ):
+        first = await http.get(METRICS_PATH)
+        metrics.OLDEST_IN_FLIGHT.set(99)  # changed after the render: not in the cached body
+        bodies = await asyncio.gather(*(http.get(METRICS_PATH) for _ in range(50)))
+        assert {b.content for b in bodies} == {first.content}
+        assert (server.renders, probes.refreshed) == (1, 1)
+        clock.now += 1.0  # the max age (1 s) has passed
+        again = await asyncio.gather(*(http.get(METRICS_PATH) for _ in range(10)))
+        assert (server.renders, probes.refreshed) == (2, 2)
+        assert len({b.content for b in again}) == 1
+        families = {f.name: f for f in text_string_to_metric_families(again[0].text)}
+        assert [s.value for s in families["cancel_worker_oldest_in_flight_seconds"].samples] == [
+            7.5  # refresh_metrics sets it again before the render
+        ]
+
+
+async def test_a_client_that_never_finishes_its_head_or_never_reads_is_cut_off() -> None:
+    """A head sent a byte at a time, never finished, and a client that asks for /metrics and
+    reads nothing: both connections are closed by the server at the request bound, and
+    other clients are answered meanwhile."""
+    server = OpsServer("127.0.0.1", 0, Probes(), metrics_max_age_s=0)
+    async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+        slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        slow_writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never the blank line
+        await slow_writer.drain()
+        assert (await http.get(LIVENESS_PATH)).status_code == 200
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await asyncio.wait_for(slow_reader.read(), REQUEST_TIMEOUT_S * 3) == b""
+        assert loop.time() - started >= REQUEST_TIMEOUT_S * 0.9  # not before its bound
+        slow_writer.close()
+
+
+async def test_connections_beyond_the_cap_are_closed_at_once() -> None:
+    server = OpsServer("127.0.0.1", 0, Probes())
+    async with server:
+        held = [
+            await asyncio.open_connection("127.0.0.1", server.port) for _ in range(MAX_CONNECTIONS)
+        ]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), REQUEST_TIMEOUT_S)
+        except ConnectionError:
+            answer = b""
+        assert answer == b""  # closed without an answer
+        writer.close()
+        for _, w in held:
+            w.close()
+        # Once they are gone, the next client is served.
+        await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}") as http:
+            assert (await http.get(LIVENESS_PATH)).status_code == 200
+
+
 def test_verdict_is_ok_only_when_every_check_is() -> None:
     assert verdict([])[0] == 200
     status, body = verdict([Check("a", True), Check("b", False, "why")])
@@ -194,7 +270,10 @@ def test_verdict_is_ok_only_when_every_check_is() -> None:
 @pytest.fixture
 async def idle_worker(accounts_file: Path) -> AsyncIterator[Worker]:
     settings = Settings(
-        bootstrap_servers="127.0.0.1:9", accounts_file=accounts_file, health_stall_s=45
+        bootstrap_servers="127.0.0.1:9",
+        accounts_file=accounts_file,
+        health_stall_s=45,
+        require_signed_commands=False,  # built, never started: no command is read
     ).check()
     worker = Worker(settings, load_worker_accounts(settings))
     try:
@@ -219,6 +298,7 @@ async def test_the_transaction_interval_paces_exactly_once_flushes_only(
         accounts_file=accounts_file,
         delivery=delivery,
         transaction_interval_ms=interval_ms,
+        require_signed_commands=False,
     ).check()
     worker = Worker(settings, load_worker_accounts(settings))
     transactional = TransactionalSink(settings, lambda: GroupMember(-1, ""))._factory("t-0")
