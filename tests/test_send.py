@@ -14,6 +14,8 @@ import orjson
 import pytest
 
 from tests.support import (
+    PRODUCER_KEY_FILE_NAME,
+    TEST_PRODUCER_ID,
     SimControl,
     Topics,
     _check_results,
@@ -191,9 +193,13 @@ async def test_send_wait_without_a_worker_says_so_with_exit_5(settings: Settings
     ],
     ids=lambda a: "-".join(a[:1] + a[-1:]),
 )
-def test_an_unreachable_broker_is_one_line(args: tuple[str, ...]) -> None:
+def test_an_unreachable_broker_is_one_line(args: tuple[str, ...], accounts_file: Path) -> None:
     # Nothing listens on port 9.
-    done = run_cli(*args, env={f"{ENV_PREFIX}BOOTSTRAP_SERVERS": "127.0.0.1:9"})
+    signing = {
+        f"{ENV_PREFIX}PRODUCER_ID": TEST_PRODUCER_ID,
+        f"{ENV_PREFIX}PRODUCER_KEY_FILE": str(accounts_file.parent / PRODUCER_KEY_FILE_NAME),
+    }
+    done = run_cli(*args, env={f"{ENV_PREFIX}BOOTSTRAP_SERVERS": "127.0.0.1:9", **signing})
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout == ""
     (line,) = done.stderr.strip().splitlines()
@@ -275,3 +281,17 @@ async def test_results_looks_up_and_follows_by_command_id(
 def run_env() -> dict[str, str]:
     """This environment without any CANCEL_WORKER_* setting (as ``run_cli`` does)."""
     return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+
+
+def test_send_without_a_producer_to_sign_as_publishes_nothing() -> None:
+    """A secure worker refuses unsigned commands: send says so before it connects (nothing
+    listens on port 9: a send that tried to publish would fail on Kafka instead)."""
+    args = ("send", "--account", "d", "--market", "UM", "--symbol", "BTCUSDT", "--algo-id", "1")
+    done = run_cli(*args, env={f"{ENV_PREFIX}BOOTSTRAP_SERVERS": "127.0.0.1:9"})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("no producer to sign as: give --producer-id"), line
+    # --unsigned is the explicit way round it (for a worker that takes unsigned commands).
+    done = run_cli(*args, "--unsigned", env={f"{ENV_PREFIX}BOOTSTRAP_SERVERS": "127.0.0.1:9"})
+    assert done.returncode == 1 and "cannot reach Kafka" in done.stderr, done.stderr

@@ -289,6 +289,11 @@ def sim(
 )
 @click.option("--raw", is_flag=True, help="With --wait: print the result event as published.")
 @_producer_options
+@click.option(
+    "--unsigned",
+    is_flag=True,
+    help="Send without a signature (only a worker with REQUIRE_SIGNED_COMMANDS=false takes it).",
+)
 def send(
     config: Path | None,
     payload: str | None,
@@ -296,6 +301,7 @@ def send(
     raw: bool,
     producer_id: str | None,
     producer_key_file: Path | None,
+    unsigned: bool,
     **fields: Any,
 ) -> None:
     """Publish one cancel command (or, with --all, a kill switch) to the commands topic.
@@ -322,12 +328,6 @@ def send(
     settings = _signing(_settings(config), producer_id, producer_key_file)
     # The outcome is said here, in one line; aiokafka's own retries would only add noise.
     configure_logging("CRITICAL", settings.log_format)
-    if not settings.producer_id:
-        click.echo(
-            "warning: unsigned (no --producer-id/--producer-key-file, PRODUCER_ID or "
-            "PRODUCER_KEY_FILE): a worker with a producers file refuses it as unauthorized",
-            err=True,
-        )
     try:
         if payload is not None:
             if any(v not in (None, False) for v in fields.values()):
@@ -339,6 +339,12 @@ def send(
     except ValueError as exc:  # InvalidCommandError included
         name = "invalid command" if isinstance(exc, InvalidCommandError) else "usage"
         raise InvalidArgument(f"{name}: {exc}") from None
+    if not settings.producer_id and not unsigned:
+        raise InvalidArgument(
+            "no producer to sign as: give --producer-id and --producer-key-file (or set "
+            "CANCEL_WORKER_PRODUCER_ID and CANCEL_WORKER_PRODUCER_KEY_FILE); --unsigned "
+            "only for a worker with CANCEL_WORKER_REQUIRE_SIGNED_COMMANDS=false"
+        )
 
     def sent(where: str) -> None:
         click.echo(f"sent to {where}: {value.decode()}", err=wait_s is not None)

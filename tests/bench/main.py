@@ -69,6 +69,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tests.bench import measure, stages
 from tests.bench.jitter import READY as JITTER_READY
 from tests.bench.report import render_table, results_json
+from tests.bench.scrape_storm import READY as STORM_READY
 from tests.bench.systems import CONFIG_ENV, READY
 from tests.bench.txnload import READY as TXN_LOAD_READY
 from tests.support import (
@@ -77,14 +78,36 @@ from tests.support import (
     Topics,
     command,
     fresh_topics,
+    signed,
     worker_env,
     worker_settings,
     write_accounts,
 )
-from worker.tools.devstack import REPO, Broker, Process, cli_argv, start_broker, start_sim
+from worker.tools.devstack import (
+    REPO,
+    Broker,
+    Process,
+    cli_argv,
+    free_port,
+    start_broker,
+    start_sim,
+)
 from worker.tools.sim.app import UM_SYMBOLS
 
-SYSTEMS = ("kafka_floor", "pipeline_floor", "naive", "worker", "worker_at_least_once")
+SYSTEMS = (
+    "kafka_floor",
+    "pipeline_floor",
+    "naive",
+    "worker",
+    "worker_at_least_once",
+    "worker_scraped",
+)
+# worker_scraped: the exactly-once worker while tests.bench.scrape_storm scrapes its
+# /metrics this many times a second, each scrape on a new connection (not in the default
+# systems: `--systems worker,worker_scraped --scenarios paced100` sets the two side by side).
+SCRAPE_RATE = 20.0
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "worker_scraped")
+STORM_PORTS: dict[int, int] = {}  # a worker_scraped process's pid -> its metrics port
 UNLIMITED = 1_000_000_000  # rate limits out of the way: only speed is measured
 KEYS = 50
 ACCOUNTS = tuple(f"desk-{i}" for i in range(5))
@@ -172,6 +195,7 @@ class Run:
     exit_code: int | None = None
     error: str | None = None
     started_ms: float = 0.0  # wall clock when the measured commands began
+    scrapes: dict[str, Any] = field(default_factory=dict)  # worker_scraped: the storm's counts
 
     def summary(self, *, samples: bool = False) -> dict[str, Any]:
         out = {
@@ -194,6 +218,8 @@ class Run:
             "exit_code": self.exit_code,
             "error": self.error,
         }
+        if self.scrapes:
+            out["scrapes"] = self.scrapes
         if samples:
             out["started_ms"] = self.started_ms
             out["samples_ms"] = {
@@ -280,6 +306,7 @@ async def start_system(bench: Bench, system: str, topics: Topics, scenario: str)
             delivery="at_least_once" if system == "worker_at_least_once" else "exactly_once",
             rate_weight_limit=UNLIMITED,
             rate_order_limit=UNLIMITED,
+            metrics_port=free_port() if system == "worker_scraped" else 0,
         )
         if PROFILE_DIR is not None:  # the same worker under cProfile, written when it stops
             out = PROFILE_DIR / f"{system}-{uuid.uuid4().hex[:6]}.prof"
@@ -290,6 +317,8 @@ async def start_system(bench: Bench, system: str, topics: Topics, scenario: str)
         else:
             argv = cli_argv("run")
         proc = Process("worker", argv, env=worker_env(settings))
+        if settings.metrics_port:
+            STORM_PORTS[proc.proc.pid] = settings.metrics_port
         ready = "taken over, processing"  # partitions assigned and their producers ready
     else:
         config = {
@@ -378,6 +407,26 @@ def raise_if_exited(proc: Process) -> None:
         raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{tail}")
 
 
+def start_storm(bench: Bench, worker: Process) -> Process:
+    """The scrape storm against ``worker``'s /metrics (its port from its start-up line)."""
+    port = STORM_PORTS[worker.proc.pid]
+    argv = [sys.executable, "-m", "tests.bench.scrape_storm"]
+    storm = Process("scrape_storm", [*argv, f"http://127.0.0.1:{port}/metrics", str(SCRAPE_RATE)])
+    bench.live.add(storm)
+    return storm
+
+
+def stop_storm(bench: Bench) -> dict[str, Any]:
+    """Stop the scrape storm; what it counted (ok, failed, latency)."""
+    summary: dict[str, Any] = {}
+    for storm in [p for p in bench.live if p.name == "scrape_storm"]:
+        storm.stop(timeout_s=10)
+        bench.live.discard(storm)
+        with contextlib.suppress(orjson.JSONDecodeError, IndexError):
+            summary = orjson.loads(storm.lines[-1])
+    return summary
+
+
 def stop_jitter(bench: Bench, jitter: Process) -> list[float]:
     """Stop the jitter probe; what it measured (empty if it said nothing readable)."""
     jitter.stop(timeout_s=5)
@@ -428,7 +477,10 @@ async def warm_up(
     for i, cmd in enumerate(commands):
         await keep_pace(started, i, rate)
         cmd["issued_at"] = time.time_ns() // 1_000_000
-        await bench.producer.send(topic, orjson.dumps(cmd), key=f"key-{i % KEYS}".encode())
+        value = orjson.dumps(cmd)
+        await bench.producer.send(
+            topic, value, key=f"key-{i % KEYS}".encode(), headers=signed(value)
+        )
     await bench.producer.flush()
     deadline = time.monotonic() + 120 + len(commands) / 20
     while waiting:
@@ -482,6 +534,9 @@ async def run_once(
         jitter = Process("jitter", [sys.executable, "-m", "tests.bench.jitter"])
         bench.live.add(jitter)
         await wait_for_line(jitter, JITTER_READY, 30)
+        if system == "worker_scraped":
+            storm = start_storm(bench, proc)
+            await wait_for_line(storm, STORM_READY, 30)
         settle_collector()
         produced_ms = [0.0] * count  # sub-millisecond, as the arrival times
         seen_ms: dict[int, float] = {}
@@ -499,8 +554,12 @@ async def run_once(
                 commands[i]["issued_at"] = now
                 produced_ms[i] = now_ns / 1e6
                 value = orjson.dumps(commands[i])
+                # Signed as every command is (the worker refuses unsigned ones): about 40 µs
+                # here, before the record leaves, for every system alike.
                 futures.append(
-                    await bench.producer.send(topics.commands, value, key=keys[i], timestamp_ms=now)
+                    await bench.producer.send(
+                        topics.commands, value, key=keys[i], timestamp_ms=now, headers=signed(value)
+                    )
                 )
                 sent = i + 1
             await asyncio.gather(*futures)
@@ -546,6 +605,10 @@ async def run_once(
             run.peak_rss_mb = measure.peak_rss_mb(pid)
             run.load_samples.append(os.getloadavg()[0])
             run.jitter_ms = stop_jitter(bench, jitter)
+            if system == "worker_scraped":
+                run.scrapes = stop_storm(bench)
+                if not run.scrapes.get("ok") or run.scrapes.get("failed"):
+                    run.error = f"scrape storm: {run.scrapes}"
             await producing
         finally:
             if not producing.done():
@@ -574,6 +637,8 @@ async def run_once(
         await stop_client(consumer)
         for leftover in [p for p in bench.live if p.name == "jitter"]:
             stop_jitter(bench, leftover)
+        if any(p.name == "scrape_storm" for p in bench.live):
+            stop_storm(bench)
         if proc is not None:
             run.exit_code = proc.stop(timeout_s=30)
             bench.live.discard(proc)
@@ -706,7 +771,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="fewer commands (bench-quick)")
     parser.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"comma-separated, of: {', '.join(SYSTEMS)}"
+        "--systems",
+        default=",".join(DEFAULT_SYSTEMS),
+        help=f"comma-separated, of: {', '.join(SYSTEMS)}",
     )
     parser.add_argument(
         "--scenarios",
