@@ -58,6 +58,7 @@ from worker.cli import check
 from worker.errors import FailureReason
 from worker.events import CANCELED, DUPLICATE, FAILED, SWEPT
 from worker.ops import DEPLOY_PORT, LIVENESS_PATH, METRICS_PATH, READINESS_PATH
+from worker.producers import load_producers
 from worker.settings import (
     ENV_PREFIX,
     MAX_KAFKA_RECORD_BYTES,
@@ -84,6 +85,8 @@ SETTING_NAMES = frozenset(env_name(f.name) for f in fields(Settings))
 ENV_TOKEN = re.compile(r"CANCEL_WORKER_[A-Z0-9_]+")
 SECRET_NAME = "cancel-worker-accounts"  # the real credentials: no file here creates it
 EXAMPLE_SECRET_NAME = "cancel-worker-accounts-example"
+PRODUCERS_SECRET_NAME = "cancel-worker-producers"  # who may write commands: not created here
+EXAMPLE_PRODUCERS_SECRET_NAME = "cancel-worker-producers-example"
 EVERYWHERE = "0.0.0.0"  # noqa: S104 - a container's metrics must be reachable from outside it
 
 
@@ -379,9 +382,12 @@ def test_the_accounts_file_is_a_key_of_the_mounted_secret_and_loads(tmp_path: Pa
     assert settings.accounts_file is not None
     accounts_file = PurePosixPath(str(settings.accounts_file))
     # The example overlay mounts its own example Secret where production mounts the real one.
-    for overlay, name in ((PRODUCTION, SECRET_NAME), (EXAMPLE, EXAMPLE_SECRET_NAME)):
+    for overlay, names in (
+        (PRODUCTION, [SECRET_NAME, PRODUCERS_SECRET_NAME]),
+        (EXAMPLE, [EXAMPLE_SECRET_NAME, EXAMPLE_PRODUCERS_SECRET_NAME]),
+    ):
         volumes = {v["name"]: v["secret"] for v in _pod_spec(overlay)["volumes"] if "secret" in v}
-        assert [s["secretName"] for s in volumes.values()] == [name], overlay.name
+        assert [s["secretName"] for s in volumes.values()] == names, overlay.name
     volumes = {v["name"]: v["secret"] for v in _pod_spec(EXAMPLE)["volumes"] if "secret" in v}
     (volume,) = [name for name, s in volumes.items() if s["secretName"] == EXAMPLE_SECRET_NAME]
     (mount,) = [m for m in _worker_container(EXAMPLE)["volumeMounts"] if m["name"] == volume]
@@ -414,13 +420,15 @@ def test_the_secret_files_are_readable_by_the_pods_user_and_nobody_else() -> Non
     context = pod["securityContext"]
     assert context["runAsNonRoot"] is True
     assert context["runAsUser"] != 0
-    (volume,) = [v["secret"] for v in pod["volumes"] if "secret" in v]
-    mode = volume["defaultMode"]
-    # Secret files are owned by root; the kubelet gives them to fsGroup, so the group bits
-    # decide whether the worker can read its accounts.
-    assert context.get("fsGroup") is not None, "without fsGroup, uid 10001 cannot read root's 0440"
-    assert mode & 0o040, f"defaultMode {mode:o}: the group cannot read"
-    assert not (mode & 0o007), f"defaultMode {mode:o}: others can read the credentials"
+    secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
+    assert len(secrets) == 2  # the accounts and the producers
+    for volume in secrets:
+        mode = volume["defaultMode"]
+        # Secret files are owned by root; the kubelet gives them to fsGroup, so the group
+        # bits decide whether the worker can read its accounts.
+        assert context.get("fsGroup") is not None, "without fsGroup, uid 10001 cannot read 0440"
+        assert mode & 0o040, f"defaultMode {mode:o}: the group cannot read"
+        assert not (mode & 0o007), f"defaultMode {mode:o}: others can read the credentials"
     container = _worker_container()["securityContext"]
     assert container["readOnlyRootFilesystem"] is True
     assert container["allowPrivilegeEscalation"] is False
@@ -737,20 +745,41 @@ def test_applying_the_base_alone_creates_no_secret_and_needs_no_crd() -> None:
     # It names the real Secret (mounted, never created): a pod waits for it, nothing is
     # overwritten.
     volumes = _pod_spec(BASE)["volumes"]
-    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == [SECRET_NAME]
+    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == [
+        SECRET_NAME,
+        PRODUCERS_SECRET_NAME,
+    ]
 
 
 def test_no_overlay_creates_a_secret_named_like_the_real_one() -> None:
     assert not [d for d in _manifests(PRODUCTION) if d["kind"] == "Secret"]
-    (secret,) = [d for d in _manifests(EXAMPLE) if d["kind"] == "Secret"]
-    name = secret["metadata"]["name"]
-    assert name == EXAMPLE_SECRET_NAME
-    assert name != SECRET_NAME
-    # Nothing in the kit (files included) creates a Secret under the real name.
+    names = sorted(d["metadata"]["name"] for d in _manifests(EXAMPLE) if d["kind"] == "Secret")
+    assert names == [EXAMPLE_SECRET_NAME, EXAMPLE_PRODUCERS_SECRET_NAME]
+    # Nothing in the kit (files included) creates a Secret under a real name.
     for path in sorted(K8S.rglob("*.yaml")):
         for doc in _docs(path):
             if doc.get("kind") == "Secret":
-                assert doc["metadata"]["name"] != SECRET_NAME, path
+                assert doc["metadata"]["name"] not in (SECRET_NAME, PRODUCERS_SECRET_NAME), path
+
+
+def test_the_producers_file_is_a_key_of_the_mounted_producers_secret_and_loads(
+    tmp_path: Path,
+) -> None:
+    """The worker refuses to start without its producers file: the kit mounts it where the
+    ConfigMap says, and the example's loads with the worker's own loader."""
+    settings = load_settings(_k8s_env())
+    assert settings.producers_file is not None and settings.require_signed_commands
+    producers_file = PurePosixPath(str(settings.producers_file))
+    volumes = {v["name"]: v["secret"] for v in _pod_spec(EXAMPLE)["volumes"] if "secret" in v}
+    (volume,) = [n for n, s in volumes.items() if s["secretName"] == EXAMPLE_PRODUCERS_SECRET_NAME]
+    (mount,) = [m for m in _worker_container(EXAMPLE)["volumeMounts"] if m["name"] == volume]
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    assert producers_file.parent == PurePosixPath(mount["mountPath"])
+    secret = _k8s("Secret", EXAMPLE_PRODUCERS_SECRET_NAME, overlay=EXAMPLE)
+    files: dict[str, str] = secret["stringData"]
+    (tmp_path / producers_file.name).write_text(files[producers_file.name])
+    producers = load_producers(tmp_path / producers_file.name)
+    assert {p.id for p in producers} == {"risk-engine-desk-a", "ops-console"}
 
 
 @pytest.mark.parametrize(
