@@ -15,7 +15,13 @@
 Values read from files are stripped of surrounding whitespace, so Kubernetes secret
 mounts work as they are. Secrets never appear in ``repr`` or in error messages. An unknown
 field or top-level table (a misspelt ``secret_flie``) is refused, with a did-you-mean; only
-names are ever quoted, never values.
+names are ever quoted, never values. A file that is not UTF-8 text is refused without a byte
+of it shown; an API key (an HTTP header value) must be printable ASCII with no space, tab or
+line break, and what is wrong is named, never shown. A secret, private key or passphrase
+file is read whatever its mode, with a WARNING when others may read it, or its group may and
+it is not one of this process's groups (Kubernetes' ``defaultMode: 0440`` with the pod's
+``fsGroup`` is fine). Secrets written inline in the accounts file get no such warning: keep
+them in files, or the accounts file itself 0600.
 
 ``reserved_weight_share`` (optional, above 0 and below 1): the share of the IP weight budget
 the rate governor holds for the account all window long, even while it is idle; the shares
@@ -27,7 +33,11 @@ some account has none.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
+import os
+import re
+import stat
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -51,6 +61,14 @@ FIELDS = (
     "private_key_passphrase_file",
     "reserved_weight_share",
 )
+
+
+log = logging.getLogger(__name__)
+
+# The files that hold what signs: a WARNING when others may read them.
+_SECRET_FILES = frozenset({"secret", "private_key", "private_key_passphrase"})
+# An HTTP header value the exchange takes as an API key: printable ASCII, no whitespace.
+_API_KEY = re.compile(r"[\x21-\x7e]+")
 
 
 class AccountsError(ValueError):
@@ -92,8 +110,55 @@ def _value(alias: str, entry: dict[str, Any], name: str, base: Path) -> str | No
             raise AccountsError(f"account {alias!r}: {name} must be a non-empty string")
         return inline.strip()
     if from_file is not None:
-        return _read(alias, name, base, from_file).decode("utf-8").strip()
+        return _text(alias, name, _read(alias, name, base, from_file))
     return None
+
+
+def _text(alias: str, name: str, raw: bytes) -> str:
+    """A secret file's text; never a byte of it in the error."""
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise AccountsError(
+            f"account {alias!r}: {name}_file is not UTF-8 text (an undecodable byte at "
+            f"offset {exc.start}; its content is not shown)"
+        ) from None
+
+
+def _check_api_key(alias: str, key: str) -> None:
+    """An API key travels as the X-MBX-APIKEY header: printable ASCII, no whitespace."""
+    if _API_KEY.fullmatch(key):
+        return
+    if "\r" in key or "\n" in key:
+        what = "a line break"
+    elif " " in key or "\t" in key:
+        what = "a space or tab"
+    elif not key.isascii():
+        what = "a character that is not ASCII"
+    else:
+        what = "a control character"
+    raise AccountsError(
+        f"account {alias!r}: api_key has {what} (it is sent as an HTTP header: printable "
+        "ASCII with no whitespace; its value is not shown)"
+    )
+
+
+def warn_if_exposed(path: Path, what: str) -> None:
+    """A WARNING when ``path`` may be read by others, or by a group this process is not in."""
+    try:
+        info = path.stat()
+    except OSError:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    own_groups = {os.getgid(), os.getegid(), *os.getgroups()}
+    if mode & stat.S_IROTH or (mode & stat.S_IRGRP and info.st_gid not in own_groups):
+        log.warning(
+            "%s %s may be read by other users (mode %04o): it holds credentials; "
+            "make it 0600 (or 0640 for this process's own group)",
+            what,
+            path,
+            mode,
+        )
 
 
 def _read(alias: str, name: str, base: Path, path_value: object) -> bytes:
@@ -101,11 +166,14 @@ def _read(alias: str, name: str, base: Path, path_value: object) -> bytes:
         raise AccountsError(f"account {alias!r}: {name}_file must be a path string")
     path = (base / path_value).expanduser()
     try:
-        return path.read_bytes()
+        raw = path.read_bytes()
     except OSError as exc:
         raise AccountsError(
             f"account {alias!r}: cannot read {name}_file {path}: {exc.strerror}"
         ) from exc
+    if name in _SECRET_FILES:
+        warn_if_exposed(path, f"account {alias!r}: {name}_file")
+    return raw
 
 
 def _private_key_signer(
@@ -146,6 +214,7 @@ def parse_account(alias: str, entry: object, base: Path) -> Credentials:
     api_key = _value(alias, entry, "api_key", base)
     if not api_key:
         raise AccountsError(f"account {alias!r}: api_key is required")
+    _check_api_key(alias, api_key)
     share = _reserved_share(alias, entry.get("reserved_weight_share"))
     secret = _value(alias, entry, "secret", base)
     pem_path = entry.get("private_key_file")
@@ -207,9 +276,16 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise AccountsError(f"cannot read accounts file {path}: {exc.strerror}") from exc
     try:
-        return tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise AccountsError(f"accounts file {path} is not valid TOML: {exc}") from exc
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AccountsError(
+            f"accounts file {path} is not UTF-8 text (an undecodable byte at offset "
+            f"{exc.start}; its content is not shown)"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise AccountsError(f"accounts file {path} is not valid TOML: {exc}") from None
 
 
 def load_accounts(path: Path) -> dict[str, Credentials]:

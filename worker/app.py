@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import platform
+import resource
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -127,9 +128,6 @@ def _group_coordinator_known(consumer: AIOKafkaConsumer) -> bool:
     return getattr(coordinator, "coordinator_id", None) is not None
 
 
-def load_worker_accounts(settings: Settings) -> dict[str, Credentials]:
-    if settings.accounts_file is None:
-        raise ConfigError("CANCEL_WORKER_ACCOUNTS_FILE is not set")
 def load_worker_producers(settings: Settings) -> Producers | None:
     """The producers whose signed commands the worker takes (:mod:`worker.producers`), or
     None when commands are not verified: only with ``REQUIRE_SIGNED_COMMANDS=false`` and no
@@ -157,6 +155,9 @@ def load_worker_producers(settings: Settings) -> Producers | None:
 FROM_SETTINGS: Final = "from settings"
 
 
+def load_worker_accounts(settings: Settings) -> dict[str, Credentials]:
+    if settings.accounts_file is None:
+        raise ConfigError("CANCEL_WORKER_ACCOUNTS_FILE is not set")
     try:
         return load_accounts(settings.accounts_file)
     except AccountsError as exc:
@@ -266,6 +267,7 @@ class Worker:
             deadletter_max_bytes=settings.deadletter_max_bytes,
             clock=now_ms,
             seen=self.seen,
+            producers=verified,
         )
         self._consumer = make_consumer(settings)
         # The shared producer publishes in at-least-once mode; in exactly-once mode the
@@ -273,7 +275,6 @@ class Worker:
         # (TransactionalSink).
         self._producer = make_producer(settings)
         self._transactions: TransactionalSink | None = None
-            producers=verified,
         self._stack = contextlib.AsyncExitStack()
         sink: ResultSink
         if settings.delivery == "exactly_once":
@@ -495,10 +496,21 @@ class Worker:
         metrics.CLOCK_SYNCED_AT.set(0 if synced is None else synced / 1000)
 
 
+def disable_core_dumps() -> None:
+    """No core file, ever: it would hold every account's secret and private key in clear.
+    (The hard limit too, so nothing in the process can raise it again.)"""
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError) as exc:
+        log.warning("core dumps could not be disabled: %s", exc)
+
+
 async def serve(settings: Settings) -> ExitCode:
     """Run until SIGTERM/SIGINT; a second signal exits at once with ``ExitCode.FORCED``."""
+    disable_core_dumps()  # before any secret is read
     try:
         accounts = load_worker_accounts(settings)
+        producers = load_worker_producers(settings)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG
@@ -506,7 +518,6 @@ async def serve(settings: Settings) -> ExitCode:
     worker = Worker(settings, accounts, producers)
     ops: OpsServer | None = None
     if settings.metrics_port:
-        producers = load_worker_producers(settings)
         # Up before Kafka is: liveness passes and readiness says "starting" meanwhile.
         # A port that cannot be bound raises OSError here (the CLI reports it, exit 2).
         ops = OpsServer(settings.metrics_host, settings.metrics_port, worker)

@@ -16,7 +16,7 @@ from typing import IO, Any
 import click
 import orjson
 
-from worker.logs import RateLimitFilter
+from worker.logs import RateLimitFilter, TextFormatter
 from worker.settings import KAFKA_TLS_PROTOCOLS, Settings, SettingsError, resolve_settings
 
 
@@ -38,7 +38,7 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())  # control characters in messages escaped
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

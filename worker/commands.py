@@ -97,6 +97,19 @@ def _salvage(obj: object, detail: str) -> InvalidCommand:
     )
 
 
+_NAMES_SHOWN = 5
+_NAME_MAX = 40
+
+
+def _names(names: list[str]) -> str:
+    """Field names from a record, as a detail quotes them: each quoted (escaped) and cut,
+    the first few only (a record can carry thousands, each as long as the record allows)."""
+    shown = [n if len(n) <= _NAME_MAX else n[: _NAME_MAX - 3] + "..." for n in names]
+    more = len(names) > _NAMES_SHOWN
+    listed = ", ".join(repr(n) for n in shown[:_NAMES_SHOWN])  # repr escapes controls
+    return f"{listed}, ..." if more else listed
+
+
 def _describe(error: ValidationError) -> str:
     """A bounded description of a schema violation that never echoes a large value."""
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
@@ -110,7 +123,7 @@ def _describe(error: ValidationError) -> str:
         known = load_schema(COMMAND_SCHEMA)["properties"]
         instance = error.instance if isinstance(error.instance, dict) else {}
         extra = sorted(set(instance) - set(known))
-        return _clip(f"(root): unknown field(s): {', '.join(map(str, extra))}")
+        return _clip(f"(root): {len(extra)} unknown field(s): {_names(extra)}")
     if keyword == "required":
         return _clip(f"{where}: {error.message}")
     if keyword == "const" and list(error.absolute_path) == ["market"]:

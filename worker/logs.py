@@ -1,4 +1,5 @@
-"""Logging helpers: a filter that keeps a chatty library from flooding the log.
+"""Logging helpers: a filter that keeps a chatty library from flooding the log, and the text
+formatter that keeps every message on its line (:class:`TextFormatter`).
 
 During a broker's controlled shutdown aiokafka can log thousands of identical ERROR lines a
 second. :class:`RateLimitFilter` lets through at most ``burst`` records of the
@@ -12,6 +13,28 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+
+from worker.errors import escape_controls
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """The text log format with control characters in the message escaped (``\\x0a``,
+    ``\\x1b``, ``\\u2028``): what a command, a topic or the exchange put into a message can
+    neither start a forged log line nor drive a terminal. A traceback, which is ours, is
+    appended as it is."""
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        message = record.message
+        record.message = escape_controls(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
 
 
 class RateLimitFilter(logging.Filter):
