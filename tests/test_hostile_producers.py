@@ -11,6 +11,8 @@ producers' own commands go through, and their results name them.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,13 @@ from tests.support import (
     consume,
     events_of,
     fresh_topics,
+    produce,
     running_worker,
     signed,
     worker_settings,
     write_producers,
 )
+from worker.app import ConfigError
 from worker.kafka_io import make_producer
 from worker.producers import signed_headers, stanza
 from worker.settings import Settings
@@ -221,3 +225,27 @@ async def test_a_signature_must_be_standard_padded_base64_of_the_exact_value(
     assert by_id["b64-3"]["type"] == "strategy.canceled", by_id["b64-3"]
     # The one request sent was the well-signed command's cancel of its own order.
     assert {r["params"]["algoId"] for r in requests} == {str(orders[3]["algo_id"])}, requests
+
+
+async def test_without_a_producers_file_only_an_explicit_opt_out_takes_unsigned_commands(
+    broker: Broker, sim: SimControl, accounts_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Secure by default: no producers file, no worker. REQUIRE_SIGNED_COMMANDS=false takes
+    unsigned commands, says at start that anyone who can write the topic can cancel any
+    account, and its results name no producer."""
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    default = worker_settings(broker.bootstrap, topics, sim.url, accounts_file, producers_file=None)
+    with pytest.raises(ConfigError, match="CANCEL_WORKER_PRODUCERS_FILE is not set"):
+        async with running_worker(default):
+            pass
+    (order,) = sim.seed([{"account": DESK_B, "kind": "algo", "symbol": "BTCUSDT"}])
+    insecure = dataclasses.replace(default, require_signed_commands=False)
+    with caplog.at_level(logging.WARNING, logger="worker.app"):
+        async with running_worker(insecure):
+            cmd = orjson.dumps(command(DESK_B, order, symbol="BTCUSDT"))
+            await produce(broker.bootstrap, topics.commands, [(b"k", cmd)], sign=False)
+            (event,) = events_of(await consume(broker.bootstrap, topics.results, 1))
+    assert event["type"] == "strategy.canceled" and event["producer"] is None, event
+    (warning,) = [r for r in caplog.records if "not verified" in r.getMessage()]
+    assert warning.levelno == logging.WARNING
+    assert "any writer of the commands topic" in warning.getMessage()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from tests.support import (
     worker_settings,
 )
 from worker.kafka_io import MAX_RECORD_BYTES
+from worker.producers import Producer, load_producers
 from worker.replay import (
     ConsoleReport,
     ReplayArgumentError,
@@ -318,6 +320,8 @@ async def test_replay_selects_by_time_and_partition_and_restamps(
             )
     await _send(broker.bootstrap, topics.commands, list(sent.values()))
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    assert settings.producers_file is not None
+    producers = load_producers(settings.producers_file)
 
     async def replayed(request: ReplayRequest) -> tuple[Any, list[Any]]:
         before = await _end_offsets(broker.bootstrap, topics.commands)
@@ -350,6 +354,9 @@ async def test_replay_selects_by_time_and_partition_and_restamps(
         origin = sent[(int(partition), int(offset))]
         assert (copy.key, copy.value) == (origin.key, origin.value)
         assert headers["trace"] == origin.headers[0][1]
+        # The same bytes keep their producer's signature, which still holds.
+        assert headers["x-signature"] == dict(signed(origin.value))["x-signature"]
+        assert isinstance(producers.verify(copy.headers, copy.value), Producer)
         assert started <= int(headers["x-replayed-at"]) <= now_ms()
         origins.add((int(partition), int(offset)))
     assert origins == {(p, i) for p in range(3) for i in (2, 3, 4)}
@@ -371,6 +378,26 @@ async def test_replay_selects_by_time_and_partition_and_restamps(
     assert {k: v for k, v in stamped.items() if k not in ("issued_at", "expires_at")} == {
         k: v for k, v in original.items() if k not in ("issued_at", "expires_at")
     }
+    # New bytes, a new signature: the operator's producer's (PRODUCER_ID), once, and valid;
+    # the poison, sent as it was, keeps its own.
+    for copy in copies:
+        names = [name for name, _ in copy.headers]
+        assert names.count("x-producer") == names.count("x-signature") == 1
+        verified = producers.verify(copy.headers, copy.value)
+        assert isinstance(verified, Producer) and verified.id == settings.producer_id
+    # Without an operator's producer key, a run that changes bytes is refused up front.
+    unsigned = dataclasses.replace(settings, producer_id="", producer_key_file=None)
+    named = "CANCEL_WORKER_PRODUCER_ID and CANCEL_WORKER_PRODUCER_KEY_FILE"
+    for request in (
+        ReplayRequest(restamp=True),
+        ReplayRequest(expires_in_ms=1),
+        ReplayRequest(failed=()),
+    ):
+        with pytest.raises(ReplayArgumentError, match=named):
+            await replay(unsigned, request)
+    # A dry run needs none.
+    dry = ReplayRequest(partition=0, restamp=True, dry_run=True)
+    assert (await replay(unsigned, dry)).published == 0
 
     # Offsets past the end select nothing; a partition that does not exist is refused.
     summary, copies = await replayed(ReplayRequest(partition=0, start_offset=100))
