@@ -60,12 +60,12 @@ from worker.events import Origin
 from worker.executor import CancelExecutor
 from worker.fit import fit_kill_switch
 from worker.pipeline import InRecord, OutRecord
+from worker.producers import PRODUCER_HEADER, Producer, Producers, Refusal
 
 log = logging.getLogger(__name__)
 
 MAX_KEY_BYTES = 4096
 """A longer record key is refused (and replaced by a stand-in where it is published)."""
-from worker.producers import PRODUCER_HEADER, Producer, Producers, Refusal
 MAX_HEADER_BYTES = 64 * 1024
 """Records whose header names and values add up to more are refused."""
 KEY_HEAD_BYTES = 64
@@ -121,12 +121,12 @@ class CommandProcessor:
         max_header_bytes: int = MAX_HEADER_BYTES,
         clock: Callable[[], int],
         seen: SeenCommands | None = None,
+        producers: Producers | None = None,
     ) -> None:
         if max_key_bytes <= 0 or max_header_bytes < 0:
             raise ValueError("max_key_bytes must be positive, max_header_bytes not negative")
         smallest = max(max_key_bytes, _STAND_IN_BYTES) + _DEADLETTER_ROOM
         if deadletter_max_bytes < smallest:
-        producers: Producers | None = None,
             raise ValueError(
                 f"deadletter_max_bytes must be at least {smallest} "
                 f"(a {max_key_bytes}-byte key plus the dead-letter headers)"
@@ -140,17 +140,12 @@ class CommandProcessor:
         self._max_header_bytes = max_header_bytes
         self._clock = clock
         self._seen = seen
+        # None: commands are not verified (REQUIRE_SIGNED_COMMANDS=false).
+        self._producers = producers
 
     async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
         received_at = self._clock()
         origin = Origin(record.topic, record.partition, record.offset, record.key)
-        decoded = decode(record.value, self._max_command_bytes)
-        # None: commands are not verified (REQUIRE_SIGNED_COMMANDS=false).
-        self._producers = producers
-        oversize = self._oversize(record)
-        if oversize is not None:
-            decoded = _refused(decoded, oversize)
-        if isinstance(decoded, InvalidCommand):
         # Who sent it comes first: an unsigned or forged record is refused before its value
         # is read, and never reaches the duplicate window.
         producer: Producer | None = None
@@ -159,16 +154,21 @@ class CommandProcessor:
             if isinstance(verified, Refusal):
                 return self._unauthorized(record, origin, verified, received_at)
             producer = verified
+        decoded = decode(record.value, self._max_command_bytes)
+        oversize = self._oversize(record)
+        if oversize is not None:
+            decoded = _refused(decoded, oversize)
+        if isinstance(decoded, InvalidCommand):
             return self._invalid(record, origin, decoded, received_at)
+        if producer is not None:
+            refused = Producers.entitled(producer, decoded.account, decoded.is_sweep)
+            if refused is not None:
+                return self._unauthorized(record, origin, refused, received_at)
         redrives = redrive.redrive_header(record.headers)
         retry_of: dict[str, object] | None = None
         verified_redrive = False
         if self._seen is not None:
             seen = self._seen.get(decoded.command_id)
-        if producer is not None:
-            refused = Producers.entitled(producer, decoded.account, decoded.is_sweep)
-            if refused is not None:
-                return self._unauthorized(record, origin, refused, received_at)
             if seen is not None:
                 first = seen.first
                 if redrive.passes_window(redrives, first.type, first.reason, first.origin):
@@ -404,6 +404,7 @@ class CommandProcessor:
         return OutRecord(self._deadletter_topic, key, raw, (*truncated, *kept, *own))
 
     def _result(self, record: InRecord, event: dict[str, object]) -> OutRecord:
+        event["producer"] = self._producer_of(record)
         metrics.RESULTS.labels(str(event["type"]), str(event.get("reason", ""))).inc()
         headers: tuple[Header, ...] = (("type", str(event["type"]).encode()),)
         key = self._key(record)
@@ -423,17 +424,6 @@ class CommandProcessor:
                 )
         return OutRecord(self._results_topic, key, events.serialize(event), headers)
 
-
-def _refused(decoded: Command | InvalidCommand, detail: str) -> InvalidCommand:
-    """A record refused for its key or headers, keeping what identifies its command."""
-    return InvalidCommand(
-        detail=detail,
-        command_id=decoded.command_id,
-        account=decoded.account,
-        market=decoded.market,
-        symbol=decoded.symbol,
-    )
-        event["producer"] = self._producer_of(record)
     def _producer_of(self, record: InRecord) -> str | None:
         """The producer a record's result names: its ``x-producer``, which reached here
         only verified; None when commands are not verified."""
@@ -485,3 +475,13 @@ def _refused(decoded: Command | InvalidCommand, detail: str) -> InvalidCommand:
         )
         return [dead, result]
 
+
+def _refused(decoded: Command | InvalidCommand, detail: str) -> InvalidCommand:
+    """A record refused for its key or headers, keeping what identifies its command."""
+    return InvalidCommand(
+        detail=detail,
+        command_id=decoded.command_id,
+        account=decoded.account,
+        market=decoded.market,
+        symbol=decoded.symbol,
+    )
