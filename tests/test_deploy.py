@@ -87,6 +87,10 @@ SECRET_NAME = "cancel-worker-accounts"  # the real credentials: no file here cre
 EXAMPLE_SECRET_NAME = "cancel-worker-accounts-example"
 PRODUCERS_SECRET_NAME = "cancel-worker-producers"  # who may write commands: not created here
 EXAMPLE_PRODUCERS_SECRET_NAME = "cancel-worker-producers-example"
+KAFKA_SECRET_NAME = "cancel-worker-kafka"  # Kafka's SASL password and CA: not created here
+EXAMPLE_KAFKA_SECRET_NAME = "cancel-worker-kafka-example"
+REAL_SECRETS = [SECRET_NAME, PRODUCERS_SECRET_NAME, KAFKA_SECRET_NAME]
+EXAMPLE_SECRETS = [EXAMPLE_SECRET_NAME, EXAMPLE_PRODUCERS_SECRET_NAME, EXAMPLE_KAFKA_SECRET_NAME]
 EVERYWHERE = "0.0.0.0"  # noqa: S104 - a container's metrics must be reachable from outside it
 
 
@@ -188,6 +192,11 @@ def _k8s_env() -> dict[str, str]:
     for item in container.get("env", []):
         # A value from a Secret (a Kafka password) is not in the manifest: stand in for it.
         env[item["name"]] = str(item["value"]) if "value" in item else "from-a-secret"
+    # The Kafka CA is a file of a mounted Secret, which the settings check opens: stand in
+    # with a readable file (test_kafka_is_sasl_ssl_with_the_ca_from_its_secret checks the
+    # path is that Secret's key at its mount).
+    if env.get(f"{ENV_PREFIX}KAFKA_SSL_CAFILE"):
+        env[f"{ENV_PREFIX}KAFKA_SSL_CAFILE"] = str(CONTAINERFILE)
     return env
 
 
@@ -383,8 +392,8 @@ def test_the_accounts_file_is_a_key_of_the_mounted_secret_and_loads(tmp_path: Pa
     accounts_file = PurePosixPath(str(settings.accounts_file))
     # The example overlay mounts its own example Secret where production mounts the real one.
     for overlay, names in (
-        (PRODUCTION, [SECRET_NAME, PRODUCERS_SECRET_NAME]),
-        (EXAMPLE, [EXAMPLE_SECRET_NAME, EXAMPLE_PRODUCERS_SECRET_NAME]),
+        (PRODUCTION, REAL_SECRETS),
+        (EXAMPLE, EXAMPLE_SECRETS),
     ):
         volumes = {v["name"]: v["secret"] for v in _pod_spec(overlay)["volumes"] if "secret" in v}
         assert [s["secretName"] for s in volumes.values()] == names, overlay.name
@@ -421,7 +430,7 @@ def test_the_secret_files_are_readable_by_the_pods_user_and_nobody_else() -> Non
     assert context["runAsNonRoot"] is True
     assert context["runAsUser"] != 0
     secrets = [v["secret"] for v in pod["volumes"] if "secret" in v]
-    assert len(secrets) == 2  # the accounts and the producers
+    assert len(secrets) == 3  # the accounts, the producers and Kafka's
     for volume in secrets:
         mode = volume["defaultMode"]
         # Secret files are owned by root; the kubelet gives them to fsGroup, so the group
@@ -686,7 +695,7 @@ def test_the_selectors_select_the_workers_pods() -> None:
 # -- kustomize: what applying the kit does -----------------------------------------------------
 
 KUSTOMIZATIONS = {d.relative_to(K8S).as_posix(): d for d in k8s_validate.KUSTOMIZATIONS}
-CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1"}
+CORE_API_VERSIONS = {"v1", "apps/v1", "policy/v1", "networking.k8s.io/v1"}
 CRD_KINDS = {"ServiceMonitor", "ScaledObject", "KafkaTopic"}
 
 
@@ -739,27 +748,25 @@ def test_applying_the_base_alone_creates_no_secret_and_needs_no_crd() -> None:
         "Deployment",
         "Service",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     }
     assert {d["apiVersion"] for d in docs} <= CORE_API_VERSIONS
     assert all("namespace" not in d["metadata"] for d in docs), "the overlays choose it"
     # It names the real Secret (mounted, never created): a pod waits for it, nothing is
     # overwritten.
     volumes = _pod_spec(BASE)["volumes"]
-    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == [
-        SECRET_NAME,
-        PRODUCERS_SECRET_NAME,
-    ]
+    assert [v["secret"]["secretName"] for v in volumes if "secret" in v] == REAL_SECRETS
 
 
 def test_no_overlay_creates_a_secret_named_like_the_real_one() -> None:
     assert not [d for d in _manifests(PRODUCTION) if d["kind"] == "Secret"]
     names = sorted(d["metadata"]["name"] for d in _manifests(EXAMPLE) if d["kind"] == "Secret")
-    assert names == [EXAMPLE_SECRET_NAME, EXAMPLE_PRODUCERS_SECRET_NAME]
+    assert names == sorted(EXAMPLE_SECRETS)
     # Nothing in the kit (files included) creates a Secret under a real name.
     for path in sorted(K8S.rglob("*.yaml")):
         for doc in _docs(path):
             if doc.get("kind") == "Secret":
-                assert doc["metadata"]["name"] not in (SECRET_NAME, PRODUCERS_SECRET_NAME), path
+                assert doc["metadata"]["name"] not in REAL_SECRETS, path
 
 
 def test_the_producers_file_is_a_key_of_the_mounted_producers_secret_and_loads(
@@ -1296,3 +1303,57 @@ def test_compose_reaches_its_simulator_over_http_only_as_allowed() -> None:
     env = {k: v for k, v in _compose_env("worker").items() if not k.endswith("INSECURE_EXCHANGE")}
     with pytest.raises(SettingsError, match="PAPI_URL must be https"):
         load_settings(env)
+
+
+def test_kafka_is_sasl_ssl_with_the_ca_from_its_secret() -> None:
+    """The kit talks to Kafka over TLS with SCRAM: the password from the Kafka Secret as an
+    environment variable (never in the ConfigMap), its CA certificate a file of the same
+    Secret, mounted read-only where the ConfigMap's KAFKA_SSL_CAFILE points."""
+    data = _k8s("ConfigMap")["data"]
+    assert data[f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert data[f"{ENV_PREFIX}KAFKA_SASL_MECHANISM"].startswith("SCRAM-")
+    assert f"{ENV_PREFIX}KAFKA_SASL_PASSWORD" not in data
+    (password,) = [
+        e for e in _worker_container()["env"] if e["name"] == f"{ENV_PREFIX}KAFKA_SASL_PASSWORD"
+    ]
+    assert password["valueFrom"]["secretKeyRef"]["name"] == KAFKA_SECRET_NAME
+    cafile = PurePosixPath(data[f"{ENV_PREFIX}KAFKA_SSL_CAFILE"])
+    volumes = {v["name"]: v["secret"] for v in _pod_spec()["volumes"] if "secret" in v}
+    (name,) = [n for n, s in volumes.items() if s["secretName"] == KAFKA_SECRET_NAME]
+    assert [i["path"] for i in volumes[name]["items"]] == [
+        cafile.name
+    ]  # the password is not a file
+    (mount,) = [m for m in _worker_container()["volumeMounts"] if m["name"] == name]
+    assert mount.get("readOnly") is True and PurePosixPath(mount["mountPath"]) == cafile.parent
+    example = _k8s("Secret", EXAMPLE_KAFKA_SECRET_NAME, overlay=EXAMPLE)["stringData"]
+    assert set(example) == {"password", cafile.name}
+    assert all("REPLACE-ME" in v for v in example.values())
+    trigger = _k8s_component_trigger()
+    assert trigger["authenticationRef"]["name"] == KAFKA_SECRET_NAME
+
+
+def _k8s_component_trigger() -> dict[str, Any]:
+    docs = _docs(K8S / "components" / "keda" / "scaledobject.yaml")
+    (scaled,) = [d for d in docs if d.get("kind") == "ScaledObject"]
+    (trigger,) = scaled["spec"]["triggers"]
+    return dict(trigger)
+
+
+def test_only_the_metrics_scraper_may_reach_the_pods() -> None:
+    """A NetworkPolicy selects the worker pods and lets in one thing: the monitoring
+    namespace's Prometheus, on the metrics port (by the container port's name)."""
+    (policy,) = [d for d in _manifests() if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == _pod_spec_labels_selector()
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    (source,) = rule["from"]
+    assert set(source) == {"namespaceSelector", "podSelector"}  # both: one peer, not two
+    (port,) = rule["ports"]
+    names = [p["name"] for p in _worker_container()["ports"]]
+    assert port["port"] in names and port["port"] == "metrics"
+
+
+def _pod_spec_labels_selector() -> dict[str, str]:
+    selector: dict[str, str] = _k8s("Deployment")["spec"]["selector"]["matchLabels"]
+    return selector

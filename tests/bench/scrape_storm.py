@@ -1,0 +1,62 @@
+"""``python -m tests.bench.scrape_storm URL RATE``: scrape ``URL`` (a worker's ``/metrics``)
+``RATE`` times a second, each scrape on a connection of its own as a careless scraper opens
+them, until SIGTERM; then print one JSON line: scrapes answered 200, failed, and their
+latency (p50/p99/max, ms).
+
+The bench runs it beside the ``worker_scraped`` system (``tests.bench.main``): the worker
+under a scrape storm, measured side by side with the plain ``worker``.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import sys
+import time
+
+import httpx
+import orjson
+
+READY = "scrape storm started"
+
+
+def main(argv: list[str]) -> None:
+    url, rate = argv[0], float(argv[1])
+    stop = False
+
+    def on_term(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    ok = failed = 0
+    took_ms: list[float] = []
+    print(READY, flush=True)
+    started = time.monotonic()
+    i = 0
+    while not stop:
+        i += 1
+        delay = started + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        t0 = time.perf_counter()
+        try:
+            r = httpx.get(url, timeout=5.0)
+            ok += r.status_code == 200
+            failed += r.status_code != 200
+        except httpx.HTTPError:
+            failed += 1
+        took_ms.append((time.perf_counter() - t0) * 1000)
+    took_ms.sort()
+    summary = {
+        "ok": ok,
+        "failed": failed,
+        "p50_ms": statistics.median(took_ms) if took_ms else None,
+        "p99_ms": took_ms[int(len(took_ms) * 0.99)] if took_ms else None,
+        "max_ms": took_ms[-1] if took_ms else None,
+    }
+    print(orjson.dumps(summary).decode(), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
