@@ -31,7 +31,7 @@ from worker.contracts import (
     schema_dir,
 )
 from worker.decisions import Outcome
-from worker.dedup import first_result_of
+from worker.dedup import REFUSED, first_result_of
 from worker.errors import ExchangeReply, FailureReason
 from worker.events import Origin
 from worker.executor import CancelExecutor
@@ -208,12 +208,17 @@ def _final_results() -> list[dict[str, object]]:
     ids=lambda e: f"{e['type']}-{e.get('reason') or e.get('route') or e['command_id']}",
 )
 def test_duplicate_events_carry_any_first_result_the_code_builds(first: dict[str, object]) -> None:
-    """Every final result the code builds counts for the window, and the duplicate event
-    built from it (for a repeat of the same command) matches the schema."""
+    """Every final result the code builds counts for the window, except a refusal, and the
+    duplicate event built from it (for a repeat of the same command) matches the schema."""
     found = first_result_of(first)
     command = KILL_SWITCH if first["command_id"] == KILL_SWITCH.command_id else CMD
-    assert found is not None and found[0] == command.command_id
-    event = events.duplicate(command, Origin("cmds", 1, 9, None), found[1].as_dict(), 20, 21)
+    if first.get("reason") in REFUSED:
+        assert found is None
+        return
+    assert found is not None and found.command_id == command.command_id
+    assert found.account == command.account
+    assert found.first.fingerprint == events.fingerprint(command)
+    event = events.duplicate(command, Origin("cmds", 1, 9, None), found.first.as_dict(), 20, 21)
     result_validator().validate(event)
     assert event["first_result"]["origin"] == {"topic": "cmds", "partition": 0, "offset": 5}
     assert (event["first_result"]["type"], event["first_result"]["reason"]) == (
@@ -658,8 +663,11 @@ def test_every_outcome_becomes_a_valid_event_and_its_duplicate_too(
     result_validator().validate(event)
     assert support.result_schema_error(event) is None
     found = first_result_of(event)
-    assert found is not None, event  # every final result counts for the window
-    duplicate = events.duplicate(command, Origin("cmds", 2, 99, b"k"), found[1].as_dict(), 1, 2)
+    if event.get("reason") in REFUSED:  # a refusal is never remembered
+        assert found is None, event
+        return
+    assert found is not None, event  # every other final result counts for the window
+    duplicate = events.duplicate(command, Origin("cmds", 2, 99, b"k"), found.first.as_dict(), 1, 2)
     result_validator().validate(duplicate)
     assert duplicate["first_result"]["type"] == event["type"]
     if event["type"] != events.FAILED:

@@ -55,7 +55,10 @@ async def test_a_retry_after_a_restart_gets_the_first_outcome_and_sends_nothing(
 
     since = sim.last_seq()
     async with running_worker(settings) as worker:  # a new process would do the same
-        assert worker.seen is not None and worker.seen.get(first["command_id"]) is not None
+        assert (
+            worker.seen is not None
+            and worker.seen.get(first["account"], first["command_id"]) is not None
+        )
         await produce(broker.bootstrap, topics.commands, [(KEY, cmd)])
         results = events_of(await consume(broker.bootstrap, topics.results, 2))
     assert len(results) == 2 and results[0] == first
@@ -124,7 +127,10 @@ async def test_results_published_by_another_member_are_followed(
         await produce(broker.bootstrap, topics.results, [(KEY, orjson.dumps(answered))])
         seen = worker.seen
         assert seen is not None
-        await until(lambda: seen.get(raw["command_id"]) is not None, "the result to be followed")
+        await until(
+            lambda: seen.get(raw["account"], raw["command_id"]) is not None,
+            "the result to be followed",
+        )
         since = sim.last_seq()
         await produce(broker.bootstrap, topics.commands, [(KEY, orjson.dumps(raw))])
         results = events_of(await consume(broker.bootstrap, topics.results, 2))

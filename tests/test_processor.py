@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.test_fit import _strategy
-from worker import metrics, redrive
-from worker.commands import Command
+from worker import events, metrics, redrive
+from worker.commands import Command, decode
 from worker.contracts import result_validator
 from worker.dedup import FirstResult, RecordAt, SeenCommands
+from worker.errors import FailureReason
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
 from worker.papi import PapiClient
 from worker.pipeline import InRecord, OutRecord
@@ -359,15 +360,43 @@ def test_small_bounds_hold_for_any_record(records: list[InRecord], slack: int) -
 
 # -- the duplicate-command window -------------------------------------------------------------
 
+ACCOUNT = "nobody"
+VALID_COMMAND = decode(VALID)
+assert isinstance(VALID_COMMAND, Command)
+FINGERPRINT = events.fingerprint(VALID_COMMAND)
+
+
+class AnsweringExecutor(RecordingExecutor):
+    """Records every command reaching it and answers each with a final failure that the
+    window remembers (``not_found``), without any request."""
+
+    async def execute(
+        self, command: Command, received_at: int, *, redrive: bool = False
+    ) -> Outcome:
+        self.seen.append(command)
+        return Outcome(False, 1, reason=FailureReason.NOT_FOUND, detail="no such order")
+
+
+@pytest.fixture
+async def answering() -> AsyncIterator[AnsweringExecutor]:
+    async with PapiClient("http://127.0.0.1:9", clock=now_ms) as client:  # never reached
+        yield AnsweringExecutor(client)
+
 
 def _window() -> SeenCommands:
     return SeenCommands(3_600_000, 1000)
 
 
+def _valid(**changes: object) -> bytes:
+    return orjson.dumps(orjson.loads(VALID) | changes)
+
+
 def _canceled_on_topic(seen: SeenCommands, at: RecordAt) -> FirstResult:
     """c-1 canceled, its result read back from the results topic (as the loader does)."""
-    first = FirstResult("strategy.canceled", None, "um_conditional", "CANCELED", at, now_ms())
-    seen.put("c-1", first, on_topic=True)
+    first = FirstResult(
+        "strategy.canceled", None, "um_conditional", "CANCELED", at, now_ms(), FINGERPRINT
+    )
+    seen.put(ACCOUNT, "c-1", first, on_topic=True)
     return first
 
 
@@ -385,14 +414,136 @@ async def test_a_duplicate_from_another_record_gets_the_first_outcome_and_no_req
     assert dict(result.headers) == {"type": b"cancel.duplicate"}
     assert event["type"] == "cancel.duplicate" and event["attempts"] == 0
     assert (event["command_id"], event["account"], event["market"]) == ("c-1", "nobody", "UM")
-    assert event["symbol"] == "BTCUSDT"
+    assert event["symbol"] == "BTCUSDT" and event["fingerprint"] == FINGERPRINT.hex()
     assert event["origin"] == {"topic": "cmd", "partition": 1, "offset": 9, "key": "k"}
     assert event["first_result"] == first.as_dict()
     assert event["first_result"]["origin"] == {"topic": "cmd", "partition": 0, "offset": 3}
     assert event["received_at"] <= event["completed_at"]
     # The duplicate is not recorded: the first result stays the one to report.
-    entry = seen.get("c-1")
+    entry = seen.get(ACCOUNT, "c-1")
     assert entry is not None and entry.first == first
+
+
+async def test_a_retry_with_new_stamps_and_annotations_is_a_duplicate(
+    executor: RecordingExecutor,
+) -> None:
+    """issued_at, expires_at, reason and source are not the command's content: a producer
+    that rebuilds a command to retry it, or a re-drive, has the same fingerprint."""
+    seen = _window()
+    _canceled_on_topic(seen, RecordAt("cmd", 0, 3))
+    retry = _valid(issued_at=1_795_260_009_999, expires_at=1_795_260_099_999, reason="again")
+    (result,) = await _processor(executor, seen=seen)(InRecord("cmd", 0, 9, b"k", retry))
+    assert orjson.loads(result.value)["type"] == "cancel.duplicate" and not executor.seen
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"strategy_id": 8},
+        {"strategy_id": None, "client_strategy_id": "x-7"},
+        {"symbol": "ETHUSDT"},
+        {"market": "CM"},
+        {"strategy_id": None, "scope": "symbol"},
+    ],
+    ids=["other-order", "by-client-id", "other-symbol", "other-market", "kill-switch"],
+)
+async def test_the_same_id_with_other_content_is_an_id_conflict(
+    executor: RecordingExecutor, changes: dict[str, object]
+) -> None:
+    seen = _window()
+    first = _canceled_on_topic(seen, RecordAt("cmd", 0, 3))
+    body = {k: v for k, v in (orjson.loads(VALID) | changes).items() if v is not None}
+    other = orjson.dumps(body)
+    dead, event, record = _split(
+        await _processor(executor, seen=seen)(InRecord("cmd", 0, 9, b"k", other))
+    )
+    assert not executor.seen and dead is None  # no request; the record is not poison
+    result_validator().validate(event)
+    assert dict(record.headers) == {"type": b"cancel.failed"}
+    assert (event["type"], event["reason"], event["attempts"]) == (
+        "cancel.failed",
+        "id_conflict",
+        0,
+    )
+    assert event["command_id"] == "c-1" and event["fingerprint"] != FINGERPRINT.hex()
+    assert "cmd[0]@3" in event["detail"] and FINGERPRINT.hex() in event["detail"]
+    # Not remembered: the id's entry is still the first result, and the same conflicting
+    # command again is a conflict again (never a duplicate of the conflict).
+    entry = seen.get(ACCOUNT, "c-1")
+    assert entry is not None and entry.first == first and len(seen) == 1
+    (again,) = await _processor(executor, seen=seen)(InRecord("cmd", 0, 10, b"k", other))
+    assert orjson.loads(again.value)["reason"] == "id_conflict" and not executor.seen
+    # The command as first sent is still a duplicate.
+    (dup,) = await _processor(executor, seen=seen)(InRecord("cmd", 0, 11, b"k", VALID))
+    assert orjson.loads(dup.value)["type"] == "cancel.duplicate" and not executor.seen
+
+
+async def test_a_result_without_a_fingerprint_matches_any_content(
+    executor: RecordingExecutor,
+) -> None:
+    """A result written before results carried fingerprints (rebuilt into the window at an
+    upgrade) is taken as the command's: a duplicate, as before, never a conflict."""
+    seen = _window()
+    at = RecordAt("cmd", 0, 3)
+    seen.put(
+        ACCOUNT,
+        "c-1",
+        FirstResult("cancel.failed", "rejected", None, None, at, now_ms()),
+        on_topic=True,
+    )
+    other = _valid(strategy_id=99)
+    (result,) = await _processor(executor, seen=seen)(InRecord("cmd", 0, 9, b"k", other))
+    assert orjson.loads(result.value)["type"] == "cancel.duplicate" and not executor.seen
+
+
+async def test_the_same_id_for_another_account_is_another_command(
+    answering: AnsweringExecutor,
+) -> None:
+    seen = _window()
+    _canceled_on_topic(seen, RecordAt("cmd", 0, 3))
+    other = _valid(account="desk-b")
+    (result,) = await _processor(answering, seen=seen)(InRecord("cmd", 0, 9, b"k", other))
+    event = orjson.loads(result.value)
+    assert (event["type"], event["reason"], event["account"]) == (
+        "cancel.failed",
+        "not_found",
+        "desk-b",
+    )
+    assert len(answering.seen) == 1 and len(seen) == 2
+    b = seen.get("desk-b", "c-1")
+    assert b is not None and b.first.origin == RecordAt("cmd", 0, 9)
+
+
+async def test_a_result_produced_here_catches_the_duplicate_right_behind_it(
+    answering: AnsweringExecutor,
+) -> None:
+    seen = _window()
+    processor = _processor(answering, seen=seen)
+    (first,) = await processor(InRecord("cmd", 0, 1, b"k", VALID))
+    assert orjson.loads(first.value)["reason"] == "not_found"
+    entry = seen.get(ACCOUNT, "c-1")
+    assert entry is not None and not entry.on_topic
+    assert entry.first.origin == RecordAt("cmd", 0, 1) and entry.first.fingerprint == FINGERPRINT
+    (second,) = await processor(InRecord("cmd", 0, 2, b"k", VALID))
+    event = orjson.loads(second.value)
+    result_validator().validate(event)
+    assert event["type"] == "cancel.duplicate"
+    assert event["first_result"]["type"] == "cancel.failed"
+    assert event["first_result"]["reason"] == "not_found"
+    assert event["first_result"]["origin"]["offset"] == 1
+    assert len(answering.seen) == 1  # one request path for the two records
+
+
+async def test_a_record_answered_here_but_not_read_back_is_answered_again(
+    answering: AnsweringExecutor,
+) -> None:
+    """Its first answer may not have been made durable (a failed flush, an aborted
+    transaction): answering it again is the only way it gets a result."""
+    seen = _window()
+    processor = _processor(answering, seen=seen)
+    await processor(InRecord("cmd", 0, 1, b"k", VALID))
+    (again,) = await processor(InRecord("cmd", 0, 1, b"k", VALID))
+    assert orjson.loads(again.value)["type"] == "cancel.failed" and len(answering.seen) == 2
 
 
 async def test_the_record_a_result_on_the_topic_answers_gets_nothing_and_no_request(
@@ -404,53 +555,55 @@ async def test_the_record_a_result_on_the_topic_answers_gets_nothing_and_no_requ
     assert not executor.seen
 
 
-async def test_a_result_produced_here_catches_the_duplicate_right_behind_it(
+async def test_refused_commands_are_answered_every_time_and_never_remembered(
     executor: RecordingExecutor,
 ) -> None:
+    """An unknown account costs no request: its result is not remembered, so a repeat is
+    answered again (no duplicate), and it claims nothing for the account once configured."""
     seen = _window()
     processor = _processor(executor, seen=seen)
-    (first,) = await processor(InRecord("cmd", 0, 1, b"k", VALID))
-    assert orjson.loads(first.value)["reason"] == "unknown_account"
-    entry = seen.get("c-1")
-    assert entry is not None and not entry.on_topic
-    assert entry.first.origin == RecordAt("cmd", 0, 1)
-    (second,) = await processor(InRecord("cmd", 0, 2, b"k", VALID))
-    event = orjson.loads(second.value)
-    result_validator().validate(event)
-    assert event["type"] == "cancel.duplicate"
-    assert event["first_result"]["type"] == "cancel.failed"
-    assert event["first_result"]["reason"] == "unknown_account"
-    assert event["first_result"]["origin"]["offset"] == 1
-    assert len(executor.seen) == 1  # one request path for the two records
+    for offset in (1, 2):
+        (result,) = await processor(InRecord("cmd", 0, offset, b"k", VALID))
+        event = orjson.loads(result.value)
+        assert (event["type"], event["reason"]) == ("cancel.failed", "unknown_account")
+        assert event["fingerprint"] == FINGERPRINT.hex()
+    assert len(seen) == 0 and len(executor.seen) == 2
 
 
-async def test_a_record_answered_here_but_not_read_back_is_answered_again(
-    executor: RecordingExecutor,
-) -> None:
-    """Its first answer may not have been made durable (a failed flush, an aborted
-    transaction): answering it again is the only way it gets a result."""
-    seen = _window()
-    processor = _processor(executor, seen=seen)
-    await processor(InRecord("cmd", 0, 1, b"k", VALID))
-    (again,) = await processor(InRecord("cmd", 0, 1, b"k", VALID))
-    assert orjson.loads(again.value)["type"] == "cancel.failed" and len(executor.seen) == 2
-
-
-async def test_invalid_commands_are_not_checked_against_the_window_but_recorded(
-    executor: RecordingExecutor,
+async def test_an_id_claimed_in_advance_by_an_invalid_record_claims_nothing(
+    answering: AnsweringExecutor,
 ) -> None:
     seen = _window()
-    _canceled_on_topic(seen, RecordAt("cmd", 0, 3))
+    processor = _processor(answering, seen=seen)
+    for offset, bad in enumerate(
+        (
+            orjson.dumps({"command_id": "c-1"}),
+            orjson.dumps({"command_id": "c-1", "account": ACCOUNT}),  # no market, no id
+            orjson.dumps({"command_id": "c-1", "account": ACCOUNT, "market": "UM"}),
+        )
+    ):
+        dead, event, _ = _split(await processor(InRecord("cmd", 0, offset, b"k", bad)))
+        assert dead is not None and event["reason"] == "invalid_command"
+        assert event["fingerprint"] is None
+    await processor(InRecord("cmd", 0, 5, b"k", b"\x00"))  # no command id at all
+    assert len(seen) == 0 and not answering.seen
+    # The real c-1 is processed.
+    (result,) = await processor(InRecord("cmd", 0, 6, b"k", VALID))
+    assert orjson.loads(result.value)["reason"] == "not_found" and len(answering.seen) == 1
+    assert len(seen) == 1
+
+
+async def test_invalid_commands_are_not_checked_against_the_window(
+    executor: RecordingExecutor,
+) -> None:
+    seen = _window()
+    first = _canceled_on_topic(seen, RecordAt("cmd", 0, 3))
     processor = _processor(executor, seen=seen)
     bad = orjson.dumps({"command_id": "c-1", "account": "nobody"})  # no market, no id
     dead, event, _ = _split(await processor(InRecord("cmd", 0, 4, b"k", bad)))
     assert dead is not None and event["reason"] == "invalid_command"
-    bad_2 = orjson.dumps({"command_id": "c-2"})
-    await processor(InRecord("cmd", 0, 5, b"k", bad_2))
-    entry = seen.get("c-2")
-    assert entry is not None and entry.first.reason == "invalid_command"
-    await processor(InRecord("cmd", 0, 6, b"k", b"\x00"))  # no command id: nothing to key on
-    assert len(seen) == 2 and not executor.seen
+    entry = seen.get(ACCOUNT, "c-1")
+    assert entry is not None and entry.first == first and len(seen) == 1
 
 
 # -- re-driving a failure (replay --failed) ---------------------------------------------------
@@ -458,8 +611,8 @@ async def test_invalid_commands_are_not_checked_against_the_window_but_recorded(
 
 def _failed_on_topic(seen: SeenCommands, at: RecordAt, reason: str) -> FirstResult:
     """c-1 failed with ``reason``, its result read back from the results topic."""
-    first = FirstResult("cancel.failed", reason, "um_conditional", None, at, now_ms())
-    seen.put("c-1", first, on_topic=True)
+    first = FirstResult("cancel.failed", reason, "um_conditional", None, at, now_ms(), FINGERPRINT)
+    seen.put(ACCOUNT, "c-1", first, on_topic=True)
     return first
 
 
@@ -472,8 +625,9 @@ def _redrive_of(at: RecordAt, reason: str = "exchange_unavailable") -> tuple[Hea
 
 
 async def test_a_redrive_of_a_redrivable_failure_passes_the_window_once(
-    executor: RecordingExecutor,
+    answering: AnsweringExecutor,
 ) -> None:
+    executor = answering
     seen = _window()
     failure = _failed_on_topic(seen, RecordAt("cmd", 0, 3), "exchange_unavailable")
     processor = _processor(executor, seen=seen)
@@ -482,14 +636,14 @@ async def test_a_redrive_of_a_redrivable_failure_passes_the_window_once(
     event = orjson.loads(result.value)
     result_validator().validate(event)
     assert len(executor.seen) == 1  # processed: the executor was asked
-    assert event["type"] == "cancel.failed" and event["reason"] == "unknown_account"
+    assert event["type"] == "cancel.failed" and event["reason"] == "not_found"
     assert event["retry_of"] == {
         "type": "cancel.failed",
         "reason": "exchange_unavailable",
         "origin": {"topic": "cmd", "partition": 0, "offset": 3},
         "completed_at": failure.completed_at,
     }
-    entry = seen.get("c-1")  # the re-drive's result took the failure's place
+    entry = seen.get(ACCOUNT, "c-1")  # the re-drive's result took the failure's place
     assert entry is not None and entry.first.origin == RecordAt("cmd", 0, 10)
 
     # The same claim again (the replay run twice, a producer retry of the copy): a duplicate.
@@ -519,15 +673,32 @@ async def test_a_final_answer_is_never_redriven(
     seen = _window()
     route = "um_conditional" if first_type == "strategy.canceled" else None
     status = "CANCELED" if first_type == "strategy.canceled" else None
-    first = FirstResult(first_type, reason, route, status, RecordAt("cmd", 0, 3), now_ms())
-    seen.put("c-1", first, on_topic=True)
+    first = FirstResult(
+        first_type, reason, route, status, RecordAt("cmd", 0, 3), now_ms(), FINGERPRINT
+    )
+    seen.put(ACCOUNT, "c-1", first, on_topic=True)
     copy = InRecord("cmd", 0, 10, b"k", VALID, _redrive_of(RecordAt("cmd", 0, 3)))
     (dup,) = await _processor(executor, seen=seen)(copy)
     event = orjson.loads(dup.value)
     result_validator().validate(event)
     assert event["type"] == "cancel.duplicate" and not executor.seen
-    entry = seen.get("c-1")
+    entry = seen.get(ACCOUNT, "c-1")
     assert entry is not None and entry.first == first
+
+
+async def test_a_redrive_with_other_content_is_an_id_conflict(
+    executor: RecordingExecutor,
+) -> None:
+    """A copy claiming to re-drive the failure, for other orders: refused like any command
+    reusing the id, and the failure stays re-drivable."""
+    seen = _window()
+    failure = _failed_on_topic(seen, RecordAt("cmd", 0, 3), "outcome_unknown")
+    copy = InRecord("cmd", 0, 10, b"k", _valid(strategy_id=8), _redrive_of(RecordAt("cmd", 0, 3)))
+    (result,) = await _processor(executor, seen=seen)(copy)
+    event = orjson.loads(result.value)
+    assert event["reason"] == "id_conflict" and "retry_of" not in event and not executor.seen
+    entry = seen.get(ACCOUNT, "c-1")
+    assert entry is not None and entry.first == failure
 
 
 async def test_a_redrive_naming_another_record_is_a_duplicate(

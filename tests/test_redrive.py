@@ -80,6 +80,7 @@ def _event(kind: str, offset: int, reason: str | None, retry_of: int | None) -> 
     event: dict[str, object] = {
         "type": kind,
         "command_id": "c-1",
+        "account": "desk-a",
         "origin": {"topic": "cmd", "partition": 0, "offset": offset, "key": "k"},
         "completed_at": now_ms(),
         "route": "um_algo",
@@ -107,14 +108,14 @@ def test_the_window_rebuilt_from_the_topic_holds_the_latest_of_a_redriven_comman
         _event("strategy.canceled", 20, None, 10),
     ):
         assert seen.add(event, on_topic=True)
-    entry = seen.get("c-1")
+    entry = seen.get("desk-a", "c-1")
     assert entry is not None and entry.first.type == "strategy.canceled"
     assert entry.first.origin == RecordAt("cmd", 0, 20)
     # A stale claim (it retries a failure that is no longer the latest) changes nothing.
     assert not seen.add(_event("cancel.failed", 30, "expired", 10), on_topic=True)
     # Nor does a claim to retry a success.
     assert not seen.add(_event("cancel.failed", 31, "expired", 20), on_topic=True)
-    entry = seen.get("c-1")
+    entry = seen.get("desk-a", "c-1")
     assert entry is not None and entry.first.origin == RecordAt("cmd", 0, 20)
 
 
@@ -123,5 +124,5 @@ def test_a_first_result_that_is_a_success_is_never_replaced_by_a_claim() -> None
     first = FirstResult(
         "strategy.canceled", None, "um_algo", "CANCELED", RecordAt("cmd", 0, 3), now_ms()
     )
-    seen.put("c-1", first, on_topic=True)
+    seen.put("desk-a", "c-1", first, on_topic=True)
     assert not seen.add(_event("cancel.failed", 9, "expired", 3), on_topic=False)

@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
-from worker.dedup import FirstResult, RecordAt, SeenCommands, first_result_of
+from worker.dedup import REFUSED, FirstResult, RecordAt, SeenCommands, first_result_of
 from worker.settings import Settings, SettingsError
 
 HOUR = 3_600_000
 T0 = 1_795_260_000_000
+ACCOUNT = "desk-a"
 
 
 class Clock:
@@ -26,6 +27,7 @@ def canceled(command_id: str | None, offset: int = 0, completed_at: int = T0) ->
     return {
         "type": "strategy.canceled",
         "command_id": command_id,
+        "account": ACCOUNT,
         "origin": {"topic": "cmd", "partition": 1, "offset": offset, "key": "k"},
         "completed_at": completed_at,
         "route": "um_algo",
@@ -40,6 +42,7 @@ def failed(
     return {
         "type": "cancel.failed",
         "command_id": command_id,
+        "account": ACCOUNT,
         "origin": {"topic": "cmd", "partition": 1, "offset": offset, "key": None},
         "completed_at": completed_at,
         "reason": reason,
@@ -55,7 +58,7 @@ def window(clock: Clock, max_entries: int = 100) -> SeenCommands:
 def test_a_final_result_is_remembered_with_its_outcome() -> None:
     seen = window(Clock())
     assert seen.add(canceled("c-1", offset=7), on_topic=True)
-    entry = seen.get("c-1")
+    entry = seen.get(ACCOUNT, "c-1")
     assert entry is not None and entry.on_topic
     assert entry.first == FirstResult(
         "strategy.canceled", None, "um_algo", "CANCELED", RecordAt("cmd", 1, 7), T0
@@ -68,16 +71,24 @@ def test_a_final_result_is_remembered_with_its_outcome() -> None:
         "origin": {"topic": "cmd", "partition": 1, "offset": 7},
         "completed_at": T0,
     }
-    assert seen.get("c-2") is None
+    assert seen.get(ACCOUNT, "c-2") is None
 
 
 def test_which_results_count() -> None:
     seen = window(Clock())
     assert seen.add(failed("c-1", "already_closed") | {"order_status": "FINISHED"}, on_topic=True)
     assert seen.add(failed("c-2", "outcome_unknown"), on_topic=True)
-    # An invalid command counts when it has an id to key on, not without one.
-    assert seen.add(failed("c-3", "invalid_command"), on_topic=True)
+    # A kill switch's result closes its command too: no single route or order status.
+    assert seen.add(canceled("c-3") | {"type": "strategies.canceled", "route": None}, on_topic=True)
+    # Refusals never count, with an id or without (they cost no request: remembering them
+    # would let anyone fill the window or claim an id in advance).
+    for reason in sorted(REFUSED):
+        assert not seen.add(failed("c-r", reason), on_topic=True), reason
+        assert not seen.add(failed("c-r", reason), on_topic=False), reason
     assert not seen.add(failed(None, "invalid_command"), on_topic=True)
+    # Without an account there is no key.
+    assert not seen.add(canceled("c-12") | {"account": None}, on_topic=True)
+    assert not seen.add(canceled("c-12") | {"account": ""}, on_topic=True)
     # Duplicates, other types, and results that are not shaped as the schema says do not.
     assert not seen.add(canceled("c-4") | {"type": "cancel.duplicate"}, on_topic=True)
     assert not seen.add(canceled("c-5") | {"type": "strategy.cancelled"}, on_topic=True)
@@ -88,14 +99,13 @@ def test_which_results_count() -> None:
     assert not seen.add(canceled("c-9") | {"completed_at": True}, on_topic=True)
     assert not seen.add(failed("c-10", "rejected") | {"order_status": "GONE"}, on_topic=True)
     assert not seen.add(canceled(""), on_topic=True)
-    # A kill switch's result closes its command too: no single route or order status.
-    assert seen.add(
-        canceled("c-11") | {"type": "strategies.canceled", "route": None}, on_topic=True
-    )
-    kill = seen.get("c-11")
+    # A fingerprint, when there is one, is 32 lowercase hex digits.
+    for bad in ("AB" * 16, "ab" * 15, "zz" * 16, 7):
+        assert not seen.add(canceled("c-11") | {"fingerprint": bad}, on_topic=True), bad
+    kill = seen.get(ACCOUNT, "c-3")
     assert kill is not None and kill.first.route is None and kill.first.order_status is None
-    assert len(seen) == 4
-    first = seen.get("c-1")
+    assert len(seen) == 3
+    first = seen.get(ACCOUNT, "c-1")
     assert first is not None and first.first.reason == "already_closed"
     assert first.first.order_status == "FINISHED" and first.first.type == "cancel.failed"
 
@@ -103,7 +113,7 @@ def test_which_results_count() -> None:
 def test_an_unknown_order_status_in_a_canceled_strategy_is_not_counted() -> None:
     assert first_result_of(canceled("c-1") | {"strategy": {"status": "WEIRD"}}) is None
     found = first_result_of(canceled("c-1") | {"strategy": None})
-    assert found is not None and found[1].order_status is None
+    assert found is not None and found.first.order_status is None
 
 
 def test_entries_are_forgotten_when_their_result_leaves_the_window() -> None:
@@ -113,25 +123,38 @@ def test_entries_are_forgotten_when_their_result_leaves_the_window() -> None:
     seen.add(canceled("new", completed_at=T0), on_topic=True)
     # Already out of the window when it arrives (read from the topic, say): not stored.
     assert not seen.add(canceled("older", completed_at=T0 - HOUR - 1), on_topic=True)
-    assert seen.get("old") is not None and len(seen) == 2
+    assert seen.get(ACCOUNT, "old") is not None and len(seen) == 2
     clock.now += 1_000  # "old" completed exactly one window ago: still in
-    assert seen.get("old") is not None
+    assert seen.get(ACCOUNT, "old") is not None
     clock.now += 1
-    assert seen.get("old") is None and seen.get("new") is not None
+    assert seen.get(ACCOUNT, "old") is None and seen.get(ACCOUNT, "new") is not None
     clock.now += HOUR
-    assert seen.get("new") is None and len(seen) == 0
+    assert seen.get(ACCOUNT, "new") is None and len(seen) == 0
 
 
-def test_beyond_max_entries_the_oldest_go_first() -> None:
+def test_beyond_max_entries_the_first_recorded_go_first() -> None:
     seen = window(Clock(), max_entries=3)
-    # Arrival order is not completion order (several partitions, several members).
+    # Results arrive nearly in completion order; the count bound forgets in arrival order.
     for command_id, at in (("b", T0 - 20), ("a", T0 - 30), ("d", T0), ("c", T0 - 10)):
-        seen.add(canceled(command_id, completed_at=at), on_topic=True)
+        assert seen.add(canceled(command_id, completed_at=at), on_topic=True)
     assert len(seen) == 3
-    assert [c for c in "abcd" if seen.get(c) is not None] == ["b", "c", "d"]
-    # A result older than everything held is dropped at once when the window is full.
-    assert not seen.add(canceled("z", completed_at=T0 - 100), on_topic=True)
-    assert seen.get("z") is None and len(seen) == 3
+    assert [c for c in "abcd" if seen.get(ACCOUNT, c) is not None] == ["a", "c", "d"]
+
+
+def test_a_result_arriving_late_is_never_reported_past_the_window() -> None:
+    clock = Clock()
+    seen = window(clock)
+    seen.add(canceled("young", completed_at=T0), on_topic=True)
+    seen.add(canceled("late", completed_at=T0 - HOUR + 10), on_topic=True)  # behind "young"
+    clock.now += 11
+    assert seen.get(ACCOUNT, "late") is None and seen.get(ACCOUNT, "young") is not None
+    # Its key may be recorded again, and is then forgotten in its new place.
+    assert seen.add(failed("late", "rejected", offset=5, completed_at=clock.now), on_topic=True)
+    entry = seen.get(ACCOUNT, "late")
+    assert entry is not None and entry.first.reason == "rejected"
+    clock.now += HOUR + 1
+    assert seen.get(ACCOUNT, "late") is None and len(seen) == 0
+    assert not seen._order and not seen._stale
 
 
 def test_the_first_result_stays() -> None:
@@ -140,7 +163,7 @@ def test_the_first_result_stays() -> None:
     # A later result for the id, from another record or the same one: the first stays.
     assert not seen.add(failed("c-1", "already_closed", offset=2), on_topic=True)
     assert not seen.add(failed("c-1", "already_closed", offset=1), on_topic=False)
-    entry = seen.get("c-1")
+    entry = seen.get(ACCOUNT, "c-1")
     assert entry is not None and entry.first.origin.offset == 1
     assert entry.first.type == "strategy.canceled"
 
@@ -150,13 +173,13 @@ def test_what_is_on_the_topic_replaces_what_was_only_recorded_here() -> None:
     seen.add(failed("c-1", "outcome_unknown", offset=1), on_topic=False)
     # The same record answered again (its first answer may be lost): the new answer stands.
     assert seen.add(canceled("c-1", offset=1), on_topic=False)
-    entry = seen.get("c-1")
+    entry = seen.get(ACCOUNT, "c-1")
     assert entry is not None and entry.first.type == "strategy.canceled" and not entry.on_topic
     # Another record's answer recorded here does not replace it...
     assert not seen.add(failed("c-1", "already_closed", offset=2), on_topic=False)
     # ...but one read back from the topic does, and then it is final.
     assert seen.add(failed("c-1", "already_closed", offset=3), on_topic=True)
-    entry = seen.get("c-1")
+    entry = seen.get(ACCOUNT, "c-1")
     assert entry is not None and entry.on_topic and entry.first.origin.offset == 3
     assert not seen.add(canceled("c-1", offset=3), on_topic=True)
 
@@ -165,7 +188,7 @@ def test_a_result_read_back_marks_its_entry_as_on_the_topic() -> None:
     seen = window(Clock())
     seen.add(canceled("c-1", offset=4), on_topic=False)
     seen.add(canceled("c-1", offset=4), on_topic=True)
-    entry = seen.get("c-1")
+    entry = seen.get(ACCOUNT, "c-1")
     assert entry is not None and entry.on_topic
 
 
@@ -176,8 +199,8 @@ def test_replacements_do_not_let_the_bookkeeping_grow() -> None:
         # The same record answered again and again: each answer replaces the last.
         seen.add(canceled("same", offset=3, completed_at=T0 + i), on_topic=False)
         clock.now = T0 + i
-    assert len(seen) == 1 and len(seen._heap) <= 2 * len(seen) + 1024
-    entry = seen.get("same")
+    assert len(seen) == 1 and len(seen._order) <= len(seen) + len(seen) // 4 + 1024
+    entry = seen.get(ACCOUNT, "same")
     assert entry is not None and entry.first.completed_at == T0 + 4_999
 
 
@@ -212,7 +235,7 @@ def test_a_full_window_is_invisible_to_the_garbage_collector() -> None:
     gc.collect()
     gc.collect()  # a tuple is untracked once what it holds is: nested ones may take two
     assert len(gc.get_objects()) - before < 100
-    entry = seen.get("c12345")
+    entry = seen.get(ACCOUNT, "c12345")
     assert entry is not None and entry.on_topic
     assert entry.first.origin == RecordAt("cmd", 1, 12345)
     assert entry.first.route == "um_algo" and entry.first.order_status == "CANCELED"

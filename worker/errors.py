@@ -77,6 +77,7 @@ class FailureReason(enum.StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
     ROUTE_RETIRED = "route_retired"
     OUTCOME_UNKNOWN = "outcome_unknown"
+    ID_CONFLICT = "id_conflict"  # the command id was answered for other content: no request
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,34 @@ SWEPT = "strategies.canceled"
 FAILED = "cancel.failed"
 DUPLICATE = "cancel.duplicate"
 _DETAIL_MAX = 2048
+
+FINGERPRINT_BYTES = 16
+
+
+def fingerprint(command: Command) -> bytes:
+    """The command's content fingerprint: the 16-byte BLAKE2b digest of the JSON array
+    ``[account, market, symbol, strategy_id, client_strategy_id, algo_id, client_algo_id,
+    scope]`` (absent fields null), serialized compactly (orjson, no spaces).
+
+    It covers what decides which orders a command cancels, and nothing else: not the
+    command id (the window's key), nor ``issued_at`` (a producer that rebuilds a command
+    to retry it stamps it again, and ``replay --restamp`` moves it), nor ``expires_at`` (a
+    re-drive moves it), nor ``reason``/``source`` (annotations). So a producer retry of a
+    command and its re-drive have the command's fingerprint; a command id reused for other
+    orders has another (the duplicate window answers it ``id_conflict``)."""
+    content = orjson.dumps(
+        [
+            command.account,
+            command.market.value,
+            command.symbol,
+            command.strategy_id,
+            command.client_strategy_id,
+            command.algo_id,
+            command.client_algo_id,
+            command.scope.value if command.scope is not None else None,
+        ]
+    )
+    return hashlib.blake2b(content, digest_size=FINGERPRINT_BYTES).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +90,8 @@ def _common(
         "command_reason": subject.reason if isinstance(subject, Command) else None,
         "command_source": subject.source if isinstance(subject, Command) else None,
         "producer": producer,
+        # Only a valid command has content to fingerprint (an invalid one is never remembered).
+        "fingerprint": fingerprint(subject).hex() if isinstance(subject, Command) else None,
     }
 
 

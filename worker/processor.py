@@ -34,15 +34,20 @@ worker (or, by stopping every member in turn, the group):
   its source offset.
 
 Duplicate commands (with a :class:`~worker.dedup.SeenCommands` window; ``seen`` None turns
-it off): a valid command whose ``command_id`` already has a final result in the window is
-not executed. When the result answers another record (a producer retry, a replay), the
-command gets one ``cancel.duplicate`` event carrying the first result's outcome. When it
-answers this very record (same topic, partition and offset: the record is read again, after
-a restart or by a new group, and its result is already on the results topic), nothing is
-published. A record this process answered whose result has not been read back from the
-results topic yet is answered again: its first answer may not have been made durable.
-Every final result the processor produces is recorded in the window at once. Invalid
-commands are never checked against the window (they get their own ``invalid_command``).
+it off): a valid command whose (``account``, ``command_id``) already has a final result in
+the window is not executed. When that result was for other content (another
+:func:`~worker.events.fingerprint`), the command gets ``cancel.failed``/``id_conflict``,
+no request, and the window keeps the first result. When the result answers another record
+(a producer retry, a replay), the command gets one ``cancel.duplicate`` event carrying the
+first result's outcome. When it answers this very record (same topic, partition and
+offset: the record is read again, after a restart or by a new group, and its result is
+already on the results topic), nothing is published. A record this process answered whose
+result has not been read back from the results topic yet is answered again: its first
+answer may not have been made durable. Every final result the processor produces is
+recorded in the window at once, except refusals (``invalid_command``, ``unknown_account``,
+``unauthorized``, ``id_conflict``: :data:`worker.dedup.REFUSED`), which cost no request
+and are answered again whenever they are read. Invalid commands are never checked against
+the window.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from collections.abc import Callable, Sequence
 from worker import events, metrics, redrive
 from worker.commands import Command, InvalidCommand, decode
 from worker.decisions import Outcome
-from worker.dedup import RecordAt, Seen, SeenCommands
+from worker.dedup import FirstResult, RecordAt, Seen, SeenCommands
 from worker.errors import FailureReason
 from worker.events import Origin
 from worker.executor import CancelExecutor
@@ -168,9 +173,12 @@ class CommandProcessor:
         retry_of: dict[str, object] | None = None
         verified_redrive = False
         if self._seen is not None:
-            seen = self._seen.get(decoded.command_id)
+            seen = self._seen.get(decoded.account, decoded.command_id)
             if seen is not None:
                 first = seen.first
+                fingerprint = events.fingerprint(decoded)
+                if not first.matches(fingerprint):
+                    return self._conflict(record, origin, decoded, first, fingerprint, received_at)
                 if redrive.passes_window(redrives, first.type, first.reason, first.origin):
                     retry_of = redrive.retry_of(
                         redrive.RecordAt(*first.origin), first.reason, first.completed_at
@@ -260,8 +268,54 @@ class CommandProcessor:
         )
         return [self._result(record, event)]
 
+    def _conflict(
+        self,
+        record: InRecord,
+        origin: Origin,
+        command: Command,
+        first: FirstResult,
+        fingerprint: bytes,
+        received_at: int,
+    ) -> Sequence[OutRecord]:
+        """``cancel.failed``/``id_conflict`` for a command whose (account, command id) the
+        window holds for other content: no request, and not remembered (the first result
+        stays the id's). Never a duplicate: that would tell its producer that a command it
+        never sent was answered for it."""
+        at = first.origin
+        detail = (
+            f"command_id {command.command_id} of account {command.account} was already "
+            f"answered ({first.type}) for a command with other content (fingerprint "
+            f"{first.fingerprint.hex() if first.fingerprint else '?'}, this one "
+            f"{fingerprint.hex()}), read at {at.topic}[{at.partition}]@{at.offset}; "
+            "nothing sent"
+        )
+        event = events.failed(
+            command,
+            origin,
+            FailureReason.ID_CONFLICT,
+            detail,
+            0,
+            received_at,
+            self._clock(),
+            hint="use a new command_id for each cancel; a retry must repeat the command as sent",
+        )
+        log.warning(
+            "command id conflict command_id=%s account=%s at %s[%d]@%d: answered at %s[%d]@%d "
+            "for other content; no request sent",
+            command.command_id,
+            command.account,
+            record.topic,
+            record.partition,
+            record.offset,
+            at.topic,
+            at.partition,
+            at.offset,
+        )
+        return [self._result(record, event)]
+
     def _remember(self, event: dict[str, object]) -> None:
-        """Record a final result in the window as soon as it is produced."""
+        """Record a final result in the window as soon as it is produced (a refusal is
+        not remembered: :data:`worker.dedup.REFUSED`)."""
         if self._seen is not None:
             self._seen.add(event, on_topic=False)
 
@@ -352,7 +406,7 @@ class CommandProcessor:
             invalid.command_id,
             invalid.detail,
         )
-        self._remember(event)
+        # Not remembered: an invalid record costs nothing, and must not claim its command id.
         dead = self._deadletter(record, invalid.detail)
         metrics.DEADLETTERS.inc()
         return [dead, self._result(record, event)]
