@@ -249,3 +249,78 @@ async def test_without_a_producers_file_only_an_explicit_opt_out_takes_unsigned_
     (warning,) = [r for r in caplog.records if "not verified" in r.getMessage()]
     assert warning.levelno == logging.WARNING
     assert "any writer of the commands topic" in warning.getMessage()
+
+
+# -- the duplicate window: an id claimed in advance, the same id with other content ----------
+
+
+async def test_an_id_claimed_in_advance_claims_nothing_and_other_content_is_a_conflict(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """The window is keyed on (account, command_id) with the command's fingerprint, and
+    refusals are never remembered: records that cost nothing cannot claim an id, and a
+    command reusing an answered id for other orders is refused, never a duplicate."""
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    victim_order, other_order = sim.seed(
+        [{"account": DESK_B, "kind": "algo", "symbol": "BTCUSDT"}] * 2
+    )
+    (desk_a_order,) = sim.seed([{"account": DESK_A, "kind": "algo", "symbol": "BTCUSDT"}])
+    victim = command(DESK_B, victim_order, command_id="victim-42", symbol="BTCUSDT")
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    async with running_worker(settings):
+        since = sim.last_seq()
+        claims = [
+            orjson.dumps({"command_id": "victim-42"}),  # invalid
+            orjson.dumps(victim | {"account": "no-such-desk"}),  # unknown_account
+        ]
+        await produce(broker.bootstrap, topics.commands, [(b"claim", c) for c in claims])
+        # Unsigned, for desk-b: unauthorized.
+        await _send(broker.bootstrap, topics.commands, [(b"claim", orjson.dumps(victim), [])])
+        refused = events_of(await consume(broker.bootstrap, topics.results, 3))
+        assert [e["reason"] for e in refused] == [
+            "invalid_command",
+            "unknown_account",
+            "unauthorized",
+        ]
+        assert _papi_requests(sim, since) == []
+
+        # The real victim-42 is processed: a request, the order canceled.
+        await produce(
+            broker.bootstrap, topics.commands, [(b"desk-1:BTCUSDT", orjson.dumps(victim))]
+        )
+        answered = events_of(await consume(broker.bootstrap, topics.results, 4))[3]
+        assert answered["type"] == "strategy.canceled" and answered["command_id"] == "victim-42"
+        assert answered["fingerprint"] is not None
+        assert [r for r in sim.requests(since) if r["method"] == "DELETE"]
+
+        # The same id with other content: id_conflict, nothing sent, the other order open.
+        # A producer retry of the command (stamped again): a duplicate, nothing sent.
+        since = sim.last_seq()
+        conflicting = victim | {"algo_id": other_order["algo_id"]}
+        retry = victim | {"issued_at": now_ms()}
+        await produce(
+            broker.bootstrap,
+            topics.commands,
+            [
+                (b"desk-1:BTCUSDT", orjson.dumps(conflicting)),
+                (b"desk-1:BTCUSDT", orjson.dumps(retry)),
+            ],
+        )
+        conflict, duplicate = events_of(await consume(broker.bootstrap, topics.results, 6))[4:]
+        assert _papi_requests(sim, since) == []
+        assert (conflict["type"], conflict["reason"], conflict["attempts"]) == (
+            "cancel.failed",
+            "id_conflict",
+            0,
+        )
+        assert conflict["fingerprint"] != answered["fingerprint"]
+        assert sim.orders()[other_order["algo_id"]]["status"] == "NEW"
+        assert duplicate["type"] == "cancel.duplicate"
+        assert duplicate["fingerprint"] == answered["fingerprint"]
+        assert duplicate["first_result"]["origin"]["offset"] == answered["origin"]["offset"]
+
+        # The same id for another account is another command.
+        mine = command(DESK_A, desk_a_order, command_id="victim-42", symbol="BTCUSDT")
+        await produce(broker.bootstrap, topics.commands, [(b"desk-0:BTCUSDT", orjson.dumps(mine))])
+        theirs = events_of(await consume(broker.bootstrap, topics.results, 7))[6]
+        assert theirs["type"] == "strategy.canceled" and theirs["account"] == DESK_A

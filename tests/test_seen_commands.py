@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import gc
+import re
+import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from worker.dedup import REFUSED, FirstResult, RecordAt, SeenCommands, first_result_of
+from worker.dedup import (
+    ENTRY_BYTES_MAX,
+    REFUSED,
+    WORKER_BASE_BYTES,
+    FirstResult,
+    RecordAt,
+    SeenCommands,
+    first_result_of,
+)
 from worker.settings import Settings, SettingsError
 
 HOUR = 3_600_000
@@ -240,3 +252,78 @@ def test_a_full_window_is_invisible_to_the_garbage_collector() -> None:
     assert entry.first.origin == RecordAt("cmd", 1, 12345)
     assert entry.first.route == "um_algo" and entry.first.order_status == "CANCELED"
     assert len(seen) == 20_000
+
+
+# -- the bound in bytes ---------------------------------------------------------------------
+
+DEPLOYMENT = Path(__file__).parent.parent / "deploy" / "k8s" / "base" / "deployment.yaml"
+_UNITS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "K": 1000, "M": 1000**2, "G": 1000**3}
+
+
+def _quantity(text: str) -> int:
+    number, unit = re.fullmatch(r"([0-9]+)([A-Za-z]*)", text).groups()  # type: ignore[union-attr]
+    return int(number) * (_UNITS[unit] if unit else 1)
+
+
+def _window_peak_bytes_per_entry(entries: int, rounds: int) -> float:
+    """tracemalloc's peak for a window of ``entries`` at its worst, per entry: 64-character
+    ids and accounts; every result recorded here first (not read back), a third of them
+    answered again with another outcome (a replaced entry: its earlier place stays in the
+    queue), ``rounds`` times the window's size recorded, so that the count bound forgets
+    entries all along (the dict then holds dummies and resizes)."""
+    clock = Clock()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        seen = SeenCommands(HOUR, entries, clock=clock)
+        base = tracemalloc.get_traced_memory()[0]
+        fingerprint = bytes(range(16))
+        for i in range(rounds * entries):
+            clock.now = T0 + i // 100
+            at = RecordAt("papi.cancel.commands", 5, 10**12 + i)
+            command_id, account = f"{i:064d}", f"{i % 7:064d}"
+            first = FirstResult(
+                "cancel.failed",
+                "outcome_unknown",
+                "um_conditional",
+                "NEW",
+                at,
+                clock.now,
+                fingerprint,
+            )
+            seen.put(account, command_id, first, on_topic=False)
+            if i % 3 == 0:
+                again = FirstResult(
+                    "strategy.canceled",
+                    None,
+                    "um_conditional",
+                    "CANCELED",
+                    at,
+                    clock.now,
+                    fingerprint,
+                )
+                assert seen.put(account, command_id, again, on_topic=False)
+        assert len(seen) == entries
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return (peak - base) / entries
+
+
+def test_an_entry_costs_at_most_entry_bytes_max() -> None:
+    """Measured where the dict is at its emptiest after a resize (3 x entries just above a
+    power of two: 3 x 43,700 = 131,100 > 2^17), the worst case for the bytes per entry; the
+    cost of ids, accounts and outcomes is the same at any size (fixed-size entries)."""
+    per_entry = _window_peak_bytes_per_entry(43_700, rounds=2)
+    assert ENTRY_BYTES_MAX / 2 < per_entry <= ENTRY_BYTES_MAX, per_entry
+
+
+def test_the_default_window_fits_the_deployment_memory_limit() -> None:
+    """The worst case of the defaults (every entry at its worst, DEDUP_MAX_ENTRIES of them,
+    plus the rest of the worker) within the Deployment's memory limit."""
+    (deployment,) = yaml.safe_load_all(DEPLOYMENT.read_text("utf-8"))
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    limit = _quantity(container["resources"]["limits"]["memory"])
+    worst = WORKER_BASE_BYTES + ENTRY_BYTES_MAX * Settings().dedup_max_entries
+    assert worst <= limit, (worst / 2**20, limit / 2**20)
+    assert _quantity(container["resources"]["requests"]["memory"]) == limit

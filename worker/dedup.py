@@ -85,18 +85,19 @@ REFUSED: frozenset[str] = frozenset(
 """Failures of commands that were refused before any request or rate budget was spent:
 never remembered (see the module docstring)."""
 
-ENTRY_BYTES_MAX: Final = 240
+ENTRY_BYTES_MAX: Final = 340
 """What one entry costs at most, in bytes, whatever its command id (up to 64 characters)
-and account: the key int, the packed value, the dict's slot, the heap's slot (stale items
-of replaced entries included, up to the compaction bound) and the pending set's slot, as
-tracemalloc measures a full window in its worst state (tests/test_seen_commands.py). Times
-``DEDUP_MAX_ENTRIES`` it bounds the window; README, "Duplicate window", gives the figures."""
+and account: the key int (48), the packed value (80), its share of the dict (30 to 120:
+a dict's table is a third to a sixth full after it grows) and of the queue, with the
+earlier places of replaced entries up to the compaction bound and a resize's transient
+copy. tracemalloc measures 324 at the worst point (tests/test_seen_commands.py); 170-190
+for a window filled once. Times ``DEDUP_MAX_ENTRIES`` it bounds the window."""
 
-WORKER_BASE_BYTES: Final = 200 * 1024 * 1024
+WORKER_BASE_BYTES: Final = 160 * 1024 * 1024
 """The peak resident memory of a worker besides its duplicate window (interpreter,
-libraries, Kafka clients, commands in hand, the results read at start, a dict resize's
-transient table), with room to spare: measured by ``python -m tests.bench.window``
-(README, "Duplicate window"). The Deployment's memory limit must hold this plus
+libraries, Kafka clients, commands in hand, a flood of refusals), with room to spare: the
+worker peaks at 85-90 MiB with a few thousand entries (``python -m tests.bench.window``;
+README, "Duplicate window"). The Deployment's memory limit must hold this plus
 ``ENTRY_BYTES_MAX`` times ``DEDUP_MAX_ENTRIES`` (tests/test_seen_commands.py checks the
 manifest)."""
 
