@@ -88,6 +88,7 @@ async def test_odd_records_end_in_results_and_the_worker_goes_on(
     many_headers: Headers = [("trace", None)]  # a null header value in a dead-letter copy too
     many_headers += [(f"h{i:03d}", b"v" * 995) for i in range(900)]  # 900 x 1000 bytes
     header_bytes = 5 + sum(len(n) + len(v or b"") for n, v in many_headers[1:])
+    header_bytes += sum(len(n) + len(v) for n, v in signed(b""))  # the producer's own two
     records: list[tuple[bytes | None, bytes | None, Headers]] = [
         (KEY, orjson.dumps(cmds[0]), [("trace", None), ("b3", b"1")]),  # null header value
         (None, orjson.dumps(cmds[1]), []),  # null key
@@ -108,7 +109,7 @@ async def test_odd_records_end_in_results_and_the_worker_goes_on(
                 signature = signed(value)  # a signed producer's hostile records
                 await (
                     await producer.send(
-                        topics.commands, value, key=key, headers=[*headers, *signature]
+                        topics.commands, value, key=key, headers=[*signature, *headers]
                     )
                 )
         finally:
