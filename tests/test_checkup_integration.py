@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import HMAC_ACCOUNTS, SimControl, fresh_topics, run_cli
+from tests.support import (
+    HMAC_ACCOUNTS,
+    PRODUCERS_FILE_NAME,
+    SimControl,
+    fresh_topics,
+    run_cli,
+    write_producers,
+)
 from worker.kafka_io import ensure_topics
 from worker.tools.devstack import Broker, free_port
 
@@ -42,6 +49,7 @@ def _env(
         f"{W}RESULTS_TOPIC": results,
         f"{W}DEADLETTER_TOPIC": dlq,
         f"{W}ACCOUNTS_FILE": str(accounts_file),
+        f"{W}PRODUCERS_FILE": str(accounts_file.parent / PRODUCERS_FILE_NAME),
         f"{W}PAPI_URL": sim_url,
         f"{W}TIME_URL": f"{sim_url}/fapi/v1/time",
     }
@@ -52,7 +60,8 @@ def _by_name(lines: list[str]) -> dict[str, tuple[str, str]]:
     rows: dict[str, tuple[str, str]] = {}
     for line in lines[:-1]:
         status, rest = line.split(None, 1)
-        for name in sorted({"settings", "broker", "topics", "accounts", "exchange clock"}):
+        names = {"settings", "broker", "topics", "accounts", "producers", "exchange clock"}
+        for name in sorted(names, key=len, reverse=True):
             if rest.startswith(name + " "):
                 rows[name] = (status, rest[len(name) :].strip())
                 break
@@ -75,7 +84,9 @@ def test_everything_passes_with_the_topics_created_and_every_key_known(
     rows = _by_name(lines)
     assert code == 0, "\n".join(lines)
     assert lines[-1] == f"summary: all {len(lines) - 1} checks ok"
-    assert rows["settings"] == ("ok", "loaded: 7 from the environment, the rest defaults")
+    assert rows["settings"] == ("ok", "loaded: 8 from the environment, the rest defaults")
+    assert rows["producers"][0] == "ok" and rows["producers"][1].startswith("1 loaded from ")
+    assert rows["producer tests"] == ("ok", "1 key; may name every account; kill switch allowed")
     assert rows["broker"][0] == "ok"
     assert rows["broker"][1].startswith(f"{broker.bootstrap} (PLAINTEXT) answered in ")
     assert "1 broker, cluster " in rows["broker"][1]
@@ -157,6 +168,7 @@ def test_ping_names_the_account_the_exchange_refuses(
         f'[accounts.stranger]\napi_key = "{STRANGER_KEY}"\nsecret = "{STRANGER_SECRET}"\n'
         f'[accounts.wrong-secret]\napi_key = "{other_key}"\nsecret = "{WRONG_SECRET}"\n'
     )
+    write_producers(tmp_path)
     topics = asyncio.run(fresh_topics(broker.bootstrap, partitions=1))
     env = _env(
         broker.bootstrap, sim.url, accounts, topics.commands, topics.results, topics.deadletter
@@ -234,3 +246,22 @@ def test_a_configuration_error_is_still_exit_code_2(tmp_path: Path) -> None:
         f"configuration error: {W}RECV_WINDOW_MS must be positive: got 0 (allowed: 1..60000); "
         "the exchange refuses a larger recvWindow"
     ]
+
+
+def test_the_producers_check_says_whether_the_worker_would_start(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """No producers file: the worker would not start, and check fails. With the explicit
+    opt-out check passes, saying that any writer of the topic can cancel any account."""
+    tag = _tag()
+    env = _env(broker.bootstrap, sim.url, accounts_file, f"cmd-{tag}", f"res-{tag}", f"dlq-{tag}")
+    del env[f"{W}PRODUCERS_FILE"]
+    code, lines = _check("--create-topics", "--skip", "clock", env=env)
+    status, detail = _by_name(lines)["producers"]
+    assert (code, status) == (1, "FAIL"), "\n".join(lines)
+    assert detail.startswith(f"{W}PRODUCERS_FILE is not set: the worker will not start")
+    code, lines = _check("--skip", "clock", env={**env, f"{W}REQUIRE_SIGNED_COMMANDS": "false"})
+    status, detail = _by_name(lines)["producers"]
+    assert (code, status) == (0, "ok"), "\n".join(lines)
+    assert detail.startswith("WARNING: commands are not verified")
+    assert "any writer of the commands topic can cancel any account" in detail
