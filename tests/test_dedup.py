@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.bench import window
 from tests.support import (
     SimControl,
     Topics,
@@ -152,3 +153,30 @@ def _result_from_another_member(raw: dict[str, Any], topics: Topics) -> dict[str
     strategy = normalize.from_algo_cancel(cmd)
     now = now_ms()
     return events.canceled(cmd, origin, Route.UM_ALGO, strategy, 1, now, now)
+
+
+async def test_a_flood_of_refusals_and_distinct_commands_stays_bounded_and_answered(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """The README's memory measurement (``python -m tests.bench.window``, 1,000,000 refused
+    and 300,000 valid) scaled down to 50,000 refused and 15,000 valid, through one worker
+    process: every command answered, refusals never remembered (the window a restart
+    rebuilds holds exactly the valid commands), peak RSS under the documented bound, and
+    after the restart a repeat is a duplicate and the same id with other content an
+    id_conflict, neither with a request."""
+    try:
+        figures = await window.measure(broker.bootstrap, sim, accounts_file, 65_000)
+    finally:
+        sim.reset()
+    assert (figures.refused, figures.valid, figures.results) == (50_000, 15_000, 65_000)
+    assert figures.by_outcome == {
+        "cancel.failed/invalid_command": 16_667,
+        "cancel.failed/unknown_account": 16_667,
+        "cancel.failed/unauthorized": 16_666,
+        "cancel.failed/not_found": 15_000,
+    }
+    assert figures.peak_rss_mib < figures.bound_mib
+    assert figures.rebuild_results == 65_000 and figures.rebuild_entries == 15_000
+    assert figures.rebuild_peak_rss_mib < figures.bound_mib
+    assert (figures.repeat_type, figures.conflict_reason) == ("cancel.duplicate", "id_conflict")
+    assert figures.requests_after_restart == 0
