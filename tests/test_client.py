@@ -122,7 +122,21 @@ async def test_cancel_returns_typed_results(
         "um_conditional": "done",
     }
 
+    # The same command again (a producer's retry): a duplicate of the first result.
     repeated = await client.request(
+        build_command(
+            "desk-1",
+            "CM",
+            symbol="ETHUSD_PERP",
+            strategy_id=cm["strategy_id"],
+            command_id=done.command_id or "",
+        ),
+        timeout=30,
+    )
+    assert isinstance(repeated, CancelDuplicate)
+    assert repeated.first_result["type"] == "strategy.canceled"
+    # The same id naming another order: a conflict, never a silent duplicate.
+    conflict = await client.request(
         build_command(
             "desk-1",
             "UM",
@@ -132,8 +146,7 @@ async def test_cancel_returns_typed_results(
         ),
         timeout=30,
     )
-    assert isinstance(repeated, CancelDuplicate)
-    assert repeated.first_result["type"] == "strategy.canceled"
+    assert isinstance(conflict, CancelFailed) and conflict.reason == "id_conflict"
 
     # A kill switch retried with one command id: a typed result both times, never a timeout.
     kill_id = f"kill-retry-{swept.command_id}"[:64]
