@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from worker import events
-from worker.commands import Command, Market
+from worker.commands import Command, Market, Scope
 from worker.contracts import load_schema, result_validator
 from worker.events import Origin
 from worker.fit import fit_kill_switch
@@ -33,7 +33,7 @@ def _event(canceled: int, still_open: int) -> dict[str, Any]:
         market=Market.UM,
         symbol="BTCUSDT",
         issued_at=1_795_260_000_000,
-        scope="symbol",
+        scope=Scope("symbol"),
     )
     origin = Origin("cmd", 0, 1, b"desk-a:BTCUSDT")
     return events.strategies_canceled(command, origin, report, 3, 1, 2)
