@@ -75,12 +75,17 @@ class AccountsError(ValueError):
     """The accounts file is missing, malformed or names a key that cannot be loaded."""
 
 
-def _unknown(what: str, name: str, known: Iterable[str]) -> AccountsError:
-    """The error for a name that is not in ``known`` (only names are quoted, never values)."""
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """The hint for a name that is not in ``known``: the closest one, or the list (only
+    names are quoted, never values). Shared by the accounts and producers files."""
     known = list(known)
     close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
-    return AccountsError(f"{what} {name!r}{hint}")
+    return f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+
+
+def _unknown(what: str, name: str, known: Iterable[str]) -> AccountsError:
+    """The error for a name that is not in ``known``."""
+    return AccountsError(f"{what} {name!r}{did_you_mean(name, known)}")
 
 
 @dataclass(frozen=True)

@@ -763,6 +763,16 @@ class RateGovernor:
             log.warning("the exchange answered the probe: sending again, ramping up")
         self._wake()
 
+    def _stop_end(self, now: int, wanted_ms: int | None, cap_ms: int) -> tuple[int, bool]:
+        """When a stop the exchange asked for ends, and whether that is a guess: a length
+        that cannot be read, or one past ``cap_ms``, is the cap, and then one request must
+        probe before traffic reopens."""
+        guessed = wanted_ms is None or wanted_ms > cap_ms
+        if guessed:
+            self._probe = "needed"
+            self.stats.capped_stops += 1
+        return now + (cap_ms if guessed or wanted_ms is None else wanted_ms), guessed
+
     def _ban(self, now: int, retry_after: str | None, banned: re.Match[str] | None) -> None:
         if banned is not None:
             said = ascii_int(banned.group(1))
@@ -772,11 +782,8 @@ class RateGovernor:
             wanted = None if seconds is None else seconds * 1000
         else:
             wanted = self._s.default_ban_ms
-        guessed = wanted is None or wanted > self._s.max_ban_ms
-        until = now + (self._s.max_ban_ms if guessed or wanted is None else wanted)
+        until, guessed = self._stop_end(now, wanted, self._s.max_ban_ms)
         if guessed:
-            self._probe = "needed"
-            self.stats.capped_stops += 1
             log.error(
                 "IP ban from the exchange for %s: capped at %.1fs, then one request probes",
                 "an unreadable time" if wanted is None else f"{wanted / 1000:.0f}s",
@@ -799,11 +806,8 @@ class RateGovernor:
             wanted: int | None = self._s.default_retry_after_ms
         else:
             wanted = None if seconds is None else seconds * 1000
-        guessed = wanted is None or wanted > self._s.max_pause_ms
-        until = now + (self._s.max_pause_ms if guessed or wanted is None else wanted)
+        until, guessed = self._stop_end(now, wanted, self._s.max_pause_ms)
         if guessed:
-            self._probe = "needed"
-            self.stats.capped_stops += 1
             log.warning(
                 "429 with Retry-After %s: pause capped at %.1fs, then one request probes",
                 "unreadable" if wanted is None else f"{wanted / 1000:.0f}s",

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import os
 import re
 import tomllib
@@ -50,6 +49,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from worker.accounts import did_you_mean
 
 PRODUCER_HEADER = "x-producer"
 SIGNATURE_HEADER = "x-signature"
@@ -89,10 +90,7 @@ class ProducerKeyError(ValueError):
 
 
 def _unknown(what: str, name: str, known: Iterable[str]) -> ProducersError:
-    known = list(known)
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
-    return ProducersError(f"{what} {name!r}{hint}")
+    return ProducersError(f"{what} {name!r}{did_you_mean(name, known)}")
 
 
 @dataclass(frozen=True)
