@@ -3,18 +3,23 @@
 them, until SIGTERM; then print one JSON line: scrapes answered 200, failed, and their
 latency (p50/p99/max, ms).
 
+The scraper shares the machine's cores with what it measures (Prometheus would not), so it
+is kept light: the standard library's ``http.client``, one short-lived connection a scrape,
+no client object to build each time.
+
 The bench runs it beside the ``worker_scraped`` system (``tests.bench.main``): the worker
 under a scrape storm, measured side by side with the plain ``worker``.
 """
 
 from __future__ import annotations
 
+import http.client
 import signal
 import statistics
 import sys
 import time
+import urllib.parse
 
-import httpx
 import orjson
 
 READY = "scrape storm started"
@@ -22,6 +27,7 @@ READY = "scrape storm started"
 
 def main(argv: list[str]) -> None:
     url, rate = argv[0], float(argv[1])
+    target = urllib.parse.urlsplit(url)
     stop = False
 
     def on_term(_signum: int, _frame: object) -> None:
@@ -40,12 +46,17 @@ def main(argv: list[str]) -> None:
         if delay > 0:
             time.sleep(delay)
         t0 = time.perf_counter()
+        conn = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port, timeout=5.0)
         try:
-            r = httpx.get(url, timeout=5.0)
-            ok += r.status_code == 200
-            failed += r.status_code != 200
-        except httpx.HTTPError:
+            conn.request("GET", target.path or "/")
+            response = conn.getresponse()
+            response.read()
+            ok += response.status == 200
+            failed += response.status != 200
+        except (OSError, http.client.HTTPException):
             failed += 1
+        finally:
+            conn.close()
         took_ms.append((time.perf_counter() - t0) * 1000)
     took_ms.sort()
     summary = {
