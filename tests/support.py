@@ -221,12 +221,10 @@ async def produce(
         await producer.stop()
 
 
-async def consume(
-    bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0, *, validate: bool = True
-) -> list[Any]:
-    """Read records from the start of ``topic`` until ``expected`` arrived (or time runs out)."""
-    # No group: the consumer reads every partition of the topic from the beginning.
-    consumer = AIOKafkaConsumer(
+def topic_consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
+    """A reader of every partition of ``topic`` from its beginning, ``read_committed``,
+    without a group (nothing committed), taking records of any size the worker writes."""
+    return AIOKafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest",
@@ -234,6 +232,13 @@ async def consume(
         isolation_level="read_committed",
         max_partition_fetch_bytes=MAX_RECORD_BYTES,
     )
+
+
+async def consume(
+    bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0, *, validate: bool = True
+) -> list[Any]:
+    """Read records from the start of ``topic`` until ``expected`` arrived (or time runs out)."""
+    consumer = topic_consumer(bootstrap, topic)
     await consumer.start()
     out: list[Any] = []
     try:
@@ -328,14 +333,7 @@ async def read_to_end(
     """Every committed record of ``topic`` (read_committed), up to its end as of now; with
     ``validate``, every record the worker wrote there (:func:`written_by_the_worker`) is
     checked against the result schema."""
-    consumer = AIOKafkaConsumer(  # no group: every partition of the topic is assigned
-        topic,
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=MAX_RECORD_BYTES,
-    )
+    consumer = topic_consumer(bootstrap, topic)
     await consumer.start()
     out: list[Any] = []
     deadline = time.monotonic() + timeout_s

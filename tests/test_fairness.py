@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from tests.support import (
     SimControl,
@@ -34,6 +34,7 @@ from tests.support import (
     produce,
     running_worker,
     signed,
+    topic_consumer,
     worker_settings,
 )
 from worker.tools.devstack import Broker
@@ -118,13 +119,7 @@ async def _results_of(
     bootstrap: str, topic: str, ids: set[str], timeout_s: float
 ) -> dict[str, tuple[dict[str, Any], int]]:
     """Each of ``ids``' result and its record timestamp, as they come."""
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        isolation_level="read_committed",
-    )
+    consumer = topic_consumer(bootstrap, topic)
     await consumer.start()
     found: dict[str, tuple[dict[str, Any], int]] = {}
     try:

@@ -22,7 +22,7 @@ from tests.test_fit import _strategy
 from worker import events, metrics, redrive
 from worker.commands import Command, decode
 from worker.contracts import result_validator
-from worker.dedup import FirstResult, RecordAt, SeenCommands
+from worker.dedup import FirstResult, SeenCommands
 from worker.errors import FailureReason
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
 from worker.papi import PapiClient
@@ -35,6 +35,7 @@ from worker.processor import (
     key_stand_in,
     record_bytes,
 )
+from worker.redrive import RecordAt
 from worker.routes import Route
 from worker.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept
 from worker.timeutil import now_ms

@@ -6,8 +6,9 @@ import pytest
 
 from worker import redrive
 from worker.contracts import load_schema
-from worker.dedup import FirstResult, RecordAt, SeenCommands
+from worker.dedup import FirstResult, SeenCommands
 from worker.errors import FailureReason
+from worker.redrive import RecordAt
 from worker.timeutil import now_ms
 
 

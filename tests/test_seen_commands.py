@@ -16,10 +16,10 @@ from worker.dedup import (
     REFUSED,
     WORKER_BASE_BYTES,
     FirstResult,
-    RecordAt,
     SeenCommands,
     first_result_of,
 )
+from worker.redrive import RecordAt
 from worker.settings import Settings, SettingsError
 
 HOUR = 3_600_000

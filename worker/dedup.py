@@ -63,6 +63,7 @@ from worker import redrive
 from worker.contracts import load_schema
 from worker.errors import FailureReason
 from worker.kafka_io import security_options
+from worker.redrive import RecordAt
 from worker.routes import Route
 from worker.settings import Settings
 from worker.timeutil import now_ms
@@ -119,14 +120,6 @@ FINGERPRINT_BYTES: Final = 16
 _NO_FINGERPRINT: Final = bytes(FINGERPRINT_BYTES)  # packed for an entry without one
 
 
-class RecordAt(NamedTuple):
-    """Where a command was read: topic, partition, offset."""
-
-    topic: str
-    partition: int
-    offset: int
-
-
 @dataclass(frozen=True, slots=True)
 class FirstResult:
     """The outcome of the first final result for a command.
@@ -155,11 +148,7 @@ class FirstResult:
             "reason": self.reason,
             "route": self.route,
             "order_status": self.order_status,
-            "origin": {
-                "topic": self.origin.topic,
-                "partition": self.origin.partition,
-                "offset": self.origin.offset,
-            },
+            "origin": self.origin.as_dict(),
             "completed_at": self.completed_at,
         }
 

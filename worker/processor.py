@@ -59,7 +59,7 @@ from collections.abc import Callable, Sequence
 from worker import events, metrics, redrive
 from worker.commands import Command, InvalidCommand, decode
 from worker.decisions import Outcome
-from worker.dedup import FirstResult, RecordAt, Seen, SeenCommands
+from worker.dedup import FirstResult, Seen, SeenCommands
 from worker.errors import FailureReason
 from worker.events import Origin
 from worker.executor import CancelExecutor
@@ -180,9 +180,7 @@ class CommandProcessor:
                 if not first.matches(fingerprint):
                     return self._conflict(record, origin, decoded, first, fingerprint, received_at)
                 if redrive.passes_window(redrives, first.type, first.reason, first.origin):
-                    retry_of = redrive.retry_of(
-                        redrive.RecordAt(*first.origin), first.reason, first.completed_at
-                    )
+                    retry_of = redrive.retry_of(first.origin, first.reason, first.completed_at)
                     verified_redrive = True
                     log.info(
                         "command_id=%s at %s[%d]@%d re-drives its %s/%s at %s[%d]@%d",
@@ -229,7 +227,7 @@ class CommandProcessor:
         """What to publish for a command whose id is in the window (see the module
         docstring), or None when the record is to be processed."""
         first = seen.first
-        if first.origin == RecordAt(record.topic, record.partition, record.offset):
+        if first.origin == redrive.RecordAt(record.topic, record.partition, record.offset):
             if not seen.on_topic:
                 log.info(
                     "command_id=%s at %s[%d]@%d read again before its result was read back "

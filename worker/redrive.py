@@ -149,17 +149,16 @@ def retry_of(origin: RecordAt, reason: str | None, completed_at: int | None) -> 
     }
 
 
-def retried_origin(event: Mapping[str, Any]) -> RecordAt | None:
-    """Where the failure a result retries was read (its ``retry_of.origin``), or None."""
-    retried = event.get("retry_of")
-    if not isinstance(retried, Mapping):
-        return None
-    origin = retried.get("origin")
+def origin_of(origin: object) -> RecordAt | None:
+    """An event's ``origin`` object as a :class:`RecordAt`, or None when it is not one (a
+    topic that could not stand in a :data:`REDRIVE_OF` header included)."""
     if not isinstance(origin, Mapping):
         return None
     topic, partition, offset = origin.get("topic"), origin.get("partition"), origin.get("offset")
     if (
         not isinstance(topic, str)
+        or not topic
+        or ":" in topic
         or type(partition) is not int
         or type(offset) is not int
         or partition < 0
@@ -167,6 +166,12 @@ def retried_origin(event: Mapping[str, Any]) -> RecordAt | None:
     ):
         return None
     return RecordAt(topic, partition, offset)
+
+
+def retried_origin(event: Mapping[str, Any]) -> RecordAt | None:
+    """Where the failure a result retries was read (its ``retry_of.origin``), or None."""
+    retried = event.get("retry_of")
+    return origin_of(retried.get("origin")) if isinstance(retried, Mapping) else None
 
 
 def redrive_value(

@@ -340,17 +340,11 @@ def _last_result(event: Mapping[str, Any]) -> LastResult | None:
     if kind not in FINAL_RESULT_TYPES:
         return None
     reason = event.get("reason") if kind == "cancel.failed" else None
-    origin = event.get("origin")
-    at: redrive.RecordAt | None = None
-    if isinstance(origin, Mapping):
-        at = redrive.parse_record_at(
-            f"{origin.get('topic')}:{origin.get('partition')}:{origin.get('offset')}"
-        )
     completed = event.get("completed_at")
     return LastResult(
         str(kind),
         reason if isinstance(reason, str) else None,
-        at,
+        redrive.origin_of(event.get("origin")),
         completed if type(completed) is int else 0,
     )
 
@@ -478,17 +472,17 @@ class _Plan:
         self._sent_ids: set[str] = set()
 
     def _redrive(
-        self, command: dict[str, Any], last: LastResult, now: int
+        self, command: dict[str, Any], last: LastResult, origin: redrive.RecordAt, now: int
     ) -> tuple[bytes, str, Headers]:
-        """A re-drive of ``command``, whose latest result ``last`` is a selected failure:
-        the value to send, the dry run's line and the re-drive headers."""
+        """A re-drive of ``command``, whose latest result ``last`` is a selected failure of
+        the command read at ``origin``: the value to send, the dry run's line and the
+        re-drive headers."""
         self._summary.redriven += 1
         expires_in_ms = self._request.expires_in_ms
         value = orjson.dumps(redrive.redrive_value(command, now, expires_in_ms))
         action = f"re-drive (last result {last.describe()})"
         if "expires_at" in command or expires_in_ms is not None:
             action += ", expires_at moved"
-        origin = last.origin if last.origin is not None else redrive.RecordAt("", 0, 0)
         extra: Headers = [
             (redrive.REDRIVE_OF, origin.header()),
             (redrive.REDRIVE_REASON, (last.reason or "").encode()),
@@ -516,10 +510,11 @@ class _Plan:
         if not isinstance(command_id, str):
             command_id = None
         last = self._processed.get(command_id) if command_id is not None else None
-        redrives = (
-            last is not None
-            and last.origin is not None
-            and redrive.may_redrive(last.type, last.reason, self._reasons)
+        # Where the failure to re-drive was read, when the latest result is one selected.
+        target = (
+            last.origin
+            if last is not None and redrive.may_redrive(last.type, last.reason, self._reasons)
+            else None
         )
         publish, action = True, "publish"
         extra: Headers = []
@@ -532,8 +527,8 @@ class _Plan:
         elif request.selects_processed and command_id in self._sent_ids:
             summary.skipped_repeated += 1
             publish, action = False, "skip (command_id already replayed in this run)"
-        elif redrives and command is not None and last is not None:
-            value, action, extra = self._redrive(command, last, now)
+        elif target is not None and command is not None and last is not None:
+            value, action, extra = self._redrive(command, last, target, now)
         elif request.selects_processed and last is not None:
             summary.skipped_processed += 1
             publish, action = False, _skip_processed(last)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from tests.bench.measure import peak_rss_mb
 from tests.support import (
@@ -47,12 +47,12 @@ from tests.support import (
     cancel_requests,
     fresh_topics,
     signed,
+    topic_consumer,
     worker_env,
     worker_settings,
     write_accounts,
 )
 from worker.dedup import ENTRY_BYTES_MAX, WORKER_BASE_BYTES
-from worker.kafka_io import MAX_RECORD_BYTES
 from worker.settings import Settings
 from worker.timeutil import now_ms
 from worker.tools.devstack import Process, cli_argv, start_broker, start_sim
@@ -221,24 +221,13 @@ async def measure(
     )
 
 
-def _consumer(bootstrap: str, topic: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_partition_fetch_bytes=MAX_RECORD_BYTES,
-    )
-
-
 async def _run_stream(
     bootstrap: str, topics: Topics, total: int, worker: Process, progress: bool
 ) -> dict[str, Any]:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_batch_size=512 * 1024
     )
-    consumer = _consumer(bootstrap, topics.results)
+    consumer = topic_consumer(bootstrap, topics.results)
     await producer.start()
     await consumer.start()
     by_outcome: dict[str, int] = {}
@@ -293,7 +282,7 @@ async def _produce_and_wait(
     bootstrap: str, topics: Topics, commands: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Publish ``commands`` (signed) and return their results, in the commands' order."""
-    consumer = _consumer(bootstrap, topics.results)
+    consumer = topic_consumer(bootstrap, topics.results)
     await consumer.start()
     try:
         while not consumer.assignment():
