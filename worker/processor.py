@@ -69,6 +69,29 @@ from worker.producers import PRODUCER_HEADER, Producer, Producers, Refusal
 
 log = logging.getLogger(__name__)
 
+# Header names (schemas/asyncapi.yaml documents them; tests/test_asyncapi.py holds both equal).
+TYPE_HEADER = "type"
+"""Every result record's header: the event's ``type``."""
+SOURCE_TOPIC_HEADER = "x-source-topic"
+SOURCE_PARTITION_HEADER = "x-source-partition"
+SOURCE_OFFSET_HEADER = "x-source-offset"
+ERROR_HEADER = "x-error"
+NULL_VALUE_HEADER = "x-null-value"
+KEY_TRUNCATED_FROM_HEADER = "x-key-truncated-from"
+TRUNCATED_FROM_HEADER = "x-truncated-from"
+HEADERS_DROPPED_HEADER = "x-headers-dropped"
+DEADLETTER_HEADERS = (
+    SOURCE_TOPIC_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_OFFSET_HEADER,
+    ERROR_HEADER,
+    NULL_VALUE_HEADER,
+    KEY_TRUNCATED_FROM_HEADER,
+    TRUNCATED_FROM_HEADER,
+    HEADERS_DROPPED_HEADER,
+)
+"""The headers the worker adds to a dead-letter copy (the record's own headers follow)."""
+
 MAX_KEY_BYTES = 4096
 """A longer record key is refused (and replaced by a stand-in where it is published)."""
 MAX_HEADER_BYTES = 64 * 1024
@@ -417,18 +440,18 @@ class CommandProcessor:
         offset)."""
         key = self._key(record)
         own: list[Header] = [
-            ("x-source-topic", record.topic.encode()),
-            ("x-source-partition", str(record.partition).encode()),
-            ("x-source-offset", str(record.offset).encode()),
-            ("x-error", detail.encode("utf-8", errors="replace")[:_ERROR_MAX]),
-            ("x-null-value", b"1" if record.value is None else b"0"),
+            (SOURCE_TOPIC_HEADER, record.topic.encode()),
+            (SOURCE_PARTITION_HEADER, str(record.partition).encode()),
+            (SOURCE_OFFSET_HEADER, str(record.offset).encode()),
+            (ERROR_HEADER, detail.encode("utf-8", errors="replace")[:_ERROR_MAX]),
+            (NULL_VALUE_HEADER, b"1" if record.value is None else b"0"),
         ]
         if record.key is not None and key != record.key:
-            own.append(("x-key-truncated-from", str(len(record.key)).encode()))
+            own.append((KEY_TRUNCATED_FROM_HEADER, str(len(record.key)).encode()))
         # Room for the markers that may still be added, at their largest.
         markers = sum(
             HEADER_OVERHEAD + header_bytes(name, b"9" * _NUMBER_MAX)
-            for name in ("x-truncated-from", "x-headers-dropped")
+            for name in (TRUNCATED_FROM_HEADER, HEADERS_DROPPED_HEADER)
         )
         room = (
             self._deadletter_max_bytes
@@ -449,16 +472,16 @@ class CommandProcessor:
         raw = record.value if record.value is not None else b""
         truncated: tuple[Header, ...] = ()
         if len(raw) > room:
-            truncated = (("x-truncated-from", str(len(raw)).encode()),)
+            truncated = ((TRUNCATED_FROM_HEADER, str(len(raw)).encode()),)
             raw = raw[: max(room, 0)]
         if dropped:
-            own.append(("x-headers-dropped", str(dropped).encode()))
+            own.append((HEADERS_DROPPED_HEADER, str(dropped).encode()))
         return OutRecord(self._deadletter_topic, key, raw, (*truncated, *kept, *own))
 
     def _result(self, record: InRecord, event: dict[str, object]) -> OutRecord:
         event["producer"] = self._producer_of(record)
         metrics.RESULTS.labels(str(event["type"]), str(event.get("reason", ""))).inc()
-        headers: tuple[Header, ...] = (("type", str(event["type"]).encode()),)
+        headers: tuple[Header, ...] = ((TYPE_HEADER, str(event["type"]).encode()),)
         key = self._key(record)
         if event["type"] == events.SWEPT:
             # The exchange decides how many orders a kill switch lists: the result is kept
@@ -523,7 +546,7 @@ class CommandProcessor:
             self._results_topic,
             self._key(record),
             events.serialize(event),
-            (("type", events.FAILED.encode()),),
+            ((TYPE_HEADER, events.FAILED.encode()),),
         )
         return [dead, result]
 

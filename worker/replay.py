@@ -59,6 +59,7 @@ from aiokafka.errors import KafkaError
 
 from worker import redrive
 from worker.kafka_io import make_producer, security_options
+from worker.processor import TRUNCATED_FROM_HEADER
 from worker.producers import ProducerKeyError, Signer, without_signature
 from worker.settings import Settings
 from worker.timeutil import now_ms
@@ -550,7 +551,7 @@ class _Plan:
             summary.selected += 1
             if command_id is not None:
                 self._sent_ids.add(command_id)
-            if any(k == "x-truncated-from" for k, _ in headers):
+            if any(k == TRUNCATED_FROM_HEADER for k, _ in headers):
                 action += " (a truncated dead-letter copy: the whole record is at x-source-*)"
             headers = self._signed(record, _copy_headers(record, headers, now, extra), value)
         planned = PlannedRecord(
