@@ -4,7 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-KAFKA_JARS := deploy/kafka/target/libs/.complete
+# The Kafka releases the broker tests run on (worker/tools/devstack.py KAFKA_VERSIONS; the
+# first is the default broker), each resolved by Maven into deploy/kafka/target/<version>/libs.
+KAFKA_VERSIONS := 3.9.1 4.4.0
+KAFKA_JARS := $(foreach v,$(KAFKA_VERSIONS),deploy/kafka/target/$(v)/libs/.complete)
 PYTEST_ARGS ?=
 
 .PHONY: setup demo dev test lint typecheck unit bench bench-quick clean kafka-start kafka-stop \
@@ -18,8 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-$(KAFKA_JARS): deploy/kafka/pom.xml
-	deploy/kafka/kafka.sh fetch
+deploy/kafka/target/%/libs/.complete: deploy/kafka/pom.xml
+	deploy/kafka/kafka.sh fetch --version $*
 
 # The Kubernetes kit's validator (tests/k8s_validate.py): kustomize, built with Go from its
 # module at a pinned version into .venv/bin (about 40 s once, then cached), and the strict

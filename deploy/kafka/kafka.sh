@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
-# Single-node Apache Kafka (KRaft) on loopback, from jars that Maven resolves.
+# Apache Kafka (KRaft) on loopback, from jars that Maven resolves: a single node by default,
+# or one node of a cluster whose nodes are all brokers and controllers.
 #
-#   kafka.sh fetch                       resolve the pinned broker jars (deploy/kafka/pom.xml)
-#   kafka.sh start  [--port P] [--controller-port C] [--data-dir D] [--timeout S]
+#   kafka.sh fetch  [--version V]        resolve a pinned broker's jars (deploy/kafka/pom.xml)
+#   kafka.sh start  [--version V] [--port P] [--controller-port C] [--data-dir D] [--timeout S]
 #                   [--extra-config F] [--format-arg A]...
+#                   [--node-id N --voters ID@HOST:PORT,... --cluster-id ID]
 #   kafka.sh stop   [--data-dir D]
 #   kafka.sh status [--data-dir D]
+#   kafka.sh versions                    the versions the project tests (the first: default)
 #
-# `start` formats KRaft storage on first use, launches the broker in the background,
-# and returns only once the broker accepts connections and has logged that it started.
-# The pid, server.properties and broker log live in the data dir, so several brokers
-# (one per test session, say) can run side by side with different dirs and ports.
+# --version: a Kafka release (3.9.1 unless KAFKA_VERSION says otherwise); its jars go to
+# target/<version>/libs. `start` formats KRaft storage on first use, launches the broker in
+# the background, and returns only once the broker accepts connections and has logged that
+# it started. The pid, server.properties and broker log live in the data dir, so several
+# brokers (one per test session, say) can run side by side with different dirs and ports.
 # --extra-config appends a properties file to the generated configuration (a later key
 # overrides an earlier one: e.g. more listeners); --format-arg passes an argument to the
-# storage format on first start (e.g. --add-scram for SCRAM users).
+# storage format on first start (e.g. --add-scram for SCRAM users). A cluster's nodes are
+# started side by side (each returns once the quorum has formed and it has started), with
+# their own --node-id and ports, the same --voters (every node's controller) and the same
+# --cluster-id.
 # Environment: KAFKA_HEAP (max heap, 512m), KAFKA_JVM_OPTS (more JVM options, e.g.
 # "-Xlog:gc,safepoint:file=/tmp/gc.log:uptimemillis" to see the broker's pauses).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-LIBS="$HERE/target/libs"
+VERSIONS="3.9.1 4.4.0"
+VERSION="${KAFKA_VERSION:-${VERSIONS%% *}}"
+NODE_ID=1
+VOTERS=""
+CLUSTER_ID=""
 PORT="${KAFKA_PORT:-19092}"
 CPORT="${KAFKA_CONTROLLER_PORT:-19093}"
 DATA="${KAFKA_DATA_DIR:-$HERE/../../.local/kafka}"
@@ -31,6 +42,10 @@ HEAP="${KAFKA_HEAP:-512m}"
 cmd="${1:-}"; shift || true
 while [ $# -gt 0 ]; do
   case "$1" in
+    --version) VERSION="$2"; shift 2;;
+    --node-id) NODE_ID="$2"; shift 2;;
+    --voters) VOTERS="$2"; shift 2;;
+    --cluster-id) CLUSTER_ID="$2"; shift 2;;
     --port) PORT="$2"; shift 2;;
     --controller-port) CPORT="$2"; shift 2;;
     --data-dir) DATA="$2"; shift 2;;
@@ -43,11 +58,22 @@ done
 
 log() { echo "kafka.sh: $*" >&2; }
 
+case "$VERSION" in
+  [0-9].*|[0-9][0-9].*) ;;
+  *) log "not a Kafka version: $VERSION"; exit 2;;
+esac
+LIBS="$HERE/target/$VERSION/libs"
+MAJOR="${VERSION%%.*}"
+VOTERS="${VOTERS:-$NODE_ID@127.0.0.1:$CPORT}"
+
 fetch() {
   if [ -f "$LIBS/.complete" ]; then return 0; fi
-  log "resolving Apache Kafka jars with Maven (once)"
-  mvn -q -B -f "$HERE/pom.xml" dependency:copy-dependencies \
-      -DoutputDirectory="$LIBS" -DincludeScope=runtime
+  log "resolving Apache Kafka $VERSION jars with Maven (once)"
+  # Kafka 4 logs through Log4j 2 (the distribution's backend); 3.x through reload4j.
+  local profile=log4j1
+  if [ "$MAJOR" -ge 4 ]; then profile=log4j2; fi
+  mvn -q -B -f "$HERE/pom.xml" -P "$profile" -Dkafka.version="$VERSION" \
+      dependency:copy-dependencies -DoutputDirectory="$LIBS" -DincludeScope=runtime
   touch "$LIBS/.complete"
 }
 
@@ -56,8 +82,8 @@ java_cmd() {
   local log4j="$1"; shift
   # shellcheck disable=SC2086  # KAFKA_JVM_OPTS is a list of options
   exec java -Xms128m -Xmx"$HEAP" -XX:+UseG1GC -Djava.awt.headless=true ${KAFKA_JVM_OPTS:-} \
-       -Dlog4j.configuration="file:$log4j" -Dkafka.logs.dir="$DATA/logs" \
-       -cp "$LIBS/*" "$@"
+       -Dlog4j.configuration="file:$log4j" -Dlog4j2.configurationFile="$log4j" \
+       -Dkafka.logs.dir="$DATA/logs" -cp "$LIBS/*" "$@"
 }
 
 is_running() {
@@ -68,8 +94,8 @@ write_config() {
   mkdir -p "$DATA/logs" "$DATA/kraft"
   cat > "$DATA/server.properties" <<PROPS
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$CPORT
+node.id=$NODE_ID
+controller.quorum.voters=$VOTERS
 listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
 advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
 controller.listener.names=CONTROLLER
@@ -92,16 +118,41 @@ num.io.threads=2
 log.retention.hours=24
 PROPS
   if [ -n "$EXTRA" ]; then cat "$EXTRA" >> "$DATA/server.properties"; fi
-  cat > "$DATA/log4j.properties" <<PROPS
+  # The broker log: warnings, start-up, and the version and features that run (Kafka 3.x
+  # says "Kafka version: V"; both say the metadata.version and transaction.version).
+  if [ "$MAJOR" -ge 4 ]; then
+    cat > "$DATA/log4j.properties" <<PROPS
+status=warn
+appender.file.type=File
+appender.file.name=file
+appender.file.fileName=$DATA/logs/broker.log
+appender.file.layout.type=PatternLayout
+appender.file.layout.pattern=[%d] %p %m (%c)%n
+rootLogger.level=WARN
+rootLogger.appenderRef.file.ref=file
+logger.started.name=kafka.server.BrokerServer
+logger.started.level=INFO
+logger.main.name=kafka.Kafka\$
+logger.main.level=INFO
+logger.version.name=org.apache.kafka.common.utils.AppInfoParser
+logger.version.level=INFO
+logger.features.name=org.apache.kafka.controller.FeatureControlManager
+logger.features.level=INFO
+PROPS
+  else
+    cat > "$DATA/log4j.properties" <<PROPS
 log4j.rootLogger=WARN, file
 log4j.logger.kafka.server.KafkaServer=INFO
 log4j.logger.kafka.server.BrokerServer=INFO
 log4j.logger.kafka.Kafka\$=INFO
+log4j.logger.org.apache.kafka.common.utils.AppInfoParser=INFO
+log4j.logger.org.apache.kafka.controller.FeatureControlManager=INFO
 log4j.appender.file=org.apache.log4j.FileAppender
 log4j.appender.file.File=$DATA/logs/broker.log
 log4j.appender.file.layout=org.apache.log4j.PatternLayout
 log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
 PROPS
+  fi
 }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -111,7 +162,10 @@ start() {
   if is_running; then log "already running (pid $(cat "$DATA/broker.pid"))"; return 0; fi
   write_config
   if [ ! -f "$DATA/kraft/meta.properties" ]; then
-    local cluster; cluster="$(java_cmd "$DATA/log4j.properties" kafka.tools.StorageTool random-uuid)"
+    local cluster="$CLUSTER_ID"
+    if [ -z "$cluster" ]; then
+      cluster="$(java_cmd "$DATA/log4j.properties" kafka.tools.StorageTool random-uuid)"
+    fi
     (java_cmd "$DATA/log4j.properties" kafka.tools.StorageTool format \
         -t "$cluster" -c "$DATA/server.properties" --ignore-formatted \
         ${FORMAT_ARGS[@]+"${FORMAT_ARGS[@]}"} >/dev/null)
@@ -132,7 +186,7 @@ start() {
     fi
     sleep 0.1; waited=$((waited + 1))
   done
-  log "broker ready on 127.0.0.1:$PORT (pid $(cat "$DATA/broker.pid"), data $DATA)"
+  log "Kafka $VERSION ready on 127.0.0.1:$PORT (node $NODE_ID, pid $(cat "$DATA/broker.pid"), data $DATA)"
 }
 
 stop() {
@@ -149,6 +203,7 @@ case "$cmd" in
   fetch) fetch;;
   start) start;;
   stop) stop;;
+  versions) echo "$VERSIONS";;
   status) if is_running; then echo "running pid $(cat "$DATA/broker.pid")"; else echo "stopped"; exit 1; fi;;
-  *) sed -n '2,12p' "$0" >&2; exit 2;;
+  *) sed -n '2,11p' "$0" >&2; exit 2;;
 esac
