@@ -161,11 +161,11 @@ def test_errors_without_an_answer_split_on_whether_the_request_left() -> None:
     assert not late.sent and not late.retryable and not late.ambiguous
 
 
-def test_readme_taxonomy_table_matches_the_code() -> None:
-    readme = (REPO / "README.md").read_text()
-    assert taxonomy_markdown() in readme
+def test_docs_taxonomy_table_matches_the_code() -> None:
+    page = (REPO / "docs" / "exchange.md").read_text()
+    assert taxonomy_markdown() in page
     assert len(TAXONOMY) == len(
-        re.findall(r"^\| .+ \| (retryable|terminal|ambiguous) \|", readme, re.MULTILINE)
+        re.findall(r"^\| .+ \| (retryable|terminal|ambiguous) \|", page, re.MULTILINE)
     )
 
 

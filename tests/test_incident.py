@@ -1,5 +1,5 @@
 """The bad day, end to end: an exchange incident shorter than the cancels' deadline costs
-latency, not cancels; one longer than it fails them, and the README's runbook, run as its
+latency, not cancels; one longer than it fails them, and the runbook (docs/replay.md), run as its
 commands are written, re-drives them until every order is canceled at the exchange.
 
 Real parts: the session's Kafka broker and PAPI simulator process, the worker in this event
@@ -33,17 +33,17 @@ from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SINCE_IN_README = "2026-05-01T09:00:00Z"
-UNTIL_IN_README = "2026-05-01T09:30:00Z"
+RUNBOOK = Path(__file__).resolve().parent.parent / "docs" / "replay.md"
+SINCE_IN_RUNBOOK = "2026-05-01T09:00:00Z"
+UNTIL_IN_RUNBOOK = "2026-05-01T09:30:00Z"
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT")
 
 
 def runbook() -> list[list[str]]:
-    """The commands of the README's runbook (its first ``sh`` block after the heading
-    "Recover after an incident"), each as argv after ``cancel-worker``."""
-    text = README.read_text()
-    section = text[text.index("## Recover after an incident") :]
+    """The commands of the runbook in docs/replay.md (its first ``sh`` block after the
+    heading "Recover after an incident"), each as argv after ``cancel-worker``."""
+    text = RUNBOOK.read_text()
+    section = text[text.index("# Recover after an incident") :]
     block = re.search(r"```sh\n(.*?)```", section, re.DOTALL)
     assert block is not None, "the runbook has no sh block"
     argvs = []
@@ -153,9 +153,9 @@ async def test_an_incident_costs_latency_and_the_runbook_recovers_what_outlasted
         assert all(book[o["algo_id"]]["status"] == "NEW" for o in late)
         sim.configure(unavailable_until_ms=0)  # the incident is over
 
-        # -- 3. the README's runbook, as written ---------------------------------------------
+        # -- 3. the runbook (docs/replay.md), as written ----------------------------------
         steps = runbook()
-        times = {SINCE_IN_README: _iso(since), UNTIL_IN_README: _iso(until_ms)}
+        times = {SINCE_IN_RUNBOOK: _iso(since), UNTIL_IN_RUNBOOK: _iso(until_ms)}
 
         async def run(argv: list[str]) -> str:
             args = [times.get(a, a) for a in argv]

@@ -1,5 +1,6 @@
-"""The README's code runs as written: its Python blocks and its "Run it by hand" commands,
-against the local stack that ``cancel-worker dev`` (``make dev``) starts, on free ports."""
+"""The README's code runs as written: its Python block, the client library page's
+(docs/client.md) and the README's "Run it by hand" commands, against the local stack that
+``cancel-worker dev`` (``make dev``) starts, on free ports."""
 
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ from worker.tools.devstack import REPO, Process, cli_argv, free_port
 pytestmark = pytest.mark.e2e
 
 README = (REPO / "README.md").read_text()
+CLIENT_PAGE = (REPO / "docs" / "client.md").read_text()
 DEFAULT_BOOTSTRAP = Settings.bootstrap_servers
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```$", README, flags=re.DOTALL | re.MULTILINE)
+def python_blocks(text: str = README) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def by_hand_commands() -> list[list[str]]:
@@ -45,7 +47,8 @@ def test_the_readme_opens_with_the_two_commands_and_shows_the_stack_by_hand() ->
     ]
     assert "    make dev " in README.split("### Run it by hand", 1)[1][:200]
     assert python_blocks(), "the README has no Python block to run"
-    for block in python_blocks():
+    assert python_blocks(CLIENT_PAGE), "docs/client.md has no Python block to run"
+    for block in python_blocks() + python_blocks(CLIENT_PAGE):
         assert DEFAULT_BOOTSTRAP in block  # the worker's default: what `make dev` listens on
 
 
@@ -87,7 +90,14 @@ def run_block(block: str, bootstrap: str) -> subprocess.CompletedProcess[str]:
 
 async def test_the_readme_runs_as_pasted_against_make_dev(stack: tuple[Process, str]) -> None:
     dev, bootstrap = stack
-    (block,) = python_blocks()
+    # The README's short example: one conditional cancel no other block touches.
+    (short,) = python_blocks()
+    done = await asyncio.to_thread(run_block, short, bootstrap)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["strategy.canceled"]
+
+    # The client library page's example.
+    (block,) = python_blocks(CLIENT_PAGE)
     done = await asyncio.to_thread(run_block, block, bootstrap)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines() == [
@@ -113,11 +123,11 @@ async def test_the_readme_runs_as_pasted_against_make_dev(stack: tuple[Process, 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "desk-b UM DOGEUSDT: kill switch complete: canceled 2," in done.stdout
     done = await asyncio.to_thread(run_cli, "results", env=env)
-    assert done.returncode == 0 and len(done.stdout.splitlines()) == 8
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 9
 
     records = await read_to_end(bootstrap, Settings.results_topic)
     _check_results(records)  # every event the worker wrote is valid against its schema
-    assert len(events_of(records)) == 8
+    assert len(events_of(records)) == 9
 
     # Ctrl-C stops the whole stack.
     dev.signal(signal.SIGINT)

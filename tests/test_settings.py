@@ -839,14 +839,14 @@ def test_the_cli_refuses_bad_configuration_in_one_line_with_exit_code_2(
     assert SECRET not in output
 
 
-# -- the README's settings table ------------------------------------------------------------
+# -- the docs' settings table --------------------------------------------------------------
 
 
-def _readme_settings_table() -> list[str]:
-    """The setting names in the first column of README.md's settings table (the table whose
-    header is ``| name | default | meaning |``), in order; a row may name several
+def _docs_settings_table() -> list[str]:
+    """The setting names in the first column of docs/settings.md's settings table (the table
+    whose header is ``| name | default | meaning |``), in order; a row may name several
     (``A`` / ``B``)."""
-    lines = (ROOT / "README.md").read_text().splitlines()
+    lines = (ROOT / "docs" / "settings.md").read_text().splitlines()
     start = lines.index("| name | default | meaning |")
     names: list[str] = []
     for line in lines[start + 2 :]:
@@ -857,10 +857,10 @@ def _readme_settings_table() -> list[str]:
     return names
 
 
-def test_the_readme_settings_table_lists_exactly_the_settings() -> None:
-    """Every setting of worker/settings.py has a row in the README's table, once, and the
-    table names nothing else."""
-    names = _readme_settings_table()
+def test_the_docs_settings_table_lists_exactly_the_settings() -> None:
+    """Every setting of worker/settings.py has a row in docs/settings.md's table, once, and
+    the table names nothing else."""
+    names = _docs_settings_table()
     settings = [f.name.upper() for f in dataclasses.fields(Settings)]
     assert len(names) == len(set(names)), [n for n in names if names.count(n) > 1]
     missing = sorted(set(settings) - set(names))
