@@ -10,7 +10,7 @@ KAFKA_VERSIONS := 3.9.1 4.4.0
 KAFKA_JARS := $(foreach v,$(KAFKA_VERSIONS),deploy/kafka/target/$(v)/libs/.complete)
 PYTEST_ARGS ?=
 
-.PHONY: setup demo dev test lint typecheck unit bench bench-quick clean kafka-start kafka-stop \
+.PHONY: setup demo dev test lint typecheck docs unit bench bench-quick clean kafka-start kafka-stop \
 	k8s-tools k8s-validate lock
 
 setup: $(STAMP) $(KAFKA_JARS)
@@ -66,10 +66,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The documentation site (mkdocs.yml, docs/) into site/ (git-ignored); --strict fails on a
+# broken link or anchor.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet
+
 unit: $(STAMP)
 	$(BIN)/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
-test: setup $(K8S_TOOLS) lint typecheck
+test: setup $(K8S_TOOLS) lint typecheck docs
 	$(BIN)/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 # Starts its own broker and simulator; results in .bench/results.json. BENCH_ARGS passes
