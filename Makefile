@@ -42,6 +42,31 @@ k8s-tools: $(K8S_TOOLS)
 k8s-validate: $(K8S_TOOLS)
 	$(BIN)/python -m tests.k8s_validate
 
+# The AsyncAPI CLI that validates schemas/asyncapi.yaml (tests/test_asyncapi.py), at the exact
+# version of deploy/asyncapi/package.json and its lock: npm ci (no install scripts), about
+# 45 s once, then cached by a stamp.
+ASYNCAPI_TOOLS := deploy/asyncapi/node_modules/.installed-stamp
+
+$(ASYNCAPI_TOOLS): deploy/asyncapi/package.json deploy/asyncapi/package-lock.json
+	cd deploy/asyncapi && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+asyncapi-tools: $(ASYNCAPI_TOOLS)
+
+# The Java example's libraries (examples/java/pom.xml: the Kafka client, Jackson, slf4j) in
+# examples/java/target/libs; tests/test_example_java.py runs the example from its source.
+JAVA_EXAMPLE_LIBS := examples/java/target/libs/.complete
+
+$(JAVA_EXAMPLE_LIBS): examples/java/pom.xml
+	rm -rf examples/java/target/libs
+	mvn -q -B -f examples/java/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+		-DoutputDirectory=$(abspath examples/java/target/libs)
+	touch $@
+
+java-example: $(JAVA_EXAMPLE_LIBS)
+
+.PHONY: asyncapi-tools java-example
+
 # The container's lock file (deploy/container/requirements.lock): every runtime dependency
 # of pyproject.toml resolved to one version with its hashes, for the image's Python 3.11.
 UV_VERSION := 0.13.8
@@ -74,7 +99,7 @@ docs: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
 
-test: setup $(K8S_TOOLS) lint typecheck docs
+test: setup $(K8S_TOOLS) $(ASYNCAPI_TOOLS) $(JAVA_EXAMPLE_LIBS) lint typecheck docs
 	$(BIN)/pytest --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 # Starts its own broker and simulator; results in .bench/results.json. BENCH_ARGS passes
