@@ -5,10 +5,11 @@
 //       --bootstrap 127.0.0.1:9092 --producer-id risk-engine-7 --key-file risk-engine-7.key \
 //       --account desk-a --market UM --symbol BTCUSDT --strategy-id 3000000123
 //
-// Options: --algo-id N instead of --strategy-id N; --commands-topic, --results-topic (the
-// worker's defaults); --timeout-s (30). The result event is printed on stdout as the worker
-// wrote it; exit 0 when it came (whatever its type), 1 when it did not in time, 2 for bad
-// arguments. The contract is schemas/asyncapi.yaml.
+// The order: one of --strategy-id N, --client-strategy-id S, --algo-id N, --client-algo-id S.
+// Options: --commands-topic, --results-topic (the worker's defaults); --timeout-s (30).
+// The result event is printed on stdout as the worker wrote it; exit 0 when it came (whatever
+// its type), 1 when it did not in time, 2 for bad arguments. The contract is
+// schemas/asyncapi.yaml.
 
 import com.fasterxml.jackson.databind.JsonNode;
 import com.fasterxml.jackson.databind.ObjectMapper;
@@ -56,14 +57,15 @@ public class CancelExample {
         command.put("account", required(args, "account"));
         command.put("market", required(args, "market"));
         command.put("symbol", required(args, "symbol"));
-        if (args.containsKey("strategy-id") == args.containsKey("algo-id")) {
-            throw usage("give exactly one of --strategy-id and --algo-id");
+        List<String> ids = List.of("strategy-id", "client-strategy-id", "algo-id", "client-algo-id");
+        List<String> given = ids.stream().filter(args::containsKey).toList();
+        if (given.size() != 1) {
+            throw usage("give exactly one of --" + String.join(", --", ids));
         }
-        if (args.containsKey("strategy-id")) {
-            command.put("strategy_id", Long.parseLong(args.get("strategy-id")));
-        } else {
-            command.put("algo_id", Long.parseLong(args.get("algo-id")));
-        }
+        String id = given.get(0);
+        // strategy_id and algo_id are numbers, client_strategy_id and client_algo_id strings.
+        Object orderId = id.startsWith("client-") ? args.get(id) : Long.valueOf(args.get(id));
+        command.put(id.replace('-', '_'), orderId);
         command.put("issued_at", System.currentTimeMillis());
         command.put("source", "java-example");
         byte[] value = JSON.writeValueAsBytes(command);
@@ -173,7 +175,8 @@ public class CancelExample {
 
     static RuntimeException usage(String problem) {
         System.err.println("usage: CancelExample --producer-id ID --key-file PEM --account A --market UM|CM"
-                + " --symbol S (--strategy-id N | --algo-id N) [--bootstrap H:P] [--commands-topic T]"
+                + " --symbol S (--strategy-id N | --client-strategy-id S | --algo-id N | --client-algo-id S)"
+                + " [--bootstrap H:P] [--commands-topic T]"
                 + " [--results-topic T] [--timeout-s S]: " + problem);
         System.exit(2);
         return new IllegalStateException(problem);
