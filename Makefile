@@ -43,12 +43,12 @@ k8s-validate: $(K8S_TOOLS)
 	$(BIN)/python -m tests.k8s_validate
 
 # The AsyncAPI CLI that validates schemas/asyncapi.yaml (tests/test_asyncapi.py), at the exact
-# version of deploy/asyncapi/package.json and its lock: npm ci (no install scripts), about
+# version of tools/asyncapi/package.json and its lock: npm ci (no install scripts), about
 # 45 s once, then cached by a stamp.
-ASYNCAPI_TOOLS := deploy/asyncapi/node_modules/.installed-stamp
+ASYNCAPI_TOOLS := tools/asyncapi/node_modules/.installed-stamp
 
-$(ASYNCAPI_TOOLS): deploy/asyncapi/package.json deploy/asyncapi/package-lock.json
-	cd deploy/asyncapi && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+$(ASYNCAPI_TOOLS): tools/asyncapi/package.json tools/asyncapi/package-lock.json
+	cd tools/asyncapi && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 	touch $@
 
 asyncapi-tools: $(ASYNCAPI_TOOLS)

@@ -37,7 +37,7 @@ from worker.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "schemas"
 DOCUMENT = SCHEMAS / "asyncapi.yaml"
-TOOLS = ROOT / "deploy" / "asyncapi"
+TOOLS = ROOT / "tools" / "asyncapi"
 ASYNCAPI = TOOLS / "node_modules" / ".bin" / "asyncapi"
 STRIMZI_TOPICS = ROOT / "deploy" / "k8s" / "components" / "kafka-topics" / "kafka-topics.yaml"
 
