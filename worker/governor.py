@@ -277,6 +277,9 @@ class Ticket:
 class GovernorStats:
     waits: dict[str, int] = field(default_factory=dict)
     waited_s: float = 0.0
+    # Per account: how many of its requests were held, and for how long in all.
+    held_by_account: dict[str, int] = field(default_factory=dict)
+    held_s_by_account: dict[str, float] = field(default_factory=dict)
     pauses_429: int = 0
     bans_418: int = 0
     capped_stops: int = 0  # pauses and bans shortened to the cap (or unreadable)
@@ -724,6 +727,10 @@ class RateGovernor:
     def _record_wait(self, reason: str, waited_s: float, account: str) -> None:
         self.stats.waits[reason] = self.stats.waits.get(reason, 0) + 1
         self.stats.waited_s += waited_s
+        held = self.stats.held_by_account
+        held[account] = held.get(account, 0) + 1
+        held_s = self.stats.held_s_by_account
+        held_s[account] = held_s.get(account, 0.0) + waited_s
         metrics.GOVERNOR_WAITS.labels(reason).inc()
         metrics.GOVERNOR_WAIT_SECONDS.observe(waited_s)
         log.info(
