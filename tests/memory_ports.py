@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
-from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition
+from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, decode_ahead
 
 
 class MemoryLog:
@@ -20,6 +20,7 @@ class MemoryLog:
     def __init__(self) -> None:
         self.records: dict[Partition, list[InRecord]] = {}
         self.committed: dict[Partition, int] = {}
+        self.metadata: dict[Partition, str] = {}  # committed with the position
 
     def append(
         self,
@@ -69,10 +70,13 @@ class MemorySource:
     def resume(self, parts: Sequence[Partition]) -> None:
         self.paused.difference_update(parts)
 
-    async def rewind(self, parts: Sequence[Partition]) -> None:
+    async def rewind(self, parts: Sequence[Partition]) -> dict[Partition, frozenset[int]]:
+        skips: dict[Partition, frozenset[int]] = {}
         for part in parts:
             if part in self.assignment:
-                self.positions[part] = self.log.committed.get(part, 0)
+                position = self.positions[part] = self.log.committed.get(part, 0)
+                skips[part] = decode_ahead(position, self.log.metadata.get(part))
+        return skips
 
     def assign(self, parts: Sequence[Partition]) -> None:
         """The consumer's side of an assignment: positions from the committed offsets."""
@@ -119,6 +123,7 @@ class MemorySink:
             await asyncio.sleep(self.commit_delay_s)
         for part in done:
             self.log.committed[part] = batches[part].position
+            self.log.metadata[part] = batches[part].metadata
         if lost:
             raise FlushError("fenced", done=done, lost=lost)
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.memory_ports import MemoryLog, MemorySink, MemorySource, MemoryStagingSink
 from worker import metrics
-from worker.pipeline import InRecord, OutRecord, Partition, Pipeline, RunReport
+from worker.pipeline import InRecord, OutRecord, Partition, Pipeline, RunReport, decode_ahead
 
 SINKS: dict[str, Callable[[MemoryLog], MemorySink]] = {
     "flush": MemorySink,
@@ -88,11 +88,12 @@ def assert_exactly_once(log: MemoryLog, *sinks: MemorySink) -> None:
     assert not dupes, f"published more than once: {sorted(dupes)[:10]}"
     expected = {(p[1], r.offset) for p, recs in log.records.items() for r in recs}
     assert set(counts) == expected, f"missing: {sorted(expected - set(counts))[:10]}"
-    for sink in sinks:  # offset order per partition within each member's output
-        per_part: dict[int, list[int]] = collections.defaultdict(list)
-        for p, o in origins(sink):
-            per_part[p].append(o)
-        for offsets in per_part.values():
+    for sink in sinks:  # command order per key within each member's output
+        per_key: dict[tuple[int, bytes | None], list[int]] = collections.defaultdict(list)
+        for r in sink.published:
+            p, o = r.value.decode().split(":")
+            per_key[(int(p), r.key)].append(int(o))
+        for offsets in per_key.values():
             assert offsets == sorted(offsets)
     for part, recs in log.records.items():
         assert log.committed.get(part) == len(recs), part
@@ -423,7 +424,8 @@ async def test_rebalance_storm_with_three_members_keeps_exactly_once() -> None:
 async def test_revocation_never_commits_past_a_record_that_did_not_run() -> None:
     """Key b's second record is still queued when the partition is revoked, while key a's
     later record and b's running one finish within the grace: the position must stop
-    before the record that never ran."""
+    before the record that never ran, and the later record answered ahead of it is stored
+    with the position, so that the next owner skips it."""
     log = MemoryLog()
     for key in (b"a", b"b", b"b", b"a"):
         log.append(P0, key, b"{}")
@@ -437,10 +439,13 @@ async def test_revocation_never_commits_past_a_record_that_did_not_run() -> None
         handler.hold[b"b"].set()  # 1:b finishes inside the grace; 2:b never starts
         await revoking
     assert log.committed[P0] == 2
-    assert sorted(origins(first.sink)) == [(0, 0), (0, 1)]
-    async with member(log, Handler()) as second:
+    assert decode_ahead(2, log.metadata[P0]) == {3}
+    assert sorted(origins(first.sink)) == [(0, 0), (0, 1), (0, 3)]
+    again = Handler()
+    async with member(log, again) as second:
         second.assign([P0])
         await until(flushed(log))
+    assert [r.offset for r in again.started] == [2]
     assert_exactly_once(log, first.sink, second.sink)
 
 

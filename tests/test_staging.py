@@ -43,7 +43,7 @@ from tests.test_pipeline_memory import (
 from tests.test_pipeline_memory import until as soon
 from worker.kafka_fencing import group_member, stable_committed
 from worker.kafka_io import TransactionalSink
-from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition
+from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, decode_ahead
 from worker.settings import Settings
 from worker.tools.devstack import Broker
 
@@ -60,11 +60,12 @@ def staging(m: Member) -> MemoryStagingSink:
     return m.sink
 
 
-async def test_results_are_staged_in_offset_order_as_their_prefix_completes() -> None:
-    """Key b's result is done before key a's earlier one: nothing is staged past the
-    record still running, and once it ends both go, in offset order, before any flush."""
+async def test_results_are_staged_as_they_complete_ahead_of_a_running_record() -> None:
+    """Key b's result is done before key a's earlier one: it is staged and made durable at
+    once, the position staying before a's record with b's offset stored beside it; a's
+    result follows when it ends, and the position moves past both."""
     log = MemoryLog()
-    log.append(P0, b"a", b"{}")  # the first results flush at once: hold them all
+    log.append(P0, b"a", b"{}")
     handler = Handler()
     handler.hold[b"a"] = asyncio.Event()
     async with member(log, handler, flush_interval_s=30.0) as m:
@@ -72,19 +73,19 @@ async def test_results_are_staged_in_offset_order_as_their_prefix_completes() ->
         m.assign([P0])
         await soon(lambda: len(handler.started) == 1)
         log.append(P0, b"b", b"{}")
-        await soon(lambda: len(handler.started) == 2)
-        await asyncio.sleep(0.05)  # b's result is in hand
-        assert sink.pending == {} and sink.flushes == 0
-        handler.hold[b"a"].set()
         await soon(lambda: sink.flushes == 1)  # the first flush is not held by the interval
-        assert sink.staged_records + len(sink.pending.get(P0, [])) >= 1
+        assert [r.value for r in sink.published] == [b"0:1"]
+        assert log.committed[P0] == 0 and decode_ahead(0, log.metadata[P0]) == {1}
+        handler.hold[b"a"].set()
         # Later results are staged at once and wait for the interval's flush.
         for _ in range(5):
             log.append(P0, b"b", b"{}")
-        await soon(lambda: len(sink.pending.get(P0, [])) == 5)
+        await soon(lambda: len(sink.pending.get(P0, [])) == 6)
         assert sink.flushes == 1
-        assert [r.value for r in sink.pending[P0]] == [b"0:%d" % i for i in range(2, 7)]
+        assert sink.pending[P0][0].value == b"0:0"
+        assert sorted(r.value for r in sink.pending[P0][1:]) == [b"0:%d" % i for i in range(2, 7)]
     assert sink.flushes == 2  # the stop's flush committed them
+    assert log.committed[P0] == 7 and log.metadata[P0] == ""
     assert sink.dropped == 0
     assert_exactly_once(log, sink)
 

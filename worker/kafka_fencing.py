@@ -25,7 +25,7 @@ import collections
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import errors as kafka_errors
@@ -382,6 +382,13 @@ def _abort_with(txn_manager: Any, exc: Exception) -> None:
 # -- the stable committed offsets ----------------------------------------------------------------
 
 
+class Committed(NamedTuple):
+    """A committed position and the metadata committed with it."""
+
+    offset: int
+    metadata: str
+
+
 async def stable_committed(
     consumer: AIOKafkaConsumer,
     parts: Sequence[Partition],
@@ -389,8 +396,21 @@ async def stable_committed(
     patience_s: float = STABLE_FETCH_PATIENCE_S,
 ) -> dict[Partition, int | None]:
     """The group's committed position of each partition (None: nothing committed), read
-    with ``require_stable``: while a transaction that commits one of them is open, wait
-    (with backoff, up to ``patience_s``) rather than read the position it is replacing."""
+    with ``require_stable`` (:func:`stable_committed_with_metadata`)."""
+    found = await stable_committed_with_metadata(consumer, parts, patience_s=patience_s)
+    return {p: None if c is None else c.offset for p, c in found.items()}
+
+
+async def stable_committed_with_metadata(
+    consumer: AIOKafkaConsumer,
+    parts: Sequence[Partition],
+    *,
+    patience_s: float = STABLE_FETCH_PATIENCE_S,
+) -> dict[Partition, Committed | None]:
+    """The group's committed position of each partition with its metadata (None: nothing
+    committed), read with ``require_stable``: while a transaction that commits one of them
+    is open, wait (with backoff, up to ``patience_s``) rather than read the position it is
+    replacing."""
     coordinator = consumer._coordinator
     topics: dict[str, list[int]] = collections.defaultdict(list)
     for topic, partition in parts:
@@ -422,15 +442,15 @@ async def stable_committed(
         delay = min(delay * 2, longest)
 
 
-def _read_offsets(response: OffsetFetchResponse_v7) -> dict[Partition, int] | int:
-    """The committed offsets; or the first error code, when there is one."""
+def _read_offsets(response: OffsetFetchResponse_v7) -> dict[Partition, Committed] | int:
+    """The committed offsets and their metadata; or the first error code, when there is one."""
     if response.error_code:
         return int(response.error_code)
-    offsets: dict[Partition, int] = {}
+    offsets: dict[Partition, Committed] = {}
     for topic, partitions, _ in response.topics:
-        for partition, offset, _epoch, _metadata, code, _ in partitions:
+        for partition, offset, _epoch, metadata, code, _ in partitions:
             if code:
                 return int(code)
             if offset != NO_OFFSET:
-                offsets[(topic, partition)] = offset
+                offsets[(topic, partition)] = Committed(offset, metadata or "")
     return offsets

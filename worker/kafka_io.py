@@ -30,9 +30,17 @@ from worker.kafka_fencing import (
     GroupFencedError,
     MemberSource,
     commit_offsets_as_member,
-    stable_committed,
+    stable_committed_with_metadata,
 )
-from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, Pipeline
+from worker.pipeline import (
+    Flush,
+    FlushError,
+    InRecord,
+    OutRecord,
+    Partition,
+    Pipeline,
+    decode_ahead,
+)
 from worker.settings import (
     KAFKA_SASL_PROTOCOLS,
     KAFKA_TLS_PROTOCOLS,
@@ -211,18 +219,22 @@ class ConsumerSource:
         owned = self._consumer.assignment()
         self._consumer.resume(*(tp for tp in map(_tp, parts) if tp in owned))
 
-    async def rewind(self, parts: Sequence[Partition]) -> None:
+    async def rewind(self, parts: Sequence[Partition]) -> dict[Partition, frozenset[int]]:
         # Read with require_stable: never a position an open transaction is replacing.
-        committed = await stable_committed(self._consumer, parts)
-        positions = {_tp(p): offset for p, offset in committed.items()}
+        committed = await stable_committed_with_metadata(self._consumer, parts)
+        positions = {_tp(p): None if c is None else c.offset for p, c in committed.items()}
         never = [tp for tp, offset in positions.items() if offset is None]
         if never:  # nothing committed yet: from the beginning (auto_offset_reset=earliest)
             positions.update(await self._consumer.beginning_offsets(never))
+        skips = {
+            p: decode_ahead(c.offset, c.metadata) for p, c in committed.items() if c is not None
+        }
         owned = self._consumer.assignment()
         # No await from here on: the caller drops what was read before, atomically.
         for tp, offset in positions.items():
             if tp in owned and offset is not None:
                 self._consumer.seek(tp, offset)
+        return skips
 
 
 class AtLeastOnceSink:
@@ -240,7 +252,7 @@ class AtLeastOnceSink:
             await _send(self._producer, r) for batch in batches.values() for r in batch.records
         ]
         await asyncio.gather(*futures)
-        await self._consumer.commit({_tp(p): b.position for p, b in batches.items()})
+        await self._consumer.commit({_tp(p): (b.position, b.metadata) for p, b in batches.items()})
 
     async def assigned(self, parts: Sequence[Partition]) -> None:
         """Nothing to take over: offsets are committed through the group."""
@@ -493,7 +505,7 @@ class TransactionalSink:
             for r in batch.records[self._staged.get(part, 0) :]:
                 acks.append(await _send(producer, r))
         await producer.send_offsets_to_transaction(
-            {_tp(p): b.position for p, b in batches.items()}, self._group_id
+            {_tp(p): (b.position, b.metadata) for p, b in batches.items()}, self._group_id
         )
         await asyncio.gather(*acks)
         await producer.commit_transaction()

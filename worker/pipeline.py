@@ -9,10 +9,14 @@ has taken ownership of it (in exactly-once mode: fenced the previous owner's pro
 the consumer has been rewound to the committed position read after that.
 
 Ordering: records are chained per *lane* (partition, record key); a lane's next record
-starts when the previous one has its result in hand. Results of a partition are made
-durable in offset order (the longest completed prefix, see ``_flush_ready``), so results
-per key appear in command order, and a crash or rebalance repeats only work whose results
-were not durable.
+starts when the previous one has its result in hand. Results are made durable as their
+records are answered, not in offset order: one account's slow commands do not hold back
+another account's results on the same partition (results per key still appear in command
+order). A partition's stored position is its first record not answered durably, and the
+offsets after it that are answered durably are stored with it (the commit's metadata,
+:func:`encode_ahead`), in the same transaction as the results: whoever takes the partition
+over reads them with the position (:meth:`RecordSource.rewind`) and skips those records, so
+a crash or rebalance repeats only work whose results were not durable.
 
 Concurrency without head-of-line blocking: a record takes one of ``max_in_flight`` slots
 only when it can run (its lane is free). Lanes wait their turn round-robin, so a burst on
@@ -20,22 +24,23 @@ one key holds one slot while other keys run. Records buffered per partition are 
 (``max_buffered``): a partition with a deep queue is paused at the consumer and resumed
 when it has drained to half, so memory stays bounded and other partitions keep flowing.
 
-Durability: a flush hands the sink each partition's completed prefix (its outgoing
-records and the next position); the sink makes them durable and stores the position
-(:class:`ResultSink`). Flushes start at most every ``flush_interval_s``, each with every
-partition that has results (exactly-once: one transaction per flush, so this trades a little
-result latency for far fewer transactions); the final flush on shutdown or revocation does
-not wait. A sink that stages (:class:`StagingSink`, exactly-once's) is handed each
-partition's results as its completed prefix grows, and sends them into its open transaction
-then; the flush commits them, and every flush carries each partition with staged results.
-When the sink's transaction ends any other way, what was staged is dropped with it, and the
-next flush carries those results again. A flush that fails
-(the broker is down) is retried with backoff, for as long as it takes; the outage is
-reported once, in a log line and in a metric, and the pipeline resumes by itself.
+Durability: a flush hands the sink each partition's answers since its last flush (their
+outgoing records, the position and the offsets answered ahead of it: :class:`Flush`); the
+sink makes them durable and stores the position (:class:`ResultSink`). Flushes start at
+most every ``flush_interval_s``, each with every partition that has results (exactly-once:
+one transaction per flush, so this trades a little result latency for far fewer
+transactions); the final flush on shutdown or revocation does not wait. A sink that stages
+(:class:`StagingSink`, exactly-once's) is handed each partition's results as they are
+answered, and sends them into its open transaction then; the flush commits them, and every
+flush carries each partition with staged results. When the sink's transaction ends any
+other way, what was staged is dropped with it, and the next flush carries those results
+again. A flush that fails (the broker is down) is retried with backoff, for as long as it
+takes; the outage is reported once, in a log line and in a metric, and the pipeline
+resumes by itself.
 
 Revocation: a revoked partition's queued records are dropped, its running records get
 ``revoke_grace_s`` to finish and are then cancelled (they are read again by the next
-owner), its completed prefix is flushed within ``commit_timeout_s``, then the sink lets go
+owner), its answers are flushed within ``commit_timeout_s``, then the sink lets go
 of it. The bounds keep revocation well inside the group's session timeout.
 
 Shutdown (``stop``): stop fetching → drop queued records → let running records finish
@@ -46,12 +51,14 @@ within ``shutdown_grace_s`` → cancel the rest and count them as abandoned → 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -88,11 +95,67 @@ Handler = Callable[[InRecord], Awaitable[Sequence[OutRecord]]]
 
 @dataclass(frozen=True, slots=True)
 class Flush:
-    """One partition's completed prefix: its outgoing records, in offset order, and the
-    position to store (one past the last record of the prefix)."""
+    """One partition's results to make durable, and the position to store with them.
+
+    ``records``: the outgoing records of the partition's records answered since its last
+    flush, in the order they were answered (per key, that is command order: a key's next
+    record starts when the one before it is answered). ``position``: the offset of its
+    first record not answered durably once this flush is (one past the last record, when
+    all are). ``metadata``: the offsets after ``position`` that are answered durably once
+    this flush is (:func:`encode_ahead`), stored with the position, so that whoever takes
+    the partition over skips them (:meth:`RecordSource.rewind`)."""
 
     records: tuple[OutRecord, ...]
     position: int
+    metadata: str = ""
+
+
+AHEAD_SPAN = 16_384
+"""How far past a partition's position a record's result may be made durable: the offsets
+answered ahead of the position are stored with it as a bitmap of this many bits
+(:func:`encode_ahead`: 2,739 characters at most, within the 4,096 that brokers accept by
+default as a committed offset's metadata, ``offset.metadata.max.bytes``). With
+``max_buffered`` records in hand per partition (1,000 by default), the span is never the
+limit unless the partition's offsets have gaps."""
+
+_AHEAD_TAG = "ahead1:"
+
+
+def encode_ahead(position: int, offsets: Iterable[int]) -> str:
+    """The commit metadata saying which offsets after ``position`` are answered: a tag and
+    a bitmap in base64 (bit ``i`` is ``position + 1 + i``); empty when none are."""
+    bits = bytearray()
+    for offset in offsets:
+        i = offset - position - 1
+        if not 0 <= i < AHEAD_SPAN:
+            raise ValueError(f"offset {offset} is not within the span after {position}")
+        if len(bits) <= i // 8:
+            bits.extend(bytes(i // 8 + 1 - len(bits)))
+        bits[i // 8] |= 1 << (i % 8)
+    if not bits:
+        return ""
+    return _AHEAD_TAG + base64.b64encode(bytes(bits)).decode("ascii")
+
+
+def decode_ahead(position: int, metadata: str | None) -> frozenset[int]:
+    """The offsets after ``position`` that ``metadata`` (of :func:`encode_ahead`) says are
+    answered. Metadata this worker did not write (another tool's commit, none) says none
+    are; metadata with this worker's tag that does not decode is an error."""
+    if not metadata or not metadata.startswith(_AHEAD_TAG):
+        return frozenset()
+    try:
+        bits = base64.b64decode(metadata[len(_AHEAD_TAG) :], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"unreadable commit metadata at position {position}: {exc}") from exc
+    if len(bits) > AHEAD_SPAN // 8:
+        raise ValueError(f"commit metadata at position {position} spans too far")
+    return frozenset(
+        position + 1 + byte_i * 8 + bit
+        for byte_i, byte in enumerate(bits)
+        if byte
+        for bit in range(8)
+        if byte >> bit & 1
+    )
 
 
 class FlushError(Exception):
@@ -148,8 +211,10 @@ class RecordSource(Protocol):
 
     def resume(self, parts: Sequence[Partition]) -> None: ...
 
-    async def rewind(self, parts: Sequence[Partition]) -> None:
-        """Seek the partitions to their committed positions."""
+    async def rewind(self, parts: Sequence[Partition]) -> Mapping[Partition, frozenset[int]]:
+        """Seek the partitions to their committed positions; return, per partition, the
+        offsets after its position already answered durably (the committed metadata, read
+        with :func:`decode_ahead`): they are not processed again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,12 +227,13 @@ class RunReport:
 
 
 class _Entry:
-    __slots__ = ("done", "outgoing", "read_at", "record", "task")
+    __slots__ = ("done", "outgoing", "published", "read_at", "record", "task")
 
     def __init__(self, record: InRecord) -> None:
         self.record = record
         self.read_at = time.monotonic()
-        self.done = False
+        self.done = False  # answered: its outgoing records are in hand
+        self.published = False  # and made durable
         self.outgoing: tuple[OutRecord, ...] = ()
         self.task: asyncio.Task[None] | None = None
 
@@ -176,6 +242,7 @@ class _PartState:
     """A partition in hand, for one assignment of it."""
 
     __slots__ = (
+        "answered",
         "closing",
         "entries",
         "flush_at",
@@ -185,6 +252,7 @@ class _PartState:
         "ready",
         "revoked",
         "running",
+        "skip",
         "staged",
     )
 
@@ -198,20 +266,27 @@ class _PartState:
         self.revoked = False  # let go of: nothing of it is published any more
         self.paused = False
         self.flush_at = -math.inf  # (monotonic) its next flush does not start before this
-        self.staged = 0  # leading entries whose results the sink has staged
+        # Answered and not yet durable, in the order they were answered; the sink has
+        # staged the first ``staged`` of them.
+        self.answered: list[_Entry] = []
+        self.staged = 0
+        self.skip: frozenset[int] = frozenset()  # offsets answered durably before the rewind
 
     @property
     def flushable(self) -> bool:
-        """Owned, with a completed prefix to flush (cheaper than :meth:`ready_prefix`)."""
-        return self.ready and bool(self.entries) and self.entries[0].done
+        """Owned, with answers to make durable."""
+        return self.ready and bool(self.answered)
 
-    def ready_prefix(self) -> list[_Entry]:
-        out: list[_Entry] = []
-        for entry in self.entries:
-            if not entry.done:
-                break
-            out.append(entry)
-        return out
+    def publishable(self, entry: _Entry) -> bool:
+        """Whether the entry's answer can be made durable now: within :data:`AHEAD_SPAN`
+        of the oldest record in hand (the position is never behind it)."""
+        return entry.record.offset - self.entries[0].record.offset <= AHEAD_SPAN
+
+    def drop_published(self) -> None:
+        """Let go of the leading records answered durably: the position is past them."""
+        entries = self.entries
+        while entries and entries[0].published:
+            entries.popleft()
 
 
 class Pipeline:
@@ -310,7 +385,7 @@ class Pipeline:
             abandoned = await self._shutdown(flusher)
         if self._fatal is not None:
             raise self._fatal
-        unflushed = sum(len(s.ready_prefix()) for s in self._parts.values())
+        unflushed = sum(len(s.answered) for s in self._parts.values())
         return RunReport(self.processed, abandoned, unflushed)
 
     async def _shutdown(self, flusher: asyncio.Task[None]) -> int:
@@ -374,6 +449,13 @@ class Pipeline:
         elif state.entries and record.offset <= state.entries[-1].record.offset:
             return  # read again after a rewind: the copy in hand stands
         entry = _Entry(record)
+        if record.offset in state.skip:
+            # Answered durably before the partition was last taken over (ahead of the
+            # position then stored): nothing to do but let the position move past it.
+            entry.done = entry.published = True
+            state.entries.append(entry)
+            state.drop_published()
+            return
         state.entries.append(entry)
         lane = state.lanes.setdefault(record.key, deque())
         lane.append(entry)
@@ -436,6 +518,7 @@ class Pipeline:
             return  # the partition moved on: its next owner answers this record
         entry.outgoing = tuple(outgoing)
         entry.done = True
+        state.answered.append(entry)
         self.processed += 1
         metrics.COMMAND_SECONDS.observe(time.monotonic() - started)
         if self._stager is not None:
@@ -443,17 +526,17 @@ class Pipeline:
         self._flush_wanted.set()
 
     def _stage(self, stager: StagingSink, state: _PartState) -> None:
-        """Hand the sink the results by which the partition's completed prefix grew."""
+        """Hand the sink the results answered since it was last handed the partition's."""
         if not state.ready or state.revoked:
             return
         staged = self._staged_now(stager)
-        entries = state.entries
+        answered = state.answered
         start = end = state.staged
-        while end < len(entries) and entries[end].done:
+        while end < len(answered) and state.publishable(answered[end]):
             end += 1
         if end == start:
             return
-        records = [r for i in range(start, end) for r in entries[i].outgoing]
+        records = [r for i in range(start, end) for r in answered[i].outgoing]
         # Records answered with nothing (already answered) need nothing of the sink.
         if not records or stager.stage(state.part, records):
             state.staged = end
@@ -558,10 +641,15 @@ class Pipeline:
         for state in states:
             if state.revoked or not state.flushable:
                 continue
-            prefix = state.ready_prefix()
-            records = tuple(r for e in prefix for r in e.outgoing)
-            batches[state.part] = Flush(records, prefix[-1].record.offset + 1)
-            taken[state.part] = (state, len(prefix))
+            count = 0
+            for entry in state.answered:
+                if not state.publishable(entry):
+                    break
+                count += 1
+            if not count:
+                continue
+            batches[state.part] = self._batch(state, count)
+            taken[state.part] = (state, count)
         if not batches:
             return True
         failure: Exception | None = None
@@ -579,8 +667,11 @@ class Pipeline:
             self.flush_since = None
         for part in done:
             state, count = taken.pop(part)
-            for _ in range(count):
-                state.entries.popleft()
+            for entry in state.answered[:count]:
+                entry.published = True
+            del state.answered[:count]
+            state.staged = max(0, state.staged - count)
+            state.drop_published()
             self._check_pause(state)
         if done:
             metrics.COMMITS.inc()
@@ -590,6 +681,25 @@ class Pipeline:
             return False
         self.kafka_reachable()
         return True
+
+    @staticmethod
+    def _batch(state: _PartState, count: int) -> Flush:
+        """The flush of the state's first ``count`` answers: their records, the position
+        once they are durable, and the offsets after it that are durable then."""
+        taken = state.answered[:count]
+        durable = {id(e) for e in taken}
+        position: int | None = None
+        ahead: list[int] = []
+        for entry in state.entries:
+            if entry.published or id(entry) in durable:
+                if position is not None:
+                    ahead.append(entry.record.offset)
+            elif position is None:
+                position = entry.record.offset
+        if position is None:  # every record in hand is answered durably then
+            position = state.entries[-1].record.offset + 1
+        records = tuple(r for e in taken for r in e.outgoing)
+        return Flush(records, position, encode_ahead(position, ahead))
 
     def _lose(self, states: Sequence[_PartState]) -> None:
         """Another member owns these partitions now: stop their work, publish nothing."""
@@ -623,7 +733,7 @@ class Pipeline:
                 return
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, self._retry_max_s)
-        waiting = sum(len(s.ready_prefix()) for s in states)
+        waiting = sum(len(s.answered) for s in states)
         if waiting:
             log.warning(
                 "%d result(s) not made durable within %.1fs; their records will be read again",
@@ -637,7 +747,7 @@ class Pipeline:
         if self._unreachable_since is None:
             self._unreachable_since = time.monotonic()
             if waiting is None:
-                waiting = sum(len(s.ready_prefix()) for s in self._parts.values())
+                waiting = sum(len(s.answered) for s in self._parts.values())
             log.warning(
                 "Kafka unreachable: %d result(s) wait to be published and committed; "
                 "fetching pauses, retrying with backoff (%s)",
@@ -722,7 +832,7 @@ class Pipeline:
         while True:
             try:
                 await self._sink.assigned(parts)
-                await self._source.rewind(parts)
+                skips = await self._source.rewind(parts)
                 break
             except Exception as exc:  # noqa: BLE001 - retried until it works or is revoked
                 level = logging.WARNING if delay == self._retry_initial_s else logging.DEBUG
@@ -738,6 +848,9 @@ class Pipeline:
             # Records read before the rewind are dropped; they come again from the position.
             state.entries.clear()
             state.lanes.clear()
+            state.answered.clear()
+            state.staged = 0
+            state.skip = skips.get(part, frozenset())
             state.ready = True
             self._check_pause(state)
         log.info("taken over, processing from the committed positions: %s", parts)
