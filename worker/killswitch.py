@@ -27,6 +27,7 @@ from worker.commands import Command
 from worker.decisions import Outcome
 from worker.errors import ExchangeError, FailureReason, PapiError
 from worker.jobs import Job
+from worker.retry_policy import RetryPolicy
 from worker.routes import Route, Sweep, plan_order_status, plan_sweep
 from worker.sweep import (
     Listed,
@@ -43,7 +44,6 @@ from worker.sweep import (
 )
 
 if TYPE_CHECKING:
-    from worker.executor import RetryPolicy
     from worker.papi import PapiResponse
 
 log = logging.getLogger(__name__)
