@@ -174,6 +174,9 @@ async def end_of(bootstrap: str, topic: str, isolation: str) -> int:
 
 
 async def until_unstable(bootstrap: str, topic: str, wanted: int) -> None:
+    """Wait (up to 15 s) until ``wanted`` records are held back. After a commit or an abort
+    the broker writes the transaction's markers a moment later, so 0 is awaited too (an
+    abandoned transaction would hold them for its timeout, five minutes)."""
     deadline = asyncio.get_running_loop().time() + 15
     while (held := await unstable(bootstrap, topic)) != wanted:
         assert asyncio.get_running_loop().time() < deadline, f"{held} held back, not {wanted}"
@@ -205,7 +208,7 @@ async def test_staged_results_reach_the_broker_before_the_flush_and_are_read_onc
         await sink.flush({part: Flush(results(settings, b"1", b"2", b"3", b"4", b"5"), 5)})
         assert sink.transaction != before
         assert await stable_committed(consumer, [part]) == {part: 5}
-        assert await unstable(broker.bootstrap, topics.results) == 0
+        await until_unstable(broker.bootstrap, topics.results, 0)
     assert await values(broker.bootstrap, topics.results) == [b"1", b"2", b"3", b"4", b"5"]
 
 
@@ -236,7 +239,7 @@ async def test_a_failed_transactions_staged_results_are_never_read_and_go_again_
         assert sink._producer is None
         await sink.flush({part: batch})  # as the pipeline retries: everything again
         assert await stable_committed(consumer, [part]) == {part: 3}
-        assert await unstable(broker.bootstrap, topics.results) == 0
+        await until_unstable(broker.bootstrap, topics.results, 0)
     assert await values(broker.bootstrap, topics.results) == [b"1", b"2", b"3"]
 
 
@@ -262,7 +265,7 @@ async def test_a_producer_let_go_with_staged_results_aborts_them_at_once(
                 await sink.close()
             else:  # the producer moves to p0's id: p1's is left, with its transaction
                 await sink.assigned([p0])
-            assert await unstable(broker.bootstrap, topics.results) == 0
+            await until_unstable(broker.bootstrap, topics.results, 0)
             if how != "closed":
                 owned = [p1] if how == "revoked" else [p0, p1, p2]
                 await sink.flush({p: Flush(results(settings, b"%d" % p[1]), 1) for p in owned})
