@@ -99,6 +99,7 @@ class MemorySink:
         self.flushes = 0
         self.flush_started: list[float] = []  # loop time of each flush's start
         self.flush_parts: list[tuple[Partition, ...]] = []  # the partitions of each flush
+        self.flush_records: list[int] = []  # how many records each flush carried
         self.delay_s = 0.0
         self.assign_gate: asyncio.Event | None = None  # take-overs wait for it when set
         self.assign_cleanup_s = 0.0  # a take-over cancelled at the gate takes this to end
@@ -111,6 +112,7 @@ class MemorySink:
         self.flushes += 1
         self.flush_started.append(asyncio.get_running_loop().time())
         self.flush_parts.append(tuple(sorted(batches)))
+        self.flush_records.append(sum(len(b.records) for b in batches.values()))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.fail or self.fail_flushes:
@@ -162,13 +164,16 @@ class MemoryStagingSink(MemorySink):
         self.staged_records = 0  # staged and then committed
         self.dropped = 0  # staged and then aborted
         self.violations: list[str] = []  # broken promises (each also fails its flush)
+        self.flushing = False
 
     def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:
         self.stage_calls += 1
         if not records:
             self.violations.append(f"{part}: nothing to stage")
         refused = self.refuse and self.stage_calls % self.refuse == 0
-        if self.fail or part not in self.owned or refused:
+        # As the Kafka sink: nothing is staged while a flush is under way (the transaction
+        # it commits is closed to new records; the next flush sends them).
+        if self.fail or part not in self.owned or refused or self.flushing:
             return False
         self.pending.setdefault(part, []).extend(records)
         return True
@@ -179,6 +184,13 @@ class MemoryStagingSink(MemorySink):
         self.transaction += 1
 
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
+        self.flushing = True
+        try:
+            await self._flush(batches)
+        finally:
+            self.flushing = False
+
+    async def _flush(self, batches: Mapping[Partition, Flush]) -> None:
         pending, self.pending = self.pending, {}
         for part, records in pending.items():
             if part not in batches:

@@ -449,6 +449,60 @@ async def test_revocation_never_commits_past_a_record_that_did_not_run() -> None
     assert_exactly_once(log, first.sink, second.sink)
 
 
+async def test_group_commit_idle_at_once_in_flight_the_next_takes_all_answered_meanwhile() -> None:
+    """Without an interval (the default): a result answered while no flush is in flight is
+    flushed at once; while one is in flight (a slow commit), the results answered
+    meanwhile wait and all go in the next flush, which starts as soon as it ends."""
+    log = MemoryLog()
+    handler = Handler()
+    async with member(log, handler) as m:
+        m.assign([P0])
+        sink = m.sink
+        loop = asyncio.get_running_loop()
+        log.append(P0, b"a", b"{}")
+        await until(lambda: sink.flushes == 1)
+        await until(flushed(log))
+        # Idle: the next result is flushed at once, alone.
+        sink.delay_s = 0.3
+        answered_at = loop.time()
+        log.append(P0, b"a", b"{}")
+        await until(lambda: sink.flushes == 2)
+        assert sink.flush_started[-1] - answered_at < 0.1
+        assert sink.flush_records[-1] == 1
+        # In flight: five results answered meanwhile wait, then go together.
+        for i in range(5):
+            log.append(P0, b"k%d" % i, b"{}")
+        await until(lambda: len(handler.started) == 7)
+        assert sink.flushes == 2
+        await until(flushed(log))
+        assert sink.flushes == 3 and sink.flush_records[-1] == 5
+        first_ended = sink.flush_started[1] + sink.delay_s
+        assert sink.flush_started[2] - first_ended < 0.1  # not a tick later: at once
+    assert_exactly_once(log, m.sink)
+
+
+async def test_a_busy_member_flushes_back_to_back_each_taking_what_was_answered() -> None:
+    """Results all the time and commits of 50 ms: each flush starts as the one before it
+    ends and carries everything answered meanwhile, so there are about as many flushes as
+    commit times fit in the run, far fewer than results."""
+    log = MemoryLog()
+    async with member(log, Handler()) as m:
+        m.assign([P0])
+        m.sink.delay_s = 0.05
+        started = asyncio.get_running_loop().time()
+        for i in range(200):
+            log.append(P0, b"k%d" % (i % 4), b"{}")
+            await asyncio.sleep(0.005)
+        await until(flushed(log))
+        elapsed = asyncio.get_running_loop().time() - started
+    starts = m.sink.flush_started
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert min(gaps) >= 0.05 * 0.95, gaps  # one in flight at a time
+    assert len(starts) <= elapsed / 0.05 + 2, (len(starts), elapsed)
+    assert max(m.sink.flush_records) > 1, m.sink.flush_records
+    assert_exactly_once(log, m.sink)
+
+
 async def test_flushes_start_at_most_once_per_flush_interval_and_lose_nothing() -> None:
     """Results that complete one by one, every 10 ms, are flushed together: no two flushes of
     the partition start closer than the interval, and every record is flushed once, in

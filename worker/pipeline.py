@@ -26,10 +26,12 @@ when it has drained to half, so memory stays bounded and other partitions keep f
 
 Durability: a flush hands the sink each partition's answers since its last flush (their
 outgoing records, the position and the offsets answered ahead of it: :class:`Flush`); the
-sink makes them durable and stores the position (:class:`ResultSink`). Flushes start at
-most every ``flush_interval_s``, each with every partition that has results (exactly-once:
-one transaction per flush, so this trades a little result latency for far fewer
-transactions); the final flush on shutdown or revocation does not wait. A sink that stages
+sink makes them durable and stores the position (:class:`ResultSink`). Group commit: a
+flush starts as soon as results wait and no flush is under way, each with every partition
+that has results (exactly-once: one transaction per flush); while one is under way, the
+results answered meanwhile wait for the next, which takes them all. ``flush_interval_s``
+above 0 also spaces the flushes' starts by at least that much (fewer, larger transactions,
+results later); the final flush on shutdown or revocation does not wait. A sink that stages
 (:class:`StagingSink`, exactly-once's) is handed each partition's results as they are
 answered, and sends them into its open transaction then; the flush commits them, and every
 flush carries each partition with staged results. When the sink's transaction ends any

@@ -109,7 +109,7 @@ class Settings:
     # Exactly-once: the shortest time from the start of one transaction of an input
     # partition to the next (0: as soon as results are ready); Kafka Streams' exactly-once
     # commit interval. Fewer transactions, less broker work, a little later results.
-    transaction_interval_ms: int = 100
+    transaction_interval_ms: int = 0
     kafka_request_timeout_ms: int = 30_000
     # Kafka TLS and SASL, for every Kafka client (worker.kafka_io.security_options). TLS
     # files are PEM; without a CA file the system's CAs verify the brokers.
