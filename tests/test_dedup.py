@@ -158,12 +158,12 @@ def _result_from_another_member(raw: dict[str, Any], topics: Topics) -> dict[str
 async def test_a_flood_of_refusals_and_distinct_commands_stays_bounded_and_answered(
     broker: Broker, sim: SimControl, accounts_file: Path
 ) -> None:
-    """The README's memory measurement (``python -m tests.bench.window``, 1,000,000 refused
-    and 300,000 valid) scaled down to 50,000 refused and 15,000 valid, through one worker
-    process: every command answered, refusals never remembered (the window a restart
-    rebuilds holds exactly the valid commands), peak RSS under the documented bound, and
-    after the restart a repeat is a duplicate and the same id with other content an
-    id_conflict, neither with a request."""
+    """docs/duplicate-window.md's memory measurement (``python -m tests.bench.window``, 1,000,000
+    refused and 300,000 valid) scaled down to 50,000 refused and 15,000 valid, through one
+    worker process: every command answered, refusals never remembered (the window a restart
+    rebuilds holds exactly the valid commands), peak RSS under the documented bound, and after
+    the restart a repeat is a duplicate and the same id with other content an id_conflict,
+    neither with a request."""
     try:
         figures = await window.measure(broker.bootstrap, sim, accounts_file, 65_000)
     finally:

@@ -830,7 +830,7 @@ def test_production_runs_the_image_by_registry_and_digest() -> None:
 
 
 def test_kustomize_edit_set_image_sets_the_digest(tmp_path: Path) -> None:
-    # The README's way to set the real digest, on a copy of the kit.
+    # docs/operations.md's way to set the real digest, on a copy of the kit.
     kit = tmp_path / "k8s"
     shutil.copytree(K8S, kit)
     digest = "sha256:" + "ab" * 32

@@ -136,7 +136,7 @@ def load_worker_producers(settings: Settings) -> Producers | None:
         if settings.require_signed_commands:
             raise ConfigError(
                 "CANCEL_WORKER_PRODUCERS_FILE is not set: every command must be signed by a "
-                "producer of that file (README: Security model); set "
+                "producer of that file (docs/security.md); set "
                 "CANCEL_WORKER_REQUIRE_SIGNED_COMMANDS=false to take unsigned commands"
             )
         log.warning(

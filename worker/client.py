@@ -25,13 +25,13 @@ Money stays a decimal string.
 
 Commands are signed (``producer_id`` and ``private_key``: headers ``x-producer`` and
 ``x-signature``, the Ed25519 signature of the record value), as a worker with a producers
-file requires (README "Security model"). Extra keyword arguments of all three go to
+file requires (docs/security.md). Extra keyword arguments of all three go to
 aiokafka (TLS, SASL, client id). Each also has ``from_settings(settings)``: the worker's
 cluster, topics and TLS/SASL options (``worker.kafka_io.security_options``), and the
 producer's id and key (``PRODUCER_ID``, ``PRODUCER_KEY_FILE``), from the same
 ``CANCEL_WORKER_*`` settings.
 
-Example (a risk engine; README "Client library" has one that runs as pasted)::
+Example (a risk engine; docs/client.md has one that runs as pasted)::
 
     async with CancelClient(
         "127.0.0.1:9092", producer_id="risk-7", private_key="/run/secrets/risk-7.key"

@@ -99,7 +99,7 @@ WORKER_BASE_BYTES: Final = 160 * 1024 * 1024
 libraries, Kafka clients, commands in hand, a flood of refusals, a rebuild), with room to
 spare: ``python -m tests.bench.window`` measured 88 MiB with 3,000 entries, and 166 MiB
 rebuilding 300,000 entries from 1,300,000 results, about 110 MiB besides the window
-(README, "Duplicate window"). The Deployment's memory limit must hold this plus
+(docs/duplicate-window.md). The Deployment's memory limit must hold this plus
 ``ENTRY_BYTES_MAX`` times ``DEDUP_MAX_ENTRIES`` (tests/test_seen_commands.py checks the
 manifest)."""
 

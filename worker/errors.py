@@ -17,7 +17,7 @@ translated at that boundary::
 ``TAXONOMY`` is the one table, in order of precedence; ``classify`` picks the first answer rule
 that matches, and the three rules without an answer (:data:`NOT_SENT`, :data:`NOT_ADMITTED`,
 :data:`NO_ANSWER`) belong to their error classes. What each disposition leads to is decided
-in :mod:`worker.decisions`. The README's table is generated from this one (``cancel-worker
+in :mod:`worker.decisions`. docs/exchange.md's table is generated from this one (``cancel-worker
 check --taxonomy``) and a test keeps the two equal.
 """
 
@@ -237,7 +237,7 @@ def classify(status: int, code: int | None, msg: str | None) -> Rule:
 
 
 def taxonomy_markdown() -> str:
-    """The taxonomy as the Markdown table the README carries."""
+    """The taxonomy as the Markdown table docs/exchange.md carries."""
     lines = ["| signal | disposition | failure reason | action |", "|---|---|---|---|"]
     lines += [
         f"| {r.signal} | {r.disposition.value} | `{r.reason.value}` | {r.action} |"

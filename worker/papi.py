@@ -175,7 +175,7 @@ class PapiClient:
         self._outer_s = timeout_s + connect_timeout_s + _OUTER_MARGIN_S
         self.reachability = Reachability(base_url)
         # httpx's own pool (httpcore) scans every pooled connection on every request, so its
-        # cost grows with the pool; FastTransport's does not (README, "Performance").
+        # cost grows with the pool; FastTransport's does not (docs/performance.md).
         self._transport = transport or FastTransport(max_connections=max_connections)
         self._closed = False
 
@@ -356,7 +356,7 @@ class PapiClient:
         client's own steps, of which the worker uses none (base URL and default headers:
         the request is built whole; redirects: not followed; cookies, event hooks, proxy
         mounts: none). In a loop with an in-memory transport a request took 52 to 68 µs through
-        ``AsyncClient.send`` and 15 to 24 µs this way (README, "Performance"). Nor is the answer
+        ``AsyncClient.send`` and 15 to 24 µs this way (docs/performance.md). Nor is the answer
         bound to its stream, as the client binds it to time it: that reference cycle made
         every answer, with its request, wait for the cyclic garbage collector. The answer's
         body is left unread."""

@@ -48,7 +48,7 @@ from worker.topic_reader import (
 SOURCE = "cancel-worker send"
 
 # Exit codes of ``send --wait`` (and ``results``); 2 (invalid command, configuration) is
-# the CLI's. README "Commands" lists them.
+# the CLI's. docs/commands.md lists them.
 EXIT_CANCELED = 0  # strategy.canceled, or strategies.canceled with complete: true
 EXIT_NOT_CANCELED = 1  # cancel.failed, an incomplete kill switch, an unreadable result
 EXIT_NO_RESULT = 5  # no result in time (send --wait), or not on the topic (results)

@@ -21,8 +21,8 @@ wait for the flood).
 
 The flood's records are all buffered (``MAX_BUFFERED_PER_PARTITION`` above the flood): a
 partition whose buffer is full is paused at the consumer, which holds every record behind
-it on that partition, whichever account it names (the README's limit, "one partition's
-buffer").
+it on that partition, whichever account it names (docs/guarantees.md says so among
+its limits).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 worker process, its peak memory against the documented bound, whether it kept answering, and
 how long a restart takes to rebuild the window from the results topic.
 
-``.venv/bin/python -m tests.bench.window`` runs the full size the README
+``.venv/bin/python -m tests.bench.window`` runs the full size docs/duplicate-window.md
 reports (1,000,000 refused, 300,000 valid) on a broker and simulator of its own;
 tests/test_dedup.py runs the same :func:`measure` scaled down on the session's.
 
