@@ -268,6 +268,7 @@ class Worker:
             clock=now_ms,
             seen=self.seen,
             producers=verified,
+            group=settings.group_id,
         )
         self._consumer = make_consumer(settings)
         # The shared producer publishes in at-least-once mode; in exactly-once mode the

@@ -31,7 +31,7 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 
-from worker import decisions, metrics, normalize
+from worker import decisions, metrics, normalize, tracing
 from worker.accounts import Credentials
 from worker.commands import Command
 from worker.decisions import (
@@ -329,7 +329,9 @@ class CancelExecutor:
     async def _reconcile(self, job: Job, cause: PapiError) -> Outcome | Next:
         """Ask the order's status after ``cause`` and decide."""
         deadline = max(job.deadline, self._clock() + self._policy.reconcile_budget_ms)
-        finding, body = await self._query(job, deadline)
+        with tracing.span(tracing.RECONCILE, {tracing.ROUTE: job.route.value}) as span:
+            finding, body = await self._query(job, deadline)
+            span.set_attribute("cancel_worker.finding", finding.value)
         status = normalize.status_of(body, job.route) if body is not None else None
         metrics.RECONCILIATIONS.labels(status or finding.value).inc()
         decided = decisions.after_query(finding, body, cause, job.progress())

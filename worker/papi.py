@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import orjson
 
-from worker import metrics
+from worker import metrics, tracing
 from worker.accounts import Credentials
 from worker.errors import ExchangeError, NoAnswerError, NotAdmittedError, NotSentError, PapiError
 from worker.governor import GovernorDeadlineError, Priority, Purpose, RateGovernor, Ticket
@@ -245,7 +245,15 @@ class PapiClient:
         """
         limit = deadline_ms if expires_at is None else min(deadline_ms or expires_at, expires_at)
         while True:
-            ticket = await self._admit(creds.alias, is_order, limit, expires_at, priority, purpose)
+            if tracing.ON:
+                with tracing.span(tracing.GOVERNOR_WAIT, _admission(is_order, priority, purpose)):
+                    ticket = await self._admit(
+                        creds.alias, is_order, limit, expires_at, priority, purpose
+                    )
+            else:
+                ticket = await self._admit(
+                    creds.alias, is_order, limit, expires_at, priority, purpose
+                )
             async with self._connections:
                 if (
                     ticket is not None
@@ -255,6 +263,10 @@ class PapiClient:
                     # The wait for a permit moved it out of the windows it was counted in.
                     self._governor.refund(ticket)
                     continue
+                if tracing.ON:
+                    return await self._traced_exchange(
+                        creds, method, path, query, ticket, recv_window_ms, expires_at, route
+                    )
                 return await self._exchange(
                     creds, method, path, query, ticket, recv_window_ms, expires_at, route
                 )
@@ -283,6 +295,34 @@ class PapiClient:
             raise NotAdmittedError(
                 str(exc), why=exc.reason, wait_until_ms=exc.wait_until_ms, expired=expired
             ) from None
+
+    async def _traced_exchange(
+        self,
+        creds: Credentials,
+        method: str,
+        path: str,
+        query: str,
+        ticket: Ticket | None,
+        recv_window_ms: int,
+        expires_at: int | None,
+        route: str,
+    ) -> PapiResponse:
+        """:meth:`_exchange` in its span: the method, the route's path (never the query, the
+        signature or the key), the status and the exchange's code."""
+        url = self._base_url
+        with tracing.http_attempt(method, path, route, url.scheme, url.host, url.port) as span:
+            try:
+                response = await self._exchange(
+                    creds, method, path, query, ticket, recv_window_ms, expires_at, route
+                )
+            except ExchangeError as exc:
+                tracing.http_failed(span, exc.status, exc.code, type(exc).__name__)
+                raise
+            except PapiError as exc:
+                tracing.http_failed(span, None, None, type(exc).__name__)
+                raise
+            tracing.http_answered(span, response.status)
+            return response
 
     async def _exchange(
         self,
@@ -369,6 +409,17 @@ class PapiClient:
             except StopIteration:
                 return response
             await response.aclose()
+
+
+def _admission(is_order: bool, priority: Priority, purpose: Purpose | None) -> dict[str, Any]:
+    """A governor wait's span attributes."""
+    attributes: dict[str, Any] = {
+        "cancel_worker.is_order": is_order,
+        "cancel_worker.priority": priority.name.lower(),
+    }
+    if purpose is not None:
+        attributes["cancel_worker.purpose"] = purpose.name.lower()
+    return attributes
 
 
 class _TicketEnd:

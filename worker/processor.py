@@ -56,14 +56,14 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 
-from worker import events, metrics, redrive
+from worker import events, metrics, redrive, tracing
 from worker.commands import Command, InvalidCommand, decode
 from worker.decisions import Outcome
 from worker.dedup import FirstResult, Seen, SeenCommands
 from worker.errors import FailureReason
 from worker.events import Origin
 from worker.executor import CancelExecutor
-from worker.fit import fit_kill_switch
+from worker.fit import GROUPS, fit_kill_switch
 from worker.pipeline import InRecord, OutRecord
 from worker.producers import PRODUCER_HEADER, Producer, Producers, Refusal
 
@@ -150,7 +150,9 @@ class CommandProcessor:
         clock: Callable[[], int],
         seen: SeenCommands | None = None,
         producers: Producers | None = None,
+        group: str | None = None,
     ) -> None:
+        """``group``: the consumer group reading the commands (named on the spans)."""
         if max_key_bytes <= 0 or max_header_bytes < 0:
             raise ValueError("max_key_bytes must be positive, max_header_bytes not negative")
         smallest = max(max_key_bytes, _STAND_IN_BYTES) + _DEADLETTER_ROOM
@@ -170,28 +172,37 @@ class CommandProcessor:
         self._seen = seen
         # None: commands are not verified (REQUIRE_SIGNED_COMMANDS=false).
         self._producers = producers
+        self._group = group
 
     async def __call__(self, record: InRecord) -> Sequence[OutRecord]:
+        if tracing.ON:
+            with tracing.process_span(
+                record.topic,
+                record.partition,
+                record.offset,
+                record.key,
+                record.value,
+                record.headers,
+                self._group,
+            ):
+                return await self._handle(record)
+        return await self._handle(record)
+
+    async def _handle(self, record: InRecord) -> Sequence[OutRecord]:
         received_at = self._clock()
         origin = Origin(record.topic, record.partition, record.offset, record.key)
-        # Who sent it comes first: an unsigned or forged record is refused before its value
-        # is read, and never reaches the duplicate window.
-        producer: Producer | None = None
-        if self._producers is not None:
-            verified = self._producers.verify(record.headers, record.value)
-            if isinstance(verified, Refusal):
-                return self._unauthorized(record, origin, verified, received_at)
-            producer = verified
-        decoded = decode(record.value, self._max_command_bytes)
-        oversize = self._oversize(record)
-        if oversize is not None:
-            decoded = _refused(decoded, oversize)
-        if isinstance(decoded, InvalidCommand):
-            return self._invalid(record, origin, decoded, received_at)
-        if producer is not None:
-            refused = Producers.entitled(producer, decoded.account, decoded.is_sweep)
-            if refused is not None:
-                return self._unauthorized(record, origin, refused, received_at)
+        if tracing.ON:
+            with tracing.span(tracing.VALIDATE) as span:
+                checked = self._check(record)
+                if not isinstance(checked, tuple):
+                    span.set_attribute(tracing.ERROR_TYPE, _refusal_kind(checked))
+        else:
+            checked = self._check(record)
+        if isinstance(checked, Refusal):
+            return self._unauthorized(record, origin, checked, received_at)
+        if isinstance(checked, InvalidCommand):
+            return self._invalid(record, origin, checked, received_at)
+        decoded = checked[1]
         redrives = redrive.redrive_header(record.headers)
         retry_of: dict[str, object] | None = None
         verified_redrive = False
@@ -243,6 +254,31 @@ class CommandProcessor:
             event["retry_of"] = retry_of
         self._remember(event)
         return [self._result(record, event)]
+
+    def _check(
+        self, record: InRecord
+    ) -> tuple[Producer | None, Command] | Refusal | InvalidCommand:
+        """Who sent the record and its command, or why it is refused: who sent it comes
+        first (an unsigned or forged record is refused before its value is read, and never
+        reaches the duplicate window), then the command, its bounds, and whether its
+        producer may send it."""
+        producer: Producer | None = None
+        if self._producers is not None:
+            verified = self._producers.verify(record.headers, record.value)
+            if isinstance(verified, Refusal):
+                return verified
+            producer = verified
+        decoded = decode(record.value, self._max_command_bytes)
+        oversize = self._oversize(record)
+        if oversize is not None:
+            decoded = _refused(decoded, oversize)
+        if isinstance(decoded, InvalidCommand):
+            return decoded
+        if producer is not None:
+            refused = Producers.entitled(producer, decoded.account, decoded.is_sweep)
+            if refused is not None:
+                return refused
+        return producer, decoded
 
     def _repeat(
         self, record: InRecord, origin: Origin, command: Command, seen: Seen, received_at: int
@@ -483,6 +519,8 @@ class CommandProcessor:
         metrics.RESULTS.labels(str(event["type"]), str(event.get("reason", ""))).inc()
         headers: tuple[Header, ...] = ((TYPE_HEADER, str(event["type"]).encode()),)
         key = self._key(record)
+        if tracing.ON:
+            headers = self._traced(headers, key, event)
         if event["type"] == events.SWEPT:
             # The exchange decides how many orders a kill switch lists: the result is kept
             # within the same bound as every other record this module publishes.
@@ -498,6 +536,21 @@ class CommandProcessor:
                     omitted,
                 )
         return OutRecord(self._results_topic, key, events.serialize(event), headers)
+
+    def _traced(
+        self, headers: tuple[Header, ...], key: bytes | None, event: dict[str, object]
+    ) -> tuple[Header, ...]:
+        """``headers`` with the trace context of the result's creation (a consumer of the
+        result continues the command's trace), as much of it as the record's bound leaves
+        room for (a kill switch's result is fitted to the bound with them)."""
+        trace = tracing.result_headers(self._results_topic, key, event)
+        room = self._deadletter_max_bytes - _least_bytes(event)
+        while (
+            trace
+            and record_bytes(OutRecord(self._results_topic, key, b"", (*headers, *trace))) > room
+        ):
+            trace = trace[:-1]  # tracestate first, then traceparent
+        return (*headers, *trace)
 
     def _producer_of(self, record: InRecord) -> str | None:
         """The producer a record's result names: its ``x-producer``, which reached here
@@ -542,13 +595,26 @@ class CommandProcessor:
         dead = self._deadletter(record, f"unauthorized ({refusal.cause}): {refusal.detail}")
         metrics.DEADLETTERS.inc()
         metrics.RESULTS.labels(events.FAILED, FailureReason.UNAUTHORIZED.value).inc()
-        result = OutRecord(
-            self._results_topic,
-            self._key(record),
-            events.serialize(event),
-            ((TYPE_HEADER, events.FAILED.encode()),),
-        )
+        key = self._key(record)
+        headers: tuple[Header, ...] = ((TYPE_HEADER, events.FAILED.encode()),)
+        if tracing.ON:
+            headers = self._traced(headers, key, event)
+        result = OutRecord(self._results_topic, key, events.serialize(event), headers)
         return [dead, result]
+
+
+def _least_bytes(event: dict[str, object]) -> int:
+    """The fewest bytes the event can take in its record: a kill switch's result can be cut
+    to its routes and counts (:func:`~worker.fit.fit_kill_switch`), any other is whole."""
+    if event["type"] != events.SWEPT:
+        return len(events.serialize(event))
+    bare = {**event, **{group: [] for group in GROUPS}, "omitted": dict.fromkeys(GROUPS, 0)}
+    return len(events.serialize(bare)) + 4 * 20  # the omitted counts at their longest
+
+
+def _refusal_kind(refused: Refusal | InvalidCommand) -> str:
+    """The ``error.type`` of a validation that refused the record."""
+    return "unauthorized" if isinstance(refused, Refusal) else "invalid_command"
 
 
 def _refused(decoded: Command | InvalidCommand, detail: str) -> InvalidCommand:
