@@ -18,7 +18,7 @@ setup: $(STAMP) $(KAFKA_JARS)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,otel]'
 	touch $(STAMP)
 
 deploy/kafka/target/%/libs/.complete: deploy/kafka/pom.xml
