@@ -147,8 +147,10 @@ def run(config: Path | None) -> None:
     """Run the worker until SIGTERM/SIGINT (a second signal exits at once, code 3)."""
     settings = _settings(config)  # checked in full, the log level too: no traceback below
     configure_logging(settings.log_level, settings.log_format)
+    from worker import tracing  # noqa: PLC0415
     from worker.app import serve  # noqa: PLC0415 - keeps `sim`/`send` start-up light
 
+    tracing.configure()  # OTEL_* variables; nothing without them (docs/tracing.md)
     try:
         code = asyncio.run(serve(settings))
     except OSError as exc:
@@ -160,6 +162,8 @@ def run(config: Path | None) -> None:
             f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} "
             f"(CANCEL_WORKER_METRICS_HOST / CANCEL_WORKER_METRICS_PORT): {exc}"
         ) from None
+    finally:
+        tracing.shutdown()  # the spans still buffered are exported
     sys.exit(int(code))
 
 

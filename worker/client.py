@@ -59,6 +59,7 @@ from aiokafka.structs import RecordMetadata
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jsonschema.exceptions import best_match
 
+from worker import tracing
 from worker.commands import InvalidCommand, decode
 from worker.contracts import RESULT_SCHEMA, fast_check, result_validator
 from worker.kafka_io import security_options
@@ -458,10 +459,14 @@ class CommandProducer:
     async def publish_record(self, command: Mapping[str, Any]) -> RecordMetadata:
         """Publish a command dict (checked first); returns where it was written."""
         value = checked_command(command)
-        headers = self.signer.headers(value) if self.signer is not None else None
-        return await self._producer.send_and_wait(
-            self.topic, value, key=key_of(command), headers=headers
-        )
+        headers = self.signer.headers(value) if self.signer is not None else []
+        key = key_of(command)
+        # In a trace (the application's, or cancel()'s round trip): the command's send span,
+        # whose context the worker continues (traceparent/tracestate headers).
+        with tracing.client_send(self.topic, key) as trace:
+            return await self._producer.send_and_wait(
+                self.topic, value, key=key, headers=[*headers, *trace] or None
+            )
 
     async def cancel(
         self,
@@ -746,13 +751,26 @@ class CancelClient:
             raise InvalidCommandError(f"command {command_id} is already waiting for its result")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting[command_id] = future
-        try:
-            await self.producer.publish(command)
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            raise CancelTimeoutError(command_id, timeout) from None
-        finally:
-            del self._waiting[command_id]
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.destination.name": self.producer.topic,
+            tracing.COMMAND_ID: command_id,
+            tracing.ACCOUNT: str(command.get("account")),
+        }
+        # The round trip, publish to result, in a span (with the otel extra and a tracer
+        # provider set by the application); the command carries its context.
+        with tracing.client_span(f"cancel {self.producer.topic}", attributes) as span:
+            try:
+                await self.producer.publish(command)
+                result = await asyncio.wait_for(asyncio.shield(future), timeout)
+            except TimeoutError:
+                raise CancelTimeoutError(command_id, timeout) from None
+            finally:
+                del self._waiting[command_id]
+            span.set_attribute(tracing.RESULT_TYPE, str(result.raw.get("type")))
+            if isinstance(result, CancelFailed):
+                span.set_attribute(tracing.RESULT_REASON, result.reason)
+            return result
 
     async def cancel(
         self,
