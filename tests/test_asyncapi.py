@@ -19,7 +19,7 @@ import orjson
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker import events, processor, producers, redrive, replay
+from worker import events, processor, producers, redrive, replay, tracing
 from worker.checkup import run_checks, wanted_topics
 from worker.client import DEFAULT_COMMANDS_TOPIC, DEFAULT_RESULTS_TOPIC, key_of
 from worker.contracts import (
@@ -41,8 +41,8 @@ TOOLS = ROOT / "tools" / "asyncapi"
 ASYNCAPI = TOOLS / "node_modules" / ".bin" / "asyncapi"
 STRIMZI_TOPICS = ROOT / "deploy" / "k8s" / "components" / "kafka-topics" / "kafka-topics.yaml"
 
-# W3C Trace Context header names (fixed by the standard, not by this code).
-TRACE_HEADERS = {"traceparent", "tracestate"}
+# The W3C Trace Context headers the worker reads on commands and writes on results.
+TRACE_HEADERS = set(tracing.TRACE_HEADERS)
 # The documented examples' signing key: the Ed25519 key whose seed is 32 zero bytes.
 EXAMPLE_KEY = Ed25519PrivateKey.from_private_bytes(bytes(32))
 
