@@ -13,6 +13,8 @@ import collections
 import json
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from worker.papi import PapiClient
 from worker.pipeline import InRecord
 from worker.processor import CommandProcessor, record_bytes
 from worker.timeutil import now_ms
-from worker.tools.devstack import Broker, start_worker
+from worker.tools.devstack import REPO, Broker, start_worker
 from worker.tools.sim.faults import SERVICE_UNAVAILABLE, UNKNOWN_503
 
 HTTP_ROUTES = {"DELETE", "GET"}
@@ -488,3 +490,31 @@ async def _produce(
         await producer.send(topic, key, value, headers)
     finally:
         await producer.stop()
+
+
+@pytest.mark.parametrize("mode", ["absent", "disabled"])
+def test_untraced_processor_path_never_imports_opentelemetry(mode: str) -> None:
+    """The processor path (tests/bench/tracing_cost.py's, a hundred cancels) without the
+    extra, and with it but no OTEL_* variable: it runs, and opentelemetry is not imported."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.bench.tracing_cost",
+            "--child",
+            mode,
+            "--commands",
+            "200",
+            "--batch",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    figure = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figure["mode"] == mode and figure["otel"] is False
