@@ -1,4 +1,11 @@
-"""Session-wide real parts: one Kafka broker and one PAPI simulator process per test session."""
+"""Session-wide real parts: one Kafka broker per Kafka release and one PAPI simulator process
+per test session.
+
+Most tests run on the default release's broker (:data:`DEFAULT_KAFKA_VERSION`, with the
+TLS/SASL listener). The modules of :data:`KAFKA_MATRIX_MODULES` (exactly-once delivery,
+fencing, staging, the pipeline) run every test that takes ``broker`` once per release of
+:data:`KAFKA_VERSIONS` (ids ``[kafka-<version>]``); each other release's broker is started
+when a test first needs it and serves the rest of the session."""
 
 from __future__ import annotations
 
@@ -18,7 +25,35 @@ from tests.secure_broker import FORMAT_ARGS, PASSWORD, USER, SecureBroker, secur
 from tests.support import SimControl, result_schema_error, write_accounts
 from worker import events
 from worker.accounts import Credentials, load_accounts
-from worker.tools.devstack import Broker, Process, free_port, start_broker, start_sim
+from worker.tools.devstack import (
+    DEFAULT_KAFKA_VERSION,
+    KAFKA_VERSIONS,
+    Broker,
+    Process,
+    free_port,
+    start_broker,
+    start_sim,
+)
+
+# The test modules whose broker tests run on every release of KAFKA_VERSIONS.
+KAFKA_MATRIX_MODULES = frozenset(
+    {
+        "test_delivery",
+        "test_fencing",
+        "test_staging",
+        "test_pipeline_integration",
+        "test_kafka_versions",
+    }
+)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "broker" in metafunc.fixturenames and module in KAFKA_MATRIX_MODULES:
+        metafunc.parametrize(
+            "broker", KAFKA_VERSIONS, indirect=True, ids=[f"kafka-{v}" for v in KAFKA_VERSIONS]
+        )
+
 
 # CI runs the same examples every time (a red run must be reproducible); locally,
 # hypothesis explores new ones on every run.
@@ -138,8 +173,29 @@ def _session_broker(session_dir: Path) -> Iterator[tuple[Broker, SecureBroker]]:
 
 
 @pytest.fixture(scope="session")
-def broker(_session_broker: tuple[Broker, SecureBroker]) -> Broker:
-    return _session_broker[0]
+def _other_brokers(session_dir: Path) -> Iterator[dict[str, Broker]]:
+    """The session's brokers of the other releases (PLAINTEXT only), started on first use."""
+    started: dict[str, Broker] = {}
+    try:
+        yield started
+    finally:
+        for b in started.values():
+            b.stop()
+
+
+@pytest.fixture
+def broker(
+    request: pytest.FixtureRequest, session_dir: Path, _other_brokers: dict[str, Broker]
+) -> Broker:
+    """The session's broker of the test's Kafka release (parametrized in the modules of
+    KAFKA_MATRIX_MODULES), else of the default one."""
+    version: str = getattr(request, "param", DEFAULT_KAFKA_VERSION)
+    if version == DEFAULT_KAFKA_VERSION:
+        default: tuple[Broker, SecureBroker] = request.getfixturevalue("_session_broker")
+        return default[0]
+    if version not in _other_brokers:
+        _other_brokers[version] = start_broker(session_dir / f"kafka-{version}", version=version)
+    return _other_brokers[version]
 
 
 @pytest.fixture(scope="session")
