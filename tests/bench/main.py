@@ -5,13 +5,21 @@ own OS process, on fresh topics and a fresh consumer group, round-robin over the
 (each round starts with the next system), so that machine noise spreads over all of them:
 
 * ``kafka_floor``, ``pipeline_floor``, ``naive`` — :mod:`tests.bench.systems`;
-* ``worker``, ``worker_at_least_once`` — ``cancel-worker run`` in each delivery mode.
+* ``worker``, ``worker_at_least_once`` — ``cancel-worker run`` in each delivery mode, its
+  ``/metrics`` scraped once a second during the measured run (as Prometheus would), its INFO
+  logging on;
+* ``worker_unscraped`` (paced scenarios only) — the exactly-once worker, not scraped: beside
+  ``worker``, what the scrape costs;
+* ``worker_client`` (``paced10`` only) — the exactly-once worker, each command sent by the
+  client library's ``CancelClient.cancel()``: its round trip, publish → typed result in hand;
+* ``worker_scrape_storm`` (not in the default systems) — the exactly-once worker while its
+  ``/metrics`` is scraped 20 times a second, each scrape on a new connection.
 
 Rate limits (the worker's and the simulator's) are raised out of the way: only speed is
 measured. Scenarios: a burst with an exchange answering at once (``0ms``), a burst with a
-fixed 20 ms exchange latency (``20ms``), and a steady 100 commands/s with the 20 ms latency
-(``paced100``); commands go over 50 keys and 5 accounts, each cancelling a UM algo order
-seeded in the simulator.
+fixed 20 ms exchange latency (``20ms``), and a steady 100 and 10 commands/s with the 20 ms
+latency (``paced100``, ``paced10``: a risk engine's normal day); commands go over 50 keys and
+5 accounts, each cancelling a UM algo order seeded in the simulator.
 
 What is measured is the steady state. Before anything counts, every system runs once through
 the 0 ms scenario unmeasured (the warm-up round: a fresh broker's JVM compiles its fetch,
@@ -38,7 +46,14 @@ Figures per system and scenario (pooled over its rounds):
   simulator, the broker and the bench itself spent meanwhile (``cpu_us_per_cmd_elsewhere``);
 * the 1-minute load average sampled during its runs (top-level ``load_average``);
 * the machine's jitter: how late :mod:`tests.bench.jitter`, a process beside the run that
-  sleeps 10 ms at a time, woke up (``machine_jitter_ms``, p50/p99/max).
+  sleeps 10 ms at a time, woke up (``machine_jitter_ms``, p50/p99/max);
+* the worker's transactions and flushes during the run, read off its ``/metrics``
+  (``cancel_worker_transactions_total``, ``cancel_worker_offset_commits_total``) before and
+  after it;
+* ``worker_client``: ``cancel()``'s round trip (``client_round_trip_ms``).
+
+The targets (:func:`tests.bench.report.targets`) are ratios between systems measured side by
+side in the same run, not absolute figures: those do not travel between machines.
 
 Output: a progress line, then a table, and the same as JSON in ``.bench/results.json``.
 """
@@ -51,6 +66,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import http.client
 import logging
 import os
 import shutil
@@ -59,6 +75,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +91,8 @@ from tests.bench.systems import CONFIG_ENV, READY
 from tests.bench.txnload import READY as TXN_LOAD_READY
 from tests.support import (
     HMAC_ACCOUNTS,
+    TEST_PRODUCER_ID,
+    TEST_PRODUCER_KEY,
     SimControl,
     Topics,
     command,
@@ -83,6 +102,7 @@ from tests.support import (
     worker_settings,
     write_accounts,
 )
+from worker.client import CancelClient, Result
 from worker.tools.devstack import (
     REPO,
     Broker,
@@ -100,14 +120,28 @@ SYSTEMS = (
     "naive",
     "worker",
     "worker_at_least_once",
-    "worker_scraped",
+    "worker_unscraped",
+    "worker_client",
+    "worker_scrape_storm",
 )
-# worker_scraped: the exactly-once worker while tests.bench.scrape_storm scrapes its
-# /metrics this many times a second, each scrape on a new connection (not in the default
-# systems: `--systems worker,worker_scraped --scenarios paced100` sets the two side by side).
-SCRAPE_RATE = 20.0
-DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "worker_scraped")
-STORM_PORTS: dict[int, int] = {}  # a worker_scraped process's pid -> its metrics port
+# Every worker serves /metrics; tests.bench.scrape_storm scrapes it this many times a second
+# during the measured run (each scrape on a new connection): once a second, as Prometheus
+# would, but for worker_unscraped (the same worker, to set the scrape's cost beside it) and
+# worker_scrape_storm (20 a second: `--systems worker,worker_scrape_storm`).
+SCRAPE_RATES = {
+    "worker": 1.0,
+    "worker_at_least_once": 1.0,
+    "worker_client": 1.0,
+    "worker_scrape_storm": 20.0,
+}
+DEFAULT_SYSTEMS = tuple(s for s in SYSTEMS if s != "worker_scrape_storm")
+# Systems that run in some scenarios only: the client's round trip is a normal day's figure
+# (10/s); the unscraped worker is set beside the scraped one where tails are measured; the
+# naive loop is left out at 10/s, where no target reads it (it keeps up there).
+ONLY_IN = {"worker_client": {"paced10"}, "worker_unscraped": {"paced10", "paced100"}}
+NOT_IN = {"naive": {"paced10"}}
+METRICS_PORTS: dict[int, int] = {}  # a worker process's pid -> its metrics port
+CLIENT_TIMEOUT_S = 60.0
 UNLIMITED = 1_000_000_000  # rate limits out of the way: only speed is measured
 KEYS = 50
 ACCOUNTS = tuple(f"desk-{i}" for i in range(5))
@@ -127,7 +161,12 @@ SCENARIOS = {
     "0ms": Scenario("0ms", 0, None),
     "20ms": Scenario("20ms", 20, None),
     "paced100": Scenario("paced100", 20, 100.0),
+    "paced10": Scenario("paced10", 20, 10.0),  # a risk engine's normal day
 }
+
+
+def runs_in(system: str, scenario: str) -> bool:
+    return scenario in ONLY_IN.get(system, {scenario}) and scenario not in NOT_IN.get(system, ())
 
 
 @dataclass(frozen=True)
@@ -139,38 +178,49 @@ class Plan:
     naive_commands: dict[str, int]  # the naive system is slow: fewer where it would drag on
     rounds: int
     paced_rounds: int  # paced runs: more, shorter rounds, so that a tail is not one moment's
+    paced10_rounds: int  # ... at 10/s, where a round is ten times longer per command
     # Unmeasured work, so that what is measured is the steady state, not start-up:
     warmup_round: int  # commands per system through the 0 ms scenario before anything counts
     warmup: int  # commands at the start of every run, answered before its clock starts
-    # ... of a paced run: sent at its pace. The first seconds after a system starts are not
-    # steady: the broker stalls for tens of ms a few times while it settles to the new
-    # system's traffic (measured: every run's first 3 s had 50-110 ms stalls, then none).
-    paced_warmup: int
+    # ... of a paced run: this many seconds of commands at its pace. The first seconds after
+    # a system starts are not steady: the broker stalls for tens of ms a few times while it
+    # settles to the new system's traffic (measured: every run's first 3 s had 50-110 ms
+    # stalls, then none).
+    paced_warmup_s: float
+
+    def warmup_for(self, scenario: Scenario) -> int:
+        if scenario.rate:
+            return round(self.paced_warmup_s * scenario.rate)
+        return self.warmup
 
 
 FULL = Plan(
     "full",
-    {"0ms": 5000, "20ms": 5000, "paced100": 5000},
-    {"0ms": 5000, "20ms": 1500, "paced100": 2000},
+    {"0ms": 5000, "20ms": 5000, "paced100": 5000, "paced10": 450},
+    {"0ms": 5000, "20ms": 1500, "paced100": 1000, "paced10": 450},
     rounds=2,
     paced_rounds=5,
+    paced10_rounds=3,
     warmup_round=2000,
     warmup=100,
-    paced_warmup=300,
+    paced_warmup_s=3.0,
 )
 QUICK = Plan(
     "quick",
-    {"0ms": 1000, "20ms": 1000, "paced100": 400},
-    {"0ms": 300, "20ms": 150, "paced100": 150},
+    {"0ms": 1000, "20ms": 1000, "paced100": 400, "paced10": 60},
+    {"0ms": 300, "20ms": 150, "paced100": 150, "paced10": 60},
     rounds=2,
     paced_rounds=2,
+    paced10_rounds=2,
     warmup_round=500,
     warmup=50,
-    paced_warmup=200,
+    paced_warmup_s=2.0,
 )
 
 
 def rounds_of(plan: Plan, scenario: str) -> int:
+    if scenario == "paced10":
+        return plan.paced10_rounds
     return plan.paced_rounds if SCENARIOS[scenario].rate else plan.rounds
 
 
@@ -195,7 +245,10 @@ class Run:
     exit_code: int | None = None
     error: str | None = None
     started_ms: float = 0.0  # wall clock when the measured commands began
-    scrapes: dict[str, Any] = field(default_factory=dict)  # worker_scraped: the storm's counts
+    scrapes: dict[str, Any] = field(default_factory=dict)  # the scraper's counts, if scraped
+    # A worker's counters during the run, off its /metrics: transactions, flushes.
+    counters: dict[str, float] = field(default_factory=dict)
+    client_latencies_ms: list[float] = field(default_factory=list)  # worker_client: cancel()
 
     def summary(self, *, samples: bool = False) -> dict[str, Any]:
         out = {
@@ -220,13 +273,18 @@ class Run:
         }
         if self.scrapes:
             out["scrapes"] = self.scrapes
+        if self.counters:
+            out["counters"] = self.counters
         if samples:
             out["started_ms"] = self.started_ms
-            out["samples_ms"] = {
+            kept = {
                 "result": self.latencies_ms,
                 "request": self.request_latencies_ms,
                 "jitter": self.jitter_ms,
             }
+            if self.client_latencies_ms:
+                kept["client"] = self.client_latencies_ms
+            out["samples_ms"] = kept
         return out
 
 
@@ -306,7 +364,7 @@ async def start_system(bench: Bench, system: str, topics: Topics, scenario: str)
             delivery="at_least_once" if system == "worker_at_least_once" else "exactly_once",
             rate_weight_limit=UNLIMITED,
             rate_order_limit=UNLIMITED,
-            metrics_port=free_port() if system == "worker_scraped" else 0,
+            metrics_port=free_port(),  # counters read off it, and scraped (SCRAPE_RATES)
         )
         if PROFILE_DIR is not None:  # the same worker under cProfile, written when it stops
             out = PROFILE_DIR / f"{system}-{uuid.uuid4().hex[:6]}.prof"
@@ -317,8 +375,7 @@ async def start_system(bench: Bench, system: str, topics: Topics, scenario: str)
         else:
             argv = cli_argv("run")
         proc = Process("worker", argv, env=worker_env(settings))
-        if settings.metrics_port:
-            STORM_PORTS[proc.proc.pid] = settings.metrics_port
+        METRICS_PORTS[proc.proc.pid] = settings.metrics_port
         ready = "taken over, processing"  # partitions assigned and their producers ready
     else:
         config = {
@@ -407,13 +464,45 @@ def raise_if_exited(proc: Process) -> None:
         raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}:\n{tail}")
 
 
-def start_storm(bench: Bench, worker: Process) -> Process:
-    """The scrape storm against ``worker``'s /metrics (its port from its start-up line)."""
-    port = STORM_PORTS[worker.proc.pid]
+def start_storm(bench: Bench, worker: Process, rate: float) -> Process:
+    """Scrape ``worker``'s /metrics ``rate`` times a second (tests.bench.scrape_storm)."""
+    port = METRICS_PORTS[worker.proc.pid]
     argv = [sys.executable, "-m", "tests.bench.scrape_storm"]
-    storm = Process("scrape_storm", [*argv, f"http://127.0.0.1:{port}/metrics", str(SCRAPE_RATE)])
+    storm = Process("scrape_storm", [*argv, f"http://127.0.0.1:{port}/metrics", str(rate)])
     bench.live.add(storm)
     return storm
+
+
+# The worker's counters the bench reads before and after a run (name -> metric line prefix).
+COUNTERS = {
+    "transactions": 'cancel_worker_transactions_total{outcome="committed"}',
+    "failed_transactions": 'cancel_worker_transactions_total{outcome="failed"}',
+    "flushes": "cancel_worker_offset_commits_total",
+}
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """The :data:`COUNTERS` in a /metrics answer (Prometheus text format); absent ones 0."""
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for line in text.splitlines():
+        for name, prefix in COUNTERS.items():
+            if line.startswith(prefix + " "):
+                out[name] = float(line[len(prefix) :].split()[0])
+    return out
+
+
+def read_counters(port: int) -> dict[str, float]:
+    """One scrape of a worker's /metrics, for its :data:`COUNTERS`."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        body = response.read().decode()
+        if response.status != 200:
+            raise RuntimeError(f"/metrics answered {response.status}")
+        return parse_counters(body)
+    finally:
+        conn.close()
 
 
 def stop_storm(bench: Bench) -> dict[str, Any]:
@@ -460,6 +549,31 @@ async def keep_pace(started: float, i: int, rate: float | None) -> None:
             await asyncio.sleep(delay)
 
 
+def client_call(client: CancelClient, cmd: dict[str, Any], symbol: str) -> Awaitable[Result]:
+    """``cmd`` (an algo order's cancel) as the client library sends it: ``cancel()``."""
+    return client.cancel(
+        cmd["account"],
+        "UM",
+        timeout=CLIENT_TIMEOUT_S,
+        symbol=symbol,
+        algo_id=cmd["algo_id"],
+        command_id=cmd["command_id"],
+    )
+
+
+async def start_client(bench: Bench, topics: Topics) -> CancelClient:
+    """worker_client's CancelClient on the run's topics, signing as the tests' producer."""
+    client = CancelClient(
+        bench.broker.bootstrap,
+        commands_topic=topics.commands,
+        results_topic=topics.results,
+        producer_id=TEST_PRODUCER_ID,
+        private_key=TEST_PRODUCER_KEY,
+    )
+    await client.start()
+    return client
+
+
 async def warm_up(
     bench: Bench,
     proc: Process,
@@ -468,20 +582,26 @@ async def warm_up(
     commands: list[dict[str, Any]],
     label: str,
     rate: float | None = None,
+    client: tuple[CancelClient, list[str]] | None = None,
 ) -> None:
-    """Send ``commands`` (at once, or at a paced scenario's ``rate``) and wait for all their
-    results: the system's connections are open and its code paths taken before its clock
-    starts."""
+    """Send ``commands`` (at once, or at a paced scenario's ``rate``; through ``client``'s
+    ``cancel()``, with the orders' symbols, if given) and wait for all their results: the
+    system's connections are open and its code paths taken before its clock starts."""
     waiting = {c["command_id"] for c in commands}
     started = time.monotonic()
+    calls: list[asyncio.Future[Result]] = []
     for i, cmd in enumerate(commands):
         await keep_pace(started, i, rate)
+        if client is not None:
+            calls.append(asyncio.ensure_future(client_call(client[0], cmd, client[1][i])))
+            continue
         cmd["issued_at"] = time.time_ns() // 1_000_000
         value = orjson.dumps(cmd)
         await bench.producer.send(
             topic, value, key=f"key-{i % KEYS}".encode(), headers=signed(value)
         )
     await bench.producer.flush()
+    await asyncio.gather(*calls)
     deadline = time.monotonic() + 120 + len(commands) / 20
     while waiting:
         for records in (await consumer.getmany(timeout_ms=100)).values():
@@ -518,35 +638,64 @@ async def run_once(
 
     warm_commands = commands_for(warm_orders, "w")
     commands = commands_for(orders, "")
+    symbols = [spec["symbol"] for spec in specs]
     keys = [f"key-{i % KEYS}".encode() for i in range(count)]
     index_of_order = {order["algo_id"]: i for i, (order, _) in enumerate(orders)}
     index_of_command = {c["command_id"]: i for i, c in enumerate(commands)}
     await wait_for_leaders(bench.producer, [topics.commands, topics.results])
     consumer = await results_consumer(bench.broker.bootstrap, topics.results)
     proc: Process | None = None
+    client: CancelClient | None = None
     try:
         proc = await start_system(bench, system, topics, scenario.name)
         pid = proc.proc.pid
+        port = METRICS_PORTS.get(pid) if system.startswith("worker") else None
+        if system == "worker_client":
+            client = await start_client(bench, topics)
         if warm_commands:
             await warm_up(
-                bench, proc, consumer, topics.commands, warm_commands, label, scenario.rate
+                bench,
+                proc,
+                consumer,
+                topics.commands,
+                warm_commands,
+                label,
+                scenario.rate,
+                None if client is None else (client, symbols[:warmup]),
             )
         jitter = Process("jitter", [sys.executable, "-m", "tests.bench.jitter"])
         bench.live.add(jitter)
         await wait_for_line(jitter, JITTER_READY, 30)
-        if system == "worker_scraped":
-            storm = start_storm(bench, proc)
+        counters0 = await asyncio.to_thread(read_counters, port) if port else {}
+        if system in SCRAPE_RATES:
+            storm = start_storm(bench, proc, SCRAPE_RATES[system])
             await wait_for_line(storm, STORM_READY, 30)
         settle_collector()
         produced_ms = [0.0] * count  # sub-millisecond, as the arrival times
         seen_ms: dict[int, float] = {}
         consumed_ms: dict[int, float] = {}  # the Kafka floor's consume time, from its results
+        client_ms = [0.0] * count  # worker_client: cancel()'s round trip
         sent = 0
+
+        async def call(i: int) -> None:
+            assert client is not None
+            t0 = time.perf_counter()
+            await client_call(client, commands[i], symbols[warmup + i])
+            client_ms[i] = (time.perf_counter() - t0) * 1000
 
         async def produce() -> None:
             nonlocal sent
             futures = []
             started = time.monotonic()
+            if client is not None:  # publish -> typed result, each call on its own
+                calls = []
+                for i in range(count):
+                    await keep_pace(started, i, scenario.rate)
+                    produced_ms[i] = time.time_ns() / 1e6
+                    calls.append(asyncio.create_task(call(i)))
+                    sent = i + 1
+                await asyncio.gather(*calls)
+                return
             for i in range(count):
                 await keep_pace(started, i, scenario.rate)
                 now_ns = time.time_ns()
@@ -605,11 +754,16 @@ async def run_once(
             run.peak_rss_mb = measure.peak_rss_mb(pid)
             run.load_samples.append(os.getloadavg()[0])
             run.jitter_ms = stop_jitter(bench, jitter)
-            if system == "worker_scraped":
+            if system in SCRAPE_RATES:
                 run.scrapes = stop_storm(bench)
-                if not run.scrapes.get("ok") or run.scrapes.get("failed"):
-                    run.error = f"scrape storm: {run.scrapes}"
+                if not run.scrapes or run.scrapes.get("failed"):
+                    run.error = f"scrapes: {run.scrapes or 'no summary'}"
             await producing
+            if port:
+                counters1 = await asyncio.to_thread(read_counters, port)
+                run.counters = {k: v - counters0[k] for k, v in counters1.items()}
+            if client is not None:
+                run.client_latencies_ms = client_ms
         finally:
             if not producing.done():
                 producing.cancel()
@@ -635,6 +789,9 @@ async def run_once(
                 run.error = f"{count - len(arrived)} commands without a request at the exchange"
     finally:
         await stop_client(consumer)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), 10)
         for leftover in [p for p in bench.live if p.name == "jitter"]:
             stop_jitter(bench, leftover)
         if any(p.name == "scrape_storm" for p in bench.live):
@@ -655,10 +812,12 @@ def plan_runs(
         per_system = {
             s: min(base, plan.naive_commands[name]) if s == "naive" and commands is None else base
             for s in systems
+            if runs_in(s, name)
         }
         rounds = rounds_of(plan, name)
         for rnd in range(rounds):
-            order = systems[rnd % len(systems) :] + systems[: rnd % len(systems)]
+            here = [s for s in systems if s in per_system]
+            order = here[rnd % len(here) :] + here[: rnd % len(here)] if here else []
             runs = []
             for s in order:
                 share = per_system[s] // rounds + (rnd < per_system[s] % rounds)
@@ -699,7 +858,7 @@ async def bench_all(
             sim.configure(fixed_latency_ms=scenario.latency_ms)
             for system, count in order:
                 try:
-                    warmup = plan.paced_warmup if scenario.rate else plan.warmup
+                    warmup = plan.warmup_for(scenario)
                     run = await run_once(bench, scenario, system, count, rnd, warmup)
                 except Exception as exc:  # noqa: BLE001 - a failed run is reported, the bench goes on
                     run = Run(name, system, rnd, count, error=f"{type(exc).__name__}: {exc}")
@@ -731,7 +890,12 @@ async def warm_up_round(
     """Every system once through the 0 ms scenario, unmeasured, before anything counts: the
     broker's JIT-compiled paths (fetch, produce, transactions) are warm for the first
     measured run as for the last, whatever the order."""
-    systems = list(dict.fromkeys(system for _, _, runs in schedule for system, _ in runs))
+    # Not the systems that run only in some scenarios: the same worker as another one.
+    systems = list(
+        dict.fromkeys(
+            system for _, _, runs in schedule for system, _ in runs if system not in ONLY_IN
+        )
+    )
     if not plan.warmup_round or not systems:
         return
     bench.sim.configure(fixed_latency_ms=SCENARIOS["0ms"].latency_ms)
@@ -790,7 +954,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=None,
-        help="runs per system and scenario (full: 2, paced 5; quick: 2)",
+        help="runs per system and scenario (full: 2, paced100 5, paced10 3; quick: 2)",
     )
     parser.add_argument(
         "--warmup",
@@ -799,11 +963,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="unmeasured commands at the start of every run (full 100, quick 50)",
     )
     parser.add_argument(
-        "--paced-warmup",
-        type=int,
+        "--paced-warmup-s",
+        type=float,
         default=None,
-        help="unmeasured commands at the start of every paced run, at its pace\n"
-        "(full 300, quick 200)",
+        help="seconds of unmeasured commands at the start of every paced run, at its pace\n"
+        "(full 3, quick 2)",
     )
     parser.add_argument(
         "--warmup-round",
@@ -859,7 +1023,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--commands must be at least 1")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    for option in ("warmup", "paced_warmup", "warmup_round"):
+    for option in ("warmup", "paced_warmup_s", "warmup_round"):
         if (getattr(args, option) or 0) < 0:
             parser.error(f"--{option.replace('_', '-')} must not be negative")
     if args.profile is not None:
@@ -888,11 +1052,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.rounds is not None:
-        plan = dataclasses.replace(plan, rounds=args.rounds, paced_rounds=args.rounds)
+        plan = dataclasses.replace(
+            plan, rounds=args.rounds, paced_rounds=args.rounds, paced10_rounds=args.rounds
+        )
     if args.warmup is not None:
         plan = dataclasses.replace(plan, warmup=args.warmup)
-    if args.paced_warmup is not None:
-        plan = dataclasses.replace(plan, paced_warmup=args.paced_warmup)
+    if args.paced_warmup_s is not None:
+        plan = dataclasses.replace(plan, paced_warmup_s=args.paced_warmup_s)
     if args.warmup_round is not None:
         plan = dataclasses.replace(plan, warmup_round=args.warmup_round)
     schedule = plan_runs(plan, args.systems, args.scenarios, args.commands)

@@ -7,8 +7,9 @@ The scraper shares the machine's cores with what it measures (Prometheus would n
 is kept light: the standard library's ``http.client``, one short-lived connection a scrape,
 no client object to build each time.
 
-The bench runs it beside the ``worker_scraped`` system (``tests.bench.main``): the worker
-under a scrape storm, measured side by side with the plain ``worker``.
+The bench (``tests.bench.main``) runs it beside every worker it measures at 1 a second, as
+Prometheus would scrape it (``worker_unscraped`` is the same worker without it), and at 20 a
+second beside ``worker_scrape_storm``.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ def main(argv: list[str]) -> None:
     print(READY, flush=True)
     started = time.monotonic()
     i = 0
-    while not stop:
-        i += 1
+    while not stop:  # the first scrape at once, then one every 1 / RATE s
         delay = started + i / rate - time.monotonic()
+        i += 1
         if delay > 0:
             time.sleep(delay)
         t0 = time.perf_counter()
