@@ -606,12 +606,17 @@ def keygen(out_dir: Path, producer_id: str, accounts: tuple[str, ...], kill_swit
 @cli.command()
 @click.option("--keep", is_flag=True, help="Keep the broker's data dir afterwards.")
 @click.option("--verbose", is_flag=True, help="Echo the worker's and simulator's logs.")
-def demo(keep: bool, verbose: bool) -> None:
+@click.option(
+    "--trace",
+    is_flag=True,
+    help="Print the kill switch's trace (client and worker spans; needs the otel extra).",
+)
+def demo(keep: bool, verbose: bool, trace: bool) -> None:
     """Start a broker, the simulator and the worker; send a mixed batch; print the results."""
     from worker.tools.demo import run_demo  # noqa: PLC0415
 
     configure_logging("WARNING")
-    sys.exit(run_demo(keep=keep, verbose=verbose))
+    sys.exit(run_demo(keep=keep, verbose=verbose, trace=trace))
 
 
 @cli.command()

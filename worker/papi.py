@@ -310,7 +310,9 @@ class PapiClient:
         """:meth:`_exchange` in its span: the method, the route's path (never the query, the
         signature or the key), the status and the exchange's code."""
         url = self._base_url
-        with tracing.http_attempt(method, path, route, url.scheme, url.host, url.port) as span:
+        with tracing.http_attempt(
+            method, path, query, route, url.scheme, url.host, url.port
+        ) as span:
             try:
                 response = await self._exchange(
                     creds, method, path, query, ticket, recv_window_ms, expires_at, route

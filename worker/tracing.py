@@ -20,7 +20,8 @@ What a command's trace holds (docs/tracing.md has the picture):
 * ``governor wait``: admission by the rate governor, per request;
 * ``<METHOD> <path>`` (CLIENT): each HTTP attempt to the exchange, with the method, the
   route's path as ``url.template``, the server, the status, ``binance.code``, the route and
-  the attempt number within the command; never the query string, the signature or the key;
+  the attempt number (how many times the command has sent this same request: its retries
+  count up); never the query string, the signature or the key;
 * ``reconcile order``: each reconciliation (its status queries are attempts under it);
 * ``create <results topic>`` (PRODUCER): the result record handed to the transactional
   producer; its context is the result's ``traceparent`` header, so a consumer of results
@@ -80,8 +81,9 @@ ON = False
 _tracer: Tracer | None = None
 _otel: _Otel | None = None  # the API's names, bound once by enable()
 _owned: TracerProvider | None = None  # made by configure(): flushed by shutdown()
-# Per command: how many HTTP attempts each route has had (the attempt number of a span).
-_ATTEMPTS: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar(
+# Per command: how many times each request (method, path and parameters) was sent: the
+# attempt number of its span. Only the count is recorded, never the parameters.
+_ATTEMPTS: contextvars.ContextVar[dict[tuple[str, str, str], int] | None] = contextvars.ContextVar(
     "cancel_worker_attempts", default=None
 )
 
@@ -374,9 +376,11 @@ def _failed(current: Any, error_type: str, description: str | None) -> None:
 
 @contextlib.contextmanager
 def http_attempt(
-    method: str, path: str, route: str, scheme: str, host: str, port: int | None
+    method: str, path: str, query: str, route: str, scheme: str, host: str, port: int | None
 ) -> Iterator[SpanLike]:
-    """One HTTP attempt to the exchange. ``path`` is the route's path, without a query."""
+    """One HTTP attempt to the exchange. ``path`` is the route's path, without a query;
+    ``query`` (the request's parameters, unsigned) only tells a repeat of the same request
+    (its attempt number) and is not recorded."""
     tracer, otel = _enabled()
     attributes: dict[str, Any] = {
         "http.request.method": method,
@@ -389,7 +393,8 @@ def http_attempt(
         attributes["server.port"] = port
     attempts = _ATTEMPTS.get()
     if attempts is not None:
-        number = attempts[route] = attempts.get(route, 0) + 1
+        request = (method, path, query)
+        number = attempts[request] = attempts.get(request, 0) + 1
         attributes[ATTEMPT] = number
         if number > 1:
             attributes["http.request.resend_count"] = number - 1

@@ -11,11 +11,16 @@ results through ``ResultConsumer``. The deliberately bad ones, which the library
 are written raw, as a producer without it could. Every command is signed by the demo's
 producer (a key made at start, entitled to every account and to kill switches), but one
 sent unsigned, which the worker refuses as ``unauthorized``.
+
+With ``--trace`` (the ``otel`` extra installed): the kill switch's trace, printed at the end as
+a tree: the client's round trip and send spans (this process) and the worker's spans for the
+command, which the worker prints with the console exporter (``OTEL_TRACES_EXPORTER=console``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import statistics
 import sys
@@ -28,6 +33,7 @@ import httpx
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from worker import tracing
 from worker.client import (
     CancelClient,
     CommandProducer,
@@ -326,9 +332,13 @@ def print_table(labels: dict[str, str], events: list[dict[str, Any]]) -> None:
         print(line.format(*row).rstrip())
 
 
-def demo_env(broker: Broker, sim_url: str, accounts: Path) -> dict[str, str]:
-    """The worker's settings for the demo, as CANCEL_WORKER_* variables."""
-    return {
+def demo_env(
+    broker: Broker, sim_url: str, accounts: Path, *, trace: bool = False
+) -> dict[str, str]:
+    """The worker's settings for the demo, as CANCEL_WORKER_* variables (and, to trace,
+    the OTEL_* variables of the console exporter)."""
+    otel = {"OTEL_TRACES_EXPORTER": "console", "OTEL_SERVICE_NAME": "cancel-worker"}
+    return (otel if trace else {}) | {
         "CANCEL_WORKER_PRODUCERS_FILE": str(accounts.parent / "producers.toml"),
         "CANCEL_WORKER_BOOTSTRAP_SERVERS": broker.bootstrap,
         "CANCEL_WORKER_PAPI_URL": sim_url,
@@ -381,9 +391,10 @@ def send_batches(
     return labels, events
 
 
-def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
+def run_demo(*, keep: bool = False, verbose: bool = False, trace: bool = False) -> int:
     total = 7
     echo = sys.stderr if verbose else None
+    client_spans = start_tracing() if trace else None
     if DEMO_DIR.exists():
         shutil.rmtree(DEMO_DIR)
     started = time.monotonic()
@@ -410,7 +421,7 @@ def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
         ]
         step(3, total, f"seeded {len(seeded)} open orders in the simulator's book")
 
-        env = demo_env(broker, sim_url, accounts)
+        env = demo_env(broker, sim_url, accounts, trace=client_spans is not None)
         step(4, total, "starting the worker (cancel-worker run) ...")
         worker = start_worker(env, echo=echo)
         procs.insert(0, worker)
@@ -423,11 +434,13 @@ def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
         print_table(labels, events)
         print()
         step(7, total, "stopping the worker (SIGTERM), the simulator and the broker ...")
-        code = worker.stop()
+        code = worker.stop()  # the worker exports the spans it still holds as it exits
         procs.remove(worker)
         summary(
             events, code, control.get("/_sim/cancels").json()["cancels"], time.monotonic() - started
         )
+        if client_spans is not None:
+            print_trace(client_spans(), console_spans(worker.lines))
         control.close()
         return 0 if code == 0 and len(events) == len(labels) else 1
     finally:
@@ -436,6 +449,99 @@ def run_demo(*, keep: bool = False, verbose: bool = False) -> int:
         broker.stop()
         if not keep:
             shutil.rmtree(DEMO_DIR, ignore_errors=True)
+
+
+# -- --trace ---------------------------------------------------------------------------------
+
+SpanJson = dict[str, Any]
+
+
+def start_tracing() -> Any:
+    """Record this process's spans (the client's) in memory; returns what gives them, as
+    the console exporter's JSON. None, said, when the otel extra is not installed."""
+    try:
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+            InMemorySpanExporter,
+        )
+    except ImportError:
+        print("      --trace needs the otel extra (pip install 'cancel-worker[otel]'); skipped")
+        return None
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "demo-client"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.enable(provider)
+
+    def spans() -> list[SpanJson]:
+        return [json.loads(span.to_json(indent=None)) for span in exporter.get_finished_spans()]
+
+    return spans
+
+
+def console_spans(lines: list[str]) -> list[SpanJson]:
+    """The spans a process printed with the console exporter (one JSON object a line)."""
+    out = []
+    for line in lines:
+        if line.startswith('{"name"'):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+_SHOWN = (
+    "messaging.kafka.message.key",
+    "messaging.kafka.offset",
+    "http.response.status_code",
+    "binance.code",
+    tracing.ATTEMPT,
+    tracing.RESULT_TYPE,
+    tracing.RESULT_REASON,
+)
+
+
+def print_trace(client: list[SpanJson], worker: list[SpanJson]) -> None:
+    """The kill switch's trace as a tree: its round trip in the client, the worker's spans."""
+    roots = [s for s in client if s["name"].startswith("cancel ")]
+    if not roots:
+        print("no trace recorded for the kill switch")
+        return
+    trace_id = roots[-1]["context"]["trace_id"]
+    spans = [s for s in [*client, *worker] if s["context"]["trace_id"] == trace_id]
+    children: dict[str | None, list[SpanJson]] = {}
+    for span in spans:
+        children.setdefault(span["parent_id"], []).append(span)
+    print()
+    print(f"Trace {trace_id[2:]} of the kill switch (demo-kill-1), {len(spans)} spans:")
+
+    def show(span: SpanJson, depth: int) -> None:
+        ms = (_time(span["end_time"]) - _time(span["start_time"])) * 1000
+        kind = span["kind"].removeprefix("SpanKind.")
+        service = span["resource"]["attributes"].get("service.name", "")
+        attributes = span["attributes"]
+        shown = " ".join(
+            f"{k.rsplit('.', 1)[-1]}={attributes[k]}" for k in _SHOWN if k in attributes
+        )
+        label = f"{'  ' * depth}{span['name']}"
+        print(f"  {label:<58} {kind:<8} {ms:8.1f} ms  {service:<14} {shown}".rstrip())
+        for child in sorted(children.get(span["context"]["span_id"], []), key=_start):
+            show(child, depth + 1)
+
+    show(roots[-1], 0)
+
+
+def _time(stamp: str) -> float:
+    from datetime import datetime  # noqa: PLC0415
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _start(span: SpanJson) -> float:
+    return _time(span["start_time"])
 
 
 def summary(
