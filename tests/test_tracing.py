@@ -46,7 +46,7 @@ from worker.papi import PapiClient
 from worker.pipeline import InRecord
 from worker.processor import CommandProcessor, record_bytes
 from worker.timeutil import now_ms
-from worker.tools.devstack import REPO, Broker, start_worker
+from worker.tools.devstack import REPO, Broker, cli_argv, start_worker
 from worker.tools.sim.faults import SERVICE_UNAVAILABLE, UNKNOWN_503
 
 HTTP_ROUTES = {"DELETE", "GET"}
@@ -518,3 +518,24 @@ def test_untraced_processor_path_never_imports_opentelemetry(mode: str) -> None:
     )
     figure = json.loads(out.stdout.strip().splitlines()[-1])
     assert figure["mode"] == mode and figure["otel"] is False
+
+
+@pytest.mark.e2e
+def test_the_demo_prints_the_kill_switchs_trace() -> None:
+    """``cancel-worker demo --trace``: the kill switch's trace as a tree, the client's round
+    trip and send spans over the worker's, its HTTP attempts and the result's creation."""
+    done = subprocess.run(
+        cli_argv("demo", "--trace"), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    head, _, tree = out.partition("Trace ")
+    assert "worker exit code       0 (clean)" in head, out
+    lines = tree.splitlines()
+    assert "of the kill switch (demo-kill-1)" in lines[0], out
+    depth = {line.split()[0]: len(line) - len(line.lstrip()) for line in lines[1:] if line}
+    assert depth["cancel"] < depth["send"] < depth["process"] < depth["create"], out
+    assert any("DELETE /papi/v1/um/algo/allOpenOrders" in line for line in lines), out
+    worker = [line for line in lines if "cancel-worker" in line]
+    assert any(line.split()[0] == "GET" and "status_code=200" in line for line in worker), out
+    assert any("demo-client" in line for line in lines), out
