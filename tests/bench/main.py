@@ -745,6 +745,10 @@ async def run_once(
                     next_load += 1
                 bench.progress.show(f"{label}: sent {sent}/{count}, results {len(seen_ms)}/{count}")
             last_ms = max(seen_ms.values())
+            # Every send acknowledged; worker_client's calls hold their results (they come a
+            # moment after the bench's reader saw them). Awaited before anything below blocks
+            # the loop (stopping the probes), which would lengthen the last calls' round trip.
+            await asyncio.wait_for(producing, max(1.0, deadline - time.monotonic()))
             run.cpu_s = measure.CpuTime.read(pid).seconds_since(cpu0)
             run.busy_cores = measure.MachineCpu.read().busy_cores_since(machine0)
             run.cpu_elsewhere_s = {
@@ -758,7 +762,6 @@ async def run_once(
                 run.scrapes = stop_storm(bench)
                 if not run.scrapes or run.scrapes.get("failed"):
                     run.error = f"scrapes: {run.scrapes or 'no summary'}"
-            await producing
             if port:
                 counters1 = await asyncio.to_thread(read_counters, port)
                 run.counters = {k: v - counters0[k] for k, v in counters1.items()}
