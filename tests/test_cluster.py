@@ -1,7 +1,8 @@
 """Exactly-once on a real three-node cluster while each node is SIGKILLed in turn.
 
 The harness starts its own KRaft cluster (worker/tools/devstack.py ``start_cluster``: three
-nodes that are each broker and controller, Kafka 3.9.1); every topic, the internal ones too,
+nodes that are each broker and controller, Kafka 3.9.1, or the release named by
+``TEST_CLUSTER_KAFKA_VERSION``, e.g. 4.4.0); every topic, the internal ones too,
 has three replicas and ``min.insync.replicas`` 2. A worker process answers a steady stream of
 signed commands while each node in turn is SIGKILLed (no shutdown: the partitions it led,
 the group or transaction coordinator it may have been, and a controller vote go with it),
@@ -14,6 +15,7 @@ in its commands' order, and the simulator's book agrees with every result.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,18 +36,25 @@ from tests.test_delivery import (
     seed_commands,
     wait_for_results,
 )
-from worker.tools.devstack import Cluster, Process, start_cluster, start_worker
+from worker.tools.devstack import (
+    DEFAULT_KAFKA_VERSION,
+    Cluster,
+    Process,
+    start_cluster,
+    start_worker,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.cluster]
 
 NODES = 3
+VERSION = os.environ.get("TEST_CLUSTER_KAFKA_VERSION", DEFAULT_KAFKA_VERSION)
 INTERNAL = ("__consumer_offsets", "__transaction_state")
 DOWN_S = 8.0  # at least this long down, under the stream (and until it is fenced everywhere)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = start_cluster(tmp_path_factory.mktemp("cluster"), NODES)
+    c = start_cluster(tmp_path_factory.mktemp("cluster"), NODES, version=VERSION)
     try:
         yield c
     finally:
