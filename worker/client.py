@@ -414,6 +414,7 @@ class CommandProducer:
         self.topic = topic
         self.source = source  # the commands' ``source`` field
         self.signer = _signer(producer_id, private_key)
+        tracing.available()  # the API imported now (if installed), not at the first publish
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap_servers,
             acks="all",

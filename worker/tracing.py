@@ -140,6 +140,7 @@ def _api() -> ModuleType | None:
     if _api_module is None and not _api_missing:
         try:
             from opentelemetry import trace  # noqa: PLC0415 - optional, imported on demand
+            from opentelemetry.trace.propagation import tracecontext  # noqa: F401, PLC0415
         except ImportError:
             _api_missing = True
         else:
@@ -148,7 +149,8 @@ def _api() -> ModuleType | None:
 
 
 def available() -> bool:
-    """Whether the ``otel`` extra's API is importable."""
+    """Whether the ``otel`` extra's API is importable (imported by the first call: the
+    client library calls it when it is made, so that no publish waits for the import)."""
     return _api() is not None
 
 
