@@ -121,9 +121,12 @@ async def test_odd_records_end_in_results_and_the_worker_goes_on(
         assert len(_running_worker_tasks()) == 1  # the worker's task is still running
     assert worker.pipeline.processed == len(records)
 
-    # Every record ends in exactly one result, in the order they were sent.
+    # Every record ends in exactly one result; per key, in the order they were sent.
     events = events_of(out)
-    assert [e["origin"]["offset"] for e in events] == list(range(len(records)))
+    offsets = [e["origin"]["offset"] for e in events]
+    assert sorted(offsets) == list(range(len(records)))
+    same_key = [o for o in offsets if records[o][0] == KEY]
+    assert same_key == sorted(same_key) == [0, 2, 4, 6]
     by_offset = {e["origin"]["offset"]: e for e in events}
     for offset in (0, 1, 6):
         assert by_offset[offset]["type"] == "strategy.canceled", by_offset[offset]
