@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import gzip
 import ipaddress
 import socket
 import ssl
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -490,6 +492,19 @@ async def test_chunked_keep_alive_connection_is_reused() -> None:
         assert tiny.connections == 1
 
 
+async def test_bytes_after_a_chunked_answer_end_its_connection() -> None:
+    async def trailing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, t: Tiny) -> None:
+        while await read_request(reader, t) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"2\r\n{}\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")  # an answer unasked
+            await writer.drain()
+
+    async with tiny_server(trailing) as tiny, client(tiny.url) as http:
+        for _ in range(3):
+            assert (await http.get("/")).json() == {}
+        assert tiny.connections == 3
+
+
 async def test_a_body_that_ends_with_the_connection() -> None:
     handler = scripted(b"HTTP/1.1 200 OK\r\n\r\n", b"part one, ", b"part two")
     async with tiny_server(handler) as tiny, client(tiny.url) as http:
@@ -609,6 +624,20 @@ def test_parse_head_reads_framing() -> None:
     with pytest.raises(httpx.RemoteProtocolError):
         parse_head(b"HTTP/1.1 200 OK\r\nX-Blank: " + b" " * 60_000 + b"\x01")
     assert time.perf_counter() - started < 0.5
+
+
+def test_a_parsed_head_goes_with_its_last_reference() -> None:
+    """The head is the parser's callback object; the cycle between them is broken once the
+    head is parsed, so heads do not pile up for the garbage collector, one per request."""
+    gc.disable()
+    try:
+        for block in (b"HTTP/1.1 200 OK\r\nContent-Length: 2", b"HTTP/1.1 204 No Content"):
+            head = parse_head(block)
+            gone = weakref.ref(head)
+            del head
+            assert gone() is None
+    finally:
+        gc.enable()
 
 
 async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent() -> None:

@@ -1,7 +1,8 @@
 """An HTTP/1.1 transport for httpx written directly on asyncio.
 
 :class:`FastTransport` keeps a bounded pool of keep-alive connections per origin (PAPI is
-one origin) and does the little HTTP/1.1 the worker needs, with the standard library only:
+one origin) and does the little HTTP/1.1 the worker needs on asyncio's protocols, with
+httptools (llhttp, the parser uvicorn uses) reading the answers:
 
 * **pool**: at most ``max_connections`` per origin; the most recently used idle connection
   is reused first; one idle past ``keepalive_expiry`` is closed instead. A request that finds
@@ -12,7 +13,11 @@ one origin) and does the little HTTP/1.1 the worker needs, with the standard lib
   connection already known to be dead. A request that may have been written is never retried.
 * **framing** (RFC 9112): ``Content-Length``, ``Transfer-Encoding: chunked`` and bodies that
   end with the connection; no body for 1xx, 204, 304 and answers to HEAD; ``Connection:
-  close`` and HTTP/1.0 end the connection after the answer.
+  close`` and HTTP/1.0 end the connection after the answer. llhttp checks the syntax (status
+  line, field names and values, ``Content-Length``, chunk sizes and their CRLFs) strictly;
+  on top of it an answer is refused for a version other than 1.0 and 1.1, a status below
+  100, a control character in the reason, or a ``Transfer-Encoding`` other than ``chunked``.
+  ``tests/test_transport_framing.py`` holds its framing equal to h11's.
 * **streaming**: the body reaches httpx as an :class:`httpx.AsyncByteStream`, so httpx still
   decodes ``Content-Encoding`` and a caller can stop reading at a size cap. A body already
   complete when its head is parsed (every PAPI answer) is handed over in one piece and the
@@ -36,7 +41,6 @@ oversized answer) after the request was written.
 from __future__ import annotations
 
 import asyncio
-import re
 import select
 import ssl
 import time
@@ -44,6 +48,7 @@ from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final, cast
 
+import httptools
 import httpx
 
 MAX_HEAD_BYTES: Final = 64 * 1024
@@ -51,12 +56,10 @@ _PAUSE_READING_AT: Final = 256 * 1024  # bytes received and not yet consumed
 _MAX_INFORMATIONAL: Final = 8  # 1xx heads before the answer
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
-# The value is stripped of spaces and tabs after matching (no backtracking over whitespace).
-_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\x00-\x08\x0a-\x1f\x7f]*)")
-_DIGITS = re.compile(rb"[0-9]{1,18}")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[^\r\n]*)?")
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
+_HTTP_VERSIONS: Final = (b"HTTP/1.1", b"HTTP/1.0")  # a tuple: the head is a bytearray
+# Not in a reason phrase (RFC 9112: HTAB, SP, VCHAR, obs-text): llhttp lets DEL through.
+_NOT_IN_REASON: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -67,69 +70,138 @@ def _show(raw: bytes) -> str:
     return repr(raw[:80])
 
 
+_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = 1, 2, 3
+_FRAMING_FIELDS: Final = {
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+}
+
+
 class _Head:
-    """A parsed response head and how its body is framed."""
+    """A response head as httptools (llhttp) parses it, and how its body is framed.
 
-    __slots__ = ("chunked", "headers", "http_version", "keep_alive", "length", "reason", "status")
+    It is also the parser's callback object: a chunked body is fed to the same parser
+    (:meth:`_Connection._chunked`), which hands its data over in :meth:`on_body`. (Class
+    attributes are the defaults: a head sets only what its answer says.)
+    """
 
-    def __init__(
-        self,
-        status: int,
-        reason: bytes,
-        http_version: bytes,
-        headers: list[tuple[bytes, bytes]],
-        length: int | None,
-        chunked: bool,
-        keep_alive: bool,
-    ) -> None:
-        self.status = status
+    status = 0
+    reason = b""
+    http_version = b"HTTP/1.1"
+    length: int | None = None  # None: chunked, or until the connection closes
+    chunked = False
+    keep_alive = False
+    close = False  # Connection: close
+    transfer_encoding: list[bytes] | None = None
+    headers_done = False  # set once the head is parsed: fields after it are trailers
+    complete = False  # the parser has seen the whole message
+    more = False  # bytes after the message: the connection is not reused
+    boundary = False  # a chunk's size line or the trailers ended in the last feed
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.chunks: list[bytes] = []  # body bytes parsed and not yet handed over
+        # The parser holds this head's callbacks, and the head holds the parser: a cycle,
+        # broken (``parser = None``) as soon as the parser is no longer needed, so that a
+        # head goes with its last reference and not at the next garbage collection.
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def new_parser(self) -> httptools.HttpResponseParser:
+        parser = self.parser = httptools.HttpResponseParser(self)
+        # Two leniencies, both as RFC 9112 and h11 read an answer: blanks after a chunk's
+        # size, and Content-Length beside Transfer-Encoding: chunked (chunked wins, and the
+        # connection is not reused after it: see ``_parse_head``).
+        parser.set_dangerous_leniencies(
+            lenient_chunked_length=True, lenient_spaces_after_chunk_size=True
+        )
+        return parser
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.more = True
+
+    def on_status(self, reason: bytes) -> None:
         self.reason = reason
-        self.http_version = http_version
-        self.headers = headers
-        self.length = length  # None: chunked, or until the connection closes
-        self.chunked = chunked
-        self.keep_alive = keep_alive
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # a trailer field: read, bounded, ignored
+        value = value.rstrip(b" \t")  # llhttp has skipped the blanks before it
+        self.headers.append((name, value))
+        kind = _FRAMING_FIELDS.get(name.lower())
+        if kind is None:
+            return
+        if kind == _CONTENT_LENGTH:
+            self.length = int(value)  # digits, and only once: llhttp has checked
+        elif kind == _TRANSFER_ENCODING:
+            self.transfer_encoding = [*(self.transfer_encoding or ()), value]
+        elif b"close" in _tokens(value):
+            self.close = True
+
+    def on_body(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def on_chunk_header(self) -> None:
+        self.boundary = True
+
+    def on_chunk_complete(self) -> None:
+        self.boundary = True
+
+    def on_message_complete(self) -> None:
+        self.complete = True
 
 
 def parse_head(block: bytes, *, head_request: bool = False) -> _Head:
     """The status line and header fields (``block`` without its final blank line)."""
-    lines = block.split(b"\r\n")
-    status_line = _STATUS_LINE.fullmatch(lines[0])
-    if status_line is None:
-        raise httpx.RemoteProtocolError(f"malformed status line {_show(lines[0])}")
-    minor, code, reason = status_line.groups()
-    status = int(code)
-    keep_alive = minor == b"1"  # HTTP/1.0 answers end their connection
-    length: int | None = None
-    chunked = False
-    headers: list[tuple[bytes, bytes]] = []
-    for line in lines[1:]:
-        field = _HEADER_LINE.fullmatch(line)
-        if field is None:
-            raise httpx.RemoteProtocolError(f"malformed header line {_show(line)}")
-        name, value = field.group(1), field.group(2).strip(b" \t")
-        headers.append((name, value))
-        lowered = name.lower()
-        if lowered == b"content-length":
-            if _DIGITS.fullmatch(value) is None or (length is not None and int(value) != length):
-                raise httpx.RemoteProtocolError(f"invalid Content-Length {_show(value)}")
-            length = int(value)
-        elif lowered == b"transfer-encoding":
-            if chunked or value.lower() != b"chunked":
-                raise httpx.RemoteProtocolError(f"unsupported Transfer-Encoding {_show(value)}")
-            chunked = True
-        elif lowered == b"connection" and b"close" in _tokens(value):
-            keep_alive = False
+    return _parse_head(block + b"\r\n\r\n", head_request)
+
+
+def _parse_head(data: bytes | bytearray, head_request: bool) -> _Head:
+    """The head in ``data``, which ends with its blank line."""
+    head = _Head()
+    parser = head.new_parser()
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserError as exc:
+        head.parser = None
+        if parser.get_status_code() == 101:  # llhttp stops at an upgrade
+            raise httpx.RemoteProtocolError("unexpected 101 Switching Protocols") from None
+        raise httpx.RemoteProtocolError(f"malformed response head: {exc}") from None
+    head.headers_done = True  # llhttp ends a head only at its blank line, which data ends with
+    head.parser = None  # the parser is needed again only for a chunked body
+    status = parser.get_status_code()
+    version = data[:8]  # llhttp has read "HTTP/<digit>.<digit>"
+    if status < 100 or version not in _HTTP_VERSIONS:
+        status_line = bytes(data).split(b"\r", 1)[0]
+        raise httpx.RemoteProtocolError(f"malformed status line {_show(status_line)}")
+    reason = head.reason
+    if reason and reason.translate(None, _NOT_IN_REASON) != reason:
+        raise httpx.RemoteProtocolError(f"malformed reason phrase {_show(reason)}")
+    head.status = status
+    keep_alive = not head.close
+    if version != b"HTTP/1.1":
+        head.http_version = bytes(version)
+        keep_alive = False  # HTTP/1.0 answers end their connection
+    encodings = head.transfer_encoding
+    if encodings is not None:
+        if len(encodings) > 1 or encodings[0].lower() != b"chunked":
+            shown = _show(b", ".join(encodings))
+            raise httpx.RemoteProtocolError(f"unsupported Transfer-Encoding {shown}")
+        head.chunked = True
+        head.parser = parser
     if head_request or status < 200 or status in _NO_BODY_STATUSES:
-        length, chunked = 0, False
-    elif chunked:
-        if length is not None:  # both framings: a smuggling risk, never reuse the connection
+        head.length, head.chunked, head.parser = 0, False, None
+    elif head.chunked:
+        if head.length is not None:  # both framings: a smuggling risk, never reuse the connection
             keep_alive = False
-        length = None
-    elif length is None:
+        head.length = None
+    elif head.length is None:
         keep_alive = False  # the body ends when the connection does
-    version = b"HTTP/1.1" if minor == b"1" else b"HTTP/1.0"
-    return _Head(status, reason or b"", version, headers, length, chunked, keep_alive)
+    head.keep_alive = keep_alive
+    return head
 
 
 def _time_out(waiter: asyncio.Future[bool]) -> None:
@@ -310,30 +382,31 @@ class _Connection(asyncio.Protocol):
             return httpx.ReadError(f"connection lost {where}: {self._error}")
         return httpx.RemoteProtocolError(f"the server closed the connection {where}")
 
-    async def _read_until(self, marker: bytes, wait_s: float | None, what: str) -> bytes:
-        """The bytes before ``marker`` (consumed with it), at most :data:`MAX_HEAD_BYTES`."""
+    async def _read_head_block(self, wait_s: float | None) -> bytearray:
+        """The bytes of the next head, its blank line included (consumed), at most
+        :data:`MAX_HEAD_BYTES` before that line."""
         buf = self._buf
         start = 0
+        what = "the response head"
         while True:
-            end = buf.find(marker, start)
+            end = buf.find(b"\r\n\r\n", start)
             if end >= 0:
                 break
             if len(buf) > MAX_HEAD_BYTES:
                 raise httpx.RemoteProtocolError(f"{what} over {MAX_HEAD_BYTES} bytes")
             if self._eof:
                 raise self._ended(f"in the middle of {what}" if buf else f"before {what}")
-            start = max(0, len(buf) - len(marker) + 1)
+            start = max(0, len(buf) - 3)
             await self._more(wait_s)
         if end > MAX_HEAD_BYTES:
             raise httpx.RemoteProtocolError(f"{what} over {MAX_HEAD_BYTES} bytes")
-        block = bytes(buf[:end])
-        del buf[: end + len(marker)]
+        block = buf[: end + 4]
+        del buf[: end + 4]
         return block
 
     async def read_head(self, wait_s: float | None, *, head_request: bool = False) -> _Head:
         for _ in range(_MAX_INFORMATIONAL + 1):
-            block = await self._read_until(b"\r\n\r\n", wait_s, "the response head")
-            head = parse_head(block, head_request=head_request)
+            head = _parse_head(await self._read_head_block(wait_s), head_request)
             if head.status >= 200:
                 return head
             if head.status == 101:
@@ -359,7 +432,7 @@ class _Connection(asyncio.Protocol):
         if head.length is not None:
             return self._fixed(head.length, wait_s)
         if head.chunked:
-            return self._chunked(wait_s)
+            return self._chunked(head, wait_s)
         return self._until_closed(wait_s)
 
     async def _fixed(self, size: int, wait_s: float | None) -> AsyncIterator[bytes]:
@@ -376,25 +449,48 @@ class _Connection(asyncio.Protocol):
             remaining -= len(data)
             yield data
 
-    async def _chunked(self, wait_s: float | None) -> AsyncIterator[bytes]:
-        while True:
-            line = await self._read_until(b"\r\n", wait_s, "a chunk size line")
-            size_field = _CHUNK_SIZE.fullmatch(line)
-            if size_field is None:
-                raise httpx.RemoteProtocolError(f"malformed chunk size line {_show(line)}")
-            size = int(size_field.group(1), 16)
-            if size == 0:
-                break
-            async for data in self._fixed(size, wait_s):
-                yield data
-            if await self._read_until(b"\r\n", wait_s, "a chunk's end") != b"":
-                raise httpx.RemoteProtocolError("a chunk longer than its size line says")
-        # Trailer fields, ignored, up to the blank line; bounded like a head.
-        trailers = 0
-        while line := await self._read_until(b"\r\n", wait_s, "the trailer section"):
-            trailers += len(line) + 2
-            if trailers > MAX_HEAD_BYTES:
-                raise httpx.RemoteProtocolError(f"trailer section over {MAX_HEAD_BYTES} bytes")
+    async def _chunked(self, head: _Head, wait_s: float | None) -> AsyncIterator[bytes]:
+        """The body as the head's parser reads it from the bytes fed to it. A chunk's size
+        line and the trailer section are bounded like a head (counted per feed: bytes that
+        are not chunk data, since the last chunk boundary seen)."""
+        parser, chunks = head.parser, head.chunks
+        if parser is None:  # read already
+            raise httpx.StreamConsumed()
+        framing = 0  # bytes that are not chunk data, since the last chunk boundary
+        try:
+            while True:
+                buf = self._buf
+                if buf:
+                    fed = len(buf)
+                    head.boundary = False
+                    try:
+                        parser.feed_data(buf)
+                    except httptools.HttpParserError as exc:
+                        if not head.complete:
+                            raise httpx.RemoteProtocolError(
+                                f"malformed chunked body: {exc}"
+                            ) from None
+                        head.more = True  # the answer is whole; what came after it is not
+                    buf.clear()
+                    data = b"".join(chunks)
+                    chunks.clear()
+                    framing = 0 if head.boundary else framing + fed - len(data)
+                    if data:
+                        yield data
+                    if head.complete:
+                        if head.more:
+                            self.keep_alive = False
+                        return
+                    if framing > MAX_HEAD_BYTES:
+                        raise httpx.RemoteProtocolError(
+                            f"a chunk size line or the trailer section over {MAX_HEAD_BYTES} bytes"
+                        )
+                elif self._eof:
+                    raise self._ended("in the middle of the chunked body")
+                else:
+                    await self._more(wait_s)
+        finally:
+            head.parser = None  # see _Head
 
     async def _until_closed(self, wait_s: float | None) -> AsyncIterator[bytes]:
         while True:
