@@ -42,9 +42,10 @@ async def test_a_flood_from_one_desk_costs_the_other_desk_no_budget_and_no_resul
     assert flooded.waits.get("account_weight_share", 0) > 0, seen
     assert flooded.banned == 0 and flooded.weight_429 == 0, seen
     # Whatever held desk-1 (the exchange's count not yet known at the start, a window's
-    # edge) is small beside what held desk-0: at most a few of its requests, for at most a
-    # hundredth of desk-0's time.
-    assert flooded.held.get(DESK_B, 0) <= 5, seen
+    # edge) is small beside what held desk-0: a few of its requests (first come, first
+    # served, nearly every one would wait for a window), for at most a hundredth of
+    # desk-0's time.
+    assert flooded.held.get(DESK_B, 0) <= REAL // 5, seen
     assert flooded.held_s.get(DESK_B, 0.0) <= 0.01 * flooded.held_s[DESK_A], seen
     # desk-1's results were published as they completed: all of them were visible while
     # most of the flood was still unanswered (it takes the flood many windows to drain).
