@@ -9,7 +9,7 @@ committed offset; a flush stores outgoing records and positions atomically per p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, decode_ahead
 
@@ -44,6 +44,8 @@ class MemorySource:
         self.paused: set[Partition] = set()
         self.pause_calls = 0
         self.fetch_hook: asyncio.Event | None = None
+        self.rejoins = 0
+        self.on_rejoin: Callable[[], object] | None = None  # the group's answer to a rejoin
 
     async def fetch(self, timeout_ms: int) -> Sequence[InRecord]:
         out: list[InRecord] = []
@@ -78,6 +80,11 @@ class MemorySource:
                 skips[part] = decode_ahead(position, self.log.metadata.get(part))
         return skips
 
+    def rejoin(self) -> None:
+        self.rejoins += 1
+        if self.on_rejoin is not None:
+            self.on_rejoin()
+
     def assign(self, parts: Sequence[Partition]) -> None:
         """The consumer's side of an assignment: positions from the committed offsets."""
         self.assignment = set(parts)
@@ -107,12 +114,36 @@ class MemorySink:
         # At-least-once's two steps: records published, then (after this long) positions
         # committed; a flush cancelled in between has published without committing.
         self.commit_delay_s = 0.0
+        # A commit whose answer is slow: stored, then answered this much later; a flush cut
+        # short meanwhile leaves its partitions in doubt until ``settle``.
+        self.answer_late_s = 0.0
+        self.late: asyncio.Future[None] | None = None
+        self.late_parts: frozenset[Partition] = frozenset()
+        self.settle_fails = False  # the outcome of a commit cut short cannot be learnt
+        self.violations: list[str] = []  # broken promises (each also fails its flush)
+
+    @property
+    def in_doubt(self) -> frozenset[Partition]:
+        return self.late_parts if self.late is not None else frozenset()
+
+    async def settle(self) -> bool:
+        if self.late is None:
+            self.violations.append("settle without a commit in doubt")
+            return True
+        if self.settle_fails:
+            self.late = None
+            raise ConnectionError("the producer that sent the commit is gone")
+        await asyncio.shield(self.late)
+        self.late, self.late_parts = None, frozenset()
+        return True
 
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         self.flushes += 1
         self.flush_started.append(asyncio.get_running_loop().time())
         self.flush_parts.append(tuple(sorted(batches)))
         self.flush_records.append(sum(len(b.records) for b in batches.values()))
+        if self.late is not None:  # as a new producer on the id would: it goes ahead
+            self.violations.append("a flush while a commit is in doubt")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.fail or self.fail_flushes:
@@ -126,6 +157,11 @@ class MemorySink:
         for part in done:
             self.log.committed[part] = batches[part].position
             self.log.metadata[part] = batches[part].metadata
+        if self.answer_late_s:
+            self.late = asyncio.ensure_future(asyncio.sleep(self.answer_late_s))
+            self.late_parts = frozenset(done)
+            await asyncio.shield(self.late)
+            self.late, self.late_parts = None, frozenset()
         if lost:
             raise FlushError("fenced", done=done, lost=lost)
 
@@ -142,6 +178,7 @@ class MemorySink:
         if self.fail:
             raise ConnectionError("broker unreachable")
         self.owned.update(parts)
+        self.fenced.difference_update(parts)  # a new producer epoch for them
 
     async def revoked(self, parts: Sequence[Partition]) -> None:
         self.owned.difference_update(parts)
@@ -163,7 +200,6 @@ class MemoryStagingSink(MemorySink):
         self.stage_calls = 0
         self.staged_records = 0  # staged and then committed
         self.dropped = 0  # staged and then aborted
-        self.violations: list[str] = []  # broken promises (each also fails its flush)
         self.flushing = False
 
     def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:

@@ -80,8 +80,7 @@ def origins(sink: MemorySink) -> list[tuple[int, int]]:
 
 def assert_exactly_once(log: MemoryLog, *sinks: MemorySink) -> None:
     for sink in sinks:
-        if isinstance(sink, MemoryStagingSink):
-            assert not sink.violations, sink.violations
+        assert not sink.violations, sink.violations
     published = [o for s in sinks for o in origins(s)]
     counts = collections.Counter(published)
     dupes = {k: v for k, v in counts.items() if v > 1}
@@ -126,6 +125,15 @@ class Member:
             **opts,
         )
         self.task: asyncio.Task[RunReport] | None = None
+        # The group's answer to a rejoin: these partitions (None: the same ones again).
+        self.rejoin_to: list[Partition] | None = None
+        self.rejoined: list[asyncio.Task[None]] = []
+        self.source.on_rejoin = lambda: self.rejoined.append(asyncio.create_task(self._rejoin()))
+
+    async def _rejoin(self) -> None:
+        parts = sorted(self.source.assignment)
+        await self.revoke(parts)
+        self.assign(parts if self.rejoin_to is None else self.rejoin_to)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.pipeline.run())
@@ -381,6 +389,7 @@ async def test_fenced_partition_publishes_nothing_more() -> None:
     fill(log, P1, 100, [b"a"])
     handler = Handler(delay_s=0.001)
     async with member(log, handler) as zombie:
+        zombie.rejoin_to = [P1]  # the group has given P0 to another member
         zombie.assign([P0, P1])
         await until(lambda: log.committed.get(P0, 0) > 10)
         zombie.sink.fenced.add(P0)  # another member took P0 over
@@ -671,3 +680,120 @@ async def test_records_just_fetched_start_before_the_next_fetch_is_asked_for() -
     for i in fetched:
         offset = journal[i].split()[1]
         assert journal[i + 1] == f"start {offset}", journal[i : i + 3]
+
+
+async def test_a_fence_under_an_unchanged_assignment_rejoins_and_flushes_on() -> None:
+    """A producer fenced while its member is still in the group (a transaction aborted by
+    its timeout, a stray producer on its id): the member asks the group for a new
+    assignment and takes its partitions over again; nothing is dropped for good."""
+    log = MemoryLog()
+    fill(log, P0, 20, [b"a", b"b"])
+    async with member(log, Handler()) as m:
+        m.assign([P0])
+        await until(flushed(log))
+        m.sink.fenced.add(P0)  # the next flush is fenced; the assignment stays {P0}
+        fill(log, P0, 5, [b"a"])
+        await until(lambda: m.source.rejoins == 1)
+        assert m.pipeline.fenced == {P0} or P0 in m.sink.owned
+        assert metrics.FENCED_PARTITIONS._value.get() in (0, 1)
+        fill(log, P0, 5, [b"b"])
+        await until(flushed(log))
+        assert m.pipeline.fenced == frozenset()
+        assert metrics.FENCED_PARTITIONS._value.get() == 0
+    assert_exactly_once(log, m.sink)
+
+
+@pytest.mark.parametrize("outcome", ["learnt", "unknown"])
+async def test_a_commit_cut_short_by_the_stop_is_never_published_twice(outcome: str) -> None:
+    """The commit was sent and its answer is slow (a paused broker, a moving coordinator);
+    the stop cuts the flush short at commit_timeout_s. Its outcome is learnt from the sink
+    that sent it (then nothing is re-sent), or, if it cannot be in time, its partitions are
+    handed over unpublished and the report says so; never re-sent in a new transaction."""
+    log = MemoryLog()
+    fill(log, P0, 2, [b"a", b"b"])
+    m = Member(log, Handler(), commit_timeout_s=0.5)
+    # learnt: the answer comes within the final flush's bound; unknown: long after it.
+    m.sink.answer_late_s = 0.7 if outcome == "learnt" else 2.0
+    m.start()
+    m.assign([P0])
+    await until(lambda: m.sink.late is not None)  # committed; the answer not back yet
+    report = await m.stop()
+    assert collections.Counter(origins(m.sink)) == {(0, 0): 1, (0, 1): 1}
+    assert log.committed[P0] == 2
+    if outcome == "learnt":
+        assert report == RunReport(2, 0, 0, 0)
+    else:
+        assert report == RunReport(2, 0, 0, 2)  # exit code: abandoned
+    assert_exactly_once(log, m.sink)
+
+
+@pytest.mark.parametrize("outcome", ["learnt", "unknown"])
+async def test_a_revocation_flush_cut_short_in_its_commit_hands_the_partition_over(
+    outcome: str,
+) -> None:
+    """The revocation's flush is cut short after its commit was sent: the partition goes
+    to its next owner unpublished (it starts from whatever the commit stored), and this
+    member learns the commit's outcome before its next flush, on the producer that sent
+    it (or cannot, and goes on): nothing is published twice."""
+    log = MemoryLog()
+    fill(log, P0, 3, [b"a"])
+    fill(log, P1, 3, [b"a"])
+    first = Member(log, Handler(), commit_timeout_s=0.3, flush_interval_s=30.0)
+    first.start()
+    first.assign([P0, P1])
+    await until(lambda: first.pipeline.processed == 6)
+    first.sink.answer_late_s = 1.0
+    await first.revoke([P1])  # its flush stores, then is cut short waiting for the answer
+    assert P1 in first.sink.in_doubt  # staged, P0 was in the transaction too
+    first.sink.answer_late_s = 0.0
+    first.sink.settle_fails = outcome == "unknown"
+    async with member(log, Handler()) as second:
+        second.assign([P1])
+        fill(log, P1, 2, [b"a"])
+        fill(log, P0, 2, [b"a"])
+        await until(lambda: log.committed.get(P1) == 5 and first.pipeline.processed >= 8)
+        late = first.sink.late
+        await until(lambda: late is None or late.done())  # the answer is back (or lost)
+        report = await first.stop()
+    assert (report.abandoned, report.unflushed, report.in_doubt) == (0, 0, 0)
+    async with member(log, Handler()) as last:  # whatever was handed over
+        last.assign([P0, P1])
+        await until(flushed(log))
+    assert_exactly_once(log, first.sink, second.sink, last.sink)
+
+
+async def test_a_fence_during_a_revocation_flush_is_said_as_a_fence(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log = MemoryLog()
+    fill(log, P0, 5, [b"a"])
+    caplog.set_level(logging.WARNING, logger="worker.pipeline")
+    handler = Handler()
+    async with member(log, handler) as m:
+        m.assign([P0])
+        await until(flushed(log))
+        hold = handler.hold[b"z"] = asyncio.Event()
+        fill(log, P0, 1, [b"z"])
+        await until(lambda: len(handler.started) == 6)  # running: the revocation flushes it
+        m.sink.fenced.add(P0)
+        hold.set()
+        await m.revoke([P0])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("was fenced" in msg for msg in messages), messages
+    assert not any("Kafka unreachable" in msg for msg in messages), messages
+
+
+async def test_revocation_waits_for_a_stuck_flush_only_within_its_bound() -> None:
+    """A flush that does not end (Kafka down) must not hold the revocation past its
+    bound: the member would lose its session."""
+    log = MemoryLog()
+    fill(log, P0, 3, [b"a"])
+    async with member(log, Handler(), commit_timeout_s=0.2) as m:
+        m.assign([P0])
+        await until(flushed(log))
+        m.sink.delay_s = 30.0  # the next flush hangs
+        fill(log, P0, 1, [b"a"])
+        await until(lambda: m.pipeline.flush_since is not None)
+        await asyncio.wait_for(m.revoke([P0]), 5)  # today: waits the 30 s
+        m.sink.delay_s = 0.0
+    assert log.committed[P0] in (3, 4)

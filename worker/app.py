@@ -284,7 +284,7 @@ class Worker:
         else:
             sink = AtLeastOnceSink(self._producer, self._consumer)
         self.pipeline = Pipeline(
-            ConsumerSource(self._consumer),
+            ConsumerSource(self._consumer, require_stable=settings.delivery == "exactly_once"),
             sink,
             self._processor,
             max_in_flight=settings.max_in_flight,

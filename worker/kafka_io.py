@@ -17,18 +17,22 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
+    GroupAuthorizationFailedError,
     InvalidProducerEpoch,
     KafkaError,
     ProducerFenced,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
 from cryptography import x509
 
 from worker import metrics
 from worker.kafka_fencing import (
+    Committed,
     GroupFencedError,
     MemberSource,
+    NeedsNewerBrokerError,
     commit_offsets_as_member,
     stable_committed_with_metadata,
 )
@@ -39,6 +43,7 @@ from worker.pipeline import (
     OutRecord,
     Partition,
     Pipeline,
+    TakeOverRefusedError,
     decode_ahead,
 )
 from worker.settings import (
@@ -185,11 +190,32 @@ def _tp(part: Partition) -> TopicPartition:
     return TopicPartition(part[0], part[1])
 
 
+# Refusals no retry can change: the cluster's ACLs do not let this worker's principal use
+# its group, its topics or its transactional ids.
+REFUSED = (
+    TransactionalIdAuthorizationFailed,
+    GroupAuthorizationFailedError,
+    TopicAuthorizationFailedError,
+)
+
+
+def refusal(exc: BaseException, what: str) -> TakeOverRefusedError:
+    """A take-over's permanent refusal (``exc``, one of :data:`REFUSED`) in one line."""
+    return TakeOverRefusedError(
+        f"{what} refused by the cluster ({type(exc).__name__}): grant this worker's principal "
+        "the ACLs the README lists (group, topics, transactional ids) and restart it"
+    )
+
+
 class ConsumerSource:
     """Adapts the consumer to the pipeline's :class:`~worker.pipeline.RecordSource`."""
 
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, *, require_stable: bool = True) -> None:
         self._consumer = consumer
+        # Exactly-once reads positions with require_stable (OffsetFetch v7, Kafka 2.5+);
+        # at-least-once falls back to the plain committed offsets on older brokers.
+        self._require_stable = require_stable
+        self._stable_missing = False
 
     async def fetch(self, timeout_ms: int) -> Sequence[InRecord]:
         batches = await self._consumer.getmany(timeout_ms=timeout_ms)
@@ -219,9 +245,16 @@ class ConsumerSource:
         owned = self._consumer.assignment()
         self._consumer.resume(*(tp for tp in map(_tp, parts) if tp in owned))
 
+    def rejoin(self) -> None:
+        coordinator = self._consumer._coordinator
+        if coordinator is not None:
+            coordinator.request_rejoin()
+
     async def rewind(self, parts: Sequence[Partition]) -> dict[Partition, frozenset[int]]:
-        # Read with require_stable: never a position an open transaction is replacing.
-        committed = await stable_committed_with_metadata(self._consumer, parts)
+        try:
+            committed = await self._committed(parts)
+        except REFUSED as exc:
+            raise refusal(exc, f"reading the committed offsets of {list(parts)}") from exc
         positions = {_tp(p): None if c is None else c.offset for p, c in committed.items()}
         never = [tp for tp, offset in positions.items() if offset is None]
         if never:  # nothing committed yet: from the beginning (auto_offset_reset=earliest)
@@ -235,6 +268,27 @@ class ConsumerSource:
             if tp in owned and offset is not None:
                 self._consumer.seek(tp, offset)
         return skips
+
+    async def _committed(self, parts: Sequence[Partition]) -> dict[Partition, Committed | None]:
+        """Read with require_stable (never a position an open transaction is replacing);
+        without it where the broker lacks OffsetFetch v7 and delivery is at-least-once."""
+        if not self._stable_missing:
+            try:
+                return await stable_committed_with_metadata(self._consumer, parts)
+            except NeedsNewerBrokerError:
+                if self._require_stable:
+                    raise
+                self._stable_missing = True
+                log.info(
+                    "the broker has no OffsetFetch v7 (Kafka before 2.5): reading committed "
+                    "positions without require_stable (at-least-once needs none)"
+                )
+        found = await self._consumer._coordinator.fetch_committed_offsets(list(map(_tp, parts)))
+        out: dict[Partition, Committed | None] = {}
+        for part in parts:
+            c = found.get(_tp(part))
+            out[part] = None if c is None or c.offset < 0 else Committed(c.offset, c.metadata)
+        return out
 
 
 class AtLeastOnceSink:
@@ -336,6 +390,10 @@ class TransactionalSink:
         self._sender: asyncio.Task[None] | None = None
         self._staging_failed: Exception | None = None
         self._flushing = False
+        # A commit cut short after EndTxn was sent: its task (on the producer that sent it,
+        # which is kept) and the partitions whose outcome it decides (see settle).
+        self._committing: asyncio.Task[None] | None = None
+        self._committing_parts: frozenset[Partition] = frozenset()
 
     def transactional_id(self, part: Partition) -> str:
         return f"{self._prefix}-{part[0]}-{part[1]}"
@@ -401,6 +459,9 @@ class TransactionalSink:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation
         failed = [o for o in outcomes if isinstance(o, Exception)]
+        for exc in failed:
+            if isinstance(exc, REFUSED):
+                raise refusal(exc, f"taking the transactional ids of {list(parts)}") from exc
         if failed:
             raise failed[0]
 
@@ -440,6 +501,9 @@ class TransactionalSink:
         """Stop the producer; with ``abort``, abort its open transaction first."""
         producer, self._producer, self._producer_for = self._producer, None, None
         sender, self._sender = self._sender, None
+        committing = self._committing
+        if committing is not None and not committing.done():
+            committing.cancel()  # its outcome cannot be learnt any more (settle says so)
         was_open = self._open
         self._end_transaction()
         if sender is not None and not sender.done():
@@ -452,9 +516,43 @@ class TransactionalSink:
                     await asyncio.wait_for(producer.abort_transaction(), timeout_s)
             await _stop_quietly(producer, timeout_s)
 
+    @property
+    def in_doubt(self) -> frozenset[Partition]:
+        """The partitions of a flush cut short after its EndTxn(COMMIT) was sent."""
+        return self._committing_parts if self._committing is not None else frozenset()
+
+    async def settle(self) -> bool:
+        """The outcome of the commit cut short, learnt on the producer that sent it (as
+        Java's ``commitTransaction`` contract says: after a timeout the commit may still
+        complete; retry it, never send its content in another transaction). True when it
+        committed; raises when it cannot be learnt (failed, or its producer stopped)."""
+        task = self._committing
+        if task is None:
+            return True
+        bound_s = self._settings.commit_timeout_s + self._settings.kafka_request_timeout_ms / 1000
+        await asyncio.wait([task], timeout=bound_s)  # neither cancels it nor is cancelled
+        self._committing, self._committing_parts = None, frozenset()
+        if not task.done():
+            task.cancel()
+            await self._stop_producer()
+            raise TimeoutError(f"no answer to the commit within {bound_s:.1f}s")
+        if task.cancelled():
+            raise RuntimeError("the producer that sent the commit was stopped before its answer")
+        exc = task.exception()
+        if exc is not None:
+            await self._stop_producer()
+            raise RuntimeError(f"the commit failed: {exc!r}")
+        metrics.TRANSACTIONS.labels("committed").inc()
+        return True
+
+    def _commit_sent(self) -> bool:
+        return self._committing is not None
+
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         """One transaction for every partition's batch: all of it is stored, or none. The
         batches hold every partition with staged records, each from its first staged one."""
+        if self._committing is not None:
+            raise RuntimeError("a commit cut short is still in doubt: settle it first")
         producer = self._producer
         if producer is None:  # every flush tries again until a producer starts
             if not self._owned:
@@ -476,8 +574,16 @@ class TransactionalSink:
                 self._owned.clear()
                 raise FlushError(f"fenced: {exc!r}", lost=lost) from exc
             raise FlushError(f"the transaction failed: {exc!r}") from exc
-        except BaseException:  # cancelled (a bounded flush ran out of time): as failed
-            await self._stop_producer()
+        except BaseException:  # cancelled (a bounded flush ran out of time)
+            if self._commit_sent():
+                # EndTxn was sent: the commit may still complete. Keep the producer to
+                # learn its outcome (settle); its content is never sent again meanwhile.
+                self._committing_parts = frozenset(batches)
+                self._end_transaction()
+            else:
+                # Not committing: abort, so that readers of the results are not held by
+                # the open transaction until a take-over fences the id.
+                await self._stop_producer(abort=True)
             raise
         finally:
             self._flushing = False
@@ -508,7 +614,19 @@ class TransactionalSink:
             {_tp(p): (b.position, b.metadata) for p, b in batches.items()}, self._group_id
         )
         await asyncio.gather(*acks)
-        await producer.commit_transaction()
+        # EndTxn(COMMIT): from here the outcome is the broker's; a cut short leaves it in
+        # doubt (flush, settle). The task runs on whether or not this flush is cancelled.
+        task = self._committing = asyncio.ensure_future(producer.commit_transaction())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():  # not this flush's cancel: its producer was stopped
+                self._committing = None
+            raise
+        except BaseException:  # the commit failed: nothing of it is stored
+            self._committing = None
+            raise
+        self._committing = None
 
     async def close(self) -> None:
         """Stop the producer; a producer still starting is stopped as its start ends."""

@@ -50,6 +50,18 @@ PAUSED_PARTITIONS = Gauge(
 KAFKA_REACHABLE = Gauge(
     "cancel_worker_kafka_reachable", "1 while results can be published and committed, else 0"
 )
+RESULTS_PUBLISHABLE = Gauge(
+    "cancel_worker_results_publishable",
+    "0 while a flush of results has waited on Kafka for more than a few seconds, else 1",
+)
+FENCED_PARTITIONS = Gauge(
+    "cancel_worker_fenced_partitions",
+    "Partitions fenced while still assigned: their records are dropped until re-assigned",
+)
+TAKE_OVER_FAILURES = Counter(
+    "cancel_worker_take_over_failures_total",
+    "Failed attempts to take over assigned partitions (retried)",
+)
 ABANDONED = Counter(
     "cancel_worker_abandoned_total",
     "Running commands cancelled at a revocation or shutdown bound (read again later)",

@@ -173,6 +173,11 @@ class FlushError(Exception):
         self.lost = frozenset(lost)
 
 
+class TakeOverRefusedError(Exception):
+    """A take-over the cluster refuses for good (authorization on the group, the topics or
+    the transactional id): retrying cannot help, so the worker stops with this reason."""
+
+
 class ResultSink(Protocol):
     async def flush(self, batches: Mapping[Partition, Flush]) -> None:
         """Make each batch's records durable and store its position; raise on failure.
@@ -203,6 +208,24 @@ class StagingSink(ResultSink, Protocol):
         each from its first staged record."""
 
 
+@runtime_checkable
+class SettlingSink(ResultSink, Protocol):
+    """A sink whose flush can be cut short after its commit was sent (exactly-once's
+    EndTxn): the commit may still complete, so the flush's content must never be sent again
+    in another transaction. Its outcome is learnt on the producer that sent it."""
+
+    @property
+    def in_doubt(self) -> frozenset[Partition]:
+        """The partitions of a flush cut short after its commit was sent, until
+        :meth:`settle` has learnt whether it stored them."""
+
+    async def settle(self) -> bool:
+        """Wait for the outcome of the commit cut short: True if it stored the partitions,
+        False if it did not (nothing of them is stored). Raises if it cannot be learnt
+        (then they must be handed over unpublished: the next owner starts from whatever was
+        committed)."""
+
+
 class RecordSource(Protocol):
     async def fetch(self, timeout_ms: int) -> Sequence[InRecord]: ...
 
@@ -218,6 +241,10 @@ class RecordSource(Protocol):
         offsets after its position already answered durably (the committed metadata, read
         with :func:`decode_ahead`): they are not processed again."""
 
+    def rejoin(self) -> None:
+        """Ask the group for a new assignment: every partition is revoked and assigned
+        again (taken over afresh), as after any rebalance."""
+
 
 @dataclass(frozen=True, slots=True)
 class RunReport:
@@ -226,6 +253,9 @@ class RunReport:
     processed: int
     abandoned: int  # running records cancelled at the shutdown bound
     unflushed: int  # completed records whose results could not be made durable in time
+    # completed records whose commit was cut short and whose outcome could not be learnt:
+    # not sent again (the next owner starts from whatever the commit stored)
+    in_doubt: int = 0
 
 
 class _Entry:
@@ -248,6 +278,7 @@ class _PartState:
         "closing",
         "entries",
         "flush_at",
+        "in_doubt",
         "lanes",
         "part",
         "paused",
@@ -273,11 +304,14 @@ class _PartState:
         self.answered: list[_Entry] = []
         self.staged = 0
         self.skip: frozenset[int] = frozenset()  # offsets answered durably before the rewind
+        # The first answers, of a flush cut short after its commit was sent: neither
+        # flushed again nor dropped until the sink has learnt the commit's outcome.
+        self.in_doubt = 0
 
     @property
     def flushable(self) -> bool:
-        """Owned, with answers to make durable."""
-        return self.ready and bool(self.answered)
+        """Owned, with answers to make durable (none of them in doubt)."""
+        return self.ready and not self.in_doubt and bool(self.answered)
 
     def publishable(self, entry: _Entry) -> bool:
         """Whether the entry's answer can be made durable now: within :data:`AHEAD_SPAN`
@@ -306,6 +340,7 @@ class Pipeline:
         retry_initial_s: float = 0.1,
         retry_max_s: float = 5.0,
         flush_interval_s: float = 0.0,
+        publish_stall_s: float = 5.0,
     ) -> None:
         self._source = source
         self._sink = sink
@@ -320,6 +355,12 @@ class Pipeline:
         # The shortest time from one flush's start to the next one's (the final flush on
         # shutdown or revocation does not wait for it): fewer, larger transactions.
         self._flush_interval_s = flush_interval_s
+        # A flush waiting this long on the sink is reported (log, metric, readiness).
+        self._publish_stall_s = publish_stall_s
+        self._stalled_since: float | None = None
+        metrics.RESULTS_PUBLISHABLE.set(1)
+        # Since when a take-over has been failing (None: none is), for readiness.
+        self._take_over_failing_since: float | None = None
         self._parts: dict[Partition, _PartState] = {}
         self._ready_lanes: deque[tuple[_PartState, bytes | None]] = deque()
         self._running = 0
@@ -332,6 +373,8 @@ class Pipeline:
         self._fatal: BaseException | None = None
         # States with results staged in the sink's pending transaction, and its number.
         self._stager = sink if isinstance(sink, StagingSink) else None
+        self._settler = sink if isinstance(sink, SettlingSink) else None
+        self._in_doubt: dict[Partition, _PartState] = {}  # see _PartState.in_doubt
         self._staged: dict[Partition, _PartState] = {}
         self._staged_in: int | None = None
         self._unreachable_since: float | None = None
@@ -352,6 +395,12 @@ class Pipeline:
         return self._stopping.is_set()
 
     # -- what the operations endpoint reads ------------------------------------------------------
+
+    @property
+    def fenced(self) -> frozenset[Partition]:
+        """Partitions fenced while still assigned: their records are dropped until the
+        group assigns them again (a rejoin has been asked for)."""
+        return frozenset(self._lost)
 
     @property
     def kafka_reachable_now(self) -> bool:
@@ -387,8 +436,9 @@ class Pipeline:
             abandoned = await self._shutdown(flusher)
         if self._fatal is not None:
             raise self._fatal
-        unflushed = sum(len(s.answered) for s in self._parts.values())
-        return RunReport(self.processed, abandoned, unflushed)
+        unflushed = sum(len(s.answered) - s.in_doubt for s in self._parts.values())
+        in_doubt = sum(s.in_doubt for s in self._parts.values())
+        return RunReport(self.processed, abandoned, unflushed, in_doubt)
 
     async def _shutdown(self, flusher: asyncio.Task[None]) -> int:
         for state in self._parts.values():
@@ -529,8 +579,8 @@ class Pipeline:
 
     def _stage(self, stager: StagingSink, state: _PartState) -> None:
         """Hand the sink the results answered since it was last handed the partition's."""
-        if not state.ready or state.revoked:
-            return
+        if not state.ready or state.revoked or state.in_doubt:
+            return  # in doubt: staged once the commit's outcome is known
         staged = self._staged_now(stager)
         answered = state.answered
         start = end = state.staged
@@ -633,11 +683,57 @@ class Pipeline:
         """Flush every state's completed prefix, and every one with staged results with them
         (the sink's transaction commits all it holds); False if the sink failed (kept for
         later)."""
+        if self._in_doubt or (self._settler is not None and self._settler.in_doubt):
+            await self._settle()
         if self._stager is not None:
             wanted = {s.part: s for s in states}
             for part, state in self._staged_now(self._stager).items():
                 wanted.setdefault(part, state)
             states = list(wanted.values())
+        taken, batches = self._batches(states)
+        if not batches:
+            return True
+        failure: Exception | None = None
+        done: frozenset[Partition] = frozenset(batches)
+        self.flush_since = started = time.monotonic()
+        self._space_out(started)
+        stall = asyncio.get_running_loop().call_later(
+            self._publish_stall_s, self._publish_stalled, sum(n for _, n in taken.values())
+        )
+        try:
+            await self._sink.flush(batches)
+        except FlushError as exc:
+            failure, done = exc, exc.done
+            # Those being revoked too (no longer in _parts): a fence, not an outage.
+            lost = {p: st for p in exc.lost if (st := self._parts.get(p)) is not None}
+            lost.update((p, taken[p][0]) for p in exc.lost if p in taken)
+            self._lose(list(lost.values()))
+        except asyncio.CancelledError:
+            self._doubt(taken)
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure is retried; the records stay
+            failure, done = exc, frozenset()
+        finally:
+            self.flush_since = None
+            stall.cancel()
+        for part in done:
+            state, count = taken.pop(part)
+            self._published(state, count)
+        if done:
+            metrics.COMMITS.inc()
+        waiting = sum(n for s, n in taken.values() if not s.revoked)
+        if failure is not None and waiting:
+            self.kafka_unreachable(failure, waiting)
+            return False
+        self.kafka_reachable()
+        self._publish_resumed()
+        return True
+
+    def _batches(
+        self, states: Sequence[_PartState]
+    ) -> tuple[dict[Partition, tuple[_PartState, int]], dict[Partition, Flush]]:
+        """What a flush of ``states`` takes of each (its state and how many answers), and
+        the batches it hands the sink."""
         taken: dict[Partition, tuple[_PartState, int]] = {}
         batches: dict[Partition, Flush] = {}
         for state in states:
@@ -652,37 +748,16 @@ class Pipeline:
                 continue
             batches[state.part] = self._batch(state, count)
             taken[state.part] = (state, count)
-        if not batches:
-            return True
-        failure: Exception | None = None
-        done: frozenset[Partition] = frozenset(batches)
-        self.flush_since = started = time.monotonic()
-        self._space_out(started)
-        try:
-            await self._sink.flush(batches)
-        except FlushError as exc:
-            failure, done = exc, exc.done
-            self._lose([st for p in exc.lost if (st := self._parts.get(p)) is not None])
-        except Exception as exc:  # noqa: BLE001 - any failure is retried; the records stay
-            failure, done = exc, frozenset()
-        finally:
-            self.flush_since = None
-        for part in done:
-            state, count = taken.pop(part)
-            for entry in state.answered[:count]:
-                entry.published = True
-            del state.answered[:count]
-            state.staged = max(0, state.staged - count)
-            state.drop_published()
-            self._check_pause(state)
-        if done:
-            metrics.COMMITS.inc()
-        waiting = sum(n for s, n in taken.values() if not s.revoked)
-        if failure is not None and waiting:
-            self.kafka_unreachable(failure, waiting)
-            return False
-        self.kafka_reachable()
-        return True
+        return taken, batches
+
+    def _published(self, state: _PartState, count: int) -> None:
+        """The state's first ``count`` answers are durable."""
+        for entry in state.answered[:count]:
+            entry.published = True
+        del state.answered[:count]
+        state.staged = max(0, state.staged - count)
+        state.drop_published()
+        self._check_pause(state)
 
     @staticmethod
     def _batch(state: _PartState, count: int) -> Flush:
@@ -703,21 +778,117 @@ class Pipeline:
         records = tuple(r for e in taken for r in e.outgoing)
         return Flush(records, position, encode_ahead(position, ahead))
 
-    def _lose(self, states: Sequence[_PartState]) -> None:
-        """Another member owns these partitions now: stop their work, publish nothing."""
-        for state in states:
+    def _publish_stalled(self, waiting: int) -> None:
+        """A flush has waited ``publish_stall_s`` on the sink: say it now (a WARNING, the
+        metric, readiness), not when the client gives up (the results topic may refuse
+        writes for as long as it is misconfigured, and the client retries all that time)."""
+        if self._stalled_since is not None:
+            return
+        self._stalled_since = time.monotonic() - self._publish_stall_s
+        metrics.RESULTS_PUBLISHABLE.set(0)
+        log.warning(
+            "results not published for %.0fs: %d result(s) wait on Kafka (a results topic "
+            "that refuses writes, e.g. fewer in-sync replicas than min.insync.replicas, or "
+            "an overloaded broker); still trying",
+            self._publish_stall_s,
+            waiting,
+        )
+
+    def _publish_resumed(self) -> None:
+        if self._stalled_since is None:
+            return
+        log.warning("results published again after %.1fs", time.monotonic() - self._stalled_since)
+        self._stalled_since = None
+        metrics.RESULTS_PUBLISHABLE.set(1)
+
+    @property
+    def take_over_failing_s(self) -> float:
+        """How long take-overs have been failing (0: none is); their partitions' records
+        wait meanwhile."""
+        since = self._take_over_failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    @property
+    def publishing_now(self) -> bool:
+        """False while a flush has been waiting on the sink for ``publish_stall_s``."""
+        return self._stalled_since is None
+
+    def _doubt(self, taken: Mapping[Partition, tuple[_PartState, int]]) -> None:
+        """A flush cut short: the partitions whose commit was sent are in doubt."""
+        if self._settler is None:
+            return
+        for part in self._settler.in_doubt:
+            if part in taken:
+                state, count = taken[part]
+                state.in_doubt = count
+                self._in_doubt[part] = state
+
+    async def _settle(self) -> None:
+        """Learn the outcome of the commit cut short before anything more is flushed: its
+        results are then dropped (stored) or flushed again (not stored). If it cannot be
+        learnt they are handed over unpublished, never sent in another transaction."""
+        if self._settler is None:
+            return
+        states = list(self._in_doubt.values())
+        count = sum(s.in_doubt for s in states)
+        try:
+            stored = await self._settler.settle()
+        except Exception as exc:  # noqa: BLE001 - unknown: hand the partitions over
+            self._in_doubt.clear()
             log.warning(
-                "%s[%d] was taken over by another member; dropping its work in hand", *state.part
+                "the outcome of a commit cut short cannot be learnt (%s): %d result(s) of %s "
+                "are handed over unpublished, never sent again",
+                exc,
+                count,
+                [s.part for s in states],
             )
-            self._parts.pop(state.part, None)
-            self._lost.add(state.part)
+            self._lose([s for s in states if not s.revoked])
+            return
+        self._in_doubt.clear()
+        for state in states:
+            if stored:
+                self._published(state, state.in_doubt)
+            state.in_doubt = 0
+            state.staged = 0  # the sink's transaction ended with the flush cut short
+            if self._stager is not None:
+                self._stage(self._stager, state)
+        log.info(
+            "a commit cut short %s: %d result(s) of %s %s",
+            "completed" if stored else "did not complete",
+            count,
+            [s.part for s in states],
+            "are durable" if stored else "are published again",
+        )
+
+    def _lose(self, states: Sequence[_PartState]) -> None:
+        """These partitions' producer was fenced: stop their work, publish nothing of it.
+        Another member may own them now; if the consumer still has them, the fence came
+        without a rebalance (a transaction aborted by its timeout, another producer on the
+        id): ask the group for a new assignment, which takes them over afresh."""
+        still_assigned = []
+        for state in states:
+            log.warning("%s[%d] was fenced; dropping its work in hand", *state.part)
+            if self._parts.get(state.part) is state:
+                del self._parts[state.part]
+                if self._source.owns(state.part):
+                    still_assigned.append(state.part)
+                    self._lost.add(state.part)
             self._drop_waiting(state)
             state.revoked = True
             for entry in state.running.values():
                 if entry.task is not None:
                     entry.task.cancel()
             if state.paused:
+                state.paused = False
                 metrics.PAUSED_PARTITIONS.dec()
+            self._in_doubt.pop(state.part, None)
+        metrics.FENCED_PARTITIONS.set(len(self._lost))
+        if still_assigned and not self._stopping.is_set():
+            log.warning(
+                "fenced while still assigned %s: asking the group for a new assignment",
+                still_assigned,
+            )
+            self._source.rejoin()
 
     async def _flush_bounded(self, states: Sequence[_PartState]) -> None:
         """Final flush (shutdown, revocation): retried until ``commit_timeout_s``."""
@@ -735,7 +906,7 @@ class Pipeline:
                 return
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, self._retry_max_s)
-        waiting = sum(len(s.answered) for s in states)
+        waiting = sum(len(s.answered) - s.in_doubt for s in states)
         if waiting:
             log.warning(
                 "%d result(s) not made durable within %.1fs; their records will be read again",
@@ -793,19 +964,44 @@ class Pipeline:
         """Drop queued work, finish running work (bounded), flush, let go of the parts."""
         states = [s for p in parts if (s := self._parts.pop(p, None)) is not None]
         self._lost.difference_update(parts)
+        metrics.FENCED_PARTITIONS.set(len(self._lost))
         self._revoking.update(parts)
         try:
             await self._let_go(parts, states)
         finally:
             self._revoking.difference_update(parts)
+            doubtful = [s for p in parts if (s := self._in_doubt.pop(p, None)) is not None]
+            if doubtful:
+                log.warning(
+                    "%d result(s) of %s were being committed when the revocation's bound ran "
+                    "out: handed over unpublished (their next owner starts from whatever the "
+                    "commit stored), never sent again",
+                    sum(s.in_doubt for s in doubtful),
+                    [s.part for s in doubtful],
+                )
 
     async def _let_go(self, parts: Sequence[Partition], states: Sequence[_PartState]) -> None:
         await self._end_take_overs(parts)
         for state in states:
             self._drop_waiting(state)  # running records may still finish and be flushed
         await self._finish_running(states, self._revoke_grace_s)
-        async with self._flush_lock:
-            await self._flush_bounded(states)
+        # Bounded: a flush that does not end (Kafka down) must not cost the member its
+        # session. Without the lock the parts are let go of unflushed; the flush under way
+        # then publishes nothing of them (they are revoked) or its transaction is refused.
+        try:
+            await asyncio.wait_for(self._flush_lock.acquire(), self._commit_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "a flush under way did not end within %.1fs; letting go of %s unflushed "
+                "(their records will be read again)",
+                self._commit_timeout_s,
+                list(parts),
+            )
+        else:
+            try:
+                await self._flush_bounded(states)
+            finally:
+                self._flush_lock.release()
         for state in states:
             state.revoked = True
             if state.paused:
@@ -822,6 +1018,7 @@ class Pipeline:
                 log.info("partitions assigned while stopping, not taken over: %s", parts)
             return
         self._lost.difference_update(parts)
+        metrics.FENCED_PARTITIONS.set(len(self._lost))
         for part in parts:
             self._parts.setdefault(part, _PartState(part))
         if parts:
@@ -836,11 +1033,19 @@ class Pipeline:
                 await self._sink.assigned(parts)
                 skips = await self._source.rewind(parts)
                 break
+            except TakeOverRefusedError as exc:
+                self._fail(exc)
+                return
             except Exception as exc:  # noqa: BLE001 - retried until it works or is revoked
+                metrics.TAKE_OVER_FAILURES.inc()
+                if self._take_over_failing_since is None:
+                    self._take_over_failing_since = time.monotonic()
                 level = logging.WARNING if delay == self._retry_initial_s else logging.DEBUG
                 log.log(level, "taking over %s failed (retrying with backoff): %s", parts, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry_max_s)
+        if not any(t is not asyncio.current_task() for t in self._preparing.values()):
+            self._take_over_failing_since = None
         for part in parts:
             if self._preparing.get(part) is asyncio.current_task():
                 del self._preparing[part]
