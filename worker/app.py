@@ -3,7 +3,9 @@
 Exit codes (``ExitCode``): 0 clean stop, 1 fatal runtime error, 2 configuration error,
 3 forced stop (second signal during shutdown), 4 stopped with work abandoned (commands still
 running at the shutdown bound were cancelled, or results could not be made durable in
-time; their records are read again by the next owner).
+time; their records are read again by the next owner; or a commit was cut short and its
+outcome could not be learnt: its results are not sent again, the next owner starts from
+whatever it stored).
 """
 
 from __future__ import annotations
@@ -44,13 +46,16 @@ from worker.kafka_io import (
 )
 from worker.ops import Check, OpsServer
 from worker.papi import PapiClient
-from worker.pipeline import Partition, Pipeline, ResultSink, RunReport
+from worker.pipeline import Partition, Pipeline, ResultSink, RunReport, TakeOverRefusedError
 from worker.processor import CommandProcessor
 from worker.producers import Producers, ProducersError, load_producers
 from worker.settings import Settings
 from worker.timeutil import now_ms
 
 log = logging.getLogger(__name__)
+
+# A take-over failing longer than this makes the worker not ready (its partitions wait).
+TAKE_OVER_FAILING_S = 10.0
 
 
 class ExitCode(enum.IntEnum):
@@ -420,10 +425,13 @@ class Worker:
         else:
             checks.append(Check("running", True, "fetching"))
         checks.append(self._group_check())
-        if pipeline.kafka_reachable_now:
-            checks.append(Check("kafka", True, "reachable"))
-        else:
+        if not pipeline.kafka_reachable_now:
             checks.append(Check("kafka", False, "results cannot be published or committed"))
+        elif not pipeline.publishing_now:
+            checks.append(Check("kafka", False, "results wait on Kafka: not published yet"))
+        else:
+            checks.append(Check("kafka", True, "reachable"))
+        checks.append(self._partitions_check())
         now = self.clock.now()
         banned = self.governor.banned_until_ms - now
         if banned > 0:
@@ -455,6 +463,21 @@ class Worker:
         if not _group_coordinator_known(consumer):
             return Check("group", False, "no group coordinator")
         return Check("group", True, f"in the group (generation {member.generation}), no partition")
+
+    def _partitions_check(self) -> Check:
+        """The partitions in hand are processed: none fenced (dropped until the group
+        assigns it again) and no take-over failing for long."""
+        pipeline = self.pipeline
+        fenced = sorted(pipeline.fenced)
+        if fenced:
+            names = ", ".join(f"{t}[{p}]" for t, p in fenced)
+            return Check("partitions", False, f"fenced, records dropped until re-assigned: {names}")
+        failing_s = pipeline.take_over_failing_s
+        if failing_s > TAKE_OVER_FAILING_S:
+            return Check(
+                "partitions", False, f"taking over partitions has failed for {failing_s:.0f}s"
+            )
+        return Check("partitions", True, "processed")
 
     def _clock_check(self) -> Check:
         synced = self.clock.synced_at_ms
@@ -580,15 +603,21 @@ async def _serve(settings: Settings, worker: Worker, accounts: int) -> ExitCode:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - the message is the whole story
         return ExitCode.CONFIG
+    except TakeOverRefusedError as exc:
+        log.error("worker stopped: %s", exc)  # noqa: TRY400 - the message is the whole story
+        return ExitCode.FATAL
     except Exception:
         log.exception("worker stopped on a fatal error")
         return ExitCode.FATAL
-    if report.abandoned or report.unflushed:
+    if report.abandoned or report.unflushed or report.in_doubt:
         log.error(
             "worker stopped with work abandoned: %d command(s) cancelled while running, "
-            "%d result(s) not made durable; their records will be read again (exit %d)",
+            "%d result(s) not made durable; their records will be read again; %d result(s) "
+            "whose commit was cut short, outcome unknown: not sent again, the next owner "
+            "starts from whatever it stored (exit %d)",
             report.abandoned,
             report.unflushed,
+            report.in_doubt,
             ExitCode.ABANDONED,
         )
         return ExitCode.ABANDONED
