@@ -1,0 +1,207 @@
+"""The rare faults of exactly-once delivery, on the real broker: a flush cut short before its
+commit, results that cannot be published, a broker without OffsetFetch v7, a take-over the
+cluster refuses for good. (The pipeline's side of each is in tests/test_pipeline_memory.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import TransactionalIdAuthorizationFailed
+
+from tests.memory_ports import MemoryLog, MemorySink, MemorySource
+from tests.support import (
+    SimControl,
+    command,
+    consume,
+    events_of,
+    fresh_topics,
+    in_group,
+    owning,
+    produce,
+    read_to_end,
+    running_worker,
+    until,
+    worker_settings,
+)
+from tests.test_pipeline_memory import Handler, fill
+from tests.test_staging import results, unstable, until_unstable
+from worker import metrics
+from worker.kafka_fencing import NeedsNewerBrokerError, group_member
+from worker.kafka_io import REFUSED, ConsumerSource, refusal
+from worker.pipeline import Flush, Partition, Pipeline, TakeOverRefusedError
+from worker.tools.devstack import REPO, Broker
+
+# -- a flush cut short before its commit ---------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_a_flush_cut_short_before_its_commit_aborts_its_transaction(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """Cut short (a bounded final flush ran out of time) before EndTxn was sent: the open
+    transaction is aborted before the producer stops, so that read_committed readers of the
+    results are not held back until some take-over fences the id (or its timeout)."""
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    part: Partition = (topics.commands, 0)
+    async with (
+        in_group(settings) as consumer,
+        owning(settings, lambda: group_member(consumer), [part]) as sink,
+    ):
+        batch = Flush(results(settings, b"1", b"2", b"3"), 3)
+        assert sink.stage(part, batch.records[:2])
+        await until_unstable(broker.bootstrap, topics.results, 2)  # in the open transaction
+        assert sink.stage(part, batch.records[2:])  # still being sent when the flush starts
+        flush = asyncio.create_task(sink.flush({part: batch}))
+        await asyncio.sleep(0)
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        assert sink.in_doubt == frozenset()  # the commit was not sent
+        assert await unstable(broker.bootstrap, topics.results) == 0  # aborted: not held back
+        await sink.assigned([part])  # taken over again, as the next owner would
+        await sink.flush({part: batch})
+    assert [r.value for r in await read_to_end(broker.bootstrap, topics.results)] == [
+        b"1",
+        b"2",
+        b"3",
+    ]
+
+
+# -- results that cannot be published ------------------------------------------------------------
+
+
+def produce_quota(broker: Broker, client_id: str, bytes_per_s: int | None) -> None:
+    """Set (or remove) a produce quota on a client id, with Kafka's own config tool: the
+    broker holds the client's connection back, so its produce requests go unanswered
+    while the cluster stays reachable. (A results topic with min.insync.replicas above
+    its replication factor does the same on a cluster of several brokers; a single
+    broker caps min.insync.replicas at the replication factor and accepts the writes.)"""
+    change = (
+        ["--add-config", f"producer_byte_rate={bytes_per_s}"]
+        if bytes_per_s is not None
+        else ["--delete-config", "producer_byte_rate"]
+    )
+    libs = REPO / "deploy" / "kafka" / "target" / "libs"  # the broker's own (kafka.sh)
+    for tool in ("kafka.admin.ConfigCommand", "org.apache.kafka.tools.ConfigCommand"):  # 3.x, 4.x
+        argv = ["java", "-cp", f"{libs}/*", tool, "--bootstrap-server", broker.bootstrap]
+        argv += ["--alter", "--entity-type", "clients", "--entity-name", client_id, *change]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode == 0:
+            return
+        if "Could not find or load main class" not in done.stderr:
+            raise AssertionError(f"{tool} failed: {done.stderr[-2000:]}")
+    raise AssertionError("no ConfigCommand in Kafka's libraries")
+
+
+def keyed(commands: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
+    return [(c["account"].encode(), orjson.dumps(c)) for c in commands]
+
+
+@pytest.mark.integration
+async def test_results_that_cannot_be_published_are_said_within_seconds_then_answered_once(
+    broker: Broker, sim: SimControl, accounts_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Kafka is reachable but takes no results (the broker holds the producer back): a
+    WARNING, the metric and /readyz say so within seconds, before the client gives up on
+    a request (and long before HEALTH_STALL_S); once it takes them again, every command is
+    answered exactly once."""
+    caplog.set_level(logging.WARNING, logger="worker.pipeline")
+    topics = await fresh_topics(broker.bootstrap, partitions=2)
+    client_id = f"held-{topics.results}"
+    settings = worker_settings(
+        broker.bootstrap,
+        topics,
+        sim.url,
+        accounts_file,
+        client_id=client_id,
+        kafka_request_timeout_ms=15_000,
+        health_stall_s=20.0,
+    )
+    specs = [{"account": f"desk-{i % 3}", "market": "UM", "symbol": "BTCUSDT"} for i in range(12)]
+    commands = [command(s["account"], o) for s, o in zip(specs, sim.seed(specs), strict=True)]
+    first, second = commands[:6], commands[6:]
+
+    def kafka_check() -> bool:
+        return next(c.ok for c in worker.readiness() if c.name == "kafka")
+
+    async with running_worker(settings) as worker:
+        await produce(broker.bootstrap, topics.commands, keyed(first))
+        await consume(broker.bootstrap, topics.results, len(first), timeout_s=60)
+        await until(kafka_check, "ready before the fault", 30)
+        failed = metrics.TRANSACTIONS.labels("failed")._value.get()
+        await asyncio.to_thread(produce_quota, broker, f"{client_id}-producer", 1)
+        try:
+            await produce(broker.bootstrap, topics.commands, keyed(second))
+            await until(lambda: not kafka_check(), "readiness failing", 14)
+            # Said while the flush still waits, not when the client has given up on it.
+            assert metrics.TRANSACTIONS.labels("failed")._value.get() == failed
+            assert metrics.RESULTS_PUBLISHABLE._value.get() == 0
+            said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+            assert any("results not published" in m for m in said), said
+        finally:
+            await asyncio.to_thread(produce_quota, broker, f"{client_id}-producer", None)
+        await until(kafka_check, "ready again", 60)
+        await until(lambda: worker.pipeline.oldest_in_hand_s() == 0, "all answered", 60)
+        assert metrics.RESULTS_PUBLISHABLE._value.get() == 1
+    events = events_of(await read_to_end(broker.bootstrap, topics.results))
+    ids = sorted(e["command_id"] for e in events)
+    assert ids == sorted(c["command_id"] for c in commands)  # each exactly once
+
+
+# -- take-overs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("require_stable", [False, True])
+async def test_at_least_once_rewinds_where_the_broker_lacks_offset_fetch_v7(
+    broker: Broker, sim: SimControl, accounts_file: Path, require_stable: bool
+) -> None:
+    """A broker older than Kafka 2.5 has no OffsetFetch v7 (require_stable): at-least-once
+    reads the committed positions without it; exactly-once never does."""
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    part: Partition = (topics.commands, 0)
+    await produce(broker.bootstrap, topics.commands, [(b"k", b"{}")] * 5)
+    async with in_group(settings) as consumer:
+        tp = TopicPartition(*part)
+        await consumer.commit({tp: 3})
+        for conn in consumer._client._conns.values():  # as an old broker answers ApiVersions
+            conn._versions[9] = (0, 6)
+        source = ConsumerSource(consumer, require_stable=require_stable)
+        if require_stable:
+            with pytest.raises(NeedsNewerBrokerError):
+                await source.rewind([part])
+            return
+        await source.rewind([part])
+        assert await consumer.position(tp) == 3
+
+
+class RefusingSink(MemorySink):
+    async def assigned(self, parts: list[Partition]) -> None:  # type: ignore[override]
+        raise refusal(TransactionalIdAuthorizationFailed(), f"taking the ids of {parts}")
+
+
+async def test_a_take_over_the_cluster_refuses_stops_the_worker_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Authorization on the transactional id, the group or a topic is never retried
+    forever: the run ends with the refusal (the worker exits 1 with its one line)."""
+    log = MemoryLog()
+    fill(log, ("cmd", 0), 3, [b"a"])
+    source = MemorySource(log)
+    pipeline = Pipeline(source, RefusingSink(log), Handler(), retry_initial_s=0.01)
+    run = asyncio.create_task(pipeline.run())
+    source.assign([("cmd", 0)])
+    pipeline.on_assigned([("cmd", 0)])
+    with pytest.raises(TakeOverRefusedError, match="TransactionalIdAuthorizationFailed"):
+        await asyncio.wait_for(run, 10)
+    assert all(isinstance(e(), Exception) for e in REFUSED)
