@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -461,3 +462,22 @@ async def test_a_hostile_stop_keeps_the_worker_answering_within_the_cap(
     after = [r for r in papi if r["seq"] > stopped["seq"]]
     assert [r["status"] for r in after] == [200] * len(orders)
     assert all(r["at"] >= stop_end - 50 for r in after)  # nothing went during the stop
+
+
+def test_requests_held_through_an_outage_are_said_in_a_line_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An outage holds every request; one INFO line per reason and interval says how many
+    (145 held requests were 145 lines)."""
+    clock = FakeClock()
+    governor = RateGovernor(GovernorSettings(), clock)
+    caplog.set_level(logging.INFO, logger="worker.governor")
+    for i in range(145):
+        clock.now += 60  # 145 holds over 8.7 s
+        governor._record_wait("paused", 0.05, f"desk-{i % 3}")
+    clock.now += 2_000  # the next hold after the interval says those since the first
+    governor._record_wait("paused", 0.05, "desk-0")
+    lines = [r.getMessage() for r in caplog.records if "rate governor held" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "held 145 requests" in lines[1]
+    assert governor.stats.waits["paused"] == 146  # every hold still counted

@@ -305,6 +305,10 @@ def _kind(is_order: bool, reconcile: bool) -> str:
     return "order" if is_order else "reconcile" if reconcile else "query"
 
 
+# Held requests are said at most once per reason in this long (with how many since).
+HOLDS_SAID_EVERY_MS = 10_000
+
+
 class RateGovernor:
     def __init__(
         self,
@@ -345,6 +349,9 @@ class RateGovernor:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0
         self.stats = GovernorStats()
+        # Per reason: when a held request was last said (governor clock, ms), and the
+        # holds since (count, seconds): an outage holds every request, one line says them.
+        self._holds_said: dict[str, tuple[int, int, float]] = {}
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -733,12 +740,29 @@ class RateGovernor:
         held_s[account] = held_s.get(account, 0.0) + waited_s
         metrics.GOVERNOR_WAITS.labels(reason).inc()
         metrics.GOVERNOR_WAIT_SECONDS.observe(waited_s)
-        log.info(
-            "rate governor held a request for %.3fs (reason=%s account=%s)",
-            waited_s,
-            reason,
-            account,
-        )
+        now = self._clock()
+        said_at, count, total_s = self._holds_said.get(reason, (-HOLDS_SAID_EVERY_MS, 0, 0.0))
+        count, total_s = count + 1, total_s + waited_s
+        if now - said_at < HOLDS_SAID_EVERY_MS:
+            self._holds_said[reason] = (said_at, count, total_s)
+            return
+        self._holds_said[reason] = (now, 0, 0.0)
+        if count == 1:
+            log.info(
+                "rate governor held a request for %.3fs (reason=%s account=%s)",
+                waited_s,
+                reason,
+                account,
+            )
+        else:
+            log.info(
+                "rate governor held %d requests for %.3fs in all since it last said so "
+                "(reason=%s; the last: account=%s)",
+                count,
+                total_s,
+                reason,
+                account,
+            )
 
     def observe(
         self,
