@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import TransactionalIdAuthorizationFailed
 
 from tests.memory_ports import MemoryLog, MemorySink, MemorySource
@@ -205,3 +205,51 @@ async def test_a_take_over_the_cluster_refuses_stops_the_worker_with_its_reason(
     with pytest.raises(TakeOverRefusedError, match="TransactionalIdAuthorizationFailed"):
         await asyncio.wait_for(run, 10)
     assert all(isinstance(e(), Exception) for e in REFUSED)
+
+
+# -- a fence under a live member -----------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_a_fence_under_a_live_member_rejoins_and_answers_everything_once(
+    broker: Broker, sim: SimControl, accounts_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stray InitProducerId on the member's transactional id (a stalled ex-member
+    resuming) fences its producer while the member is still in the group with the same
+    assignment: it rejoins, takes its partition over again, and every command is
+    answered exactly once (before, its records were dropped until some rebalance)."""
+    caplog.set_level(logging.INFO, logger="worker.pipeline")
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    # Long transactions: the stray producer comes while one is open, as a transaction
+    # aborted by its timeout does (both bump the producer's epoch).
+    settings = worker_settings(
+        broker.bootstrap, topics, sim.url, accounts_file, transaction_interval_ms=4000
+    )
+    specs = [{"account": f"desk-{i % 3}", "market": "UM", "symbol": "BTCUSDT"} for i in range(10)]
+    commands = [command(s["account"], o) for s, o in zip(specs, sim.seed(specs), strict=True)]
+    first, second = commands[:5], commands[5:]
+    async with running_worker(settings) as worker:
+        await produce(broker.bootstrap, topics.commands, keyed(first))
+        await consume(broker.bootstrap, topics.results, len(first), timeout_s=60)
+        sink = worker._transactions
+        assert sink is not None
+        await produce(broker.bootstrap, topics.commands, keyed(second))
+        await until_unstable(broker.bootstrap, topics.results, len(second))  # staged, open
+        stray = AIOKafkaProducer(
+            bootstrap_servers=broker.bootstrap,
+            transactional_id=sink.transactional_id((topics.commands, 0)),
+        )
+        await stray.start()  # InitProducerId: the member's producer is fenced
+        await stray.stop()
+        await until(
+            lambda: any("asking the group" in r.getMessage() for r in caplog.records),
+            "a rejoin",
+            30,
+        )
+        answered = await consume(broker.bootstrap, topics.results, len(commands), timeout_s=60)
+        assert len(answered) == len(commands)  # before: the second half dropped for good
+        assert worker.pipeline.fenced == frozenset()
+        assert next(c for c in worker.readiness() if c.name == "partitions").ok
+    events = events_of(await read_to_end(broker.bootstrap, topics.results))
+    ids = sorted(e["command_id"] for e in events)
+    assert ids == sorted(c["command_id"] for c in commands)  # each exactly once
