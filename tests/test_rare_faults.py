@@ -32,7 +32,7 @@ from tests.support import (
     worker_settings,
 )
 from tests.test_pipeline_memory import Handler, fill
-from tests.test_staging import results, unstable, until_unstable
+from tests.test_staging import results, until_unstable
 from worker import metrics
 from worker.kafka_fencing import NeedsNewerBrokerError, group_member
 from worker.kafka_io import REFUSED, ConsumerSource, refusal
@@ -66,7 +66,7 @@ async def test_a_flush_cut_short_before_its_commit_aborts_its_transaction(
         with pytest.raises(asyncio.CancelledError):
             await flush
         assert sink.in_doubt == frozenset()  # the commit was not sent
-        assert await unstable(broker.bootstrap, topics.results) == 0  # aborted: not held back
+        await until_unstable(broker.bootstrap, topics.results, 0)  # aborted: not held back
         await sink.assigned([part])  # taken over again, as the next owner would
         await sink.flush({part: batch})
     assert [r.value for r in await read_to_end(broker.bootstrap, topics.results)] == [
@@ -90,7 +90,7 @@ def produce_quota(broker: Broker, client_id: str, bytes_per_s: int | None) -> No
         if bytes_per_s is not None
         else ["--delete-config", "producer_byte_rate"]
     )
-    libs = REPO / "deploy" / "kafka" / "target" / "libs"  # the broker's own (kafka.sh)
+    libs = REPO / "deploy" / "kafka" / "target" / broker.version / "libs"  # as kafka.sh
     for tool in ("kafka.admin.ConfigCommand", "org.apache.kafka.tools.ConfigCommand"):  # 3.x, 4.x
         argv = ["java", "-cp", f"{libs}/*", tool, "--bootstrap-server", broker.bootstrap]
         argv += ["--alter", "--entity-type", "clients", "--entity-name", client_id, *change]
