@@ -103,7 +103,14 @@ async def test_scraped_during_a_run_with_a_ban_the_endpoint_tells_the_truth(
 
             await until(assigned, "the partitions to be assigned", worker)
             _, ready = probe(http, READINESS_PATH)
-            assert set(ready["checks"]) == {"running", "group", "kafka", "exchange", "clock"}
+            assert set(ready["checks"]) == {
+                "running",
+                "group",
+                "kafka",
+                "partitions",
+                "exchange",
+                "clock",
+            }
             assert probe(http, "/nope")[0] == 404
 
             # The exchange bans the IP at the first cancel; the rest wait behind the ban.
