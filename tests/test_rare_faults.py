@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
+import re
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -28,16 +32,18 @@ from tests.support import (
     produce,
     read_to_end,
     running_worker,
+    signed,
     until,
     worker_settings,
 )
+from tests.test_delivery import key_of, scenario, wait_for_results
 from tests.test_pipeline_memory import Handler, fill
 from tests.test_staging import results, until_unstable
 from worker import metrics
 from worker.kafka_fencing import NeedsNewerBrokerError, group_member
 from worker.kafka_io import REFUSED, ConsumerSource, refusal
 from worker.pipeline import Flush, Partition, Pipeline, TakeOverRefusedError
-from worker.tools.devstack import REPO, Broker
+from worker.tools.devstack import REPO, Broker, Process, start_worker
 
 # -- a flush cut short before its commit ---------------------------------------------------------
 
@@ -253,3 +259,90 @@ async def test_a_fence_under_a_live_member_rejoins_and_answers_everything_once(
     events = events_of(await read_to_end(broker.bootstrap, topics.results))
     ids = sorted(e["command_id"] for e in events)
     assert ids == sorted(c["command_id"] for c in commands)  # each exactly once
+
+
+# -- a stop cut short mid-commit, with real processes --------------------------------------------
+
+CUT_SHORT = re.compile(r"a commit cut short|([1-9]\d*) result\(s\) whose commit was cut short")
+
+
+async def steady_feed(
+    bootstrap: str, topic: str, commands: list[dict[str, Any]], per_s: int, flowing: asyncio.Event
+) -> None:
+    """The commands one by one, ``per_s`` a second while ``flowing`` is set: results then
+    come continuously, and the worker's transactions follow one another."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    try:
+        for c in commands:
+            await flowing.wait()
+            value = orjson.dumps(c)
+            await producer.send(topic, value, key=key_of(c), headers=signed(value))
+            await asyncio.sleep(1 / per_s)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+@pytest.mark.integration
+async def test_a_stop_cut_short_mid_commit_by_a_paused_broker_publishes_nothing_twice(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """The broker is paused (SIGSTOP) while the worker is stopped (SIGTERM) under a steady
+    stream: whatever request was under way waits, the flush is cut short at
+    COMMIT_TIMEOUT_S, and when that request was the commit (EndTxn sent, its answer held
+    back), the worker learns its outcome or hands its partitions over unpublished (exit 4),
+    never sending its results in a new transaction. Repeated until the window is hit;
+    across all the stops, every command has exactly one result."""
+    pid = broker.pid
+    assert pid is not None
+    run = await scenario(
+        broker,
+        sim,
+        accounts_file,
+        total=6000,
+        keys=30,
+        prefix="paused",
+        partitions=3,
+        commit_timeout_s=0.5,
+    )
+    flowing = asyncio.Event()
+    feeder = asyncio.create_task(
+        steady_feed(broker.bootstrap, run.topics.commands, run.commands, 300, flowing)
+    )
+    procs: list[Process] = []
+    rng = random.Random(27)
+    hits = attempts = 0
+    try:
+        while not hits and attempts < 16 and not feeder.done():
+            attempts += 1
+            proc = start_worker(run.env)
+            procs.append(proc)
+            await asyncio.to_thread(proc.wait_for_line, "taken over", 60)
+            flowing.set()
+            await asyncio.sleep(0.5 + rng.random() * 0.5)  # transactions back to back
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                proc.signal(signal.SIGTERM)
+                await asyncio.sleep(1.2)  # past the stop's bounds: the flush is cut short
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            flowing.clear()
+            await asyncio.to_thread(proc.proc.wait, 60)
+            code = proc.stop()  # exited: no second signal, its output closed
+            assert code in (0, 4), proc.output()[-3000:]
+            hits += any(CUT_SHORT.search(line) for line in proc.lines)
+        assert hits, f"the window (the commit under way at the stop) not hit in {attempts}"
+        last = start_worker(run.env)
+        procs.append(last)
+        flowing.set()
+        await feeder
+        await wait_for_results(broker.bootstrap, run.topics.results, len(run.commands), 240, procs)
+        assert last.stop() == 0, last.output()[-3000:]
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        feeder.cancel()
+        for p in procs:
+            if p.proc.poll() is None:
+                p.kill()
+    await run.check(broker.bootstrap, sim)
