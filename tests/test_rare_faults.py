@@ -40,7 +40,7 @@ from tests.test_delivery import key_of, scenario, wait_for_results
 from tests.test_pipeline_memory import Handler, fill
 from tests.test_staging import results, until_unstable
 from worker import metrics
-from worker.kafka_fencing import NeedsNewerBrokerError, group_member
+from worker.kafka_fencing import NeedsNewerBrokerError, group_member, stable_committed
 from worker.kafka_io import REFUSED, ConsumerSource, refusal
 from worker.pipeline import Flush, Partition, Pipeline, TakeOverRefusedError
 from worker.tools.devstack import REPO, Broker, Process, start_worker
@@ -75,6 +75,41 @@ async def test_a_flush_cut_short_before_its_commit_aborts_its_transaction(
         await until_unstable(broker.bootstrap, topics.results, 0)  # aborted: not held back
         await sink.assigned([part])  # taken over again, as the next owner would
         await sink.flush({part: batch})
+    assert [r.value for r in await read_to_end(broker.bootstrap, topics.results)] == [
+        b"1",
+        b"2",
+        b"3",
+    ]
+
+
+@pytest.mark.integration
+async def test_a_flush_cut_short_after_its_commit_is_settled_on_the_same_producer(
+    broker: Broker, sim: SimControl, accounts_file: Path
+) -> None:
+    """Cut short once EndTxn(COMMIT) is sent: the partitions are in doubt, nothing is
+    staged meanwhile, and the outcome is learnt on the producer that sent the commit (as
+    Java's commitTransaction contract says), never by sending the results again."""
+    topics = await fresh_topics(broker.bootstrap, partitions=1)
+    settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
+    part: Partition = (topics.commands, 0)
+    async with (
+        in_group(settings) as consumer,
+        owning(settings, lambda: group_member(consumer), [part]) as sink,
+    ):
+        producer = sink._producer
+        flush = asyncio.create_task(sink.flush({part: Flush(results(settings, b"1", b"2"), 2)}))
+        while sink._committing is None and not flush.done():  # noqa: ASYNC110 - EndTxn sent
+            await asyncio.sleep(0)
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        assert sink.in_doubt == {part}
+        assert not sink.stage(part, results(settings, b"x"))  # no new transaction yet
+        assert await sink.settle() is True
+        assert sink.in_doubt == frozenset()
+        assert sink._producer is producer  # learnt on the producer that sent the commit
+        await sink.flush({part: Flush(results(settings, b"3"), 3)})
+        assert await stable_committed(consumer, [part]) == {part: 3}
     assert [r.value for r in await read_to_end(broker.bootstrap, topics.results)] == [
         b"1",
         b"2",

@@ -410,7 +410,13 @@ class TransactionalSink:
         those staged for it before. Whether they were staged: if not (no producer yet, the
         partition not taken over, a flush under way), the flush sends them."""
         producer = self._producer
-        if producer is None or self._flushing or self._staging_failed or part not in self._owned:
+        if (
+            producer is None
+            or self._flushing
+            or self._staging_failed
+            or self._committing is not None  # a commit in doubt: no new transaction yet
+            or part not in self._owned
+        ):
             return False
         if not records:
             return True
