@@ -87,6 +87,7 @@ dev: setup
 lint: $(STAMP)
 	$(BIN)/ruff check worker tests
 	$(BIN)/ruff format --check worker tests
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -15,10 +15,10 @@ read with ``aiter_bytes`` under a size cap, the answer parsed as JSON. Variants:
 * ``httpx``: ``httpx.AsyncClient`` with its default transport (httpcore and h11), pool sizes
   8, 16 and 64;
 * ``aiohttp``: httpx over ``httpx_aiohttp.AiohttpTransport`` (only if that is installed);
-* ``fast``: httpx over :class:`worker.transport.FastTransport`, pool sizes 8, 16 and 64;
+* ``fast``: httpx over :class:`worker.exchange.transport.FastTransport`, pool sizes 8, 16 and 64;
 * ``fast+direct``: the same, the request built as ``httpx.Request`` from a parsed URL and
   prebuilt headers instead of by ``AsyncClient.build_request``, and the signed query set
-  with ``worker.signing.with_query`` (without parsing the URL again), as the worker does;
+  with ``worker.exchange.signing.with_query`` (without parsing the URL again), as the worker does;
 * ``raw``: the transport's connection pool driven directly, without any httpx object (the
   request bytes signed and built by hand): the floor for this HTTP/1.1 code.
 
@@ -43,11 +43,11 @@ import httpx
 import orjson
 
 from tests.support import SimControl, write_accounts
-from worker.accounts import Credentials, load_accounts
-from worker.signing import PapiAuth, append_signature, with_query
-from worker.timeutil import now_ms
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials, load_accounts
+from worker.exchange.signing import PapiAuth, append_signature, with_query
+from worker.exchange.transport import FastTransport, _Pool
 from worker.tools.devstack import Process, start_sim
-from worker.transport import FastTransport, _Pool
 
 CANCEL_PATH = "/papi/v1/um/algo/order"
 MAX_ANSWER_BYTES = 4 * 1024 * 1024

@@ -23,8 +23,8 @@ from hypothesis import settings
 
 from tests.secure_broker import FORMAT_ARGS, PASSWORD, USER, SecureBroker, secure_listener
 from tests.support import SimControl, result_schema_error, write_accounts
-from worker import events
-from worker.accounts import Credentials, load_accounts
+from worker.core import events
+from worker.exchange.accounts import Credentials, load_accounts
 from worker.tools.devstack import (
     DEFAULT_KAFKA_VERSION,
     KAFKA_VERSIONS,
@@ -93,8 +93,8 @@ class ResultEventCheck:
 @pytest.fixture(autouse=True)
 def result_events() -> Iterator[ResultEventCheck]:
     """Every result event built in this process during a test is checked against
-    ``schemas/result-event.schema.json``: each builder of :mod:`worker.events` as it returns,
-    and :func:`worker.events.serialize` (the one place results become bytes) as it is
+    ``schemas/result-event.schema.json``: each builder of :mod:`worker.core.events` as it returns,
+    and :func:`worker.core.events.serialize` (the one place results become bytes) as it is
     called. An invalid event raises where it is built and fails the test at teardown too,
     even if the code that built it swallowed the error. (Results written by worker
     processes are checked where the tests read them: see tests/support.py.)"""
@@ -105,7 +105,7 @@ def result_events() -> Iterator[ResultEventCheck]:
         @functools.wraps(build)
         def wrapper(*args: Any, **kwargs: Any) -> dict[str, Any]:
             event = build(*args, **kwargs)
-            check.check(event, f"worker.events.{name}")
+            check.check(event, f"worker.core.events.{name}")
             return event
 
         return wrapper
@@ -113,7 +113,7 @@ def result_events() -> Iterator[ResultEventCheck]:
     serialize = events.serialize
 
     def checked_serialize(event: dict[str, Any]) -> bytes:
-        check.check(event, "worker.events.serialize")
+        check.check(event, "worker.core.events.serialize")
         return serialize(event)
 
     for name in EVENT_BUILDERS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
-from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, decode_ahead
+from worker.kafka.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, decode_ahead
 
 
 class MemoryLog:

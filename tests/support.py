@@ -24,13 +24,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from worker.app import Worker, load_worker_accounts
-from worker.contracts import RESULT_SCHEMA, load_schema, result_validator
-from worker.kafka_fencing import MemberSource
-from worker.kafka_io import MAX_RECORD_BYTES, TransactionalSink, ensure_topics, make_consumer
-from worker.pipeline import Partition
+from worker.core.contracts import RESULT_SCHEMA, load_schema, result_validator
+from worker.core.timeutil import now_ms
+from worker.kafka.fencing import MemberSource
+from worker.kafka.io import MAX_RECORD_BYTES, TransactionalSink, ensure_topics, make_consumer
+from worker.kafka.pipeline import Partition
 from worker.producers import signed_headers, stanza
 from worker.settings import ENV_PREFIX, Settings
-from worker.timeutil import now_ms
 from worker.tools.devstack import REPO, cli_argv, write_private_key
 from worker.tools.sim.app import SimConfig
 
@@ -259,7 +259,7 @@ async def consume(
 # -- every result a test sees is checked against the schema ---------------------------------
 #
 # Events built in the test process are checked where they are built (tests/conftest.py wraps
-# worker.events); results written by worker processes are checked where the tests read them:
+# worker.core.events); results written by worker processes are checked where the tests read them:
 # `consume` and `read_to_end` (every record the worker wrote) and `events_of` (every record).
 
 

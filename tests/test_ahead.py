@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.pipeline import AHEAD_SPAN, decode_ahead, encode_ahead
+from worker.kafka.pipeline import AHEAD_SPAN, decode_ahead, encode_ahead
 
 BROKER_METADATA_MAX = 4096  # offset.metadata.max.bytes, the brokers' default
 

@@ -19,18 +19,20 @@ import orjson
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from worker import events, processor, producers, redrive, replay, tracing
-from worker.checkup import run_checks, wanted_topics
+from worker import processor, producers, tracing
+from worker.cli import replay
+from worker.cli.checkup import run_checks, wanted_topics
 from worker.client import DEFAULT_COMMANDS_TOPIC, DEFAULT_RESULTS_TOPIC, key_of
-from worker.contracts import (
+from worker.core import events, redrive
+from worker.core.contracts import (
     COMMAND_SCHEMA,
     RESULT_SCHEMA,
     command_validator,
     result_validator,
 )
 from worker.executor import CancelExecutor
-from worker.kafka_io import make_consumer, make_producer
-from worker.pipeline import InRecord, OutRecord
+from worker.kafka.io import make_consumer, make_producer
+from worker.kafka.pipeline import InRecord, OutRecord
 from worker.processor import CommandProcessor
 from worker.settings import Settings
 

@@ -34,20 +34,20 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.accounts import Credentials
-from worker.commands import Command, Market
-from worker.errors import (
+from worker.core.commands import Command, Market
+from worker.core.errors import (
     MESSAGE_SHOWN_MAX,
     REPLY_MSG_MAX,
     ExchangeError,
     FailureReason,
     NoAnswerError,
 )
+from worker.core.routes import encode_params
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.governor import GovernorSettings, RateGovernor
+from worker.exchange.papi import PapiClient
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
-from worker.governor import GovernorSettings, RateGovernor
-from worker.papi import PapiClient
-from worker.signing import encode_params
-from worker.timeutil import now_ms
 from worker.tools.devstack import Broker, start_worker
 from worker.tools.sim.app import SimConfig, SimState, seed_order
 from worker.tools.sim.server import running_sim, state_from_accounts

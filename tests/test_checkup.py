@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.checkup import (
+from worker.cli.checkup import (
     SKIPPABLE,
     CheckResult,
     Report,
@@ -180,7 +180,7 @@ def test_an_accounts_file_that_cannot_be_read_is_one_failure(tmp_path: Path) -> 
 
 
 def test_the_cli_offers_the_checks_that_can_be_skipped() -> None:
-    from worker.cli import check  # noqa: PLC0415
+    from worker.cli.main import check  # noqa: PLC0415
 
     option = next(p for p in check.params if p.name == "skip")
     assert tuple(option.type.choices) == SKIPPABLE  # type: ignore[attr-defined]

@@ -22,7 +22,7 @@ from tests.support import (
     run_cli,
     write_producers,
 )
-from worker.kafka_io import ensure_topics
+from worker.kafka.io import ensure_topics
 from worker.tools.devstack import Broker, free_port
 
 pytestmark = pytest.mark.integration

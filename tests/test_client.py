@@ -37,7 +37,7 @@ from worker.client import (
     key_of,
     parse_result,
 )
-from worker.commands import Command, InvalidCommand, decode
+from worker.core.commands import Command, InvalidCommand, decode
 from worker.tools.devstack import REPO, Broker
 
 pytestmark = pytest.mark.integration
@@ -317,7 +317,7 @@ def test_the_client_keys_every_command_account_symbol_algo_cancels_too() -> None
 
 
 def test_send_all_builds_a_kill_switch() -> None:
-    from worker.send import build_command as send_command  # noqa: PLC0415
+    from worker.cli.send import build_command as send_command  # noqa: PLC0415
 
     command = send_command(account="desk-1", market="UM", symbol="BTCUSDT", all=True)
     assert command["scope"] == "symbol" and command["symbol"] == "BTCUSDT"

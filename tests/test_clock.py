@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support import SimControl
-from worker.clock import ExchangeClock
+from worker.exchange.clock import ExchangeClock
 
 # A proxy that is not there: port 9 (discard) on loopback refuses connections.
 NO_SUCH_PROXY = "http://127.0.0.1:9"

@@ -22,7 +22,7 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.timeutil import now_ms
+from worker.core.timeutil import now_ms
 from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.commands import Command, InvalidCommand, Market, decode, encode
-from worker.contracts import COMMAND_SCHEMA, command_validator, fast_check, load_schema
+from worker.core.commands import Command, InvalidCommand, Market, decode, encode
+from worker.core.contracts import COMMAND_SCHEMA, command_validator, fast_check, load_schema
 
 BASE = {
     "command_id": "c-1",

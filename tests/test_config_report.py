@@ -20,7 +20,7 @@ import pytest
 
 from tests.support import run_cli
 from tests.tls_material import write_tls_material
-from worker.config_report import (
+from worker.cli.config_report import (
     REDACTED,
     config_entries,
     redact_url_credentials,

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from tests import support
 from tests.conftest import ResultEventCheck
 from tests.support import events_of, written_by_the_worker
-from worker import events, normalize, sweep
-from worker.commands import Command, InvalidCommand, Market, Scope, decode
-from worker.contracts import (
+from worker.core import events, normalize, sweep
+from worker.core.commands import Command, InvalidCommand, Market, Scope, decode
+from worker.core.contracts import (
     COMMAND_SCHEMA,
     RESULT_SCHEMA,
     StrictValidator,
@@ -30,14 +30,14 @@ from worker.contracts import (
     result_validator,
     schema_dir,
 )
-from worker.decisions import Outcome
-from worker.dedup import REFUSED, first_result_of
-from worker.errors import ExchangeReply, FailureReason
-from worker.events import Origin
+from worker.core.decisions import Outcome
+from worker.core.errors import ExchangeReply, FailureReason
+from worker.core.events import Origin
+from worker.core.routes import Route
+from worker.core.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept, parse_listing
 from worker.executor import CancelExecutor
+from worker.kafka.dedup import REFUSED, first_result_of
 from worker.processor import CommandProcessor
-from worker.routes import Route
-from worker.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept, parse_listing
 
 EXAMPLES = schema_dir() / "examples"
 
@@ -474,13 +474,17 @@ def test_the_suite_checks_every_event_a_builder_returns(result_events: ResultEve
         "completed_at": 10,
     }
     before = result_events.checked
-    with pytest.raises(AssertionError, match=r"worker\.events\.duplicate: the event violates"):
+    with pytest.raises(
+        AssertionError, match=r"worker\.core\.events\.duplicate: the event violates"
+    ):
         events.duplicate(CMD, ORIGIN, first, 20, 21)
     assert result_events.checked == before + 1
     (violation,) = result_events.violations
     assert "None is not of type 'string'" in violation and "first_result/reason" in violation
     # The processor's path to bytes is checked too, even for a dict no builder made.
-    with pytest.raises(AssertionError, match=r"worker\.events\.serialize: the event violates"):
+    with pytest.raises(
+        AssertionError, match=r"worker\.core\.events\.serialize: the event violates"
+    ):
         events.serialize({**events.canceled(CMD, ORIGIN, Route.UM_ALGO, _algo(), 1, 1, 2), "x": 1})
     assert len(result_events.violations) == 2
     result_events.violations.clear()  # seen: this test must not fail at teardown

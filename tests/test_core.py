@@ -13,12 +13,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from worker import normalize
-from worker.accounts import AccountsError, load_accounts
 from worker.app import YOUNG_COLLECTION_THRESHOLD, _Closers, settle_garbage_collector
-from worker.commands import Command, Market
-from worker.decisions import Gone, decide_gone
-from worker.errors import (
+from worker.core import normalize
+from worker.core.commands import Command, Market
+from worker.core.decisions import Gone, decide_gone
+from worker.core.errors import (
     TAXONOMY,
     Disposition,
     ExchangeError,
@@ -29,8 +28,9 @@ from worker.errors import (
     classify,
     taxonomy_markdown,
 )
+from worker.core.routes import Route, choose_route, plan_cancel
+from worker.exchange.accounts import AccountsError, load_accounts
 from worker.logs import RateLimitFilter
-from worker.routes import Route, choose_route, plan_cancel
 from worker.settings import SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -306,7 +306,7 @@ def test_library_log_noise_is_rate_limited_and_counted() -> None:
 
     passed = [limit.filter(record("aiokafka.client")) for _ in range(1000)]
     assert sum(passed) == 3  # a burst, then silence
-    assert all(limit.filter(record("worker.pipeline", "result %s")) for _ in range(50))
+    assert all(limit.filter(record("worker.kafka.pipeline", "result %s")) for _ in range(50))
     now[0] = 11.0
     first = record("aiokafka.client")
     assert limit.filter(first)

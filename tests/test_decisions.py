@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from worker.commands import Command, Market
-from worker.decisions import (
+from worker.core.commands import Command, Market
+from worker.core.decisions import (
     Finding,
     Next,
     Outcome,
@@ -19,7 +19,7 @@ from worker.decisions import (
     should_retry,
     too_old,
 )
-from worker.errors import (
+from worker.core.errors import (
     ExchangeError,
     FailureReason,
     NoAnswerError,
@@ -27,7 +27,7 @@ from worker.errors import (
     NotSentError,
     PapiError,
 )
-from worker.routes import Route
+from worker.core.routes import Route
 
 ISSUED = 1_700_000_000_000
 ALGO = Command("c1", "desk-0", Market.UM, ISSUED, algo_id=7)

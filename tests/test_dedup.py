@@ -24,11 +24,11 @@ from tests.support import (
     until,
     worker_settings,
 )
-from worker import events, normalize
-from worker.commands import Command, decode
-from worker.events import Origin
-from worker.routes import Route
-from worker.timeutil import now_ms
+from worker.core import events, normalize
+from worker.core.commands import Command, decode
+from worker.core.events import Origin
+from worker.core.routes import Route
+from worker.core.timeutil import now_ms
 from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration

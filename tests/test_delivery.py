@@ -40,9 +40,9 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.kafka_fencing import GroupMember, group_member
-from worker.kafka_io import SinkClosedError, TransactionalSink
-from worker.pipeline import Flush, FlushError, OutRecord
+from worker.kafka.fencing import GroupMember, group_member
+from worker.kafka.io import SinkClosedError, TransactionalSink
+from worker.kafka.pipeline import Flush, FlushError, OutRecord
 from worker.settings import Settings
 from worker.tools.devstack import Broker, Process, start_worker
 

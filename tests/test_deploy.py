@@ -53,10 +53,10 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from tests import k8s_validate
 from worker import metrics
-from worker.accounts import load_accounts, parse_accounts
-from worker.cli import check
-from worker.errors import FailureReason
-from worker.events import CANCELED, DUPLICATE, FAILED, SWEPT
+from worker.cli.main import check
+from worker.core.errors import FailureReason
+from worker.core.events import CANCELED, DUPLICATE, FAILED, SWEPT
+from worker.exchange.accounts import load_accounts, parse_accounts
 from worker.ops import DEPLOY_PORT, LIVENESS_PATH, METRICS_PATH, READINESS_PATH
 from worker.producers import load_producers
 from worker.settings import (
@@ -241,7 +241,7 @@ def _bind_mounts(service: dict[str, Any]) -> dict[str, Path]:
 
 def _cli_partitions() -> int:
     """The partition count ``cancel-worker check --create-topics`` uses by default."""
-    from worker.cli import check  # noqa: PLC0415
+    from worker.cli.main import check  # noqa: PLC0415
 
     option = next(p for p in check.params if p.name == "partitions")
     return int(option.default)  # type: ignore[arg-type]
@@ -579,7 +579,7 @@ def _evaluate(node: ast.expr, settings: Settings) -> float:
 
 
 def drain_bound_s(settings: Settings) -> float:
-    """The longest a worker takes from SIGTERM to exit (worker/pipeline.py ``_shutdown``,
+    """The longest a worker takes from SIGTERM to exit (worker/kafka/pipeline.py ``_shutdown``,
     worker/app.py ``Worker.__aexit__``): the fetch loop notices the stop; running commands
     get SHUTDOWN_GRACE_S; the flush under way gets COMMIT_TIMEOUT_S to finish
     (``_stop_flusher``) and the final flush as long again (``_flush_bounded``); then each

@@ -25,7 +25,7 @@ from tests.support import (
     until,
     worker_settings,
 )
-from worker.kafka_fencing import (
+from worker.kafka.fencing import (
     GroupFencedError,
     GroupMember,
     NeedsNewerBrokerError,
@@ -39,8 +39,8 @@ from worker.kafka_fencing import (
     refusal_for,
     stable_committed,
 )
-from worker.kafka_io import TransactionalSink, make_producer
-from worker.pipeline import Flush, FlushError, OutRecord
+from worker.kafka.io import TransactionalSink, make_producer
+from worker.kafka.pipeline import Flush, FlushError, OutRecord
 from worker.settings import Settings
 from worker.tools.devstack import Broker
 

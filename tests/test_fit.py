@@ -7,13 +7,13 @@ from typing import Any
 import orjson
 import pytest
 
-from worker import events
-from worker.commands import Command, Market, Scope
-from worker.contracts import load_schema, result_validator
-from worker.events import Origin
-from worker.fit import fit_kill_switch
-from worker.routes import Route
-from worker.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept
+from worker.core import events
+from worker.core.commands import Command, Market, Scope
+from worker.core.contracts import load_schema, result_validator
+from worker.core.events import Origin
+from worker.core.fit import fit_kill_switch
+from worker.core.routes import Route
+from worker.core.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept
 
 
 def _strategy(algo_id: int) -> dict[str, Any]:

@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from worker.accounts import Credentials
-from worker.commands import Command, Market
-from worker.executor import CancelExecutor, RetryPolicy
-from worker.governor import (
+from worker.core.commands import Command, Market
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.governor import (
     GovernorDeadlineError,
     GovernorSettings,
     Priority,
@@ -18,8 +18,8 @@ from worker.governor import (
     RateGovernor,
     WindowBudget,
 )
-from worker.papi import PapiClient
-from worker.timeutil import now_ms
+from worker.exchange.papi import PapiClient
+from worker.executor import CancelExecutor, RetryPolicy
 from worker.tools.sim.app import SimConfig, seed_order
 from worker.tools.sim.faults import TOO_MANY, Fault
 from worker.tools.sim.server import running_sim, state_from_accounts
@@ -471,7 +471,7 @@ def test_requests_held_through_an_outage_are_said_in_a_line_per_interval(
     (145 held requests were 145 lines)."""
     clock = FakeClock()
     governor = RateGovernor(GovernorSettings(), clock)
-    caplog.set_level(logging.INFO, logger="worker.governor")
+    caplog.set_level(logging.INFO, logger="worker.exchange.governor")
     for i in range(145):
         clock.now += 60  # 145 holds over 8.7 s
         governor._record_wait("paused", 0.05, f"desk-{i % 3}")

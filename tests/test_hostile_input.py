@@ -31,12 +31,12 @@ from tests.support import (
     worker_settings,
     write_accounts,
 )
-from worker.accounts import load_accounts
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import load_accounts
+from worker.exchange.papi import PapiClient
 from worker.executor import CancelExecutor, RetryPolicy
-from worker.papi import PapiClient
-from worker.pipeline import Pipeline
+from worker.kafka.pipeline import Pipeline
 from worker.processor import CommandProcessor
-from worker.timeutil import now_ms
 from worker.tools.devstack import Broker
 from worker.tools.sim.app import SimConfig
 from worker.tools.sim.server import running_sim, state_from_accounts

@@ -34,10 +34,10 @@ from tests.support import (
     write_producers,
 )
 from worker.app import ConfigError
-from worker.kafka_io import make_producer
+from worker.core.timeutil import now_ms
+from worker.kafka.io import make_producer
 from worker.producers import signed_headers, stanza
 from worker.settings import Settings
-from worker.timeutil import now_ms
 from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration

@@ -35,7 +35,7 @@ from tests.support import (
     signed,
     worker_settings,
 )
-from worker.kafka_io import MAX_RECORD_BYTES
+from worker.kafka.io import MAX_RECORD_BYTES
 from worker.processor import MAX_HEADER_BYTES, MAX_KEY_BYTES, key_stand_in
 from worker.tools.devstack import Broker
 

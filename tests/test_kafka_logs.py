@@ -7,7 +7,7 @@ import logging
 import pytest
 from aiokafka.errors import GroupAuthorizationFailedError, GroupCoordinatorNotAvailableError
 
-from worker import kafka_logs
+from worker.kafka import logs as kafka_logs
 
 
 def test_a_retriable_coordinator_lookup_failure_is_info_and_explained(

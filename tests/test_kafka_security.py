@@ -1,5 +1,5 @@
 """Kafka TLS and SASL: every Kafka client the product builds from settings gets the same
-options, built in one place (``worker.kafka_io.security_options``).
+options, built in one place (``worker.kafka.io.security_options``).
 
 (a) A scan of ``worker/``'s code: every ``AIOKafkaConsumer``/``AIOKafkaProducer``/
 ``AIOKafkaAdminClient`` is built with ``**security_options(...)``, or inside a function that
@@ -32,15 +32,15 @@ import worker
 from tests.support import run_cli
 from tests.tls_material import TlsFiles, write_tls_material
 from worker.client import CancelClient, CommandProducer, ResultConsumer
-from worker.kafka_fencing import GroupMember
-from worker.kafka_io import (
+from worker.kafka.fencing import GroupMember
+from worker.kafka.io import (
     TransactionalSink,
     make_consumer,
     make_producer,
     security_options,
 )
+from worker.kafka.topic_reader import ResultsReader, reader_consumer
 from worker.settings import ENV_PREFIX, Settings, SettingsError, load_settings
-from worker.topic_reader import ResultsReader, reader_consumer
 
 PACKAGE = Path(worker.__file__).parent
 ROOT = PACKAGE.parent
@@ -261,13 +261,13 @@ def test_every_kafka_client_in_the_package_gets_the_security_options() -> None:
     } <= result.makers
     covered = {(s.path, s.callee) for s in result.sites if s.covered}
     assert {
-        ("kafka_io.py", "AIOKafkaProducer"),  # make_producer: worker, send, replay, transactions
-        ("kafka_io.py", "AIOKafkaConsumer"),  # make_consumer: the worker's group member
-        ("kafka_io.py", "AIOKafkaAdminClient"),  # wait_for_kafka
-        ("dedup.py", "ResultsReader"),  # the duplicate window's results reader
-        ("replay.py", "reader_consumer"),
-        ("replay.py", "cluster_topics"),
-        ("replay.py", "final_results"),
+        ("kafka/io.py", "AIOKafkaProducer"),  # make_producer: worker, send, replay, transactions
+        ("kafka/io.py", "AIOKafkaConsumer"),  # make_consumer: the worker's group member
+        ("kafka/io.py", "AIOKafkaAdminClient"),  # wait_for_kafka
+        ("kafka/dedup.py", "ResultsReader"),  # the duplicate window's results reader
+        ("cli/replay.py", "reader_consumer"),
+        ("cli/replay.py", "cluster_topics"),
+        ("cli/replay.py", "final_results"),
     } <= covered
     for path in EXEMPT:  # an exemption that no longer exempts anything goes
         assert any(s.path == path for s in result.sites), path
@@ -327,7 +327,7 @@ def test_the_scan_catches_a_client_without_the_options(code: str, problem: str) 
 def test_the_scan_accepts_the_ways_the_options_are_passed() -> None:
     code = (
         "from aiokafka import AIOKafkaConsumer\n"
-        "from worker.kafka_io import security_options\n"
+        "from worker.kafka.io import security_options\n"
         "def reader(bootstrap, **kafka) -> AIOKafkaConsumer:\n"
         "    return AIOKafkaConsumer(bootstrap_servers=bootstrap, **kafka)\n"
         "def use(settings, **extra):\n"
@@ -646,7 +646,7 @@ def test_the_cli_refuses_a_wrong_key_password_in_one_line(
 def test_aiokafka_never_logs_below_warning_even_at_debug() -> None:
     """aiokafka logs the SASL exchange at DEBUG, and with PLAIN the password is in it: the
     worker's logging keeps aiokafka at WARNING whatever LOG_LEVEL says."""
-    from worker.cli import configure_logging  # noqa: PLC0415
+    from worker.cli.main import configure_logging  # noqa: PLC0415
 
     root = logging.getLogger()
     kept = (root.level, root.handlers[:], logging.getLogger("aiokafka").level)

@@ -21,7 +21,7 @@ import pytest
 from tests.secure_broker import KEY_PASSWORD, SecureBroker
 from tests.support import SimControl, Topics, run_cli, running_worker, worker_settings
 from worker.client import CancelClient, StrategyCanceled
-from worker.kafka_io import ensure_topics, security_options
+from worker.kafka.io import ensure_topics, security_options
 from worker.settings import ENV_PREFIX, Settings
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiokafka.client import AIOKafkaClient
 
-from worker.kafka_fencing import exactly_once_refusal
+from worker.kafka.fencing import exactly_once_refusal
 from worker.tools.devstack import (
     DEFAULT_KAFKA_VERSION,
     KAFKA_SCRIPT,

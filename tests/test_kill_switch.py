@@ -15,16 +15,16 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.support import HMAC_ACCOUNTS
-from worker.accounts import Credentials
-from worker.commands import Command, Market, Scope
-from worker.decisions import Outcome
-from worker.errors import FailureReason
-from worker.events import Origin, strategies_canceled
+from worker.core.commands import Command, Market, Scope
+from worker.core.decisions import Outcome
+from worker.core.errors import FailureReason
+from worker.core.events import Origin, strategies_canceled
+from worker.core.routes import Route
+from worker.core.sweep import RouteOutcome, SweepReport
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.papi import PapiClient
 from worker.executor import CancelExecutor, RetryPolicy
-from worker.papi import PapiClient
-from worker.routes import Route
-from worker.sweep import RouteOutcome, SweepReport
-from worker.timeutil import now_ms
 from worker.tools.sim.app import Fault, SimConfig, SimState, seed_order
 from worker.tools.sim.faults import PROFILES, Profile
 from worker.tools.sim.server import running_sim, state_from_accounts

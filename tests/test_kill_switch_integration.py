@@ -23,7 +23,7 @@ from tests.support import (
     running_worker,
     worker_settings,
 )
-from worker.timeutil import now_ms
+from worker.core.timeutil import now_ms
 from worker.tools.devstack import Broker
 
 pytestmark = pytest.mark.integration

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker import metrics
 from worker.app import Worker, load_worker_accounts
-from worker.kafka_fencing import GroupMember
-from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS, TransactionalSink
+from worker.kafka.fencing import GroupMember
+from worker.kafka.io import TRANSACTIONAL_RETRY_BACKOFF_MS, TransactionalSink
 from worker.ops import (
     LIVENESS_PATH,
     MAX_CONNECTIONS,

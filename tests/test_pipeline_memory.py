@@ -18,7 +18,7 @@ import pytest
 
 from tests.memory_ports import MemoryLog, MemorySink, MemorySource, MemoryStagingSink
 from worker import metrics
-from worker.pipeline import InRecord, OutRecord, Partition, Pipeline, RunReport, decode_ahead
+from worker.kafka.pipeline import InRecord, OutRecord, Partition, Pipeline, RunReport, decode_ahead
 
 SINKS: dict[str, Callable[[MemoryLog], MemorySink]] = {
     "flush": MemorySink,
@@ -341,7 +341,7 @@ async def test_broker_outage_is_ridden_out_and_said_once(caplog: pytest.LogCaptu
     log = MemoryLog()
     fill(log, P0, 50, [b"a", b"b"])
     handler = Handler()
-    caplog.set_level(logging.WARNING, logger="worker.pipeline")
+    caplog.set_level(logging.WARNING, logger="worker.kafka.pipeline")
     async with member(log, handler) as m:
         m.sink.fail = True
         m.assign([P0])
@@ -767,7 +767,7 @@ async def test_a_fence_during_a_revocation_flush_is_said_as_a_fence(
 ) -> None:
     log = MemoryLog()
     fill(log, P0, 5, [b"a"])
-    caplog.set_level(logging.WARNING, logger="worker.pipeline")
+    caplog.set_level(logging.WARNING, logger="worker.kafka.pipeline")
     handler = Handler()
     async with member(log, handler) as m:
         m.assign([P0])

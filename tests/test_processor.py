@@ -19,14 +19,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.test_fit import _strategy
-from worker import events, metrics, redrive
-from worker.commands import Command, decode
-from worker.contracts import result_validator
-from worker.dedup import FirstResult, SeenCommands
-from worker.errors import FailureReason
+from worker import metrics
+from worker.core import events, redrive
+from worker.core.commands import Command, decode
+from worker.core.contracts import result_validator
+from worker.core.errors import FailureReason
+from worker.core.redrive import RecordAt
+from worker.core.routes import Route
+from worker.core.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept
+from worker.core.timeutil import now_ms
+from worker.exchange.papi import PapiClient
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
-from worker.papi import PapiClient
-from worker.pipeline import InRecord, OutRecord
+from worker.kafka.dedup import FirstResult, SeenCommands
+from worker.kafka.pipeline import InRecord, OutRecord
 from worker.processor import (
     MAX_HEADER_BYTES,
     MAX_KEY_BYTES,
@@ -35,10 +40,6 @@ from worker.processor import (
     key_stand_in,
     record_bytes,
 )
-from worker.redrive import RecordAt
-from worker.routes import Route
-from worker.sweep import Listed, RouteOutcome, RouteReport, SweepReport, Swept
-from worker.timeutil import now_ms
 
 MB = 1_000_000
 VALID = orjson.dumps(

@@ -40,9 +40,9 @@ from tests.test_delivery import key_of, scenario, wait_for_results
 from tests.test_pipeline_memory import Handler, fill
 from tests.test_staging import results, until_unstable
 from worker import metrics
-from worker.kafka_fencing import NeedsNewerBrokerError, group_member, stable_committed
-from worker.kafka_io import REFUSED, ConsumerSource, refusal
-from worker.pipeline import Flush, Partition, Pipeline, TakeOverRefusedError
+from worker.kafka.fencing import NeedsNewerBrokerError, group_member, stable_committed
+from worker.kafka.io import REFUSED, ConsumerSource, refusal
+from worker.kafka.pipeline import Flush, Partition, Pipeline, TakeOverRefusedError
 from worker.tools.devstack import REPO, Broker, Process, start_worker
 
 # -- a flush cut short before its commit ---------------------------------------------------------
@@ -155,7 +155,7 @@ async def test_results_that_cannot_be_published_are_said_within_seconds_then_ans
     WARNING, the metric and /readyz say so within seconds, before the client gives up on
     a request (and long before HEALTH_STALL_S); once it takes them again, every command is
     answered exactly once."""
-    caplog.set_level(logging.WARNING, logger="worker.pipeline")
+    caplog.set_level(logging.WARNING, logger="worker.kafka.pipeline")
     topics = await fresh_topics(broker.bootstrap, partitions=2)
     client_id = f"held-{topics.results}"
     settings = worker_settings(
@@ -259,7 +259,7 @@ async def test_a_fence_under_a_live_member_rejoins_and_answers_everything_once(
     resuming) fences its producer while the member is still in the group with the same
     assignment: it rejoins, takes its partition over again, and every command is
     answered exactly once (before, its records were dropped until some rebalance)."""
-    caplog.set_level(logging.INFO, logger="worker.pipeline")
+    caplog.set_level(logging.INFO, logger="worker.kafka.pipeline")
     topics = await fresh_topics(broker.bootstrap, partitions=1)
     # Long transactions: the stray producer comes while one is open, as a transaction
     # aborted by its timeout does (both bump the producer's epoch).

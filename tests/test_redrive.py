@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from worker import redrive
-from worker.contracts import load_schema
-from worker.dedup import FirstResult, SeenCommands
-from worker.errors import FailureReason
-from worker.redrive import RecordAt
-from worker.timeutil import now_ms
+from worker.core import redrive
+from worker.core.contracts import load_schema
+from worker.core.errors import FailureReason
+from worker.core.redrive import RecordAt
+from worker.core.timeutil import now_ms
+from worker.kafka.dedup import FirstResult, SeenCommands
 
 
 def test_every_failure_reason_is_either_redrivable_or_never() -> None:

@@ -29,9 +29,7 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.kafka_io import MAX_RECORD_BYTES
-from worker.producers import Producer, load_producers
-from worker.replay import (
+from worker.cli.replay import (
     ConsoleReport,
     ReplayArgumentError,
     ReplayRequest,
@@ -39,7 +37,9 @@ from worker.replay import (
     parse_time,
     replay,
 )
-from worker.timeutil import now_ms
+from worker.core.timeutil import now_ms
+from worker.kafka.io import MAX_RECORD_BYTES
+from worker.producers import Producer, load_producers
 from worker.tools.devstack import Broker, cli_argv
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from worker.accounts import AccountsError, load_accounts
-from worker.commands import InvalidCommand, decode
+from worker.core.commands import InvalidCommand, decode
+from worker.exchange.accounts import AccountsError, load_accounts
 from worker.logs import TextFormatter
 
 SECRET_BYTES = b"\xff\xfe-secret-\xc3"

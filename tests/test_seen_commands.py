@@ -1,4 +1,5 @@
-"""The duplicate-command window (``worker.dedup.SeenCommands``): pure, with an injected clock."""
+"""The duplicate-command window (``worker.kafka.dedup.SeenCommands``): pure, with an
+injected clock."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from worker.dedup import (
+from worker.core.redrive import RecordAt
+from worker.kafka.dedup import (
     ENTRY_BYTES_MAX,
     REFUSED,
     WORKER_BASE_BYTES,
@@ -19,7 +21,6 @@ from worker.dedup import (
     SeenCommands,
     first_result_of,
 )
-from worker.redrive import RecordAt
 from worker.settings import Settings, SettingsError
 
 HOUR = 3_600_000

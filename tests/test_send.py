@@ -27,7 +27,7 @@ from tests.support import (
     worker_env,
     worker_settings,
 )
-from worker.contracts import result_validator
+from worker.core.contracts import result_validator
 from worker.settings import ENV_PREFIX, Settings
 from worker.tools.devstack import REPO, Broker, cli_argv
 

@@ -26,8 +26,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.support import Topics, worker_env, worker_settings
-from worker.accounts import FIELDS, AccountsError, load_accounts, load_each_account
-from worker.checkup import exchange_tls_result
+from worker.cli.checkup import exchange_tls_result
+from worker.exchange.accounts import FIELDS, AccountsError, load_accounts, load_each_account
 from worker.producers import stanza
 from worker.settings import (
     ENV_PREFIX,
@@ -385,7 +385,7 @@ def test_edge_values_that_work_are_accepted(env: dict[str, str]) -> None:
 
 
 def test_the_bound_constants_are_the_clients_own() -> None:
-    from worker.kafka_io import MAX_RECORD_BYTES  # noqa: PLC0415
+    from worker.kafka.io import MAX_RECORD_BYTES  # noqa: PLC0415
 
     assert MAX_KAFKA_RECORD_BYTES == MAX_RECORD_BYTES
     assert POSITIVE.allowed() == "more than 0" and NON_NEGATIVE.allowed() == "0 or more"

@@ -17,12 +17,12 @@ import asyncio
 import collections
 from typing import Any
 
-from worker.accounts import Credentials
-from worker.commands import Command, Market
+from worker.core.commands import Command, Market
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.governor import GovernorSettings, RateGovernor
+from worker.exchange.papi import PapiClient
 from worker.executor import CancelExecutor, Outcome, RetryPolicy
-from worker.governor import GovernorSettings, RateGovernor
-from worker.papi import PapiClient
-from worker.timeutil import now_ms
 from worker.tools.sim.app import SimConfig, seed_order
 from worker.tools.sim.server import running_sim, state_from_accounts
 

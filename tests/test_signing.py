@@ -10,14 +10,14 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from worker.signing import (
+from worker.core.routes import encode_params
+from worker.exchange.signing import (
     Ed25519Signer,
     HmacSigner,
     PapiAuth,
     RsaSigner,
     SigningRefusedError,
     append_signature,
-    encode_params,
     hmac_sha256_hex,
     recv_window_for,
     with_query,

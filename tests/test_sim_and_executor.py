@@ -16,15 +16,15 @@ import httpx
 import pytest
 
 from tests.support import HMAC_ACCOUNTS
-from worker.accounts import Credentials
-from worker.commands import Command, Market
-from worker.errors import FailureReason, NotSentError
+from worker.core.commands import Command, Market
+from worker.core.errors import FailureReason, NotSentError
+from worker.core.routes import Route, encode_params
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.governor import GovernorSettings, RateGovernor
+from worker.exchange.papi import PapiClient
+from worker.exchange.signing import HmacSigner, append_signature
 from worker.executor import CancelExecutor, RetryPolicy
-from worker.governor import GovernorSettings, RateGovernor
-from worker.papi import PapiClient
-from worker.routes import Route
-from worker.signing import HmacSigner, append_signature, encode_params
-from worker.timeutil import now_ms
 from worker.tools.sim.app import Fault, SimConfig, SimState, seed_order
 from worker.tools.sim.faults import Profile
 from worker.tools.sim.server import running_sim, state_from_accounts

@@ -20,10 +20,11 @@ import pytest
 
 from tests.support import HMAC_ACCOUNTS, SimControl
 from tests.test_sdk_fidelity import sdk_client
-from worker.accounts import Credentials
+from worker.core.routes import encode_params
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.signing import HmacSigner, append_signature
 from worker.settings import Settings
-from worker.signing import HmacSigner, append_signature, encode_params
-from worker.timeutil import now_ms
 from worker.tools.sim.app import SimConfig, SimState, build_app, timeout_hold_ms
 from worker.tools.sim.book import Book, SimError, no_such_order, unknown_order
 from worker.tools.sim.faults import PROFILES, Fault, Injector, Profile

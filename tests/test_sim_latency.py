@@ -18,9 +18,10 @@ import httpx
 import orjson
 
 from tests.support import HMAC_ACCOUNTS
-from worker.accounts import Credentials
-from worker.signing import HmacSigner, append_signature, encode_params
-from worker.timeutil import now_ms
+from worker.core.routes import encode_params
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.signing import HmacSigner, append_signature
 from worker.tools.sim.app import SimConfig
 from worker.tools.sim.server import running_sim, state_from_accounts
 

@@ -41,9 +41,9 @@ from tests.test_pipeline_memory import (
     origins,
 )
 from tests.test_pipeline_memory import until as soon
-from worker.kafka_fencing import group_member, stable_committed
-from worker.kafka_io import TransactionalSink
-from worker.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, decode_ahead
+from worker.kafka.fencing import group_member, stable_committed
+from worker.kafka.io import TransactionalSink
+from worker.kafka.pipeline import Flush, FlushError, InRecord, OutRecord, Partition, decode_ahead
 from worker.settings import Settings
 from worker.tools.devstack import Broker
 

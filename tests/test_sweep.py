@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from worker.errors import ExchangeReply, FailureReason
-from worker.routes import Route
-from worker.sweep import (
+from worker.core.errors import ExchangeReply, FailureReason
+from worker.core.routes import Route
+from worker.core.sweep import (
     Listed,
     RouteOutcome,
     RouteReport,

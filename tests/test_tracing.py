@@ -41,11 +41,11 @@ from tests.support import (
 )
 from worker import tracing
 from worker.client import CancelClient
+from worker.core.timeutil import now_ms
+from worker.exchange.papi import PapiClient
 from worker.executor import CancelExecutor, RetryPolicy
-from worker.papi import PapiClient
-from worker.pipeline import InRecord
+from worker.kafka.pipeline import InRecord
 from worker.processor import CommandProcessor, record_bytes
-from worker.timeutil import now_ms
 from worker.tools.devstack import REPO, Broker, cli_argv, start_worker
 from worker.tools.sim.faults import SERVICE_UNAVAILABLE, UNKNOWN_503
 

@@ -1,4 +1,4 @@
-"""``worker.transport.FastTransport`` under httpx, over real loopback sockets.
+"""``worker.exchange.transport.FastTransport`` under httpx, over real loopback sockets.
 
 Servers here are the simulator (in this event loop), the hostile gateway in front of it, and
 tiny asyncio servers that answer byte for byte as each test needs and count the connections
@@ -31,13 +31,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.hostile_gateway import Gateway, Mangle
-from worker.accounts import Credentials
-from worker.signing import PapiAuth
-from worker.timeutil import now_ms
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import Credentials
+from worker.exchange.signing import PapiAuth
+from worker.exchange.transport import MAX_HEAD_BYTES, FastTransport, parse_head
 from worker.tools.devstack import free_port
 from worker.tools.sim.app import SimConfig, SimState, seed_order
 from worker.tools.sim.server import running_sim, state_from_accounts
-from worker.transport import MAX_HEAD_BYTES, FastTransport, parse_head
 
 ALGO_CANCEL = "/papi/v1/um/algo/order"
 

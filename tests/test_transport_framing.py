@@ -3,7 +3,7 @@
 Responses are generated from parts (status line, header fields, a body framed by
 ``Content-Length``, ``Transfer-Encoding: chunked`` or the connection's end, informational
 heads before them, and malformed variants of each), cut at random points, and fed to
-``worker.transport``'s connection (as the event loop hands it bytes, the connection's end
+``worker.exchange.transport``'s connection (as the event loop hands it bytes, the connection's end
 after the last piece) and to an ``h11`` client connection. Their decisions must be equal:
 the same status, reason, header fields and body bytes, or both refusing the answer.
 
@@ -25,7 +25,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.transport import MAX_HEAD_BYTES, _Connection
+from worker.exchange.transport import MAX_HEAD_BYTES, _Connection
 
 REFUSED = ("refused",)
 Decision = tuple[Any, ...]

@@ -1,8 +1,10 @@
 """Kafka-driven worker that cancels Binance Portfolio Margin conditional and algo orders.
 
-Layout: a pure core (``commands``, ``routes``, ``signing``, ``errors``, ``normalize``,
-``events``, ``offsets``) and thin adapters for the boundaries (``papi`` for HTTP,
-``kafka_io`` for Kafka, ``cli`` for the shell). ``sim`` is the PAPI simulator.
+Layout, by boundary (import direction checked by import-linter, pyproject.toml):
+``worker.core`` (pure), ``worker.exchange`` (HTTP) and ``worker.kafka`` (Kafka) below the
+service modules at this level (``app`` wires them; ``settings``, ``metrics`` and ``tracing``
+are shared by every tier but the core), ``worker.cli`` on top, ``worker.client`` the public
+library; ``worker.tools`` (simulator, demo, dev stack) is never imported by the runtime.
 """
 
 __version__ = "0.1.0"

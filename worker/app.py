@@ -26,14 +26,17 @@ from typing import Final, Literal
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from worker import kafka_logs, metrics
-from worker.accounts import AccountsError, Credentials, load_accounts
-from worker.clock import ExchangeClock
-from worker.dedup import ResultsFeed, SeenCommands
+from worker import metrics
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import AccountsError, Credentials, load_accounts
+from worker.exchange.clock import ExchangeClock
+from worker.exchange.governor import GovernorSettings, RateGovernor
+from worker.exchange.papi import PapiClient
 from worker.executor import CancelExecutor, RetryPolicy
-from worker.governor import GovernorSettings, RateGovernor
-from worker.kafka_fencing import exactly_once_refusal, group_member
-from worker.kafka_io import (
+from worker.kafka import logs as kafka_logs
+from worker.kafka.dedup import ResultsFeed, SeenCommands
+from worker.kafka.fencing import exactly_once_refusal, group_member
+from worker.kafka.io import (
     AtLeastOnceSink,
     ConsumerSource,
     PipelineRebalanceListener,
@@ -44,13 +47,11 @@ from worker.kafka_io import (
     wait_for_kafka,
     watch_kafka,
 )
+from worker.kafka.pipeline import Partition, Pipeline, ResultSink, RunReport, TakeOverRefusedError
 from worker.ops import Check, OpsServer
-from worker.papi import PapiClient
-from worker.pipeline import Partition, Pipeline, ResultSink, RunReport, TakeOverRefusedError
 from worker.processor import CommandProcessor
 from worker.producers import Producers, ProducersError, load_producers
 from worker.settings import Settings
-from worker.timeutil import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def settle_garbage_collector() -> None:
     then left out of every later collection (``gc.freeze``), as the CPython docs advise for
     long-running processes. Every full collection used to walk it, a pause every cancel in
     hand waited out. Measured over a 20,000-command burst, with the duplicate window's
-    entries also made invisible to the collector (``worker.dedup``): the objects a full
+    entries also made invisible to the collector (``worker.kafka.dedup``): the objects a full
     collection walks, 135,000 → 2,000; full collections, 0.34 s → 0.10 s of CPU.
 
     Young collections run every :data:`YOUNG_COLLECTION_THRESHOLD` net new objects
@@ -210,7 +211,7 @@ def settle_garbage_collector() -> None:
     more), longer than 700 allocations take in a burst, so nearly everything it made was
     walked by a young collection and again by a middle one, then freed by its reference
     count anyway. With the exchange's answers freed as soon as they are read (no
-    reference cycle: ``worker.papi.PapiClient._send``), measured over 10,000-command
+    reference cycle: ``worker.exchange.papi.PapiClient._send``), measured over 10,000-command
     bursts at 20 ms (two runs each): the collector's CPU 634 and 646 ms → 206 and 179 ms
     (about 45 µs a command); the longest young collection 11 to 13 ms → 14 to 29 ms, in
     bursts whose latencies are seconds of queueing. Paced at 100/s, 4 young collections in

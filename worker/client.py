@@ -27,7 +27,7 @@ Commands are signed (``producer_id`` and ``private_key``: headers ``x-producer``
 ``x-signature``, the Ed25519 signature of the record value), as a worker with a producers
 file requires (docs/security.md). Extra keyword arguments of all three go to
 aiokafka (TLS, SASL, client id). Each also has ``from_settings(settings)``: the worker's
-cluster, topics and TLS/SASL options (``worker.kafka_io.security_options``), and the
+cluster, topics and TLS/SASL options (``worker.kafka.io.security_options``), and the
 producer's id and key (``PRODUCER_ID``, ``PRODUCER_KEY_FILE``), from the same
 ``CANCEL_WORKER_*`` settings.
 
@@ -60,13 +60,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jsonschema.exceptions import best_match
 
 from worker import tracing
-from worker.commands import InvalidCommand, decode
-from worker.contracts import RESULT_SCHEMA, fast_check, result_validator
-from worker.kafka_io import security_options
+from worker.core.commands import InvalidCommand, decode
+from worker.core.contracts import RESULT_SCHEMA, fast_check, result_validator
+from worker.core.timeutil import now_ms
+from worker.kafka.io import security_options
+from worker.kafka.topic_reader import cluster_topics
 from worker.producers import Signer
 from worker.settings import Settings
-from worker.timeutil import now_ms
-from worker.topic_reader import cluster_topics
 
 log = logging.getLogger(__name__)
 

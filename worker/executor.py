@@ -1,13 +1,13 @@
 """Turning one validated command into an outcome: route, sign, send with retry, reconcile.
 
 This module only orchestrates; what each answer, error and order status means is decided in
-:mod:`worker.decisions` (pure, with the contract in its docstring).
+:mod:`worker.core.decisions` (pure, with the contract in its docstring).
 
 * a cancel is sent with retry and capped exponential backoff with jitter (fresh timestamp
-  and signature each time) while :func:`~worker.decisions.should_retry` says so (the answer
+  and signature each time) while :func:`~worker.core.decisions.should_retry` says so (the answer
   said "not executed", or the request never left), until the next attempt would start past
   the command's deadline: the deadline bounds the retries, not a count
-  (:func:`~worker.decisions.retries_spent`);
+  (:func:`~worker.core.decisions.retries_spent`);
 * ``max_attempts`` caps the cancels that *may have landed* (ambiguous answers): each is
   reconciled by query first, and after that many no further cancel is sent;
 * a -1021 re-syncs the clock and re-signs once, within the attempt;
@@ -31,10 +31,10 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from tenacity.stop import stop_base
 
-from worker import decisions, metrics, normalize, tracing
-from worker.accounts import Credentials
-from worker.commands import Command
-from worker.decisions import (
+from worker import metrics, tracing
+from worker.core import decisions, normalize
+from worker.core.commands import Command
+from worker.core.decisions import (
     GONE_CODES,
     Finding,
     Gone,
@@ -42,13 +42,14 @@ from worker.decisions import (
     Outcome,
     decide_gone,
 )
-from worker.errors import ExchangeError, NotAdmittedError, NotSentError, PapiError
-from worker.governor import Priority, Purpose
+from worker.core.errors import ExchangeError, NotAdmittedError, NotSentError, PapiError
+from worker.core.retry_policy import RetryPolicy
+from worker.core.routes import CancelRequest, plan_cancel, plan_queries
+from worker.exchange.accounts import Credentials
+from worker.exchange.governor import Priority, Purpose
+from worker.exchange.papi import PapiClient, PapiResponse
 from worker.jobs import Job
 from worker.killswitch import KillSwitch
-from worker.papi import PapiClient, PapiResponse
-from worker.retry_policy import RetryPolicy
-from worker.routes import CancelRequest, plan_cancel, plan_queries
 
 __all__ = ["CancelExecutor", "Finding", "Gone", "Outcome", "RetryPolicy", "decide_gone"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from worker.accounts import Credentials
-from worker.commands import Command
-from worker.decisions import Progress
-from worker.errors import PapiError
-from worker.routes import CancelRequest, Route
+from worker.core.commands import Command
+from worker.core.decisions import Progress
+from worker.core.errors import PapiError
+from worker.core.routes import CancelRequest, Route
+from worker.exchange.accounts import Credentials
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The kill switch: cancel every open order of an account on a symbol, and say exactly which.
 
 Orchestration only; what each listing, answer and status means is decided in
-:mod:`worker.sweep` (pure). The routes of the command's market are swept concurrently:
+:mod:`worker.core.sweep` (pure). The routes of the command's market are swept concurrently:
 
 1. list the open orders on the symbol (retried like a status query until the deadline);
 2. cancel them all (retried like a single cancel: fresh signature each time, the governor,
@@ -21,15 +21,14 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from worker import decisions, metrics, normalize
-from worker.accounts import Credentials
-from worker.commands import Command
-from worker.decisions import Outcome
-from worker.errors import ExchangeError, FailureReason, PapiError
-from worker.jobs import Job
-from worker.retry_policy import RetryPolicy
-from worker.routes import Route, Sweep, plan_order_status, plan_sweep
-from worker.sweep import (
+from worker import metrics
+from worker.core import decisions, normalize
+from worker.core.commands import Command
+from worker.core.decisions import Outcome
+from worker.core.errors import ExchangeError, FailureReason, PapiError
+from worker.core.retry_policy import RetryPolicy
+from worker.core.routes import Route, Sweep, plan_order_status, plan_sweep
+from worker.core.sweep import (
     Listed,
     RouteOutcome,
     RouteReport,
@@ -42,9 +41,11 @@ from worker.sweep import (
     parse_listing,
     to_ask,
 )
+from worker.exchange.accounts import Credentials
+from worker.jobs import Job
 
 if TYPE_CHECKING:
-    from worker.papi import PapiResponse
+    from worker.exchange.papi import PapiResponse
 
 log = logging.getLogger(__name__)
 

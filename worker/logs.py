@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from worker.errors import escape_controls
+from worker.core.errors import escape_controls
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -33,10 +33,10 @@ worker (or, by stopping every member in turn, the group):
   after it); then the value, cut to its head if it does not fit. The whole record stays at
   its source offset.
 
-Duplicate commands (with a :class:`~worker.dedup.SeenCommands` window; ``seen`` None turns
+Duplicate commands (with a :class:`~worker.kafka.dedup.SeenCommands` window; ``seen`` None turns
 it off): a valid command whose (``account``, ``command_id``) already has a final result in
 the window is not executed. When that result was for other content (another
-:func:`~worker.events.fingerprint`), the command gets ``cancel.failed``/``id_conflict``,
+:func:`~worker.core.events.fingerprint`), the command gets ``cancel.failed``/``id_conflict``,
 no request, and the window keeps the first result. When the result answers another record
 (a producer retry, a replay), the command gets one ``cancel.duplicate`` event carrying the
 first result's outcome. When it answers this very record (same topic, partition and
@@ -45,7 +45,7 @@ already on the results topic), nothing is published. A record this process answe
 result has not been read back from the results topic yet is answered again: its first
 answer may not have been made durable. Every final result the processor produces is
 recorded in the window at once, except refusals (``invalid_command``, ``unknown_account``,
-``unauthorized``, ``id_conflict``: :data:`worker.dedup.REFUSED`), which cost no request
+``unauthorized``, ``id_conflict``: :data:`worker.kafka.dedup.REFUSED`), which cost no request
 and are answered again whenever they are read. Invalid commands are never checked against
 the window.
 """
@@ -56,15 +56,16 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 
-from worker import events, metrics, redrive, tracing
-from worker.commands import Command, InvalidCommand, decode
-from worker.decisions import Outcome
-from worker.dedup import FirstResult, Seen, SeenCommands
-from worker.errors import FailureReason
-from worker.events import Origin
+from worker import metrics, tracing
+from worker.core import events, redrive
+from worker.core.commands import Command, InvalidCommand, decode
+from worker.core.decisions import Outcome
+from worker.core.errors import FailureReason
+from worker.core.events import Origin
+from worker.core.fit import GROUPS, fit_kill_switch
 from worker.executor import CancelExecutor
-from worker.fit import GROUPS, fit_kill_switch
-from worker.pipeline import InRecord, OutRecord
+from worker.kafka.dedup import FirstResult, Seen, SeenCommands
+from worker.kafka.pipeline import InRecord, OutRecord
 from worker.producers import PRODUCER_HEADER, Producer, Producers, Refusal
 
 log = logging.getLogger(__name__)
@@ -372,7 +373,7 @@ class CommandProcessor:
 
     def _remember(self, event: dict[str, object]) -> None:
         """Record a final result in the window as soon as it is produced (a refusal is
-        not remembered: :data:`worker.dedup.REFUSED`)."""
+        not remembered: :data:`worker.kafka.dedup.REFUSED`)."""
         if self._seen is not None:
             self._seen.add(event, on_topic=False)
 
@@ -605,7 +606,7 @@ class CommandProcessor:
 
 def _least_bytes(event: dict[str, object]) -> int:
     """The fewest bytes the event can take in its record: a kill switch's result can be cut
-    to its routes and counts (:func:`~worker.fit.fit_kill_switch`), any other is whole."""
+    to its routes and counts (:func:`~worker.core.fit.fit_kill_switch`), any other is whole."""
     if event["type"] != events.SWEPT:
         return len(events.serialize(event))
     bare = {**event, **{group: [] for group in GROUPS}, "omitted": dict.fromkeys(GROUPS, 0)}

@@ -50,7 +50,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from worker.accounts import did_you_mean
+from worker.exchange.accounts import did_you_mean
 
 PRODUCER_HEADER = "x-producer"
 SIGNATURE_HEADER = "x-signature"

@@ -32,7 +32,7 @@ LOG_FORMATS = ("text", "json")
 # The standard logging level names (a fixed list: libraries may register more at import time).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")
 MIN_DEADLETTER_BYTES = 8192  # worker.processor refuses less with its default key bound
-# The producer's max_request_size and the consumer's fetch size (worker.kafka_io.MAX_RECORD_BYTES,
+# The producer's max_request_size and the consumer's fetch size (worker.kafka.io.MAX_RECORD_BYTES,
 # kept equal by a test): a command or dead-letter copy above it can never be sent or read.
 MAX_KAFKA_RECORD_BYTES = 4 * 1024 * 1024
 # Kafka broker defaults: group.min.session.timeout.ms / group.max.session.timeout.ms (a broker
@@ -111,7 +111,7 @@ class Settings:
     # commit interval. Fewer transactions, less broker work, a little later results.
     transaction_interval_ms: int = 0
     kafka_request_timeout_ms: int = 30_000
-    # Kafka TLS and SASL, for every Kafka client (worker.kafka_io.security_options). TLS
+    # Kafka TLS and SASL, for every Kafka client (worker.kafka.io.security_options). TLS
     # files are PEM; without a CA file the system's CAs verify the brokers.
     kafka_security_protocol: str = "PLAINTEXT"
     kafka_ssl_cafile: Path | None = None
@@ -474,7 +474,7 @@ def _check_relations(s: Settings) -> None:
 def _check_kafka_security(s: Settings) -> None:
     """The Kafka TLS and SASL settings: values, files, and what goes with what. Loading the
     TLS material itself (a CA that is not a certificate, a wrong key password) is checked
-    where the clients' options are built, ``worker.kafka_io.security_options``."""
+    where the clients' options are built, ``worker.kafka.io.security_options``."""
     protocol_name = env_name("kafka_security_protocol")
     _one_of("kafka_security_protocol", s.kafka_security_protocol, KAFKA_SECURITY_PROTOCOLS)
     _one_of("kafka_sasl_mechanism", s.kafka_sasl_mechanism, KAFKA_SASL_MECHANISMS)

@@ -35,8 +35,11 @@ import orjson
 from aiokafka.consumer import fetcher
 
 from tests.bench import measure
-from worker import executor, kafka_io, papi, pipeline, transport
-from worker.cli import main as worker_main
+from worker import executor
+from worker.cli.main import main as worker_main
+from worker.exchange import papi, transport
+from worker.kafka import io as kafka_io
+from worker.kafka import pipeline
 
 STAGES = ("fetched", "handed", "started", "executing", "admitting", "signing", "sending", "written")
 

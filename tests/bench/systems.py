@@ -130,7 +130,7 @@ class PrebuiltCancels:
     """Signed cancel requests as bytes: the request line's head and each account's headers
     are built once; per request only the query (algoId, recvWindow, timestamp) is signed.
 
-    The signature is Binance's HMAC-SHA256 (as ``worker.signing.hmac_sha256_hex``): the
+    The signature is Binance's HMAC-SHA256 (as ``worker.exchange.signing.hmac_sha256_hex``): the
     lowercase hex digest of the exact query string under the secret, appended last."""
 
     def __init__(self, accounts: dict[str, tuple[str, str]], host_header: bytes) -> None:

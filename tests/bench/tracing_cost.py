@@ -1,7 +1,7 @@
 """What tracing costs the processor path: ``python -m tests.bench.tracing_cost``.
 
 One command at a time through the real :class:`~worker.processor.CommandProcessor`,
-:class:`~worker.executor.CancelExecutor` and :class:`~worker.papi.PapiClient` (HMAC
+:class:`~worker.executor.CancelExecutor` and :class:`~worker.exchange.papi.PapiClient` (HMAC
 signing, the answer from an in-memory transport: an algo cancel's ``{"complete": true}``),
 in three modes, each in a fresh interpreter:
 
@@ -65,12 +65,12 @@ async def _measure(commands: int, batch: int) -> list[float]:
     import orjson  # noqa: PLC0415
 
     from tests.support import write_accounts  # noqa: PLC0415
-    from worker.accounts import load_accounts  # noqa: PLC0415
+    from worker.core.timeutil import now_ms  # noqa: PLC0415
+    from worker.exchange.accounts import load_accounts  # noqa: PLC0415
+    from worker.exchange.papi import PapiClient  # noqa: PLC0415
     from worker.executor import CancelExecutor, RetryPolicy  # noqa: PLC0415
-    from worker.papi import PapiClient  # noqa: PLC0415
-    from worker.pipeline import InRecord  # noqa: PLC0415
+    from worker.kafka.pipeline import InRecord  # noqa: PLC0415
     from worker.processor import CommandProcessor  # noqa: PLC0415
-    from worker.timeutil import now_ms  # noqa: PLC0415
 
     answer = orjson.dumps({"complete": True})
 

@@ -28,7 +28,7 @@ import uuid
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from worker.kafka_io import TRANSACTIONAL_RETRY_BACKOFF_MS, make_producer
+from worker.kafka.io import TRANSACTIONAL_RETRY_BACKOFF_MS, make_producer
 from worker.settings import Settings
 
 READY = "TXN_LOAD_READY"

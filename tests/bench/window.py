@@ -52,9 +52,9 @@ from tests.support import (
     worker_settings,
     write_accounts,
 )
-from worker.dedup import ENTRY_BYTES_MAX, WORKER_BASE_BYTES
+from worker.core.timeutil import now_ms
+from worker.kafka.dedup import ENTRY_BYTES_MAX, WORKER_BASE_BYTES
 from worker.settings import Settings
-from worker.timeutil import now_ms
 from worker.tools.devstack import Process, cli_argv, start_broker, start_sim
 
 UNLIMITED = 1_000_000_000

@@ -42,9 +42,9 @@ from worker.client import (
     checked_command,
     key_of,
 )
-from worker.kafka_io import MAX_RECORD_BYTES, ensure_topics
+from worker.core.timeutil import now_ms
+from worker.kafka.io import MAX_RECORD_BYTES, ensure_topics
 from worker.producers import Signer, generate, stanza
-from worker.timeutil import now_ms
 from worker.tools.devstack import (
     REPO,
     Broker,

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from worker.kafka_io import ensure_topics
+from worker.kafka.io import ensure_topics
 from worker.settings import ENV_PREFIX, Settings
 from worker.tools.devstack import REPO, Broker, Process, start_broker, start_sim, start_worker
 

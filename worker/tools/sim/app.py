@@ -45,7 +45,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from worker.accounts import Credentials
+from worker.exchange.accounts import Credentials
 from worker.settings import Settings
 from worker.tools.sim.auth import SignedParams, check_timestamp, split_signed, verify_signature
 from worker.tools.sim.book import (

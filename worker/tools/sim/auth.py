@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from worker.accounts import Credentials
-from worker.signing import hmac_sha256_hex
+from worker.exchange.accounts import Credentials
+from worker.exchange.signing import hmac_sha256_hex
 from worker.tools.sim.book import SimError
 
 MAX_RECV_WINDOW = 60_000

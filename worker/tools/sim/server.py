@@ -15,7 +15,7 @@ import orjson
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from worker.accounts import Credentials
+from worker.exchange.accounts import Credentials
 from worker.tools.sim.app import (
     ARRIVED_US,
     SimConfig,

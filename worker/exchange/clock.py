@@ -16,7 +16,7 @@ from collections.abc import Callable
 import httpx
 import orjson
 
-from worker.timeutil import now_ms
+from worker.core.timeutil import now_ms
 
 log = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
 from worker import metrics
-from worker.headers import ascii_int
+from worker.exchange.headers import ascii_int
 
 log = logging.getLogger(__name__)
 

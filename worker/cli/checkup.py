@@ -6,7 +6,7 @@ Each check gives one :class:`CheckResult` (ok or not, and a one-line detail), in
 * **exchange tls** (only when it applies): a WARNING that ``papi_url`` or ``time_url`` is plain
   http to a host that is not loopback, as ``ALLOW_INSECURE_EXCHANGE`` allows;
 * **broker**: a Kafka admin client, with the TLS/SASL options
-  (:func:`worker.kafka_io.security_options`), gets the cluster's metadata within a short
+  (:func:`worker.kafka.io.security_options`), gets the cluster's metadata within a short
   bound;
 * **topics**: the commands, results and dead-letter topics exist (created first with
   ``create_topics``), with their partition counts;
@@ -42,13 +42,16 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from worker.accounts import AccountsError, Credentials, load_each_account
-from worker.clock import ClockSyncError, ExchangeClock
-from worker.config_report import redact_url_credentials
-from worker.errors import ExchangeError, NoAnswerError, NotSentError, PapiError
-from worker.kafka_fencing import exactly_once_refusal
-from worker.kafka_io import ensure_topics, security_options
-from worker.papi import PapiClient
+from worker.cli.config_report import redact_url_credentials
+from worker.core.errors import ExchangeError, NoAnswerError, NotSentError, PapiError
+from worker.core.routes import encode_params
+from worker.core.timeutil import now_ms
+from worker.exchange.accounts import AccountsError, Credentials, load_each_account
+from worker.exchange.clock import ClockSyncError, ExchangeClock
+from worker.exchange.papi import PapiClient
+from worker.kafka.fencing import exactly_once_refusal
+from worker.kafka.io import ensure_topics, security_options
+from worker.kafka.topic_reader import cluster_topics
 from worker.producers import ProducersError, load_producers
 from worker.settings import (
     SOURCE_ENV,
@@ -58,9 +61,6 @@ from worker.settings import (
     env_name,
     insecure_exchange_url,
 )
-from worker.signing import encode_params
-from worker.timeutil import now_ms
-from worker.topic_reader import cluster_topics
 
 KAFKA_TIMEOUT_S = 5.0
 """How long the broker (and then the topics) may take to answer, by default."""

@@ -57,13 +57,10 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker import redrive
-from worker.kafka_io import make_producer, security_options
-from worker.processor import TRUNCATED_FROM_HEADER
-from worker.producers import ProducerKeyError, Signer, without_signature
-from worker.settings import Settings
-from worker.timeutil import now_ms
-from worker.topic_reader import (
+from worker.core import redrive
+from worker.core.timeutil import now_ms
+from worker.kafka.io import make_producer, security_options
+from worker.kafka.topic_reader import (
     STALL_TIMEOUT_S,
     MissingTopicError,
     ReadStalledError,
@@ -73,6 +70,9 @@ from worker.topic_reader import (
     read_ranges,
     reader_consumer,
 )
+from worker.processor import TRUNCATED_FROM_HEADER
+from worker.producers import ProducerKeyError, Signer, without_signature
+from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,7 @@ async def final_results(
     Reads every partition of ``results_topic`` from the beginning (or, with ``since_ms``,
     from the first record at or after that time) up to the end offsets captured when it
     starts, ``read_committed`` (results of aborted transactions do not count), without a
-    consumer group (:class:`~worker.topic_reader.ResultsReader`). Records that are not JSON
+    consumer group (:class:`~worker.kafka.topic_reader.ResultsReader`). Records that are not JSON
     objects, and results of any other type (``cancel.duplicate`` included), are ignored.
     Raises :class:`ReplayArgumentError` when the topic does not exist, :class:`ReplayError`
     when the read stalls, and aiokafka's ``KafkaError`` when the cluster cannot be

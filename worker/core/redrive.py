@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from worker.errors import FailureReason
+from worker.core.errors import FailureReason
 
 REDRIVE_OF = "x-redrive-of"
 REDRIVE_REASON = "x-redrive-reason"

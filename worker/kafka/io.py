@@ -28,7 +28,7 @@ from aiokafka.errors import (
 from cryptography import x509
 
 from worker import metrics
-from worker.kafka_fencing import (
+from worker.kafka.fencing import (
     Committed,
     GroupFencedError,
     MemberSource,
@@ -36,7 +36,7 @@ from worker.kafka_fencing import (
     commit_offsets_as_member,
     stable_committed_with_metadata,
 )
-from worker.pipeline import (
+from worker.kafka.pipeline import (
     Flush,
     FlushError,
     InRecord,
@@ -208,7 +208,7 @@ def refusal(exc: BaseException, what: str) -> TakeOverRefusedError:
 
 
 class ConsumerSource:
-    """Adapts the consumer to the pipeline's :class:`~worker.pipeline.RecordSource`."""
+    """Adapts the consumer to the pipeline's :class:`~worker.kafka.pipeline.RecordSource`."""
 
     def __init__(self, consumer: AIOKafkaConsumer, *, require_stable: bool = True) -> None:
         self._consumer = consumer
@@ -332,7 +332,7 @@ class TransactionalSink:
     all at once at its end, where it slowed every request to the broker meanwhile (the
     commands being read included): measured, the flush's transaction about half as long.
 
-    Fencing has two parts (KIP-447, :mod:`worker.kafka_fencing`):
+    Fencing has two parts (KIP-447, :mod:`worker.kafka.fencing`):
 
     * The offsets are committed with the member's group generation (``TxnOffsetCommit``
       v3). A member that lost its partitions without knowing it (paused past its session

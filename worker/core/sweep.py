@@ -1,7 +1,7 @@
 """The kill switch's decisions (pure): what the listings, the cancel-all answers and each
 order's status mean. :mod:`worker.killswitch` sends and waits; everything decided is here.
 
-A kill switch (``scope: "symbol"``) sweeps every route of its market (:func:`worker.routes.
+A kill switch (``scope: "symbol"``) sweeps every route of its market (:func:`worker.core.routes.
 plan_sweep`). Per route, in order:
 
 1. **list** the open orders on the symbol. A 404 on a retirable route (UM conditional) means
@@ -38,9 +38,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import normalize
-from worker.errors import ExchangeReply, FailureReason
-from worker.routes import RETIRED_HINTS, Route
+from worker.core import normalize
+from worker.core.errors import ExchangeReply, FailureReason
+from worker.core.routes import RETIRED_HINTS, Route
 
 
 class RouteOutcome(enum.StrEnum):

@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 
-from worker.commands import Command, InvalidCommand
-from worker.errors import ExchangeReply, FailureReason
-from worker.routes import Route
-from worker.sweep import SweepReport
+from worker.core.commands import Command, InvalidCommand
+from worker.core.errors import ExchangeReply, FailureReason
+from worker.core.routes import Route
+from worker.core.sweep import SweepReport
 
 SCHEMA_VERSION = 1
 CANCELED = "strategy.canceled"
@@ -123,7 +123,7 @@ def strategies_canceled(
     producer: str | None = None,
 ) -> dict[str, Any]:
     """A kill switch's result: every order listed open on the symbol, by what became of it
-    (see :mod:`worker.sweep`), and each route's outcome."""
+    (see :mod:`worker.core.sweep`), and each route's outcome."""
     event = _common(SWEPT, command, origin, attempts, received_at, completed_at, producer)
     event.update(report.as_fields())
     return event
@@ -168,7 +168,7 @@ def duplicate(
 ) -> dict[str, Any]:
     """A command whose id already has a final result within the duplicate window: no request
     was sent (``attempts`` 0); ``first_result`` is that result's outcome
-    (:meth:`worker.dedup.FirstResult.as_dict`; a kill switch's has no reason, route or order
+    (:meth:`worker.kafka.dedup.FirstResult.as_dict`; a kill switch's has no reason, route or order
     status). ``origin`` is this record's."""
     event = _common(DUPLICATE, command, origin, 0, received_at, completed_at, producer)
     event["first_result"] = dict(first_result)

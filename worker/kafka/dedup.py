@@ -11,7 +11,7 @@ Contracts:
 * **Key and fingerprint.** An entry is keyed on (``account``, ``command_id``): a command id
   is a producer's name for one cancel of one account, and claiming it for another account
   claims nothing. Each entry keeps the command's content fingerprint
-  (:func:`worker.events.fingerprint`, carried by every result as ``fingerprint``): a command
+  (:func:`worker.core.events.fingerprint`, carried by every result as ``fingerprint``): a command
   whose key is in the window with another fingerprint is a conflict, not a duplicate. An
   entry rebuilt from a result written before results carried fingerprints has none, and
   matches any content (what the window did before).
@@ -24,7 +24,7 @@ Contracts:
   does not have the shape of the schema (:func:`first_result_of`) is ignored.
 * **One entry per key, the first result.** A later result for the same key does not
   replace it, with three exceptions: a re-driven command's result (its ``retry_of``,
-  :mod:`worker.redrive`) replaces the re-drivable failure it retries; a result read back
+  :mod:`worker.core.redrive`) replaces the re-drivable failure it retries; a result read back
   from the results topic replaces one that was only recorded by this process and has not
   been read back yet (what is on the topic is what every member can see); and so does a
   new result for the same record (the record was answered again because its first answer
@@ -59,15 +59,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
-from worker import redrive
-from worker.contracts import load_schema
-from worker.errors import FailureReason
-from worker.kafka_io import security_options
-from worker.redrive import RecordAt
-from worker.routes import Route
+from worker.core import redrive
+from worker.core.contracts import load_schema
+from worker.core.errors import FailureReason
+from worker.core.redrive import RecordAt
+from worker.core.routes import Route
+from worker.core.timeutil import now_ms
+from worker.kafka.io import security_options
+from worker.kafka.topic_reader import ResultsReader
 from worker.settings import Settings
-from worker.timeutil import now_ms
-from worker.topic_reader import ResultsReader
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ records only once it has committed.
 
 :class:`ResultsReader` is the one reader of the results topic. ``cancel-worker replay``
 uses it to learn which commands already have a final result; the worker uses it to rebuild
-its duplicate-command window at start and then to follow the topic (``worker.dedup``).
+its duplicate-command window at start and then to follow the topic (``worker.kafka.dedup``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from worker.kafka_io import MAX_RECORD_BYTES
+from worker.kafka.io import MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def reader_consumer(
     bootstrap: str, client_id: str, request_timeout_ms: int, **kafka: Any
 ) -> AIOKafkaConsumer:
     """A consumer without a group, reading committed records only. ``kafka``: more client
-    options (TLS, SASL: ``worker.kafka_io.security_options``)."""
+    options (TLS, SASL: ``worker.kafka.io.security_options``)."""
     return AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id=client_id,
@@ -155,7 +155,7 @@ class ResultsReader:
 
     Only records whose value is a JSON object are yielded; anything else is skipped.
     Partitions added to the topic after :meth:`start` are not read. ``kafka``: more client
-    options (TLS, SASL: ``worker.kafka_io.security_options``)."""
+    options (TLS, SASL: ``worker.kafka.io.security_options``)."""
 
     def __init__(
         self,

@@ -36,14 +36,14 @@ from worker.client import (
     parse_result,
 )
 from worker.client import build_command as _build
-from worker.kafka_io import security_options
-from worker.settings import Settings
-from worker.topic_reader import (
+from worker.kafka.io import security_options
+from worker.kafka.topic_reader import (
     MissingTopicError,
     ReadStalledError,
     ResultsReader,
     cluster_topics,
 )
+from worker.settings import Settings
 
 SOURCE = "cancel-worker send"
 

@@ -4,7 +4,7 @@ The executor (:mod:`worker.executor`) sends and waits; every decision about what
 what to do next is made here, from plain values, and tested table by table.
 
 After a cancel attempt failed (:func:`after_cancel_error`; the error's disposition comes from
-the :mod:`worker.errors` taxonomy):
+the :mod:`worker.core.errors` taxonomy):
 
 * **not admitted** (the deadline would pass before the governor has room, or before signing)
   → ``expired`` when ``expires_at`` stood in the way, else ``rate_limited``; nothing was sent;
@@ -52,9 +52,9 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from worker import normalize
-from worker.commands import Command
-from worker.errors import (
+from worker.core import normalize
+from worker.core.commands import Command
+from worker.core.errors import (
     Disposition,
     ExchangeError,
     ExchangeReply,
@@ -63,8 +63,8 @@ from worker.errors import (
     NotSentError,
     PapiError,
 )
-from worker.routes import RETIRED_HINTS, Route
-from worker.sweep import SweepReport
+from worker.core.routes import RETIRED_HINTS, Route
+from worker.core.sweep import SweepReport
 
 GONE_CODES = frozenset({-2011, -2013})
 CLOSED = frozenset({"TRIGGERED", "TRIGGERING", "FINISHED", "EXPIRED", "REJECTED"})

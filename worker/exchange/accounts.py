@@ -26,7 +26,7 @@ them in files, or the accounts file itself 0600.
 ``reserved_weight_share`` (optional, above 0 and below 1): the share of the IP weight budget
 the rate governor holds for the account all window long, even while it is idle; the shares
 of the accounts without one are equal parts of what the reserved shares leave (see
-:mod:`worker.governor`). The reserved shares add up to at most 1, and to less than 1 when
+:mod:`worker.exchange.governor`). The reserved shares add up to at most 1, and to less than 1 when
 some account has none.
 """
 
@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from worker.signing import Ed25519Signer, HmacSigner, RsaSigner, Signer
+from worker.exchange.signing import Ed25519Signer, HmacSigner, RsaSigner, Signer
 
 TABLES = ("accounts",)
 FIELDS = (

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from typing import Protocol
 from urllib.parse import quote
 
@@ -82,11 +82,6 @@ class RsaSigner:
 
     def __repr__(self) -> str:
         return "RsaSigner(<private key>)"
-
-
-def encode_params(params: Iterable[tuple[str, str]]) -> str:
-    """Percent-encode parameters in the given order (order is part of what is signed)."""
-    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params)
 
 
 def append_signature(query: str, signer: Signer) -> str:

@@ -45,7 +45,7 @@ from aiokafka.protocol.types import (
 )
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from worker.pipeline import Partition
+from worker.kafka.pipeline import Partition
 
 # Kafka's error codes that aiokafka 0.14 has no class for, or that matter here by number.
 NOT_COORDINATOR = 16

@@ -20,10 +20,16 @@ CM → the CM conditional route. Per route: list the open orders on the symbol
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import quote
 
-from worker.commands import Command, Market
-from worker.signing import encode_params
+from worker.core.commands import Command, Market
+
+
+def encode_params(params: Iterable[tuple[str, str]]) -> str:
+    """Percent-encode parameters in the given order (order is part of what is signed)."""
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params)
 
 
 class Route(enum.StrEnum):
@@ -93,7 +99,7 @@ RETIRABLE = frozenset({Route.UM_CONDITIONAL})
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
     """An unsigned request: the signer adds ``recvWindow``, ``timestamp`` and ``signature``
-    at send time (:class:`worker.signing.PapiAuth`)."""
+    at send time (:class:`worker.exchange.signing.PapiAuth`)."""
 
     route: Route
     method: str

@@ -101,7 +101,7 @@ StrictValidator = extend(  # type: ignore[no-untyped-call]
 
 def schema_dir() -> Path:
     """Where the schema files live (packaged copy first, then the source checkout)."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # worker/
     for candidate in (here / "_schemas", here.parent / "schemas"):
         if (candidate / COMMAND_SCHEMA).is_file():
             return candidate

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from jsonschema.exceptions import ValidationError, best_match
 
-from worker.contracts import COMMAND_SCHEMA, command_validator, fast_check, load_schema
+from worker.core.contracts import COMMAND_SCHEMA, command_validator, fast_check, load_schema
 
 DEFAULT_MAX_COMMAND_BYTES = 64 * 1024
 _DETAIL_MAX = 300

@@ -1,5 +1,5 @@
 """HTTP adapter for PAPI: one pooled ``httpx.AsyncClient``, signing per send, and the
-translation of every library error into the :mod:`worker.errors` tree at this boundary.
+translation of every library error into the :mod:`worker.core.errors` tree at this boundary.
 
 One request, in order:
 
@@ -8,7 +8,7 @@ One request, in order:
 2. a **connection permit** (at most ``max_connections`` requests on the wire); if the wait
    for it moved the request out of the windows it was counted in, it is uncounted and
    admitted again;
-3. **signing** (:class:`~worker.signing.PapiAuth`): one clock reading gives ``timestamp``
+3. **signing** (:class:`~worker.exchange.signing.PapiAuth`): one clock reading gives ``timestamp``
    and ``recvWindow``, and nothing is signed after ``expires_at``;
 4. the **exchange**: the answer's head is read and fed to the governor, then the body, at
    most :data:`MAX_ANSWER_BYTES`; all of it, from the first byte written to the body's last,
@@ -20,7 +20,7 @@ The answer's headers reach the governor only as ASCII-digit numbers (:func:`gove
 
 Whatever happens, the governor's ticket is ended exactly once: ``observe`` for an answer,
 ``refund`` for a request that never left, ``settle`` for one that left and got no answer.
-Only :class:`~worker.errors.PapiError` subclasses leave this module.
+Only :class:`~worker.core.errors.PapiError` subclasses leave this module.
 """
 
 from __future__ import annotations
@@ -37,12 +37,18 @@ import httpx
 import orjson
 
 from worker import metrics, tracing
-from worker.accounts import Credentials
-from worker.errors import ExchangeError, NoAnswerError, NotAdmittedError, NotSentError, PapiError
-from worker.governor import GovernorDeadlineError, Priority, Purpose, RateGovernor, Ticket
-from worker.headers import ascii_int
-from worker.signing import PapiAuth, SigningRefusedError
-from worker.transport import FastTransport
+from worker.core.errors import (
+    ExchangeError,
+    NoAnswerError,
+    NotAdmittedError,
+    NotSentError,
+    PapiError,
+)
+from worker.exchange.accounts import Credentials
+from worker.exchange.governor import GovernorDeadlineError, Priority, Purpose, RateGovernor, Ticket
+from worker.exchange.headers import ascii_int
+from worker.exchange.signing import PapiAuth, SigningRefusedError
+from worker.exchange.transport import FastTransport
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +72,7 @@ _OUTER_MARGIN_S = 1.0
 
 def governed_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The answer's headers the rate governor reads (weight and order counts, Retry-After),
-    each kept only when its value is ASCII digits (:func:`worker.headers.ascii_int`), as
+    each kept only when its value is ASCII digits (:func:`worker.exchange.headers.ascii_int`), as
     plain digits; anything else is left out, so the governor uses its default."""
     kept: dict[str, str] = {}
     for name, value in headers.items():
@@ -231,7 +237,7 @@ class PapiClient:
     ) -> PapiResponse:
         """Send one signed request; return its 2XX JSON answer or raise a :class:`PapiError`.
 
-        ``query``: the request's parameters, encoded (:func:`worker.signing.encode_params`).
+        ``query``: the request's parameters, encoded (:func:`worker.core.routes.encode_params`).
 
         ``deadline_ms``: the governor admits nothing at or after it (``NotAdmittedError``).
         ``expires_at``: nothing is signed at or after it, and ``recvWindow`` never reaches

@@ -1,6 +1,6 @@
 """The error taxonomy: every exchange signal maps to retryable, terminal or ambiguous.
 
-The PAPI client (:mod:`worker.papi`) raises only this tree; every library error is
+The PAPI client (:mod:`worker.exchange.papi`) raises only this tree; every library error is
 translated at that boundary::
 
     PapiError                  base; carries the taxonomy rule, disposition and failure reason
@@ -17,8 +17,8 @@ translated at that boundary::
 ``TAXONOMY`` is the one table, in order of precedence; ``classify`` picks the first answer rule
 that matches, and the three rules without an answer (:data:`NOT_SENT`, :data:`NOT_ADMITTED`,
 :data:`NO_ANSWER`) belong to their error classes. What each disposition leads to is decided
-in :mod:`worker.decisions`. docs/exchange.md's table is generated from this one (``cancel-worker
-check --taxonomy``) and a test keeps the two equal.
+in :mod:`worker.core.decisions`. docs/exchange.md's table is generated from this one
+(``cancel-worker check --taxonomy``) and a test keeps the two equal.
 """
 
 from __future__ import annotations

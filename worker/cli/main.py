@@ -85,7 +85,7 @@ def _load_kafka_tls(settings: Settings) -> None:
     """Load the Kafka TLS material now: a CA file without a certificate or a wrong key
     password is a configuration error, said before anything starts."""
     if settings.kafka_security_protocol in KAFKA_TLS_PROTOCOLS:
-        from worker.kafka_io import security_options  # noqa: PLC0415 - only with TLS
+        from worker.kafka.io import security_options  # noqa: PLC0415 - only with TLS
 
         security_options(settings)
 
@@ -234,7 +234,7 @@ def sim(
     log_level: str,
 ) -> None:
     """Serve the PAPI simulator."""
-    from worker.accounts import AccountsError, load_accounts  # noqa: PLC0415
+    from worker.exchange.accounts import AccountsError, load_accounts  # noqa: PLC0415
     from worker.tools.sim.app import SimConfig  # noqa: PLC0415
     from worker.tools.sim.faults import PROFILES  # noqa: PLC0415
     from worker.tools.sim.server import serve_forever  # noqa: PLC0415
@@ -316,8 +316,7 @@ def send(
     canceled (a kill switch: complete), 1 failed, incomplete or unreadable (and Kafka
     failures), 2 invalid command or configuration, 5 no result in time, 6 duplicate
     command id."""
-    from worker.client import InvalidCommandError, ResultUnreadableError  # noqa: PLC0415
-    from worker.send import (  # noqa: PLC0415
+    from worker.cli.send import (  # noqa: PLC0415
         EXIT_NO_RESULT,
         KafkaUnavailableError,
         build_command,
@@ -328,6 +327,7 @@ def send(
         parse_json_command,
         publish,
     )
+    from worker.client import InvalidCommandError, ResultUnreadableError  # noqa: PLC0415
 
     settings = _signing(_settings(config), producer_id, producer_key_file)
     # The outcome is said here, in one line; aiokafka's own retries would only add noise.
@@ -412,15 +412,15 @@ def results(
     Reads read_committed, from the beginning (or --since) to the end, one line per result.
     Exit codes: 0 every --command-id has a result, 1 Kafka failed, 2 bad arguments,
     5 some --command-id has none."""
-    from worker.client import ResultError  # noqa: PLC0415
-    from worker.replay import parse_time  # noqa: PLC0415
-    from worker.send import (  # noqa: PLC0415
+    from worker.cli.replay import parse_time  # noqa: PLC0415
+    from worker.cli.send import (  # noqa: PLC0415
         EXIT_NO_RESULT,
         KafkaUnavailableError,
         describe,
         describe_unreadable,
     )
-    from worker.send import results as read_results  # noqa: PLC0415
+    from worker.cli.send import results as read_results  # noqa: PLC0415
+    from worker.client import ResultError  # noqa: PLC0415
 
     settings = _settings(config)
     configure_logging("CRITICAL", settings.log_format)
@@ -519,14 +519,14 @@ def replay(
     summary line. Exit codes: 0 done, 1 Kafka failed (the message says how many records
     were published), 2 bad arguments.
     """
-    from worker.replay import (  # noqa: PLC0415
+    from worker.cli.replay import (  # noqa: PLC0415
         ConsoleReport,
         ReplayArgumentError,
         ReplayError,
         ReplayRequest,
         parse_time,
     )
-    from worker.replay import replay as run_replay  # noqa: PLC0415
+    from worker.cli.replay import replay as run_replay  # noqa: PLC0415
 
     settings = _signing(_settings(config), producer_id, producer_key_file)
     configure_logging(settings.log_level, settings.log_format)
@@ -689,11 +689,11 @@ def check(
 
     Exit codes: 0 every check passed, 1 a check failed, 2 configuration error."""
     if taxonomy:
-        from worker.errors import taxonomy_markdown  # noqa: PLC0415
+        from worker.core.errors import taxonomy_markdown  # noqa: PLC0415
 
         click.echo(taxonomy_markdown())
         return
-    from worker.checkup import run_checks  # noqa: PLC0415
+    from worker.cli.checkup import run_checks  # noqa: PLC0415
 
     settings, sources = _settings_and_sources(config)
     # The report says what failed; library logs (aiokafka's connection errors) add nothing.
@@ -725,7 +725,7 @@ def check(
 )
 def config_command(config: Path | None, as_json: bool) -> None:
     """Print every setting, its value and its source (default, file, env); secrets redacted."""
-    from worker.config_report import config_entries, render_json, render_text  # noqa: PLC0415
+    from worker.cli.config_report import config_entries, render_json, render_text  # noqa: PLC0415
 
     settings, sources = _settings_and_sources(config)
     entries = config_entries(settings, sources)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from worker.commands import Command
-from worker.routes import Route
+from worker.core.commands import Command
+from worker.core.routes import Route
 
 _DECIMAL = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 STATUSES = frozenset(
