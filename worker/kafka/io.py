@@ -218,7 +218,11 @@ class ConsumerSource:
         self._stable_missing = False
 
     async def fetch(self, timeout_ms: int) -> Sequence[InRecord]:
-        batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        try:
+            batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        except REFUSED as exc:  # the group (joining it) or the topic (reading it)
+            group = self._consumer._group_id
+            raise refusal(exc, f"consuming as a member of the group {group!r}") from exc
         out: list[InRecord] = []
         for records in batches.values():
             out.extend(

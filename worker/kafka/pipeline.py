@@ -603,9 +603,12 @@ class Pipeline:
             self._staged_in = stager.transaction
         return self._staged
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, *, say: bool = True) -> None:
+        """Stop, and end the run raising ``exc``; ``say=False``: its message is the whole
+        story and the run's caller says it (once, not twice)."""
         if self._fatal is None:
-            log.error("fatal: %s; stopping without committing past it", exc)
+            if say:
+                log.error("fatal: %s; stopping without committing past it", exc)
             self._fatal = exc
         self._stopping.set()
 
@@ -1034,7 +1037,7 @@ class Pipeline:
                 skips = await self._source.rewind(parts)
                 break
             except TakeOverRefusedError as exc:
-                self._fail(exc)
+                self._fail(exc, say=False)
                 return
             except Exception as exc:  # noqa: BLE001 - retried until it works or is revoked
                 metrics.TAKE_OVER_FAILURES.inc()
