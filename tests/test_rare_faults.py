@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import TransactionalIdAuthorizationFailed
 
+from tests.acl_broker import PASSWORD, AclBroker, grant, start_acl_broker, worker_security
 from tests.memory_ports import MemoryLog, MemorySink, MemorySource
 from tests.support import (
     SimControl,
+    Topics,
     command,
     consume,
     events_of,
@@ -34,6 +37,7 @@ from tests.support import (
     running_worker,
     signed,
     until,
+    worker_env,
     worker_settings,
 )
 from tests.test_delivery import key_of, scenario, wait_for_results
@@ -246,6 +250,96 @@ async def test_a_take_over_the_cluster_refuses_stops_the_worker_with_its_reason(
     with pytest.raises(TakeOverRefusedError, match="TransactionalIdAuthorizationFailed"):
         await asyncio.wait_for(run, 10)
     assert all(isinstance(e(), Exception) for e in REFUSED)
+
+
+@pytest.fixture(scope="module")
+def acl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclBroker]:
+    """A broker of its own with an authorizer (tests/acl_broker.py), for this module."""
+    b = start_acl_broker(tmp_path_factory.mktemp("kafka-acl"))
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+async def authorized_run(
+    acl_broker: AclBroker, sim: SimControl, accounts_file: Path, withheld: str | None
+) -> tuple[Topics, dict[str, Any], Process]:
+    """Fresh topics, the worker principal's ACLs on them, its group and its transactional
+    ids (but the ``withheld`` resource's), one signed command, and a worker process."""
+    topics = await fresh_topics(acl_broker.admin_bootstrap, partitions=1)
+    settings = worker_settings(
+        acl_broker.bootstrap, topics, sim.url, accounts_file, **worker_security()
+    )
+    acls: list[tuple[list[str], list[str]]] = [
+        (
+            ["--topic", topics.commands, "--topic", topics.results, "--topic", topics.deadletter],
+            ["Read", "Write", "Describe"],
+        ),
+        (["--group", settings.group_id], ["Read", "Describe"]),
+        (
+            ["--resource-pattern-type", "prefixed", "--transactional-id", settings.group_id],
+            ["Write", "Describe"],
+        ),
+    ]
+    for resource, operations in acls:
+        if f"--{withheld}" not in resource:
+            await asyncio.to_thread(grant, acl_broker, resource, operations)
+    [order] = sim.seed([{"account": "desk-0", "kind": "algo", "symbol": "BTCUSDT"}])
+    await produce(acl_broker.admin_bootstrap, topics.commands, keyed([command("desk-0", order)]))
+    return topics, order, start_worker(worker_env(settings))
+
+
+@pytest.mark.integration
+async def test_a_worker_process_with_its_acls_answers_on_a_broker_that_authorizes(
+    acl_broker: AclBroker, sim: SimControl, accounts_file: Path
+) -> None:
+    """The ACLs the worker's principal needs (the topics, the group, the transactional
+    ids) are enough: on the broker with an authorizer, the command is answered once."""
+    topics, order, proc = await authorized_run(acl_broker, sim, accounts_file, None)
+    try:
+        [result] = events_of(await consume(acl_broker.admin_bootstrap, topics.results, 1))
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.output()[-3000:]
+    assert result["type"] == "strategy.canceled", result
+    assert sim.orders()[order["algo_id"]]["status"] == "CANCELED"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("withheld", "refused"),
+    [
+        ("transactional-id", "TransactionalIdAuthorizationFailed"),
+        ("group", "GroupAuthorizationFailedError"),
+    ],
+)
+async def test_a_worker_process_the_cluster_refuses_exits_1_with_one_line(
+    acl_broker: AclBroker, sim: SimControl, accounts_file: Path, withheld: str, refused: str
+) -> None:
+    """A broker with an authorizer lets the worker's principal read and write its topics but
+    withholds one ACL a take-over needs (WRITE on its transactional ids, or READ on its
+    group): the worker process stops within a bound, exit 1, with one line naming the
+    refusal, having published nothing and cancelled nothing (a take-over retried forever
+    would keep it running, ready to nobody, with no trace)."""
+    topics, order, proc = await authorized_run(acl_broker, sim, accounts_file, withheld)
+    try:
+        code = await asyncio.to_thread(proc.proc.wait, 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(
+            f"the worker still runs 60 s into a refusal:\n{proc.output()[-3000:]}"
+        ) from None
+    proc.stop()  # exited: its output closed
+    output = proc.output()
+    assert code == 1, output[-3000:]
+    said = [line for line in proc.lines if "refused by the cluster" in line]
+    assert len(said) == 1, output[-3000:]
+    assert refused in said[0], said
+    assert "Traceback" not in output, output[-3000:]
+    assert PASSWORD not in output
+    assert await read_to_end(acl_broker.admin_bootstrap, topics.results) == []
+    assert sim.orders()[order["algo_id"]]["status"] != "CANCELED"
 
 
 # -- a fence under a live member -----------------------------------------------------------------
