@@ -203,7 +203,7 @@ def refusal(exc: BaseException, what: str) -> TakeOverRefusedError:
     """A take-over's permanent refusal (``exc``, one of :data:`REFUSED`) in one line."""
     return TakeOverRefusedError(
         f"{what} refused by the cluster ({type(exc).__name__}): grant this worker's principal "
-        "the ACLs the README lists (group, topics, transactional ids) and restart it"
+        "the ACLs docs/security.md lists (group, topics, transactional ids) and restart it"
     )
 
 
