@@ -367,6 +367,18 @@ def events_of(records: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def open_um_orders(book: dict[int, dict[str, Any]], account: str, symbol: str) -> set[int]:
+    """The NEW orders a UM kill switch on (account, symbol) would find: algo and UM conditional."""
+    return {
+        order_id
+        for order_id, o in book.items()
+        if o["account"] == account
+        and o["symbol"] == symbol
+        and o["status"] == "NEW"
+        and ("algo_id" in o or o["market"] == "UM")
+    }
+
+
 def cancel_requests(sim: SimControl, since: int) -> list[dict[str, Any]]:
     return [r for r in sim.requests(since) if r["method"] == "DELETE"]
 

@@ -15,6 +15,7 @@ in its commands' order, and the simulator's book agrees with every result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -231,6 +232,8 @@ async def test_each_node_killed_in_turn_leaves_exactly_one_result_per_command(
         stop.set()
         if feeder is not None and not feeder.done():
             feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
         code = worker.stop()
     assert code == 0, worker.output()[-3000:]
     assert [n for n, _, _ in progress] == [1, 2, 3]

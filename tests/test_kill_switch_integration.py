@@ -18,6 +18,7 @@ from tests.support import (
     consume,
     events_of,
     fresh_topics,
+    open_um_orders,
     produce,
     read_to_end,
     running_worker,
@@ -69,18 +70,6 @@ def listed_id(item: dict[str, Any]) -> int:
 
 def ids_in(event: dict[str, Any], group: str) -> list[int]:
     return [listed_id(item) for item in event[group]]
-
-
-def open_um_orders(book: dict[int, dict[str, Any]], account: str, symbol: str) -> set[int]:
-    """The NEW orders a UM kill switch on (account, symbol) would find: algo and UM conditional."""
-    return {
-        order_id
-        for order_id, o in book.items()
-        if o["account"] == account
-        and o["symbol"] == symbol
-        and o["status"] == "NEW"
-        and ("algo_id" in o or o["market"] == "UM")
-    }
 
 
 def key(account: str, symbol: str) -> bytes:

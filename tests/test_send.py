@@ -21,6 +21,7 @@ from tests.support import (
     _check_results,
     events_of,
     fresh_topics,
+    open_um_orders,
     read_to_end,
     run_cli,
     running_worker,
@@ -102,6 +103,7 @@ async def test_send_refuses_an_invalid_command_and_publishes_nothing(
 async def test_send_wait_prints_the_result_and_exits_by_outcome(
     settings: Settings, worker: None, sim: SimControl
 ) -> None:
+    preexisting = open_um_orders(sim.orders(), "desk-1", "XRPUSDT")  # other tests' leftovers
     algo, other, cm = sim.seed(
         [
             {"account": "desk-1", "kind": "algo", "symbol": "XRPUSDT"},
@@ -158,7 +160,9 @@ async def test_send_wait_prints_the_result_and_exits_by_outcome(
     assert done.returncode == 0, done.stderr
     swept = valid_event(done.stdout)
     assert swept["type"] == "strategies.canceled" and swept["complete"] is True
-    assert [s["strategy"]["algo_id"] for s in swept["strategies"]] == [other["algo_id"]]
+    assert {
+        s["strategy"]["algo_id"] or s["strategy"]["strategy_id"] for s in swept["strategies"]
+    } == {other["algo_id"]} | preexisting
     # Keyed account:symbol like the single cancels of that symbol: the same partition.
     events = await results_on_topic(settings)
     keys = {e["origin"]["key"] for e in events if e["symbol"] == "XRPUSDT"}
