@@ -62,9 +62,28 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
+async def every_node_registered(bootstrap: str, timeout_s: float = 60) -> None:
+    """Until the cluster's metadata names all its nodes and a controller: a node answers
+    before the others have registered, and an admin client that starts then has no
+    controller to send CreateTopics to."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            described = await admin.describe_cluster()
+        finally:
+            await admin.close()
+        if len(described["brokers"]) == NODES and described["controller_id"] >= 0:
+            return
+        assert time.monotonic() < deadline, f"the cluster did not come up: {described}"
+        await asyncio.sleep(0.5)
+
+
 async def create_topics(bootstrap: str, partitions: int) -> Topics:
     tag = f"{time.monotonic_ns():x}"[-10:]
     topics = Topics(f"cmd-{tag}", f"res-{tag}", f"dlq-{tag}")
+    await every_node_registered(bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
