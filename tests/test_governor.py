@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 import pytest
 
@@ -11,6 +12,7 @@ from worker.core.commands import Command, Market
 from worker.core.timeutil import now_ms
 from worker.exchange.accounts import Credentials
 from worker.exchange.governor import (
+    BORROW_HEADROOM_SHARE,
     GovernorDeadlineError,
     GovernorSettings,
     Priority,
@@ -325,6 +327,26 @@ async def test_an_account_past_its_share_borrows_only_as_the_window_passes() -> 
     assert refused == "account_weight_share"
     assert 20 <= borrowed <= 26, borrowed
     await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1)  # still room for b
+
+
+async def test_a_flood_late_in_the_window_leaves_the_headroom_to_the_others() -> None:
+    """Past its share, late in the window, a flood borrows all that "b" left unused but for
+    ``BORROW_HEADROOM_SHARE`` of the limit (2 of 100): "b" coming then goes at once, not in
+    the next window."""
+    clock = FakeClock(1_795_260_000_000)
+    governor = RateGovernor(GovernorSettings(weight_limit=100), clock, {"a": None, "b": None})
+    headroom = max(1, math.ceil(BORROW_HEADROOM_SHARE * 100))
+    assert headroom == 2
+    clock.now += 59_900  # the window's last 100 ms: b's unused 50 are lent but for the headroom
+    sent, refused = await _send_until_refused(governor, "a", clock)
+    assert refused == "account_weight_share"
+    assert sent == 100 - headroom
+    for _ in range(headroom):  # b, late: at once
+        ticket = await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1)
+        governor.observe(ticket, 200, {})
+    with pytest.raises(GovernorDeadlineError) as info:  # the IP's window is full now
+        await governor.acquire("b", is_order=False, deadline_ms=clock.now + 1)
+    assert info.value.reason == "ip_weight"
 
 
 async def test_a_reserved_share_is_held_all_window_long() -> None:
