@@ -120,4 +120,5 @@ kafka-stop:
 	deploy/kafka/kafka.sh stop
 
 clean:
-	rm -rf $(VENV) deploy/kafka/target .local .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) deploy/kafka/target .local .pytest_cache .mypy_cache .ruff_cache .hypothesis \
+		site tools/asyncapi/node_modules examples/java/target

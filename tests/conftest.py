@@ -3,9 +3,10 @@ per test session.
 
 Most tests run on the default release's broker (:data:`DEFAULT_KAFKA_VERSION`, with the
 TLS/SASL listener). The modules of :data:`KAFKA_MATRIX_MODULES` (exactly-once delivery,
-fencing, staging, the pipeline) run every test that takes ``broker`` once per release of
-:data:`KAFKA_VERSIONS` (ids ``[kafka-<version>]``); each other release's broker is started
-when a test first needs it and serves the rest of the session."""
+fencing, staging, the race between transactions, the pipeline) run every test that takes
+``broker`` once per release of :data:`KAFKA_VERSIONS` (ids ``[kafka-<version>]``); each
+other release's broker is started when a test first needs it and serves the rest of the
+session."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ KAFKA_MATRIX_MODULES = frozenset(
         "test_delivery",
         "test_fencing",
         "test_staging",
+        "test_txn_backoff",
         "test_pipeline_integration",
         "test_kafka_versions",
     }

@@ -10,10 +10,13 @@ figures can be read).
 
 Figures per run: desk-1's latencies, from its command record's timestamp to the exchange's
 answer to the request that canceled it (``cancel_ms``) and to its result record's timestamp
-(``result_ms``: the answer made durable); how long the governor held each desk's requests;
-how many of desk-0's commands were answered when desk-1's last result was visible.
+(``result_ms``: when the worker wrote it, into its open transaction or into the next flush's
+if one was under way) and to the moment a read_committed reader in this process read it
+(``seen_ms``: the transaction committed, as a desk's consumer sees it); how long the
+governor held each desk's requests; how many of desk-0's commands were answered when
+desk-1's last result was visible.
 
-``.venv/bin/python -m tests.bench.fairness`` runs ``--rounds`` rounds (200 desk-1 cancels
+``.venv/bin/python -m tests.bench.fairness`` runs ``--rounds`` rounds (400 desk-1 cancels
 each, on a broker and simulator of its own) and prints desk-1's p50/p99 with and without
 the flood and their ratio per round; tests/test_fairness.py runs one round of 50 on the
 session's broker and checks the behaviour (who was held, and that desk-1's results did not
@@ -88,6 +91,7 @@ class Run:
     flood: bool
     cancel_ms: list[float]  # command record → the exchange's answer that canceled it
     result_ms: list[float]  # command record → its result record
+    seen_ms: list[float]  # command record → its result read (committed)
     held: dict[str, int]  # the governor's holds per account
     held_s: dict[str, float]  # and their time
     waits: dict[str, int]  # the governor's holds per reason
@@ -100,7 +104,7 @@ class Run:
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k not in ("events",)}
-        for name in ("cancel_ms", "result_ms"):
+        for name in ("cancel_ms", "result_ms", "seen_ms"):
             values = out.pop(name)
             out[name] = {"p50": p50(values), "p99": p99(values), "max": max(values)}
         return out
@@ -170,7 +174,7 @@ class _Results:
     def __init__(self, bootstrap: str, topic: str) -> None:
         self._consumer = topic_consumer(bootstrap, topic)
         self.wanted: set[str] = set()
-        self.found: dict[str, tuple[dict[str, Any], int]] = {}
+        self.found: dict[str, tuple[dict[str, Any], int, int]] = {}
         self.desk_a = 0
         self.desk_a_when_done: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -196,7 +200,8 @@ class _Results:
                     if event["account"] == DESK_A:
                         self.desk_a += 1
                     elif event["command_id"] in self.wanted:
-                        self.found[event["command_id"]] = (event, record.timestamp)
+                        seen = time.time_ns() // 1_000_000
+                        self.found[event["command_id"]] = (event, record.timestamp, seen)
             if self.desk_a_when_done is None and self.done:
                 self.desk_a_when_done = self.desk_a
                 self._done.set()
@@ -296,6 +301,7 @@ async def measure(
         flood=flood,
         cancel_ms=[float(canceled[c] - sent[c]) for c in sent],
         result_ms=[float(found[c][1] - sent[c]) for c in sent],
+        seen_ms=[float(found[c][2] - sent[c]) for c in sent],
         held=held,
         held_s=held_s,
         waits=waits,
@@ -330,7 +336,7 @@ async def _rounds(bootstrap: str, sim: SimControl, accounts_file: Path, args: An
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.fairness")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--real", type=int, default=200, help="desk-1's cancels per run")
+    parser.add_argument("--real", type=int, default=400, help="desk-1's cancels per run")
     parser.add_argument("--out", type=Path, default=Path(".bench/fairness.json"))
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="cancel-worker-fairness-"))
@@ -352,13 +358,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(
         "| round | desk-1 to the exchange p50 / p99 ms, alone | with the flood | p99 ratio "
-        "| desk-1 result p50 / p99 ms, alone | with the flood | p99 ratio |"
+        "| desk-1 result p50 / p99 ms, alone | with the flood | p99 ratio "
+        "| desk-1 result read p50 / p99 ms, alone | with the flood | p99 ratio |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n, pair in enumerate(rounds, 1):
         alone, flooded = pair[False], pair[True]
         row = {"alone": alone.summary(), "flood": flooded.summary()}
-        for name in ("cancel_ms", "result_ms"):
+        for name in ("cancel_ms", "result_ms", "seen_ms"):
             row[f"{name}_p99_ratio"] = p99(getattr(flooded, name)) / p99(getattr(alone, name))
         rows.append(row)
         print(
@@ -367,7 +374,10 @@ def main(argv: list[str] | None = None) -> None:
             f"| {row['cancel_ms_p99_ratio']:.2f} "
             f"| {p50(alone.result_ms):.0f} / {p99(alone.result_ms):.0f} "
             f"| {p50(flooded.result_ms):.0f} / {p99(flooded.result_ms):.0f} "
-            f"| {row['result_ms_p99_ratio']:.2f} |"
+            f"| {row['result_ms_p99_ratio']:.2f} "
+            f"| {p50(alone.seen_ms):.0f} / {p99(alone.seen_ms):.0f} "
+            f"| {p50(flooded.seen_ms):.0f} / {p99(flooded.seen_ms):.0f} "
+            f"| {row['seen_ms_p99_ratio']:.2f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps({"rounds": rows}, option=orjson.OPT_INDENT_2))
