@@ -349,6 +349,21 @@ async def test_a_flood_late_in_the_window_leaves_the_headroom_to_the_others() ->
     assert info.value.reason == "ip_weight"
 
 
+async def test_a_kill_switch_past_its_share_may_take_the_headroom() -> None:
+    """The headroom is left to the others' single cancels, not to the flooder's own kill
+    switch: nothing goes ahead of a kill switch, and on a 60 s window waiting for the next
+    one would cost it up to a minute."""
+    clock = FakeClock(1_795_260_000_000)
+    governor = RateGovernor(GovernorSettings(weight_limit=100), clock, {"a": None, "b": None})
+    clock.now += 59_900
+    sent, refused = await _send_until_refused(governor, "a", clock)
+    assert (sent, refused) == (98, "account_weight_share")  # a single cancel: not the headroom
+    ticket = await governor.acquire(
+        "a", is_order=False, deadline_ms=clock.now + 1, priority=Priority.KILL_SWITCH
+    )
+    governor.observe(ticket, 200, {})
+
+
 async def test_a_reserved_share_is_held_all_window_long() -> None:
     clock = FakeClock(1_795_260_000_000)
     governor = RateGovernor(GovernorSettings(weight_limit=100), clock, {"a": None, "b": 0.3})

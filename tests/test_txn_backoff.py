@@ -73,11 +73,22 @@ def test_a_success_starts_the_count_again_and_other_errors_keep_their_wait() -> 
     assert answer(handler_for(sender), coordinator_loading) == RETRY_BACKOFF_S
 
 
-def test_shortening_twice_wraps_aiokafkas_handler_once() -> None:
+def test_shortening_twice_wraps_aiokafkas_handler_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert shorten_concurrent_transactions_backoff()
     wrapped = aiokafka_sender.AddPartitionsToTxnHandler.handle_response
     assert shorten_concurrent_transactions_backoff()
     assert aiokafka_sender.AddPartitionsToTxnHandler.handle_response is wrapped
+
+    def other(self: Any, resp: Any) -> Any:  # something else wraps it since (a tracer)
+        return wrapped(self, resp)
+
+    monkeypatch.setattr(aiokafka_sender.AddPartitionsToTxnHandler, "handle_response", other)
+    assert shorten_concurrent_transactions_backoff()
+    assert aiokafka_sender.AddPartitionsToTxnHandler.handle_response is other  # not again
+    sender = StandInSender()
+    handler = aiokafka_sender.AddPartitionsToTxnHandler(sender, [TopicPartition("results", 0)])
+    waits = [other(handler, SimpleNamespace(errors=[("results", [(0, 51)])])) for _ in range(11)]
+    assert waits[-1] == aiokafka_sender.BACKOFF_OVERRIDE  # the count still ends the short ones
 
 
 @pytest.mark.integration
@@ -88,6 +99,7 @@ async def test_back_to_back_transactions_are_refused_retried_short_and_read_once
     settings = worker_settings(broker.bootstrap, topics, sim.url, accounts_file)
     part = (topics.commands, 0)
     waits: list[float | None] = []
+    assert shorten_concurrent_transactions_backoff()  # as the sink does: the spy sees its waits
     async with in_group(settings) as consumer:
         shortened = aiokafka_sender.AddPartitionsToTxnHandler.handle_response
 

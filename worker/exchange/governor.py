@@ -441,7 +441,7 @@ class RateGovernor:
         return None
 
     def _account_block(
-        self, account: str, is_order: bool, reconcile: bool, now: int
+        self, account: str, is_order: bool, reconcile: bool, now: int, priority: int
     ) -> tuple[str, int] | None:
         """What keeps this account's request from going now, though the IP has room."""
         window = self._s.weight_window_ms
@@ -451,7 +451,7 @@ class RateGovernor:
             cap = max(1, int(self._s.reconcile_weight_share * self._s.weight_limit))
             if self._reconciled.get(account, {}).get(index, 0) >= cap:
                 return "account_reconcile_cap", next_window
-        share = self._share_block(account, now, index)
+        share = self._share_block(account, now, index, priority >= Priority.KILL_SWITCH)
         if share is not None:
             return share
         if is_order:
@@ -462,13 +462,15 @@ class RateGovernor:
                 return "account_orders", budget.next_window_at(now)
         return None
 
-    def _share_block(self, account: str, now: int, index: int) -> tuple[str, int] | None:
+    def _share_block(
+        self, account: str, now: int, index: int, kill_switch: bool = False
+    ) -> tuple[str, int] | None:
         """An account past its share of the window borrows what the others leave unused, but
         only as the window passes: at a fraction f of it, the others' unused shares are held
         back but for f of them, never below ``BORROW_HEADROOM_SHARE`` of the limit (a
         reserved share is held back whole). So an account that floods cannot spend the window
         before the others come, and an idle window is still the flooder's by its end but for
-        the headroom."""
+        the headroom (a kill switch's requests borrow it too: nothing goes ahead of them)."""
         limit = self._ip_limit(now)
         share = self._shares.get(account, 1.0)
         if share >= 1.0:
@@ -492,7 +494,11 @@ class RateGovernor:
             else:
                 held_decaying += unused
         room_after = self._weight.room(now, limit) - 1
-        headroom = min(held_decaying, max(1.0, math.ceil(BORROW_HEADROOM_SHARE * limit)))
+        headroom = (
+            0.0
+            if kill_switch
+            else min(held_decaying, max(1.0, math.ceil(BORROW_HEADROOM_SHARE * limit)))
+        )
         if room_after >= held_whole + max(held_decaying * (1.0 - elapsed), headroom):
             return None
         next_window = (index + 1) * window + self._s.guard_ms
@@ -504,9 +510,11 @@ class RateGovernor:
         return "account_weight_share", min(max(at, now + 1), next_window)
 
     def _blocked_until(
-        self, account: str, is_order: bool, now: int, reconcile: bool = False
+        self, account: str, is_order: bool, now: int, reconcile: bool, priority: int
     ) -> tuple[str, int] | None:
-        return self._ip_block(now) or self._account_block(account, is_order, reconcile, now)
+        return self._ip_block(now) or self._account_block(
+            account, is_order, reconcile, now, priority
+        )
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -529,7 +537,7 @@ class RateGovernor:
         reconcile = purpose is Purpose.RECONCILE
         self._know(account)
         now = self._clock()
-        blocked = self._blocked_until(account, is_order, now, reconcile)
+        blocked = self._blocked_until(account, is_order, now, reconcile, int(priority))
         if blocked is None and deadline_ms is not None and now >= deadline_ms:
             blocked = "deadline_passed", now
         if blocked is None and self._waiting == 0:
@@ -652,7 +660,9 @@ class RateGovernor:
                 lanes = sorted(accounts[account], key=lambda lane: self._lanes[lane][0].seq)
                 for lane in lanes:
                     head = self._lanes[lane][0]
-                    blocked = self._account_block(account, head.is_order, head.reconcile, now)
+                    blocked = self._account_block(
+                        account, head.is_order, head.reconcile, now, head.priority
+                    )
                     if blocked is None:
                         return lane, None
                     reason, until = blocked

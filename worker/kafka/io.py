@@ -307,12 +307,19 @@ class ConsumerSource:
         return out
 
 
+_SHORTENED: list[Callable[..., Any]] = []  # aiokafka's own handle_response, once replaced
+
+
 def shorten_concurrent_transactions_backoff() -> bool:
     """Make aiokafka retry the first AddPartitionsToTxn refused with CONCURRENT_TRANSACTIONS
     after ``CONCURRENT_BACKOFF_S`` for ``CONCURRENT_RETRIES_SHORT`` refusals in a row, then
-    after its own wait (see ``CONCURRENT_BACKOFF_S``). Once per process; idempotent. False
-    (and a warning) when the aiokafka in use has no such handler: transactions then work as
-    before, with 20 ms between a commit and a transaction begun at once after it."""
+    after its own wait (see ``CONCURRENT_BACKOFF_S``). Once per process (every transactional
+    producer of the process gets it, the worker's own and any other); idempotent, even once
+    something else has wrapped the handler since. False (and a warning) when the aiokafka in
+    use has no such handler: transactions then work as before, with 20 ms between a commit
+    and a transaction begun at once after it."""
+    if _SHORTENED:
+        return True
     handler = getattr(aiokafka_sender, "AddPartitionsToTxnHandler", None)
     override = getattr(aiokafka_sender, "BACKOFF_OVERRIDE", None)
     original = getattr(handler, "handle_response", None)
@@ -322,22 +329,20 @@ def shorten_concurrent_transactions_backoff() -> bool:
             "right after a commit waits aiokafka's own backoff"
         )
         return False
-    if getattr(original, "_shortened", False):
-        return True
 
     def handle_response(self: Any, resp: Any) -> Any:
         backoff = original(self, resp)
         sender = self._sender
         if backoff is not override:  # success, or another error: its own wait
-            sender.concurrent_refusals = 0
+            sender._cancel_worker_concurrent_refusals = 0
             return backoff
-        refusals = getattr(sender, "concurrent_refusals", 0) + 1
-        sender.concurrent_refusals = refusals
+        refusals = getattr(sender, "_cancel_worker_concurrent_refusals", 0) + 1
+        sender._cancel_worker_concurrent_refusals = refusals
         if refusals > CONCURRENT_RETRIES_SHORT:
             return backoff
         return CONCURRENT_BACKOFF_S
 
-    handle_response._shortened = True  # type: ignore[attr-defined]
+    _SHORTENED.append(original)
     handler.handle_response = handle_response
     return True
 
