@@ -136,8 +136,9 @@ class SimControl:
         return out
 
     def reset(self) -> None:
-        """Back to a healthy exchange with the real limits (the session shares one simulator)."""
-        self.configure(**dataclasses.asdict(SimConfig()))
+        """Back to a healthy exchange with the real limits and nothing counted against them
+        (the session shares one simulator: a test's weight, 429s or ban are not the next's)."""
+        self.configure(**dataclasses.asdict(SimConfig()), reset_limits=True)
         self._http.post("/_sim/faults", content=orjson.dumps({"faults": [], "clear": True}))
 
     def script(self, *faults: dict[str, Any]) -> None:

@@ -247,3 +247,26 @@ def test_sdk_cancels_all_cm_conditional_orders_on_one_symbol(sim: SimControl) ->
     everywhere = {o.strategy_id for o in api.query_all_current_cm_open_conditional_orders().data()}
     assert eth in everywhere
     assert not hit & everywhere
+
+
+def test_a_ban_and_the_weight_counted_do_not_outlive_a_reset(sim: SimControl) -> None:
+    """The session shares one simulator: a test that ran its window into 429s and a ban
+    leaves neither to the next (``SimControl.reset`` posts ``reset_limits``), while within a
+    test the window counts what every client spent, as the exchange's does."""
+    from binance_common.errors import RateLimitBanError, TooManyRequestsError  # noqa: PLC0415
+
+    api = sdk_client(sim.url, account="desk-4")
+    sim.configure(weight_limit=10, ban_after_violations=2)
+    refused: list[type[Exception]] = []
+    for _ in range(30):
+        try:
+            api.query_all_current_um_open_algo_orders(symbol="SOLUSDT")
+        except (TooManyRequestsError, RateLimitBanError) as exc:
+            refused.append(type(exc))
+            if isinstance(exc, RateLimitBanError):
+                break
+    assert refused and refused[-1] is RateLimitBanError, refused
+    stats = sim.stats()
+    assert stats.get("weight_429", 0) >= 1, stats
+    sim.reset()
+    api.query_all_current_um_open_algo_orders(symbol="SOLUSDT")  # answered: no ban, no weight

@@ -181,6 +181,14 @@ class SimState:
             "updates to avoid bans.",
         )
 
+    def reset_limits(self) -> None:
+        """Forget the weight and orders counted so far, the 429s and any ban: a new window
+        for a new client (``POST /_sim/config {"reset_limits": true}``; a test suite sharing
+        one simulator gives each test its own)."""
+        self.weight_window = self.weight_used = self.violations = self.banned_until = 0
+        self.fapi_weight_window = self.fapi_weight_used = 0
+        self.order_windows.clear()
+
     def apply_config(self) -> None:
         """Re-arm the fault injector after the profile or seed changed."""
         self.injector.reset(PROFILES[self.config.profile], self.config.seed)
@@ -842,6 +850,8 @@ def control_routes(state: SimState) -> list[Route]:
         if request.method == "POST":
             try:
                 changes = orjson.loads(await request.body())
+                if changes.pop("reset_limits", False):
+                    state.reset_limits()
                 if "unavailable_for_ms" in changes:
                     for_ms = int(changes.pop("unavailable_for_ms"))
                     changes["unavailable_until_ms"] = state.server_time() + max(for_ms, 0)
