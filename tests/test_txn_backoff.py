@@ -86,8 +86,7 @@ def test_shortening_twice_wraps_aiokafkas_handler_once(monkeypatch: pytest.Monke
     assert shorten_concurrent_transactions_backoff()
     assert aiokafka_sender.AddPartitionsToTxnHandler.handle_response is other  # not again
     sender = StandInSender()
-    handler = aiokafka_sender.AddPartitionsToTxnHandler(sender, [TopicPartition("results", 0)])
-    waits = [other(handler, SimpleNamespace(errors=[("results", [(0, 51)])])) for _ in range(11)]
+    waits = [answer(handler_for(sender), CONCURRENT_TRANSACTIONS) for _ in range(11)]
     assert waits[-1] == aiokafka_sender.BACKOFF_OVERRIDE  # the count still ends the short ones
 
 

@@ -463,7 +463,7 @@ class RateGovernor:
         return None
 
     def _share_block(
-        self, account: str, now: int, index: int, kill_switch: bool = False
+        self, account: str, now: int, index: int, kill_switch: bool
     ) -> tuple[str, int] | None:
         """An account past its share of the window borrows what the others leave unused, but
         only as the window passes: at a fraction f of it, the others' unused shares are held
