@@ -201,6 +201,11 @@ class MemoryStagingSink(MemorySink):
         self.staged_records = 0  # staged and then committed
         self.dropped = 0  # staged and then aborted
         self.flushing = False
+        self.offered_while_flushing = 0  # stage calls the pipeline could have spared
+
+    @property
+    def accepting(self) -> bool:
+        return not self.fail and not self.flushing
 
     def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:
         self.stage_calls += 1
@@ -209,6 +214,7 @@ class MemoryStagingSink(MemorySink):
         refused = self.refuse and self.stage_calls % self.refuse == 0
         # As the Kafka sink: nothing is staged while a flush is under way (the transaction
         # it commits is closed to new records; the next flush sends them).
+        self.offered_while_flushing += self.flushing
         if self.fail or part not in self.owned or refused or self.flushing:
             return False
         self.pending.setdefault(part, []).extend(records)

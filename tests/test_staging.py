@@ -90,6 +90,30 @@ async def test_results_are_staged_as_they_complete_ahead_of_a_running_record() -
     assert_exactly_once(log, sink)
 
 
+async def test_answers_completing_during_a_flush_wait_for_it_without_being_offered() -> None:
+    """While a flush is under way nothing can be staged: the answers completing meanwhile
+    are not offered to the sink one by one (each offer gathered every answer not yet
+    staged: a burst answered during a long flush cost its square), and the next flush
+    carries them all."""
+    log = MemoryLog()
+    fill(log, P0, 1, [b"a"])
+    async with member(log, Handler(), flush_interval_s=0.0) as m:
+        sink = staging(m)
+        m.assign([P0])
+        await soon(flushed(log))
+        sink.delay_s = 0.3
+        fill(log, P0, 1, [b"a"])
+        await soon(lambda: sink.flushing)
+        fill(log, P0, 300, [b"a", b"b", b"c"])
+        await soon(lambda: m.pipeline.processed == 302)
+        assert sink.flushing  # all answered during the one flush
+        sink.delay_s = 0.0
+        await soon(flushed(log))
+    assert sink.offered_while_flushing == 0
+    assert len(origins(sink)) == 302
+    assert_exactly_once(log, sink)
+
+
 async def test_a_failed_flush_drops_what_was_staged_and_sends_it_again_once() -> None:
     log = MemoryLog()
     fill(log, P0, 1, [b"a"])

@@ -461,19 +461,22 @@ class TransactionalSink:
         aborted, or its producer stopped): records staged before are no longer in it."""
         return self._transaction
 
+    @property
+    def accepting(self) -> bool:
+        return (
+            self._producer is not None
+            and not self._flushing
+            and self._staging_failed is None
+            and self._committing is None  # a commit in doubt: no new transaction yet
+        )
+
     def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:
         """Send a partition's next completed results into the open transaction, ahead of
         the flush that commits them with the partition's position; they follow, in order,
         those staged for it before. Whether they were staged: if not (no producer yet, the
         partition not taken over, a flush under way), the flush sends them."""
         producer = self._producer
-        if (
-            producer is None
-            or self._flushing
-            or self._staging_failed
-            or self._committing is not None  # a commit in doubt: no new transaction yet
-            or part not in self._owned
-        ):
+        if producer is None or not self.accepting or part not in self._owned:
             return False
         if not records:
             return True

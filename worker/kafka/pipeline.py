@@ -202,6 +202,12 @@ class StagingSink(ResultSink, Protocol):
     def transaction(self) -> int:
         """Changes whenever what was staged is no longer pending (flushed or dropped)."""
 
+    @property
+    def accepting(self) -> bool:
+        """Whether :meth:`stage` can take anything now (not while a flush is under way):
+        the pipeline asks before gathering what to stage, so the answers that complete
+        during a long flush cost nothing each (the flush sends them)."""
+
     def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:
         """Take a partition's next completed results, following those staged before;
         whether it did. A flush's batches then hold every partition with staged results,
@@ -581,6 +587,8 @@ class Pipeline:
         """Hand the sink the results answered since it was last handed the partition's."""
         if not state.ready or state.revoked or state.in_doubt:
             return  # in doubt: staged once the commit's outcome is known
+        if not stager.accepting:
+            return  # a flush under way takes them, or stages them once it ends
         staged = self._staged_now(stager)
         answered = state.answered
         start = end = state.staged
