@@ -59,6 +59,32 @@ def test_a_rotation_accepts_every_listed_key_and_none_other(tmp_path: Path) -> N
     assert isinstance(refused, Refusal) and refused.cause == BAD_SIGNATURE
 
 
+# The group order of Ed25519: a signature's S plus it verifies under a lax check.
+_L = 2**252 + 27742317777372353535851937790883648493
+
+
+def test_a_tampered_value_or_signature_is_refused_every_way() -> None:
+    """Every single bit flipped in the value or the signature, the signature of another
+    value, and the same signature with S made non-canonical (S + L: the malleable twin a
+    lax verifier accepts) are refused; the untouched pair is accepted."""
+    producer = Producer("risk-7", (OLD.public_key(),), None, False)
+    signature = OLD.sign(VALUE)
+    assert producer.signed(VALUE, signature)
+    assert producer.signed(b"", OLD.sign(b""))
+    for i in range(len(VALUE) * 8):
+        flipped = bytearray(VALUE)
+        flipped[i // 8] ^= 1 << (i % 8)
+        assert not producer.signed(bytes(flipped), signature)
+    for i in range(len(signature) * 8):
+        flipped = bytearray(signature)
+        flipped[i // 8] ^= 1 << (i % 8)
+        assert not producer.signed(VALUE, bytes(flipped))
+    assert not producer.signed(VALUE, OLD.sign(VALUE + b" "))
+    assert not producer.signed(VALUE, OTHER.sign(VALUE))
+    s = int.from_bytes(signature[32:], "little") + _L
+    assert not producer.signed(VALUE, signature[:32] + s.to_bytes(32, "little"))
+
+
 def test_entitlements_name_accounts_and_the_kill_switch(tmp_path: Path) -> None:
     producers = _load(
         tmp_path,
