@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tests.bench import spread
+from tests.bench import main, spread
 from tests.bench.main import FULL, Run, parse_counters, plan_runs
 from tests.bench.report import render_table, results_json, targets
 from tests.bench.txnload import PARTITIONS, RATE, transactions
@@ -273,3 +273,14 @@ def test_the_transaction_load_follows_the_default_group_commit() -> None:
     assert spacing == 0.1
     assert len(per_transaction) == 10
     assert set(per_transaction) == set(range(PARTITIONS))
+
+
+def test_a_worker_setting_reaches_every_worker_system_as_its_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(main, "WORKER_ENV", {})
+    main.parse_args(["--worker-setting", "TRANSACTION_INTERVAL_MS=20"])
+    assert main.WORKER_ENV == {"CANCEL_WORKER_TRANSACTION_INTERVAL_MS": "20"}
+    for bad in ("TRANSACTION_INTERVAL_MS", "transaction_interval_ms=20", "=20"):
+        with pytest.raises(SystemExit):
+            main.parse_args(["--worker-setting", bad])

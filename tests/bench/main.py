@@ -69,6 +69,7 @@ import gc
 import http.client
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -103,6 +104,7 @@ from tests.support import (
     write_accounts,
 )
 from worker.client import CancelClient, Result
+from worker.settings import ENV_PREFIX
 from worker.tools.devstack import (
     REPO,
     Broker,
@@ -374,7 +376,7 @@ async def start_system(bench: Bench, system: str, topics: Topics, scenario: str)
             argv = [sys.executable, "-m", "tests.bench.stages", str(out), "run"]
         else:
             argv = cli_argv("run")
-        proc = Process("worker", argv, env=worker_env(settings))
+        proc = Process("worker", argv, env={**worker_env(settings), **WORKER_ENV})
         METRICS_PORTS[proc.proc.pid] = settings.metrics_port
         ready = "taken over, processing"  # partitions assigned and their producers ready
     else:
@@ -927,6 +929,7 @@ def describe(run: Run, rounds: int) -> str:
 
 
 PROFILE_DIR: Path | None = None  # --profile: where the worker's profiles go
+WORKER_ENV: dict[str, str] = {}  # --worker-setting: CANCEL_WORKER_* for every worker system
 STAGES_DIR: Path | None = None  # --stages: where the worker's request-path marks go
 
 
@@ -1011,7 +1014,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mark the worker's path from fetch to request (tests.bench.stages), one file per\n"
         "run in DIR; the time between the marks is printed and kept in the JSON (stages)",
     )
+    parser.add_argument(
+        "--worker-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for every worker system, as the variable CANCEL_WORKER_<NAME> (e.g.\n"
+        "TRANSACTION_INTERVAL_MS=20: what a longer interval trades); repeatable",
+    )
     args = parser.parse_args(argv)
+    for item in args.worker_setting:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            parser.error(f"--worker-setting: {item!r} is not NAME=VALUE (NAME as in the settings)")
+        WORKER_ENV[f"{ENV_PREFIX}{name}"] = value
     if args.profile is not None and args.stages is not None:
         parser.error("--profile and --stages: one at a time (each slows what the other measures)")
     for option, known in (("systems", SYSTEMS), ("scenarios", tuple(SCENARIOS))):
@@ -1125,6 +1141,7 @@ def main(argv: list[str] | None = None) -> None:
             "connections_pipeline_floor": args.connections,
             "partitions": PARTITIONS,
             "txn_load": args.txn_load,
+            "worker_settings": {k.removeprefix(ENV_PREFIX): v for k, v in WORKER_ENV.items()},
         },
         samples=args.samples,
     )
