@@ -205,7 +205,7 @@ class MemoryStagingSink(MemorySink):
 
     @property
     def accepting(self) -> bool:
-        return not self.fail and not self.flushing
+        return not self.fail and not self.flushing and self.late is None
 
     def stage(self, part: Partition, records: Sequence[OutRecord]) -> bool:
         self.stage_calls += 1
@@ -215,7 +215,7 @@ class MemoryStagingSink(MemorySink):
         # As the Kafka sink: nothing is staged while a flush is under way (the transaction
         # it commits is closed to new records; the next flush sends them).
         self.offered_while_flushing += self.flushing
-        if self.fail or part not in self.owned or refused or self.flushing:
+        if not self.accepting or part not in self.owned or refused:
             return False
         self.pending.setdefault(part, []).extend(records)
         return True

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from tests.support import run_cli
 from worker.producers import (
@@ -59,14 +59,24 @@ def test_a_rotation_accepts_every_listed_key_and_none_other(tmp_path: Path) -> N
     assert isinstance(refused, Refusal) and refused.cause == BAD_SIGNATURE
 
 
+def test_a_public_key_no_signature_verifies_under_is_refused_at_load(tmp_path: Path) -> None:
+    """A point of small order (here the identity) loads as a key in OpenSSL; libsodium,
+    which checks the signatures, would refuse every command under it as bad_signature.
+    The file is refused instead, naming the producer."""
+    identity = Ed25519PublicKey.from_public_bytes(b"\x01" + b"\x00" * 31)
+    with pytest.raises(ProducersError, match=r"'risk-7'.*not a usable Ed25519 public key"):
+        _load(tmp_path, stanza("risk-7", identity, ["desk-a"]))
+
+
 # The group order of Ed25519: a signature's S plus it verifies under a lax check.
 _L = 2**252 + 27742317777372353535851937790883648493
 
 
 def test_a_tampered_value_or_signature_is_refused_every_way() -> None:
     """Every single bit flipped in the value or the signature, the signature of another
-    value, and the same signature with S made non-canonical (S + L: the malleable twin a
-    lax verifier accepts) are refused; the untouched pair is accepted."""
+    value or key, the same signature with S made non-canonical (S + L: the malleable twin a
+    lax verifier accepts) and a signature of another length are refused; the untouched
+    pair is accepted."""
     producer = Producer("risk-7", (OLD.public_key(),), None, False)
     signature = OLD.sign(VALUE)
     assert producer.signed(VALUE, signature)
@@ -83,6 +93,8 @@ def test_a_tampered_value_or_signature_is_refused_every_way() -> None:
     assert not producer.signed(VALUE, OTHER.sign(VALUE))
     s = int.from_bytes(signature[32:], "little") + _L
     assert not producer.signed(VALUE, signature[:32] + s.to_bytes(32, "little"))
+    assert not producer.signed(VALUE, signature[:63])  # not 64 bytes: no signature
+    assert not producer.signed(VALUE, b"")
 
 
 def test_entitlements_name_accounts_and_the_kill_switch(tmp_path: Path) -> None:

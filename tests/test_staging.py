@@ -97,19 +97,21 @@ async def test_answers_completing_during_a_flush_wait_for_it_without_being_offer
     carries them all."""
     log = MemoryLog()
     fill(log, P0, 1, [b"a"])
-    async with member(log, Handler(), flush_interval_s=0.0) as m:
+    async with member(log, Handler(), flush_interval_s=0.0, max_buffered=1000) as m:
         sink = staging(m)
         m.assign([P0])
         await soon(flushed(log))
-        sink.delay_s = 0.3
+        sink.delay_s = 1.0
         fill(log, P0, 1, [b"a"])
         await soon(lambda: sink.flushing)
+        flushes = sink.flushes
         fill(log, P0, 300, [b"a", b"b", b"c"])
         await soon(lambda: m.pipeline.processed == 302)
-        assert sink.flushing  # all answered during the one flush
+        assert sink.flushing and sink.flushes == flushes  # all answered during the one flush
         sink.delay_s = 0.0
         await soon(flushed(log))
     assert sink.offered_while_flushing == 0
+    assert sink.flush_records[flushes] == 300  # the next flush carried them all
     assert len(origins(sink)) == 302
     assert_exactly_once(log, sink)
 

@@ -48,7 +48,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from nacl.exceptions import BadSignatureError
+from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519
+from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import VerifyKey
 
 from worker.exchange.accounts import did_you_mean
@@ -124,7 +125,9 @@ class Producer:
         return f"{keys}; may name {named}; {kill}"
 
     def signed(self, value: bytes, signature: bytes) -> bool:
-        """Whether ``signature`` (64 bytes) is one of its keys' over ``value``."""
+        """Whether ``signature`` is one of its keys' over ``value``."""
+        if len(signature) != SIGNATURE_BYTES:
+            return False  # libsodium raises on another length; it is no signature
         for key in self._verifiers:
             try:
                 key.verify(value, signature)
@@ -257,6 +260,17 @@ def _public_key(producer_id: str, pem: bytes, where: str) -> Ed25519PublicKey:
         ) from None
     if not isinstance(key, Ed25519PublicKey):
         raise ProducersError(f"producer {producer_id!r}: {where} must be an Ed25519 public key")
+    try:
+        # libsodium, which checks the signatures, refuses a key of small order or not in
+        # canonical form: nothing would ever verify under it.
+        crypto_sign_ed25519_pk_to_curve25519(
+            key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        )
+    except CryptoError:
+        raise ProducersError(
+            f"producer {producer_id!r}: {where} is not a usable Ed25519 public key (a point "
+            "of small order or not in canonical form: no signature verifies under it)"
+        ) from None
     return key
 
 

@@ -104,7 +104,7 @@ from tests.support import (
     write_accounts,
 )
 from worker.client import CancelClient, Result
-from worker.settings import ENV_PREFIX
+from worker.settings import ENV_PREFIX, Settings
 from worker.tools.devstack import (
     REPO,
     Broker,
@@ -930,6 +930,28 @@ def describe(run: Run, rounds: int) -> str:
 
 PROFILE_DIR: Path | None = None  # --profile: where the worker's profiles go
 WORKER_ENV: dict[str, str] = {}  # --worker-setting: CANCEL_WORKER_* for every worker system
+# Settings the bench gives each worker itself: its broker, topics, simulator, keys, delivery
+# mode, metrics port (its counters are read there) and limits (out of the way).
+BENCH_OWNED = frozenset(
+    {
+        "BOOTSTRAP_SERVERS",
+        "GROUP_ID",
+        "COMMANDS_TOPIC",
+        "RESULTS_TOPIC",
+        "DEADLETTER_TOPIC",
+        "PAPI_URL",
+        "TIME_URL",
+        "ACCOUNTS_FILE",
+        "PRODUCERS_FILE",
+        "PRODUCER_ID",
+        "PRODUCER_KEY_FILE",
+        "DELIVERY",
+        "METRICS_PORT",
+        "RATE_WEIGHT_LIMIT",
+        "RATE_ORDER_LIMIT",
+        "LOG_LEVEL",
+    }
+)
 STAGES_DIR: Path | None = None  # --stages: where the worker's request-path marks go
 
 
@@ -1023,10 +1045,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "TRANSACTION_INTERVAL_MS=20: what a longer interval trades); repeatable",
     )
     args = parser.parse_args(argv)
+    known = {f.name.upper() for f in dataclasses.fields(Settings)}
     for item in args.worker_setting:
         name, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
             parser.error(f"--worker-setting: {item!r} is not NAME=VALUE (NAME as in the settings)")
+        if name not in known:
+            parser.error(f"--worker-setting: {name} is not a setting (docs/settings.md)")
+        if name in BENCH_OWNED:
+            parser.error(f"--worker-setting: {name} is the bench's own (what it measures needs it)")
         WORKER_ENV[f"{ENV_PREFIX}{name}"] = value
     if args.profile is not None and args.stages is not None:
         parser.error("--profile and --stages: one at a time (each slows what the other measures)")

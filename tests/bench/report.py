@@ -474,6 +474,12 @@ def render_table(report: dict[str, Any]) -> str:
             "--txn-load: an exactly-once worker's transactions ran beside every system "
             "(broker µs/cmd includes them)"
         )
+    if report.get("worker_settings"):
+        notes.append(
+            "every worker system ran with "
+            + ", ".join(f"{k}={v}" for k, v in report["worker_settings"].items())
+            + " (not the defaults)"
+        )
     failed = {
         f"{scenario}/{system}": n
         for scenario, systems in report["failed_results"].items()

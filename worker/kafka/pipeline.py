@@ -588,7 +588,7 @@ class Pipeline:
         if not state.ready or state.revoked or state.in_doubt:
             return  # in doubt: staged once the commit's outcome is known
         if not stager.accepting:
-            return  # a flush under way takes them, or stages them once it ends
+            return  # left for the next flush, or the next answer's staging after this flush
         staged = self._staged_now(stager)
         answered = state.answered
         start = end = state.staged
