@@ -13,6 +13,7 @@ import random
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ from tests.test_pipeline_memory import Handler, fill
 from tests.test_staging import results, until_unstable
 from worker import metrics
 from worker.kafka.fencing import NeedsNewerBrokerError, group_member, stable_committed
-from worker.kafka.io import REFUSED, ConsumerSource, refusal
+from worker.kafka.io import COMMITTING, REFUSED, ConsumerSource, refusal
 from worker.kafka.pipeline import Flush, Partition, Pipeline, TakeOverRefusedError
 from worker.tools.devstack import REPO, Broker, Process, start_worker
 
@@ -414,6 +415,20 @@ async def steady_feed(
         await producer.stop()
 
 
+def pause_on_line(proc: Process, text: str, pid: int, timeout_s: float) -> None:
+    """SIGSTOP ``pid`` as soon as ``proc`` writes a line containing ``text`` after now (or
+    after ``timeout_s`` without one)."""
+    seen = len(proc.lines)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = proc.lines
+        if any(text in line for line in lines[seen:]):
+            break
+        seen = len(lines)
+        time.sleep(0.0001)
+    os.kill(pid, signal.SIGSTOP)
+
+
 @pytest.mark.integration
 async def test_a_stop_cut_short_mid_commit_by_a_paused_broker_publishes_nothing_twice(
     broker: Broker, sim: SimControl, accounts_file: Path
@@ -443,8 +458,12 @@ async def test_a_stop_cut_short_mid_commit_by_a_paused_broker_publishes_nothing_
     procs: list[Process] = []
     rng = random.Random(27)
     hits = attempts = 0
+    # At DEBUG the worker says when a flush sends its commit: the broker is paused on that
+    # line, inside the window the test is after, instead of at a random moment (one stop in
+    # ten or twenty landed there, and a busy machine could miss it in all of them).
+    env = {**run.env, "CANCEL_WORKER_LOG_LEVEL": "DEBUG"}
     try:
-        # Usually hit within a few stops; a busy machine moves the timings, so up to 30
+        # Usually hit at the first stop; a busy machine moves the timings, so up to 30
         # stops or three minutes.
         trying_until = asyncio.get_running_loop().time() + 180
         while (
@@ -454,12 +473,12 @@ async def test_a_stop_cut_short_mid_commit_by_a_paused_broker_publishes_nothing_
             and not feeder.done()
         ):
             attempts += 1
-            proc = start_worker(run.env)
+            proc = start_worker(env)
             procs.append(proc)
             await asyncio.to_thread(proc.wait_for_line, "taken over", 60)
             flowing.set()
             await asyncio.sleep(0.5 + rng.random() * 0.5)  # transactions back to back
-            os.kill(pid, signal.SIGSTOP)
+            await asyncio.to_thread(pause_on_line, proc, COMMITTING, pid, 5.0)
             try:
                 proc.signal(signal.SIGTERM)
                 await asyncio.sleep(1.2)  # past the stop's bounds: the flush is cut short

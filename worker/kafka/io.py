@@ -307,6 +307,10 @@ class ConsumerSource:
         return out
 
 
+COMMITTING = "committing the transaction"
+"""The start of the DEBUG line written as a flush sends its commit (what a fault test waits
+for to pause the broker while the commit is under way)."""
+
 _SHORTENED: list[Callable[..., Any]] = []  # aiokafka's own handle_response, once replaced
 
 
@@ -686,6 +690,7 @@ class TransactionalSink:
         )
         # EndTxn(COMMIT): from here the outcome is the broker's; a cut short leaves it in
         # doubt (flush, settle). The task runs on whether or not this flush is cancelled.
+        log.debug("%s: %d partition(s), EndTxn(COMMIT)", COMMITTING, len(batches))
         task = self._committing = asyncio.ensure_future(producer.commit_transaction())
         try:
             await asyncio.shield(task)
