@@ -108,11 +108,7 @@ class Producer:
     _verifiers: tuple[VerifyKey, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        verifiers = tuple(
-            VerifyKey(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
-            for key in self.keys
-        )
-        object.__setattr__(self, "_verifiers", verifiers)
+        object.__setattr__(self, "_verifiers", tuple(VerifyKey(_raw(key)) for key in self.keys))
 
     def may_name(self, account: str) -> bool:
         return self.accounts is None or account in self.accounts
@@ -251,6 +247,11 @@ def _strings(producer_id: str, name: str, raw: object) -> list[str]:
     return [str(v) for v in values]
 
 
+def _raw(key: Ed25519PublicKey) -> bytes:
+    """The key's 32 bytes, as libsodium takes them."""
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 def _public_key(producer_id: str, pem: bytes, where: str) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(pem.strip())
@@ -263,9 +264,7 @@ def _public_key(producer_id: str, pem: bytes, where: str) -> Ed25519PublicKey:
     try:
         # libsodium, which checks the signatures, refuses a key of small order or not in
         # canonical form: nothing would ever verify under it.
-        crypto_sign_ed25519_pk_to_curve25519(
-            key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        )
+        crypto_sign_ed25519_pk_to_curve25519(_raw(key))
     except CryptoError:
         raise ProducersError(
             f"producer {producer_id!r}: {where} is not a usable Ed25519 public key (a point "

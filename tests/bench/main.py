@@ -1045,12 +1045,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "TRANSACTION_INTERVAL_MS=20: what a longer interval trades); repeatable",
     )
     args = parser.parse_args(argv)
-    known = {f.name.upper() for f in dataclasses.fields(Settings)}
+    setting_names = {f.name.upper() for f in dataclasses.fields(Settings)}
     for item in args.worker_setting:
         name, sep, value = item.partition("=")
         if not sep or not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
             parser.error(f"--worker-setting: {item!r} is not NAME=VALUE (NAME as in the settings)")
-        if name not in known:
+        if name not in setting_names:
             parser.error(f"--worker-setting: {name} is not a setting (docs/settings.md)")
         if name in BENCH_OWNED:
             parser.error(f"--worker-setting: {name} is the bench's own (what it measures needs it)")
